@@ -1,0 +1,98 @@
+"""Checkpoints: plain dicts written atomically, read back only with `weights_only=True`.
+
+A checkpoint is data, not code: loading never unpickles arbitrary objects. It carries the resolved
+recipe and the data description, so `dltrain eval` needs nothing else (nanoGPT's model_args idea).
+"""
+
+from __future__ import annotations
+
+import pickle
+import random
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dltrain import __version__
+from dltrain.atomic import atomic_write
+from dltrain.errors import UserError
+
+FORMAT = 1
+REQUIRED_KEYS = ("format", "recipe", "model", "data_meta", "classes")
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write a checkpoint atomically; adds the format and version keys."""
+    payload = {"format": FORMAT, "dltrain_version": __version__, **state}
+    atomic_write(Path(path), lambda f: torch.save(payload, f))
+
+
+def load_checkpoint(path: Path | str) -> dict[str, Any]:
+    """Read a checkpoint safely; every way it can be unusable is a UserError (exit 2)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}. Check the path (runs/<name>/checkpoints/).")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UserError(
+            f"refusing to load {path}: it contains objects other than tensors and plain data "
+            f"({str(exc).splitlines()[0]}). dltrain only loads data-only checkpoints."
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise UserError(
+            f"cannot read checkpoint {path}: it is truncated or not a torch checkpoint "
+            f"({str(exc).splitlines()[0]}). Use another checkpoint, e.g. last.pt or best.pt."
+        ) from None
+    return _checked(state, path)
+
+
+def _checked(state: Any, path: Path) -> dict[str, Any]:
+    if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
+        raise UserError(f"{path} is not a dltrain checkpoint (keys {REQUIRED_KEYS} expected).")
+    if not isinstance(state["format"], int) or state["format"] > FORMAT:
+        raise UserError(
+            f"{path} has checkpoint format {state['format']}, newer than this dltrain reads "
+            f"({FORMAT}); upgrade dltrain (it was written by {state.get('dltrain_version')})."
+        )
+    return state
+
+
+def rng_state() -> dict[str, Any]:
+    """Every random generator's state, as tensors and plain data (safe for weights_only)."""
+    version, internal, gauss = random.getstate()
+    np_state = np.random.get_state()
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what rng_state() captured."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np_state = state["numpy"]
+    np.random.set_state(
+        (
+            "MT19937",
+            np_state["keys"].numpy().astype(np.uint32),
+            np_state["pos"],
+            np_state["has_gauss"],
+            np_state["cached_gaussian"],
+        )
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

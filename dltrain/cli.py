@@ -1,0 +1,273 @@
+"""The `dltrain` command line: parses, calls, prints. No training logic lives here.
+
+Nothing at module level imports torch, so `dltrain --help` starts fast; each command imports
+what it needs when it runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Iterator
+from enum import Enum
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from dltrain.errors import DltrainError
+
+app = typer.Typer(
+    name="dltrain",
+    help="Train and evaluate PyTorch models from YAML recipes.\n\n"
+    "Start with: [bold]dltrain fit recipes/quickstart.yaml[/]",
+    rich_markup_mode="rich",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+OVERRIDES_HELP = "KEY=VALUE overrides with dotted keys, VALUE parsed as YAML (train.epochs=3)."
+
+
+class Split(str, Enum):
+    test = "test"
+    val = "val"
+    train = "train"
+
+
+class Kind(str, Enum):
+    models = "models"
+    datasets = "datasets"
+    losses = "losses"
+    optimizers = "optimizers"
+    schedulers = "schedulers"
+    augmentations = "augmentations"
+
+
+@contextlib.contextmanager
+def user_facing_errors(console: Console) -> Iterator[None]:
+    """Turn failures into one message and an exit code; tracebacks only with DLTRAIN_DEBUG=1."""
+    debug = os.environ.get("DLTRAIN_DEBUG") == "1"
+    try:
+        yield
+    except DltrainError as exc:
+        if debug:
+            raise
+        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]")
+        raise typer.Exit(130) from None
+    except Exception as exc:
+        if debug:
+            raise
+        if type(exc).__name__ == "OutOfMemoryError":
+            console.print(
+                "[bold red]error:[/] the device ran out of memory; lower "
+                "data.batch_size (or use train.precision=bf16).",
+                highlight=False,
+            )
+        else:
+            console.print(
+                f"[bold red]internal error:[/] {type(exc).__name__}: {exc}\n"
+                "Re-run with DLTRAIN_DEBUG=1 to see the traceback, and please report it.",
+                highlight=False,
+                soft_wrap=True,
+            )
+        raise typer.Exit(1) from None
+
+
+def _stderr_console() -> Console:
+    return Console(stderr=True)
+
+
+@app.command()
+def fit(
+    recipe: Path = typer.Argument(..., help="The recipe YAML file.", show_default=False),
+    overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
+    resume: str = typer.Option(
+        None,
+        "--resume",
+        metavar="PATH|auto",
+        help="Continue from a checkpoint; 'auto': this run's last.pt.",
+    ),
+    force: bool = typer.Option(
+        False, "--force", help="Replace a different run already in the run folder."
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only print errors and the result."),
+) -> None:
+    """Train a model from a recipe, then evaluate its best checkpoint on the test split.
+
+    Writes runs/NAME/: recipe.yaml, metrics.csv, checkpoints/{last,best}.pt, report.json/.md.
+
+    [bold]Examples[/]
+
+      dltrain fit recipes/quickstart.yaml
+
+      dltrain fit recipes/mnist_mlp.yaml data.name=npz data.path=mnist.npz train.epochs=3
+    """
+    console = _stderr_console() if quiet else Console()
+    with user_facing_errors(console):
+        from dltrain.engine import fit as run_fit
+        from dltrain.progress import Progress
+        from dltrain.recipe import load_recipe
+        from dltrain.run_folder import RunFolder
+
+        loaded = load_recipe(recipe, overrides or [])
+        run = RunFolder.for_recipe(loaded)
+        checkpoint = _resume_path(resume, run, console)
+        run.check_free_for(loaded, force, resuming=checkpoint is not None)
+        progress = Progress(console, quiet=quiet)
+        try:
+            report = run_fit(loaded, run, progress, resume=checkpoint)
+        finally:
+            progress.close()
+        console.print(
+            f"run folder: {run.root} · test accuracy [bold]{report['accuracy']:.4f}[/]"
+            if report["split"] == "test"
+            else f"run folder: {run.root} · {report['split']} accuracy "
+            f"[bold]{report['accuracy']:.4f}[/]",
+            highlight=False,
+        )
+
+
+def _resume_path(resume: str | None, run, console: Console) -> Path | None:
+    if resume is None:
+        return None
+    if resume == "auto":
+        if run.last_path.exists():
+            return run.last_path
+        console.print(f"no checkpoint at {run.last_path} yet: starting a new run")
+        return None
+    return Path(resume)
+
+
+@app.command(name="eval")
+def evaluate(
+    checkpoint: Path = typer.Argument(
+        ..., help="A checkpoint written by dltrain fit.", show_default=False
+    ),
+    overrides: list[str] = typer.Argument(
+        None, help="Recipe overrides, e.g. data.root=/elsewhere.", show_default=False
+    ),
+    split: Split = typer.Option(None, "--split", help="Split to evaluate [default: test, or val]."),
+    output: Path = typer.Option(
+        None,
+        "--output",
+        "-o",
+        help="Folder for report.json/.md [default: eval-SPLIT beside the checkpoint].",
+    ),
+    device: str = typer.Option(None, "--device", help="Device to use [default: the recipe's]."),
+    as_json: bool = typer.Option(False, "--json", help="Print report.json to stdout."),
+) -> None:
+    """Evaluate a checkpoint: everything it needs (recipe, classes, normalisation) is inside it.
+
+    [bold]Examples[/]
+
+      dltrain eval runs/quickstart/checkpoints/best.pt
+
+      dltrain eval best.pt --split val --output reports/ --json
+    """
+    console = _stderr_console() if as_json else Console()
+    with user_facing_errors(console):
+        from dltrain.checkpoint import load_checkpoint
+        from dltrain.engine import evaluate_checkpoint
+        from dltrain.progress import Progress
+        from dltrain.recipe import resolve_with_context
+
+        state = load_checkpoint(checkpoint)
+        recipe = resolve_with_context(
+            dict(state["recipe"]), overrides or [], f"checkpoint {checkpoint}"
+        )
+        chosen = split.value if split else None
+        folder = output or checkpoint.parent / f"eval-{chosen or 'test'}"
+        progress = Progress(console, quiet=as_json)
+        report = evaluate_checkpoint(
+            checkpoint, folder, progress, split=chosen, device=device, overrides_recipe=recipe
+        )
+        if as_json:
+            sys.stdout.write(json.dumps(report, indent=2) + "\n")
+        else:
+            console.print(f"report written to {folder}/report.json", highlight=False)
+
+
+@app.command()
+def devices(as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts.")) -> None:
+    """List every device torch can use here, and which one `device: auto` picks.
+
+    [bold]Example[/]
+
+      dltrain devices --json
+    """
+    console = Console()
+    with user_facing_errors(console):
+        from dltrain.devices import describe_devices
+        from dltrain.tables import devices_table
+
+        info = describe_devices()
+        if as_json:
+            sys.stdout.write(json.dumps(info, indent=2) + "\n")
+            return
+        console.print(devices_table(info))
+        for note in info["notes"]:
+            console.print(f"[dim]· {note}[/]", highlight=False)
+        console.print(f"device: auto → [bold]{info['auto']}[/]", highlight=False)
+
+
+@app.command()
+def check(
+    recipe: Path = typer.Argument(..., help="The recipe YAML file.", show_default=False),
+    overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
+) -> None:
+    """Validate a recipe and print it fully resolved (all defaults filled in). Reads no data.
+
+    [bold]Example[/]
+
+      dltrain check recipes/quickstart.yaml optimizer.lr=0.01
+    """
+    console = Console()
+    with user_facing_errors(console):
+        from rich.syntax import Syntax
+
+        from dltrain.recipe import load_recipe, to_yaml
+
+        loaded = load_recipe(recipe, overrides or [])
+        console.print(Syntax(to_yaml(loaded), "yaml", background_color="default"))
+        console.print(f"[green]✓[/] {recipe} is valid", highlight=False)
+
+
+@app.command(name="list")
+def list_components(
+    kind: Kind = typer.Argument(None, help="What to list [default: everything]."),
+) -> None:
+    """List registered components with one-line descriptions and accepted arguments.
+
+    [bold]Examples[/]
+
+      dltrain list models
+
+      dltrain list optimizers
+    """
+    console = Console()
+    with user_facing_errors(console):
+        from dltrain import components
+        from dltrain.registry import REGISTRIES
+        from dltrain.tables import registry_table
+
+        components.load_all()
+        kinds = [kind.value] if kind else list(REGISTRIES)
+        for name in kinds:
+            console.print(registry_table(REGISTRIES[name]))
+
+
+def main() -> None:
+    """Entry point for `python -m dltrain`."""
+    app(prog_name="dltrain")
+
+
+if __name__ == "__main__":
+    main()

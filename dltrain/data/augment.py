@@ -1,0 +1,91 @@
+"""Training-time augmentations, applied to whole batches on the batch's device.
+
+Each factory returns a callable `(x: float B×C×H×W or B×F in [0, 1] scale) -> x` that draws its
+randomness from torch's generator on that device: no host round-trip, no per-sample Python loop,
+so augmentation runs on the GPU at full speed and never stalls the step. They run before
+normalisation (padding is black, as in torchvision) and only in training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Annotated
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from dltrain.errors import UserError
+from dltrain.registry import AUGMENTATIONS
+
+Augment = Callable[[torch.Tensor], torch.Tensor]
+Probability = Annotated[float, Field(ge=0, le=1)]
+
+
+def _needs_images(name: str, input_kind: str) -> None:
+    if input_kind != "image":
+        raise UserError(
+            f"data.augment: '{name}' works on images, but this dataset is {input_kind}; "
+            "remove it (gaussian_noise works on any input)."
+        )
+
+
+def _per_sample(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Reshape a B-vector to broadcast over the other dimensions of x."""
+    return mask.view(-1, *([1] * (x.dim() - 1)))
+
+
+@AUGMENTATIONS.register()
+def hflip(input_kind: str, p: Probability = 0.5) -> Augment:
+    """Flip each image left-right with probability p."""
+    _needs_images("hflip", input_kind)
+
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        flip = torch.rand(x.shape[0], device=x.device) < p
+        return torch.where(_per_sample(flip, x), x.flip(-1), x)
+
+    return apply
+
+
+@AUGMENTATIONS.register()
+def vflip(input_kind: str, p: Probability = 0.5) -> Augment:
+    """Flip each image upside down with probability p."""
+    _needs_images("vflip", input_kind)
+
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        flip = torch.rand(x.shape[0], device=x.device) < p
+        return torch.where(_per_sample(flip, x), x.flip(-2), x)
+
+    return apply
+
+
+@AUGMENTATIONS.register()
+def random_crop(input_kind: str, padding: Annotated[int, Field(ge=1)] = 4) -> Augment:
+    """Pad each image by `padding` black pixels, then crop back to its size at a random offset."""
+    _needs_images("random_crop", input_kind)
+
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        padded = F.pad(x, (padding,) * 4)
+        # One random offset per image; crop with two gathers (rows, then columns), all on device.
+        dy = torch.randint(0, 2 * padding + 1, (b, 1), device=x.device)
+        dx = torch.randint(0, 2 * padding + 1, (b, 1), device=x.device)
+        rows = (
+            (torch.arange(h, device=x.device) + dy)
+            .view(b, 1, h, 1)
+            .expand(b, c, h, w + 2 * padding)
+        )
+        cols = (torch.arange(w, device=x.device) + dx).view(b, 1, 1, w).expand(b, c, h, w)
+        return padded.gather(2, rows).gather(3, cols)
+
+    return apply
+
+
+@AUGMENTATIONS.register()
+def gaussian_noise(input_kind: str, std: Annotated[float, Field(gt=0)] = 0.05) -> Augment:
+    """Add Gaussian noise of the given std (in [0, 1] pixel units, or feature units)."""
+
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        return x + std * torch.randn_like(x)
+
+    return apply

@@ -1,0 +1,162 @@
+"""From a recipe's data section to ready splits: load, carve validation, normalisation stats.
+
+The same function serves `fit` and `eval`, so a checkpoint's evaluation sees exactly the
+splits training saw (the validation split is carved with the recipe's seed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from dltrain.data.base import ArraySplit, DatasetSplits, Split
+from dltrain.data.splits import stratified_split
+from dltrain.errors import UserError
+from dltrain.recipe import DataSection
+from dltrain.registry import DATASETS
+
+STATS_SAMPLE = 4096  # lazily decoded splits: estimate normalisation from this many samples
+
+
+@dataclass
+class PreparedData:
+    """Splits plus what a model and a checkpoint need to know about the input."""
+
+    kind: str
+    classes: list[str]
+    input_shape: tuple[int, ...]
+    mean: list[float]
+    std: list[float]
+    splits: dict[str, Split] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def meta(self) -> dict[str, Any]:
+        """The data_meta stored in checkpoints: enough to rebuild the model and preprocessing."""
+        return {
+            "kind": self.kind,
+            "classes": list(self.classes),
+            "input_shape": list(self.input_shape),
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
+
+    def class_counts(self) -> torch.Tensor:
+        """Training samples per class (for balanced loss weights)."""
+        return torch.bincount(_targets(self.splits["train"]), minlength=self.num_classes)
+
+
+def prepare_data(data: DataSection, seed: int, meta: dict[str, Any] | None = None) -> PreparedData:
+    """Load the dataset, carve the validation split, and fix the normalisation.
+
+    With `meta` (from a checkpoint) the stored normalisation is reused instead of recomputed.
+    """
+    loaded: DatasetSplits = DATASETS.build(data.dataset_args, seed=seed)
+    splits = {"train": loaded.train}
+    if loaded.val is not None:
+        splits["val"] = loaded.val
+    elif data.val_split > 0:
+        splits["train"], splits["val"] = _carve(loaded.train, data.val_split, seed)
+    if loaded.test is not None:
+        splits["test"] = loaded.test
+    input_shape = tuple(_first_input(loaded.train).shape)
+    if meta is not None:
+        _check_compatible(meta, loaded, input_shape)
+        mean, std = meta["mean"], meta["std"]
+    else:
+        mean, std = _normalisation(data, loaded.kind, splits["train"], input_shape)
+    return PreparedData(loaded.kind, loaded.classes, input_shape, mean, std, splits)
+
+
+def _carve(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+    """Split off a stratified validation part, deterministically for the seed."""
+    keep, carved = stratified_split(_targets(split).numpy(), fraction, seed)
+    if len(carved) == 0:
+        raise UserError(
+            f"data.val_split={fraction} leaves no validation samples from {len(keep)} training "
+            "samples; raise it or set data.val_split=0."
+        )
+    return _subset(split, keep), _subset(split, carved)
+
+
+def _subset(split: Split, indices: np.ndarray) -> Split:
+    index = torch.from_numpy(np.asarray(indices, dtype=np.int64))
+    if isinstance(split, ArraySplit):
+        return ArraySplit(split.x[index], split.y[index])
+    return LazySubset(split, index.tolist())
+
+
+class LazySubset:
+    """A subset of a lazily decoded split that keeps the `targets` attribute."""
+
+    def __init__(self, base: Split, indices: list[int]):
+        self.base, self.indices = base, indices
+        self.targets = [base.targets[i] for i in indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        return self.base[self.indices[i]]
+
+
+def _targets(split: Split) -> torch.Tensor:
+    targets = split.targets
+    return targets if isinstance(targets, torch.Tensor) else torch.as_tensor(targets)
+
+
+def _first_input(split: Split) -> torch.Tensor:
+    if len(split) == 0:
+        raise UserError("the dataset's training split is empty; check data.path / the files.")
+    return split.x[0] if isinstance(split, ArraySplit) else split[0][0]
+
+
+def _normalisation(
+    data: DataSection, kind: str, train: Split, input_shape: tuple[int, ...]
+) -> tuple[list[float], list[float]]:
+    """Mean/std per channel (images) or feature (tabular): given, none, or from the train split."""
+    width = input_shape[0]
+    if data.normalize == "none":
+        return [0.0] * width, [1.0] * width
+    if data.normalize != "auto":
+        mean, std = data.normalize.mean, data.normalize.std
+        if not len(mean) == len(std) == width:
+            unit = "channels" if kind == "image" else "features"
+            raise UserError(
+                f"data.normalize: mean and std need {width} values (the input has {width} "
+                f"{unit}); got {len(mean)} and {len(std)}."
+            )
+        return list(mean), list(std)
+    x = _sample_inputs(train).double()
+    if x.dtype == torch.uint8 or kind == "image" and _is_uint8(train):
+        x = x / 255.0
+    dims = [0, 2, 3] if kind == "image" else [0]
+    std = x.std(dim=dims)
+    std[std < 1e-8] = 1.0  # constant features: leave them as they are
+    return x.mean(dim=dims).tolist(), std.tolist()
+
+
+def _is_uint8(split: Split) -> bool:
+    return _first_input(split).dtype == torch.uint8
+
+
+def _sample_inputs(split: Split) -> torch.Tensor:
+    if isinstance(split, ArraySplit):
+        return split.x
+    picks = np.random.default_rng(0).permutation(len(split))[:STATS_SAMPLE]
+    return torch.stack([split[int(i)][0] for i in picks])
+
+
+def _check_compatible(meta: dict[str, Any], loaded: DatasetSplits, shape: tuple[int, ...]) -> None:
+    """The data given to `eval` must be shaped like the data the checkpoint was trained on."""
+    if list(shape) != list(meta["input_shape"]) or len(loaded.classes) != len(meta["classes"]):
+        raise UserError(
+            f"the data (input {list(shape)}, {len(loaded.classes)} classes) does not match the "
+            f"checkpoint (input {meta['input_shape']}, {len(meta['classes'])} classes); point "
+            "the data section at the dataset the model was trained on."
+        )

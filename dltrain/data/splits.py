@@ -1,0 +1,46 @@
+"""Carving one split out of another, class by class, reproducibly for a seed."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def stratified_split(
+    labels: np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split sample indices into a kept part and a carved-off part with the same class mix.
+
+    Each class carves off `round(fraction * count)` of its samples, chosen at random with
+    `np.random.default_rng(seed)`. A class with at least two samples always gives at least one
+    and keeps at least one, so every class appears in both parts whenever it can (small
+    classes would otherwise round to zero and vanish from a validation or test split). A class
+    with a single sample stays in the kept part.
+
+    labels: 1-D array of class labels of any sortable dtype (ints or strings).
+    fraction: share to carve off, 0 <= fraction < 1 (0 carves nothing).
+
+    Returns (kept, carved): int64 index arrays into `labels`, each sorted ascending so the
+    original sample order is preserved; together they cover every index exactly once.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+        raise ValueError(f"labels must be 1-D, got shape {labels.shape}")
+    if not 0 <= fraction < 1:
+        raise ValueError(f"fraction must be in [0, 1), got {fraction}")
+    if fraction == 0:
+        return np.arange(len(labels), dtype=np.int64), np.empty(0, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    carved = [_carve_class(rng, np.flatnonzero(labels == c), fraction) for c in np.unique(labels)]
+    carved_idx = np.sort(np.concatenate(carved)) if carved else np.empty(0, dtype=np.int64)
+    mask = np.ones(len(labels), dtype=bool)
+    mask[carved_idx] = False
+    return np.flatnonzero(mask).astype(np.int64), carved_idx.astype(np.int64)
+
+
+def _carve_class(rng: np.random.Generator, indices: np.ndarray, fraction: float) -> np.ndarray:
+    """The randomly chosen indices of one class to carve off."""
+    count = len(indices)
+    if count < 2:
+        return indices[:0]
+    n = min(max(round(fraction * count), 1), count - 1)
+    return rng.permutation(indices)[:n]

@@ -1,0 +1,466 @@
+"""Optimizers (registered in OPTIMIZERS) and learning-rate schedules (in SCHEDULERS).
+
+Every scheduler factory returns an `LrSchedule`, the one object the engine drives: `step_batch()`
+after each optimizer step and `step_epoch(val_loss)` after each epoch's validation. Step, multistep
+and cosine schedules are per-step LambdaLR multipliers computed from the step count alone, so they
+are smooth (warmup ramps per step) and resume exactly from a saved step count. Warmup is linear:
+over W warmup steps the lr is base * (t + 1) / W at step t, reaching base at the last one.
+"""
+
+from __future__ import annotations
+
+import bisect
+import copy
+import inspect
+import math
+from collections.abc import Callable, Iterable
+from functools import partial
+from typing import Annotated, Any, Literal
+
+import torch
+from pydantic import Field
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR, ReduceLROnPlateau
+
+from dltrain.errors import UserError
+from dltrain.registry import OPTIMIZERS, SCHEDULERS
+
+Positive = Annotated[float, Field(gt=0)]
+NonNegative = Annotated[float, Field(ge=0)]
+Decay = Annotated[float, Field(ge=0, lt=1)]  # a moving-average coefficient (beta, alpha)
+Betas = tuple[Decay, Decay]
+Fused = bool | Literal["auto"]
+Gamma = Annotated[float, Field(gt=0, le=1)]
+Params = Iterable[Any]  # tensors, or param-group dicts as torch optimizers accept
+
+# -- optimizers -------------------------------------------------------------------------------
+
+
+def _fused_devices() -> list[str]:
+    """Device types with fused optimizer kernels in this PyTorch build."""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+    except ImportError:  # private helper; fall back to what every recent release supports
+        return ["cuda", "cpu"]
+    return list(_get_fused_kernels_supported_devices())
+
+
+def fused_kwargs(cls: type[Optimizer], fused: Fused, device_type: str) -> dict[str, bool]:
+    """The `fused=` keyword for optimizer class `cls`, or a UserError for an impossible request."""
+    supported = "fused" in inspect.signature(cls).parameters
+    if fused == "auto":
+        # Fused kernels pay off on CUDA; elsewhere torch's default (foreach) is the safe choice.
+        return {"fused": True} if supported and device_type == "cuda" else {}
+    if not fused:
+        return {}
+    if not supported:
+        raise UserError(
+            f"optimizer.fused: {cls.__name__} has no fused implementation in this PyTorch; "
+            "set fused: auto or false."
+        )
+    if device_type not in _fused_devices():
+        raise UserError(
+            f"optimizer.fused: fused {cls.__name__} does not run on '{device_type}' devices; "
+            "set fused: auto (uses it where available) or false."
+        )
+    return {"fused": True}
+
+
+def _make(
+    cls: type[Optimizer], params: Params, fused: Fused, device_type: str, **kwargs: Any
+) -> Optimizer:
+    return cls(params, **kwargs, **fused_kwargs(cls, fused, device_type))
+
+
+@OPTIMIZERS.register()
+def sgd(
+    params: Params,
+    lr: Positive = 0.01,
+    momentum: NonNegative = 0.0,
+    nesterov: bool = False,
+    weight_decay: NonNegative = 0.0,
+    fused: Fused = "auto",
+    device_type: str = "cpu",
+) -> Optimizer:
+    """Stochastic gradient descent with optional (Nesterov) momentum and L2 weight decay."""
+    if nesterov and momentum == 0:
+        raise UserError(
+            "optimizer.nesterov: Nesterov momentum needs momentum > 0; "
+            "set optimizer.momentum (e.g. 0.9) or nesterov: false."
+        )
+    return _make(
+        torch.optim.SGD,
+        params,
+        fused,
+        device_type,
+        lr=lr,
+        momentum=momentum,
+        nesterov=nesterov,
+        weight_decay=weight_decay,
+    )
+
+
+@OPTIMIZERS.register()
+def adam(
+    params: Params,
+    lr: Positive = 1e-3,
+    betas: Betas = (0.9, 0.999),
+    eps: Positive = 1e-8,
+    weight_decay: NonNegative = 0.0,
+    amsgrad: bool = False,
+    fused: Fused = "auto",
+    device_type: str = "cpu",
+) -> Optimizer:
+    """Adam; weight_decay is a classic L2 penalty added to the gradient (see adamw)."""
+    return _make(
+        torch.optim.Adam,
+        params,
+        fused,
+        device_type,
+        lr=lr,
+        betas=betas,
+        eps=eps,
+        weight_decay=weight_decay,
+        amsgrad=amsgrad,
+    )
+
+
+@OPTIMIZERS.register()
+def adamw(
+    params: Params,
+    lr: Positive = 1e-3,
+    betas: Betas = (0.9, 0.999),
+    eps: Positive = 1e-8,
+    weight_decay: NonNegative = 0.01,
+    amsgrad: bool = False,
+    fused: Fused = "auto",
+    device_type: str = "cpu",
+) -> Optimizer:
+    """AdamW: Adam with decoupled weight decay (the usual default for deep nets)."""
+    return _make(
+        torch.optim.AdamW,
+        params,
+        fused,
+        device_type,
+        lr=lr,
+        betas=betas,
+        eps=eps,
+        weight_decay=weight_decay,
+        amsgrad=amsgrad,
+    )
+
+
+@OPTIMIZERS.register()
+def rmsprop(
+    params: Params,
+    lr: Positive = 0.01,
+    alpha: Decay = 0.99,
+    momentum: NonNegative = 0.0,
+    eps: Positive = 1e-8,
+    weight_decay: NonNegative = 0.0,
+    centered: bool = False,
+    fused: Fused = "auto",
+    device_type: str = "cpu",
+) -> Optimizer:
+    """RMSprop: gradients scaled by a running RMS of their recent magnitudes."""
+    return _make(
+        torch.optim.RMSprop,
+        params,
+        fused,
+        device_type,
+        lr=lr,
+        alpha=alpha,
+        momentum=momentum,
+        eps=eps,
+        weight_decay=weight_decay,
+        centered=centered,
+    )
+
+
+@OPTIMIZERS.register()
+def adagrad(
+    params: Params,
+    lr: Positive = 0.01,
+    weight_decay: NonNegative = 0.0,
+    eps: Positive = 1e-10,
+    fused: Fused = "auto",
+    device_type: str = "cpu",
+) -> Optimizer:
+    """Adagrad: per-parameter lrs shrinking with the sum of past squared gradients."""
+    return _make(
+        torch.optim.Adagrad, params, fused, device_type, lr=lr, weight_decay=weight_decay, eps=eps
+    )
+
+
+# -- the schedule object ----------------------------------------------------------------------
+
+
+class LrSchedule:
+    """The learning-rate policy of one run, driven by the engine per batch and per epoch.
+
+    It combines at most two torch schedulers: `per_batch`, stepped after each optimizer step
+    (while the step count is at most `batch_limit`, when given), and `plateau`, stepped with the
+    validation loss after each epoch once `plateau_from` steps have passed (the warmup).
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        name: str = "constant",
+        *,
+        per_batch: LRScheduler | None = None,
+        batch_limit: int | None = None,
+        plateau: ReduceLROnPlateau | None = None,
+        plateau_from: int = 0,
+    ):
+        self.optimizer = optimizer
+        self.name = name
+        self.steps = 0
+        self._per_batch = per_batch
+        self._batch_limit = batch_limit
+        self._plateau = plateau
+        self._plateau_from = plateau_from
+
+    def step_batch(self) -> None:
+        """Advance the schedule by one optimizer step."""
+        self.steps += 1
+        within = self._batch_limit is None or self.steps <= self._batch_limit
+        if self._per_batch is not None and within:
+            self._per_batch.step()
+
+    def step_epoch(self, val_loss: float | None) -> None:
+        """End an epoch: a plateau schedule compares `val_loss` with its best (None: no-op)."""
+        if self._plateau is None or val_loss is None or self.steps < self._plateau_from:
+            return
+        self._plateau.step(float(val_loss))
+
+    def last_lr(self) -> float:
+        """The current lr of the optimizer's first param group."""
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain data (loadable with torch.load(weights_only=True)); save the optimizer's too."""
+        return copy.deepcopy(
+            {
+                "name": self.name,
+                "steps": self.steps,
+                "per_batch": self._per_batch.state_dict() if self._per_batch else None,
+                "plateau": self._plateau.state_dict() if self._plateau else None,
+            }
+        )
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a saved state (the optimizer's state, holding the lrs, loads apart)."""
+        if state.get("name") != self.name:
+            raise UserError(
+                f"scheduler: the checkpoint's lr schedule is '{state.get('name')}' but the "
+                f"recipe's is '{self.name}'; resume with the scheduler the run started with."
+            )
+        state = copy.deepcopy(state)  # torch schedulers keep references into the dict
+        self.steps = int(state["steps"])
+        if self._per_batch is not None:
+            self._per_batch.load_state_dict(state["per_batch"])
+        if self._plateau is not None:
+            self._plateau.load_state_dict(state["plateau"])
+
+
+def constant_schedule(optimizer: Optimizer) -> LrSchedule:
+    """A schedule that keeps the optimizer's lr (for `scheduler: null`)."""
+    return LrSchedule(optimizer, "constant")
+
+
+# -- step multipliers (pure functions of the step index t; bound with functools.partial) -------
+
+
+def warmup_factor(t: int, warmup_steps: int) -> float:
+    """Linear warmup: (t + 1) / W during the first W steps, then 1."""
+    return min(1.0, (t + 1) / warmup_steps) if warmup_steps else 1.0
+
+
+def step_factor(
+    t: int, steps_per_epoch: int, step_size: int, gamma: float, warmup_steps: int
+) -> float:
+    """gamma ** (epoch // step_size), with the epoch counted from the step index."""
+    epoch = t // steps_per_epoch
+    return warmup_factor(t, warmup_steps) * gamma ** (epoch // step_size)
+
+
+def multistep_factor(
+    t: int, steps_per_epoch: int, milestones: list[int], gamma: float, warmup_steps: int
+) -> float:
+    """gamma ** (number of milestones reached by the current epoch)."""
+    epoch = t // steps_per_epoch
+    return warmup_factor(t, warmup_steps) * gamma ** bisect.bisect_right(milestones, epoch)
+
+
+def cosine_factor(t: int, total_steps: int, min_ratio: float, warmup_steps: int) -> float:
+    """Warmup, then half a cosine from 1 down to min_ratio at the last step (total_steps - 1)."""
+    if t < warmup_steps:
+        return warmup_factor(t, warmup_steps)
+    span = max(1, total_steps - 1 - warmup_steps)
+    progress = min(1.0, (t - warmup_steps) / span)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# -- scheduler factories ----------------------------------------------------------------------
+
+
+def _total_steps(epochs: int, steps_per_epoch: int) -> int:
+    if epochs < 1 or steps_per_epoch < 1:
+        # dltrain computes both; zero means an empty training split slipped through.
+        raise ValueError(f"need epochs, steps_per_epoch >= 1; got {epochs}, {steps_per_epoch}")
+    return epochs * steps_per_epoch
+
+
+def _warmup_steps(warmup_epochs: float, epochs: int, steps_per_epoch: int) -> int:
+    """Warmup length in steps (at least 1 when asked for), leaving steps for the schedule."""
+    if warmup_epochs == 0:
+        return 0
+    steps = max(1, round(warmup_epochs * steps_per_epoch))
+    if steps >= _total_steps(epochs, steps_per_epoch):
+        raise UserError(
+            f"scheduler.warmup_epochs: {warmup_epochs} epochs of warmup leave no steps for the "
+            f"schedule in a {epochs}-epoch run; set it below {epochs}."
+        )
+    return steps
+
+
+def _lambda_schedule(optimizer: Optimizer, name: str, factor: Callable[[int], float]) -> LrSchedule:
+    # The partial objects hold no state of their own, so LambdaLR's state is plain numbers.
+    return LrSchedule(optimizer, name, per_batch=LambdaLR(optimizer, factor))
+
+
+@SCHEDULERS.register()
+def step(
+    optimizer: Optimizer,
+    epochs: int,
+    steps_per_epoch: int,
+    step_size: Annotated[int, Field(ge=1)],
+    gamma: Gamma = 0.1,
+    warmup_epochs: NonNegative = 0.0,
+) -> LrSchedule:
+    """Multiply the lr by gamma every step_size epochs (after an optional linear warmup)."""
+    warmup = _warmup_steps(warmup_epochs, epochs, steps_per_epoch)
+    factor = partial(
+        step_factor,
+        steps_per_epoch=steps_per_epoch,
+        step_size=step_size,
+        gamma=gamma,
+        warmup_steps=warmup,
+    )
+    return _lambda_schedule(optimizer, "step", factor)
+
+
+@SCHEDULERS.register()
+def multistep(
+    optimizer: Optimizer,
+    epochs: int,
+    steps_per_epoch: int,
+    milestones: list[Annotated[int, Field(ge=1)]],
+    gamma: Gamma = 0.1,
+    warmup_epochs: NonNegative = 0.0,
+) -> LrSchedule:
+    """Multiply the lr by gamma at each milestone epoch (after an optional linear warmup)."""
+    warmup = _warmup_steps(warmup_epochs, epochs, steps_per_epoch)
+    factor = partial(
+        multistep_factor,
+        steps_per_epoch=steps_per_epoch,
+        milestones=sorted(milestones),
+        gamma=gamma,
+        warmup_steps=warmup,
+    )
+    return _lambda_schedule(optimizer, "multistep", factor)
+
+
+@SCHEDULERS.register()
+def cosine(
+    optimizer: Optimizer,
+    epochs: int,
+    steps_per_epoch: int,
+    min_lr: NonNegative = 0.0,
+    warmup_epochs: NonNegative = 0.0,
+) -> LrSchedule:
+    """Cosine decay per step from the optimizer's lr to min_lr at the last step (after warmup)."""
+    total = _total_steps(epochs, steps_per_epoch)
+    warmup = _warmup_steps(warmup_epochs, epochs, steps_per_epoch)
+    base_lrs = [float(group["lr"]) for group in optimizer.param_groups]
+    if min_lr > base_lrs[0]:
+        raise UserError(
+            f"scheduler.min_lr: {min_lr} is above the optimizer's lr ({base_lrs[0]}); "
+            "set it lower (0 decays all the way)."
+        )
+    # min_lr is absolute, so each param group gets its own ratio to its base lr.
+    factors = [
+        partial(
+            cosine_factor,
+            total_steps=total,
+            min_ratio=min(1.0, min_lr / base) if base else 0.0,
+            warmup_steps=warmup,
+        )
+        for base in base_lrs
+    ]
+    return LrSchedule(optimizer, "cosine", per_batch=LambdaLR(optimizer, factors))
+
+
+def _has_momentum(optimizer: Optimizer) -> bool:
+    defaults = optimizer.defaults
+    return "betas" in defaults or defaults.get("momentum", 0) > 0
+
+
+@SCHEDULERS.register()
+def onecycle(
+    optimizer: Optimizer,
+    epochs: int,
+    steps_per_epoch: int,
+    max_lr: Positive | None = None,
+    pct_start: Annotated[float, Field(gt=0, lt=1)] = 0.3,
+    div_factor: Positive = 25.0,
+    final_div_factor: Positive = 1e4,
+    anneal_strategy: Literal["cos", "linear"] = "cos",
+    cycle_momentum: bool = True,
+) -> LrSchedule:
+    """One-cycle policy: rise to max_lr over pct_start of the steps, then anneal far below."""
+    total = _total_steps(epochs, steps_per_epoch)
+    peak = max_lr if max_lr is not None else [float(g["lr"]) for g in optimizer.param_groups]
+    scheduler = OneCycleLR(
+        optimizer,
+        max_lr=peak,
+        total_steps=total,
+        pct_start=pct_start,
+        anneal_strategy=anneal_strategy,
+        div_factor=div_factor,
+        final_div_factor=final_div_factor,
+        # Cycling momentum would switch it on for plain SGD and fail for Adagrad.
+        cycle_momentum=cycle_momentum and _has_momentum(optimizer),
+    )
+    # OneCycleLR refuses to step past its last step; the lr stays at its final value instead.
+    return LrSchedule(optimizer, "onecycle", per_batch=scheduler, batch_limit=total - 1)
+
+
+@SCHEDULERS.register()
+def plateau(
+    optimizer: Optimizer,
+    epochs: int,
+    steps_per_epoch: int,
+    factor: Annotated[float, Field(gt=0, lt=1)] = 0.1,
+    patience: Annotated[int, Field(ge=0)] = 10,
+    min_lr: NonNegative = 0.0,
+    threshold: NonNegative = 1e-4,
+    mode: Literal["min", "max"] = "min",
+    warmup_epochs: NonNegative = 0.0,
+) -> LrSchedule:
+    """Multiply the lr by factor after patience epochs without validation-loss improvement."""
+    warmup = _warmup_steps(warmup_epochs, epochs, steps_per_epoch)
+    ramp = LambdaLR(optimizer, partial(warmup_factor, warmup_steps=warmup)) if warmup else None
+    reduce = ReduceLROnPlateau(
+        optimizer, mode=mode, factor=factor, patience=patience, threshold=threshold, min_lr=min_lr
+    )
+    # The ramp stops at the end of warmup, so it never undoes a reduction made afterwards.
+    return LrSchedule(
+        optimizer,
+        "plateau",
+        per_batch=ramp,
+        batch_limit=warmup,
+        plateau=reduce,
+        plateau_from=warmup,
+    )

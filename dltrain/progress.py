@@ -1,0 +1,137 @@
+"""Everything dltrain prints while it works: one rich console, progress bars and tables.
+
+The engine calls these hooks; they decide what to show. The running loss is a device tensor and
+is read (a host sync) only when the display is due to refresh, a few times per second.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.progress import Progress as RichProgress
+
+from dltrain.tables import confusion_table, report_table
+
+REFRESH_SECONDS = 0.25
+
+
+class Progress:
+    """Live training display: a bar per epoch with loss, samples/s and ETA, then a summary line."""
+
+    def __init__(self, console: Console | None = None, quiet: bool = False):
+        self.console = console or Console()
+        self.quiet = quiet
+        self._bar: RichProgress | None = None
+        self._task = None
+        self._epoch_started = 0.0
+        self._epochs = 0
+        self._next_refresh = 0.0
+
+    # -- run ------------------------------------------------------------------------------------
+
+    def start(
+        self,
+        recipe,
+        device: torch.device,
+        precision: str,
+        loader: str,
+        model: torch.nn.Module,
+        data,
+    ) -> None:
+        """One line on what is about to run."""
+        params = sum(p.numel() for p in model.parameters())
+        sizes = ", ".join(f"{name} {len(split):,}" for name, split in data.splits.items())
+        self._print(
+            f"[bold]{recipe.name}[/]: {recipe.model['name']} ({params:,} parameters) on "
+            f"{recipe.data.name} ({sizes}; {data.num_classes} classes) · device {device} · "
+            f"{precision} · data path: {loader}"
+        )
+
+    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
+        self._epochs = epochs
+        if self.quiet or not self.console.is_terminal:  # pipes and CI get the summary lines only
+            return
+        self._bar = RichProgress(
+            TextColumn(f"epoch {epoch}/{epochs}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("{task.fields[speed]} samples/s"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=True,
+        )
+        self._task = self._bar.add_task("train", total=steps, loss="…", speed="…")
+        self._bar.start()
+        self._epoch_started = time.perf_counter()
+        self._next_refresh = self._epoch_started + REFRESH_SECONDS
+
+    def step(self, done: int, seen: int, loss_sum: torch.Tensor, count: int) -> None:
+        """Called every step; touches the device tensor only when a refresh is due."""
+        if self._bar is None:
+            return
+        now = time.perf_counter()
+        if now < self._next_refresh:
+            return
+        self._next_refresh = now + REFRESH_SECONDS
+        loss = loss_sum.item() / max(count, 1)  # the display's sync, a few times per second
+        speed = seen / max(now - self._epoch_started, 1e-9)
+        self._bar.update(self._task, completed=done, loss=f"{loss:.4f}", speed=f"{speed:,.0f}")
+
+    def epoch_end(self, row: dict[str, Any], improved: bool) -> None:
+        """Replace the bar with one summary line for the epoch."""
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+        width = len(str(self._epochs))
+        parts = [f"epoch {row['epoch']:>{width}}/{self._epochs}", f"loss {row['train_loss']:.4f}"]
+        if row["val_loss"] is not None:
+            parts += [f"val_loss {row['val_loss']:.4f}", f"val_acc {row['val_accuracy']:.4f}"]
+        parts += [f"lr {row['lr']:.1e}", f"{row['seconds']:.1f}s", f"{_si(row['samples_per_s'])}/s"]
+        self._print("  ".join(parts) + ("  [green]★[/]" if improved else ""))
+
+    def evaluating(self, split: str, size: int) -> None:
+        self._print(f"evaluating on the {split} split ({size:,} samples)")
+
+    def report(self, report: dict[str, Any]) -> None:
+        """The evaluation as tables: per-class metrics, averages, and the confusion matrix."""
+        if self.quiet:
+            return
+        self.console.print(report_table(report))
+        if len(report["classes"]) <= 20:
+            self.console.print(confusion_table(report))
+        self.console.print(
+            f"[bold]{report['split']} accuracy {report['accuracy']:.4f}[/] · "
+            f"macro F1 {report['f1']['macro']:.4f} · loss {report['loss']:.4f} · "
+            f"{report['num_samples']:,} samples"
+        )
+
+    def close(self) -> None:
+        """Stop a live bar (on errors and interrupts) so the terminal is left clean."""
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+    def _print(self, text: str) -> None:
+        if not self.quiet:
+            self.console.print(text, highlight=False, soft_wrap=True)
+
+
+def _si(value: float) -> str:
+    """12345 → '12.3k': short rates for one-line summaries."""
+    for unit, scale in (("M", 1e6), ("k", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.1f}{unit}"
+    return f"{value:.0f}"

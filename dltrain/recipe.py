@@ -1,0 +1,279 @@
+"""Recipes: YAML → a validated, fully resolved recipe, with dotted KEY=VALUE overrides.
+
+The fixed sections (data, train, top-level keys) are pydantic models. Component sections
+(`{name: <registry key>, **kwargs}`) are checked against the registered factory's signature, and
+their defaults are filled in, so the resolved recipe says everything the run will do.
+Every problem becomes one RecipeError naming the key path; `load_recipe` adds the file and line
+(or the override) it came from.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from dltrain.errors import RecipeError, UserError, did_you_mean
+from dltrain.validation import recipe_error
+
+PositiveInt = Annotated[int, Field(ge=1)]
+
+
+class Normalize(BaseModel):
+    """Explicit per-channel (images) or per-feature (tabular) mean and std."""
+
+    model_config = ConfigDict(extra="forbid")
+    mean: list[float]
+    std: list[Annotated[float, Field(gt=0)]]
+
+
+class DataSection(BaseModel):
+    """`data:`: the dataset (name + its own arguments) and how batches are made."""
+
+    model_config = ConfigDict(extra="allow")  # the extras are the dataset's own arguments
+    name: str
+    batch_size: PositiveInt = 64
+    eval_batch_size: PositiveInt | None = None  # default: 2 × batch_size (no gradients kept)
+    val_split: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    augment: list[str | dict[str, dict[str, Any] | None]] = []
+    normalize: Literal["auto", "none"] | Normalize = "auto"
+    loader: Literal["auto", "resident", "workers"] = "auto"
+    num_workers: Annotated[int, Field(ge=0)] | None = None  # default: from the CPU count
+
+    @property
+    def dataset_args(self) -> dict[str, Any]:
+        """The dataset section as the registry sees it: name plus the dataset's arguments."""
+        return {"name": self.name, **(self.model_extra or {})}
+
+
+class TrainSection(BaseModel):
+    """`train:`: the length and numerics of training."""
+
+    model_config = ConfigDict(extra="forbid")
+    epochs: PositiveInt = 10
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    compile: bool = False
+    grad_clip: Annotated[float, Field(gt=0)] | None = None
+    accumulate: PositiveInt = 1
+    monitor: Literal["val_loss", "val_accuracy", "train_loss"] = "val_loss"
+    channels_last: Literal["auto"] | bool = "auto"
+
+
+class Recipe(BaseModel):
+    """A whole recipe. Component sections are dicts validated against their registries."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+    seed: int = 0
+    device: str = "auto"
+    output: str = "runs"
+    data: DataSection
+    model: dict[str, Any]
+    loss: dict[str, Any] = {"name": "cross_entropy"}
+    optimizer: dict[str, Any] = {"name": "adam"}
+    scheduler: dict[str, Any] | None = None
+    train: TrainSection = TrainSection()
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved recipe as plain data (what recipe.yaml and checkpoints store)."""
+        return self.model_dump(mode="json")
+
+
+# -- loading ----------------------------------------------------------------------------------
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read, override and validate a recipe file. Raises UserError with file:line context."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"recipe file not found: {path}. Check the path.") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read recipe {path}: {exc}") from None
+    raw = parse_yaml(text, str(path))
+    raw.setdefault("name", path.stem)
+    return resolve_with_context(raw, overrides, str(path), text)
+
+
+def parse_yaml(text: str, source: str) -> dict[str, Any]:
+    """Parse YAML safely into a mapping; syntax errors name the line and column."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        raise UserError(f"{where}: invalid YAML: {exc.problem}. Fix the syntax there.") from None
+    except yaml.YAMLError as exc:
+        raise UserError(f"{source}: invalid YAML: {exc}") from None
+    if data is None:
+        raise UserError(f"{source}: the recipe is empty. See recipes/quickstart.yaml for one.")
+    if not isinstance(data, dict):
+        raise UserError(
+            f"{source}: a recipe must be a mapping of keys (data:, model:, ...), "
+            f"not a {type(data).__name__}."
+        )
+    return data
+
+
+def resolve_with_context(
+    raw: dict[str, Any], overrides: list[str], source: str, text: str | None = None
+) -> Recipe:
+    """Apply overrides and validate; errors say which file line or which override is to blame."""
+    raw, overridden = apply_overrides(raw, overrides)
+    try:
+        return resolve(raw)
+    except RecipeError as exc:
+        culprit = _blamed_override(exc.path, overridden)
+        if culprit:
+            raise UserError(f"override '{culprit}': {exc}") from None
+        line = _line_of(text, exc.path) if text else None
+        where = f"{source}:{line}" if line else source
+        raise UserError(f"{where}: {exc}") from None
+
+
+def resolve(raw: dict[str, Any]) -> Recipe:
+    """Validate a recipe mapping and fill every default, components included."""
+    from dltrain import components
+    from dltrain.registry import DATASETS, LOSSES, MODELS, OPTIMIZERS, SCHEDULERS
+
+    components.load_all()
+    for section in ("model", "loss", "optimizer", "scheduler"):
+        if isinstance(raw.get(section), str):  # `model: mlp` is shorthand for `model: {name: mlp}`
+            raw = {**raw, section: {"name": raw[section]}}
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise recipe_error(exc, Recipe) from None
+    _check_dataset_keys(recipe.data, DATASETS)
+    data_args = DATASETS.validate(recipe.data.dataset_args, "data")
+    resolved_data = {
+        **recipe.data.model_dump(exclude=set(recipe.data.model_extra or {})),
+        **data_args,
+    }
+    resolved_data["augment"] = _resolve_augment(recipe.data.augment)
+    updates = {
+        "data": DataSection.model_validate(resolved_data),
+        "model": MODELS.validate(recipe.model, "model"),
+        "loss": LOSSES.validate(recipe.loss, "loss"),
+        "optimizer": OPTIMIZERS.validate(recipe.optimizer, "optimizer"),
+        "scheduler": SCHEDULERS.validate(recipe.scheduler, "scheduler")
+        if recipe.scheduler
+        else None,
+    }
+    return recipe.model_copy(update=updates)
+
+
+def _check_dataset_keys(data: DataSection, datasets) -> None:
+    """Unknown data keys get a suggestion from both the fixed keys and the dataset's arguments."""
+    if data.name not in datasets:
+        datasets.validate({"name": data.name}, "data")  # raises the unknown-name error
+    dataset_keys = [a.name for a in datasets.arguments(data.name)]
+    for key in data.model_extra or {}:
+        if key not in dataset_keys and key not in datasets.runtime_args:
+            allowed = [*DataSection.model_fields, *dataset_keys]
+            hint = did_you_mean(key, allowed) or f" Valid keys: {', '.join(allowed)}."
+            raise RecipeError(f"data.{key}", f"unknown key for dataset '{data.name}'.{hint}")
+
+
+def _resolve_augment(entries: list) -> list[dict[str, dict[str, Any]]]:
+    """`[hflip, {random_crop: {padding: 4}}]` → `[{hflip: {...defaults}}, {random_crop: {...}}]`."""
+    from dltrain.registry import AUGMENTATIONS
+
+    resolved = []
+    for i, entry in enumerate(entries):
+        where = f"data.augment[{i}]"
+        if isinstance(entry, dict):
+            if len(entry) != 1:
+                raise RecipeError(where, "write one augmentation per entry: {name: {arg: value}}.")
+            ((name, kwargs),) = entry.items()
+        else:
+            name, kwargs = entry, {}
+        checked = AUGMENTATIONS.validate({"name": name, **(kwargs or {})}, where)
+        resolved.append({checked.pop("name"): checked})
+    return resolved
+
+
+# -- overrides --------------------------------------------------------------------------------
+
+_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=VALUE` → (['a', 'b'], VALUE parsed as YAML)."""
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not _KEY.match(key):
+        raise UserError(
+            f"override '{text}': expected KEY=VALUE with a dotted key, e.g. train.epochs=3."
+        )
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value  # not YAML (e.g. an unbalanced bracket): take it as a plain string
+    return key.split("."), parsed
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> tuple[dict[str, Any], dict]:
+    """Return a copy of `raw` with overrides set, and {dotted key: override text}."""
+    import copy
+
+    result = copy.deepcopy(raw)
+    applied = {}
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = result
+        for depth, key in enumerate(keys[:-1]):
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            if not isinstance(child, dict):
+                parent = ".".join(keys[: depth + 1])
+                raise UserError(
+                    f"override '{text}': {parent} is a {type(child).__name__}, not a section; "
+                    f"set it whole instead, e.g. {parent}=..."
+                )
+            node = child
+        node[keys[-1]] = value
+        applied[".".join(keys)] = text
+    return result, applied
+
+
+def _blamed_override(path: str, overridden: dict[str, str]) -> str | None:
+    """The override whose key is the error's path or a parent of it (or its section's name)."""
+    for key, text in overridden.items():
+        if path == key or path.startswith(key + ".") or path.startswith(key + "["):
+            return text
+        if key.endswith(".name") and path.startswith(key[: -len("name")]):
+            return text  # a changed component name makes its other arguments wrong
+    return None
+
+
+def _line_of(text: str, path: str) -> int | None:
+    """The 1-based line of a dotted key path in YAML text (the deepest part that exists)."""
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return None
+    line = None
+    for part in re.findall(r"[^.\[\]]+", path):
+        if isinstance(node, yaml.MappingNode):
+            match = next((v for k, v in node.value if k.value == part), None)
+            key_node = next((k for k, _ in node.value if k.value == part), None)
+            if match is None:
+                break
+            line, node = key_node.start_mark.line + 1, match
+        elif isinstance(node, yaml.SequenceNode) and part.isdigit() and int(part) < len(node.value):
+            node = node.value[int(part)]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def to_yaml(recipe: Recipe) -> str:
+    """The resolved recipe as YAML, in the order of the recipe contract."""
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False, default_flow_style=None)

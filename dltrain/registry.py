@@ -1,0 +1,220 @@
+"""One small Registry class: a dict of named factory functions filled by a decorator.
+
+A recipe section `{name: key, **kwargs}` maps to one call `factory(**runtime, **kwargs)`.
+The user's kwargs are checked against the factory's signature (names, types via the
+annotations, constraints via `Annotated[..., Field(...)]`) before any data is read. Run-time
+objects (parameters, class count, input shape...) are passed by dltrain at the call site and are
+never accepted from the user.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import inspect
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError, create_model
+
+from dltrain.errors import RecipeError, did_you_mean
+from dltrain.validation import recipe_error
+
+
+@dataclass(frozen=True)
+class Argument:
+    """One user-settable argument of a factory, for `dltrain list` and docs."""
+
+    name: str
+    annotation: str
+    default: Any  # inspect.Parameter.empty when required
+
+    @property
+    def required(self) -> bool:
+        return self.default is inspect.Parameter.empty
+
+    def __str__(self) -> str:
+        return self.name if self.required else f"{self.name}={self.default!r}"
+
+
+@dataclass(frozen=True)
+class Family:
+    """Names `prefix:member` served by one factory taking the member as first argument."""
+
+    prefix: str
+    factory: Callable[..., Any]
+    members: Callable[[], list[str]]
+    summary: str
+
+
+class Registry:
+    """Named factories of one kind (models, datasets, losses...)."""
+
+    def __init__(self, kind: str, runtime_args: tuple[str, ...] = ()):
+        self.kind = kind
+        self.runtime_args = frozenset(runtime_args)
+        self._factories: dict[str, Callable[..., Any]] = {}
+        self._families: dict[str, Family] = {}
+        self._schemas: dict[Callable[..., Any], type[BaseModel]] = {}
+
+    def register(self, name: str | None = None) -> Callable[[Callable], Callable]:
+        """Decorator: register a factory under `name` (default: the function's name)."""
+
+        def decorate(factory: Callable) -> Callable:
+            key = name or factory.__name__
+            if key in self._factories:
+                raise ValueError(f"{self.kind} '{key}' is registered twice")
+            self._factories[key] = factory
+            return factory
+
+        return decorate
+
+    def register_family(
+        self, prefix: str, factory: Callable, members: Callable[[], list[str]], summary: str
+    ) -> None:
+        """Register `prefix:<member>` names, e.g. each torchvision model as 'torchvision:<name>'."""
+        self._families[prefix] = Family(prefix, factory, members, summary)
+
+    def names(self, pattern: str = "*") -> list[str]:
+        """Registered names matching a glob pattern, sorted; families appear as 'prefix:<name>'."""
+        keys = list(self._factories) + [f"{p}:<name>" for p in self._families]
+        return sorted(k for k in keys if fnmatch.fnmatch(k, pattern))
+
+    def __contains__(self, name: str) -> bool:
+        try:
+            self._resolve(name, "")
+        except RecipeError:
+            return False
+        return True
+
+    def summary(self, name: str) -> str:
+        """The first line of the factory's docstring."""
+        family = self._families.get(name.split(":")[0]) if ":" in name else None
+        if family:
+            return family.summary
+        doc = inspect.getdoc(self._factories[name]) or ""
+        return doc.splitlines()[0] if doc else ""
+
+    def arguments(self, name: str) -> list[Argument]:
+        """The arguments a user may set for `name` (or 'prefix:<name>'), in signature order."""
+        prefix, _, member = name.partition(":")
+        if member == "<name>" and prefix in self._families:
+            factory = self._families[prefix].factory
+        else:
+            factory, _ = self._resolve(name, "")
+        hints = typing.get_type_hints(factory)
+        return [
+            Argument(p.name, _type_name(hints.get(p.name, Any)), p.default)
+            for p in self._user_parameters(factory)
+        ]
+
+    def validate(self, section: dict[str, Any], where: str) -> dict[str, Any]:
+        """Check a `{name, **kwargs}` section; return it with every default filled in.
+
+        `where` is the section's key path (e.g. 'optimizer'), used in error messages.
+        """
+        name = section.get("name")
+        if not isinstance(name, str):
+            raise RecipeError(
+                f"{where}.name", f"must name a {self.kind} (see `dltrain list {self.kind}`)."
+            )
+        factory, _ = self._resolve(name, f"{where}.name")
+        kwargs = {k: v for k, v in section.items() if k != "name"}
+        for key in kwargs:
+            if key in self.runtime_args:
+                raise RecipeError(
+                    f"{where}.{key}",
+                    "is supplied by dltrain at run time; remove it from the recipe.",
+                )
+        schema = self._schema(factory)
+        try:
+            checked = schema.model_validate(kwargs)
+        except ValidationError as exc:
+            raise recipe_error(exc, schema, where) from None
+        return {"name": name, **checked.model_dump(mode="json")}
+
+    def build(self, section: dict[str, Any], **runtime: Any) -> Any:
+        """Call the factory named by a validated section with run-time objects plus its kwargs."""
+        factory, member = self._resolve(section["name"], "")
+        kwargs = {k: v for k, v in section.items() if k != "name"}
+        schema = self._schema(factory)
+        # Validate again to turn JSON-ish values (lists) into the annotated Python types.
+        typed = {k: getattr(schema.model_validate(kwargs), k) for k in schema.model_fields}
+        extra = {k: v for k, v in kwargs.items() if k not in schema.model_fields}
+        args = (member,) if member is not None else ()
+        accepted = inspect.signature(factory).parameters
+        runtime = {k: v for k, v in runtime.items() if k in accepted}  # each takes what it needs
+        return factory(*args, **runtime, **typed, **extra)
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _resolve(self, name: str, where: str) -> tuple[Callable, str | None]:
+        if name in self._factories:
+            return self._factories[name], None
+        prefix, _, member = name.partition(":")
+        family = self._families.get(prefix) if member else None
+        if family:
+            members = family.members()
+            if member not in members:
+                raise RecipeError(
+                    where,
+                    f"unknown {prefix} {self.kind[:-1]} '{member}'.{did_you_mean(member, members)}",
+                )
+            return family.factory, member
+        known = list(self._factories) + [f"{p}:" for p in self._families]
+        hint = did_you_mean(name, known) or f" Known: {', '.join(sorted(self._factories))}."
+        raise RecipeError(where, f"unknown {self.kind[:-1]} '{name}'.{hint}")
+
+    def _user_parameters(self, factory: Callable) -> list[inspect.Parameter]:
+        params = list(inspect.signature(factory).parameters.values())
+        if factory in {f.factory for f in self._families.values()}:
+            params = params[1:]  # the family member is passed positionally
+        return [
+            p
+            for p in params
+            if p.name not in self.runtime_args and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        ]
+
+    def _schema(self, factory: Callable) -> type[BaseModel]:
+        """A pydantic model of the factory's user arguments (cached)."""
+        if factory not in self._schemas:
+            hints = typing.get_type_hints(factory, include_extras=True)
+            accepts_more = any(
+                p.kind == p.VAR_KEYWORD for p in inspect.signature(factory).parameters.values()
+            )
+            fields = {
+                p.name: (
+                    hints.get(p.name, Any),
+                    ... if p.default is inspect.Parameter.empty else p.default,
+                )
+                for p in self._user_parameters(factory)
+            }
+            config = ConfigDict(
+                extra="allow" if accepts_more else "forbid", arbitrary_types_allowed=True
+            )
+            self._schemas[factory] = create_model(
+                f"{factory.__name__}_args", __config__=config, **fields
+            )
+        return self._schemas[factory]
+
+
+def _type_name(annotation: Any) -> str:
+    """A short readable name of a type annotation, e.g. 'float', 'list[int]', 'str | None'."""
+    if typing.get_origin(annotation) is typing.Annotated:
+        annotation = typing.get_args(annotation)[0]
+    if isinstance(annotation, type) and not typing.get_args(annotation):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
+# The registries. Components register themselves from their own modules (see components.py);
+# the run-time arguments listed here are passed by dltrain and refused in recipes.
+MODELS = Registry("models", runtime_args=("input_shape", "num_classes"))
+DATASETS = Registry("datasets", runtime_args=("seed",))
+LOSSES = Registry("losses", runtime_args=("num_classes", "class_counts"))
+OPTIMIZERS = Registry("optimizers", runtime_args=("params", "device_type"))
+SCHEDULERS = Registry("schedulers", runtime_args=("optimizer", "epochs", "steps_per_epoch"))
+AUGMENTATIONS = Registry("augmentations", runtime_args=("input_kind",))
+
+REGISTRIES = {r.kind: r for r in (MODELS, DATASETS, LOSSES, OPTIMIZERS, SCHEDULERS, AUGMENTATIONS)}

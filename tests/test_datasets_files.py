@@ -1,0 +1,481 @@
+"""Datasets from user files (npz, csv, image folders), torchvision sets, and stratified splits.
+
+Every test builds its tiny data under tmp_path; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+from urllib.error import URLError
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import datasets as tv_datasets
+
+from dltrain.data import files, torchvision_sets
+from dltrain.data.base import ArraySplit
+from dltrain.data.splits import stratified_split
+from dltrain.errors import RecipeError, UserError
+from dltrain.registry import DATASETS
+
+SHARED_MNIST = Path(__file__).parents[2] / "shared/data/mnist.npz"
+
+
+# -- stratified_split -----------------------------------------------------------------------
+
+
+def test_stratified_split_is_disjoint_complete_and_sorted():
+    labels = np.repeat(np.arange(4), [10, 7, 2, 1])
+    kept, carved = stratified_split(labels, 0.3, seed=0)
+    assert kept.dtype == carved.dtype == np.int64
+    assert np.array_equal(np.sort(np.concatenate([kept, carved])), np.arange(len(labels)))
+    assert not set(kept) & set(carved)
+    assert np.all(np.diff(kept) > 0) and np.all(np.diff(carved) > 0)
+
+
+def test_stratified_split_counts_per_class():
+    labels = np.repeat(np.arange(4), [10, 7, 2, 1])
+    _, carved = stratified_split(labels, 0.3, seed=0)
+    counts = np.bincount(labels[carved], minlength=4)
+    # round(3.0)=3, round(2.1)=2, round(0.6)=1, and a single-sample class stays kept.
+    assert counts.tolist() == [3, 2, 1, 0]
+    # A tiny fraction still carves one of each class with >= 2 samples, but never all of one.
+    _, carved = stratified_split(labels, 0.01, seed=0)
+    assert np.bincount(labels[carved], minlength=4).tolist() == [1, 1, 1, 0]
+    kept, _ = stratified_split(labels, 0.99, seed=0)
+    assert set(labels[kept]) == {0, 1, 2, 3}
+
+
+def test_stratified_split_is_deterministic_for_a_seed():
+    labels = np.array(["b", "a"] * 50)  # any sortable label type works
+    first = stratified_split(labels, 0.2, seed=7)
+    again = stratified_split(labels, 0.2, seed=7)
+    other = stratified_split(labels, 0.2, seed=8)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not np.array_equal(first[1], other[1])
+    assert len(first[1]) == 20
+
+
+def test_stratified_split_edge_cases():
+    kept, carved = stratified_split(np.array([0, 1, 1]), 0.0, seed=0)
+    assert kept.tolist() == [0, 1, 2] and carved.tolist() == []
+    kept, carved = stratified_split(np.array([], dtype=np.int64), 0.5, seed=0)
+    assert kept.size == carved.size == 0
+    with pytest.raises(ValueError):
+        stratified_split(np.array([0, 1]), 1.0, seed=0)
+    with pytest.raises(ValueError):
+        stratified_split(np.zeros((2, 2)), 0.5, seed=0)
+
+
+# -- npz ------------------------------------------------------------------------------------
+
+
+def _save_npz(tmp_path: Path, **arrays) -> str:
+    path = tmp_path / "data.npz"
+    np.savez(path, **arrays)
+    return str(path)
+
+
+def _labels(n: int, classes: int = 3) -> np.ndarray:
+    return np.arange(n) % classes
+
+
+def _nchw(x: np.ndarray) -> np.ndarray:
+    return x.transpose(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize(
+    ("shape", "layout", "expected"),
+    [
+        ((6, 5, 7), "auto", lambda x: x[:, None]),  # grayscale N×H×W
+        ((6, 3, 5, 7), "auto", lambda x: x),  # NCHW
+        ((6, 5, 7, 3), "auto", _nchw),  # NHWC
+        ((6, 5, 7, 1), "nhwc", _nchw),
+        ((6, 4, 4, 4), "nhwc", _nchw),  # ambiguous shape, explicit layout
+        ((6, 4, 4, 4), "nchw", lambda x: x),
+    ],
+)
+def test_npz_image_layouts(tmp_path, shape, layout, expected):
+    x = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    path = _save_npz(tmp_path, train_x=x, train_y=_labels(6), test_x=x[:2], test_y=_labels(2))
+    loaded = files.npz(path, layout=layout)
+    assert loaded.kind == "image"
+    assert loaded.train.x.dtype == torch.uint8  # native uint8 kept, not scaled
+    assert torch.equal(loaded.train.x, torch.from_numpy(np.ascontiguousarray(expected(x))))
+    assert loaded.train.y.dtype == torch.int64
+    assert loaded.classes == ["0", "1", "2"]
+    assert loaded.val is None and len(loaded.test) == 2
+
+
+def test_npz_tabular_with_val_and_classes(tmp_path):
+    x = np.arange(24, dtype=np.float64).reshape(8, 3)
+    path = _save_npz(
+        tmp_path,
+        train_x=x,
+        train_y=_labels(8, 2),
+        val_x=x[:2],
+        val_y=np.array([0, 1]),
+        test_x=x[:4],
+        test_y=_labels(4, 2),
+        classes=np.array(["cat", "dog"]),
+    )
+    loaded = files.npz(path)
+    assert loaded.kind == "tabular"
+    assert loaded.classes == ["cat", "dog"]
+    assert loaded.train.x.dtype == torch.float32 and loaded.train.x.shape == (8, 3)
+    assert len(loaded.val) == 2 and len(loaded.test) == 4
+
+
+def test_npz_float_images_stay_float32(tmp_path):
+    x = np.random.default_rng(0).random((4, 3, 2, 2))
+    path = _save_npz(tmp_path, train_x=x, train_y=_labels(4), test_x=x, test_y=_labels(4))
+    loaded = files.npz(path)
+    assert loaded.train.x.dtype == torch.float32
+    assert torch.allclose(loaded.train.x, torch.from_numpy(x).float())
+
+
+def _npz_error(path: str, **kwargs) -> str:
+    with pytest.raises(UserError) as info:
+        files.npz(path, **kwargs)
+    assert info.value.exit_code == 2
+    return str(info.value)
+
+
+def test_npz_missing_keys_names_missing_and_found(tmp_path):
+    x = np.zeros((4, 2), dtype=np.float32)
+    path = _save_npz(tmp_path, train_x=x, train_y=_labels(4), x_test=x)
+    message = _npz_error(path)
+    assert "test_x, test_y" in message and "found: train_x, train_y, x_test" in message
+
+
+def test_npz_labels_out_of_range(tmp_path):
+    x = np.zeros((4, 2), dtype=np.float32)
+    path = _save_npz(
+        tmp_path,
+        train_x=x,
+        train_y=np.array([0, 1, 2, 5]),
+        test_x=x,
+        test_y=_labels(4),
+        classes=np.array(["a", "b", "c"]),
+    )
+    message = _npz_error(path)
+    assert "train_y" in message and "5" in message and "[0, 3)" in message
+    path = _save_npz(
+        tmp_path, train_x=x, train_y=np.array([0, -1, 0, 1]), test_x=x, test_y=_labels(4)
+    )
+    assert "train_y" in _npz_error(path) and "negative" in _npz_error(path)
+    path = _save_npz(tmp_path, train_x=x, train_y=np.full(4, 0.5), test_x=x, test_y=_labels(4))
+    assert "train_y" in _npz_error(path)
+
+
+def test_npz_mismatched_lengths_and_shapes(tmp_path):
+    x = np.zeros((4, 2), dtype=np.float32)
+    path = _save_npz(tmp_path, train_x=x, train_y=_labels(4), test_x=x, test_y=_labels(3))
+    message = _npz_error(path)
+    assert "test_x" in message and "test_y" in message and "4" in message and "3" in message
+    path = _save_npz(
+        tmp_path, train_x=x, train_y=_labels(4), test_x=np.zeros((4, 5)), test_y=_labels(4)
+    )
+    assert "test_x" in _npz_error(path)
+
+
+def test_npz_ambiguous_layout_asks_for_data_layout(tmp_path):
+    x = np.zeros((4, 5, 5, 5), dtype=np.uint8)
+    path = _save_npz(tmp_path, train_x=x, train_y=_labels(4), test_x=x, test_y=_labels(4))
+    assert "data.layout" in _npz_error(path)
+
+
+def test_npz_missing_or_unreadable_file(tmp_path):
+    message = _npz_error(str(tmp_path / "nope.npz"))
+    assert "data.path" in message and str((tmp_path / "nope.npz").resolve()) in message
+    bad = tmp_path / "bad.npz"
+    bad.write_text("not a zip")
+    assert "data.path" in _npz_error(str(bad))
+    objects = np.array([{"a": 1}], dtype=object)
+    path = _save_npz(tmp_path, train_x=objects, train_y=objects, test_x=objects, test_y=objects)
+    assert "data.path" in _npz_error(path)  # pickled arrays are refused, never loaded
+
+
+@pytest.mark.skipif(not SHARED_MNIST.exists(), reason="shared MNIST copy not present")
+def test_npz_loads_shared_mnist():
+    loaded = files.npz(str(SHARED_MNIST))
+    assert loaded.kind == "image"
+    assert len(loaded.classes) == 10
+    assert tuple(loaded.train.x.shape[1:]) == (1, 28, 28)
+    assert loaded.train.x.dtype == torch.uint8
+    assert len(loaded.train) == 60000
+
+
+# -- csv ------------------------------------------------------------------------------------
+
+
+def _write(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+def _species_csv(tmp_path: Path, rows_per_class: int = 10) -> str:
+    lines = ["a,b,species"]
+    for i in range(rows_per_class):
+        for j, name in enumerate(["setosa", "virginica", "versicolor"]):
+            lines.append(f"{i},{j + i / 10},{name}")
+    return _write(tmp_path / "iris.csv", "\n".join(lines) + "\n")
+
+
+def _rows(split: ArraySplit) -> set[tuple]:
+    return {(*row.tolist(), int(y)) for row, y in zip(split.x, split.y, strict=True)}
+
+
+def test_csv_single_file_carves_stratified_test_split(tmp_path):
+    path = _species_csv(tmp_path)
+    loaded = files.csv(path=path, label="species", test_split=0.2, seed=3)
+    assert loaded.kind == "tabular"
+    assert loaded.classes == ["setosa", "versicolor", "virginica"]
+    assert loaded.train.x.dtype == torch.float32 and loaded.train.x.shape == (24, 2)
+    assert torch.bincount(loaded.test.y).tolist() == [2, 2, 2]
+    train_rows, test_rows = _rows(loaded.train), _rows(loaded.test)
+    assert not train_rows & test_rows and len(train_rows | test_rows) == 30
+    again = files.csv(path=path, label="species", test_split=0.2, seed=3)
+    assert torch.equal(again.test.x, loaded.test.x)
+    other = files.csv(path=path, label="species", test_split=0.2, seed=4)
+    assert not torch.equal(other.test.x, loaded.test.x)
+
+
+def test_csv_train_and_test_files_with_integer_labels(tmp_path):
+    train = _write(tmp_path / "train.csv", "x1,x2,label\n1,2,10\n3,4,2\n\n5,6,10\n")
+    test = _write(tmp_path / "test.csv", "label,x2,x1\n2,0.5,1.5\n010,1,1\n")
+    loaded = files.csv(train=train, test=test, features=["x1", "x2"])
+    assert loaded.classes == ["2", "10"]  # numeric order, not '10' < '2'
+    assert loaded.train.y.tolist() == [1, 0, 1]
+    assert loaded.test.x.tolist() == [[1.5, 0.5], [1.0, 1.0]]  # columns matched by name
+    assert loaded.test.y.tolist() == [0, 1]
+    assert files.csv(train=train).test is None
+
+
+def test_csv_test_label_unseen_in_train(tmp_path):
+    train = _write(tmp_path / "train.csv", "x,label\n1,a\n2,b\n")
+    test = _write(tmp_path / "test.csv", "x,label\n1,a\n2,c\n")
+    with pytest.raises(UserError, match=r"line 3 has label 'c'"):
+        files.csv(train=train, test=test)
+
+
+def test_csv_bad_numeric_cell_names_line_and_column(tmp_path):
+    path = _write(tmp_path / "t.csv", "x1,x2,label\n1,2,a\n3,oops,b\n4,5,a\n")
+    with pytest.raises(UserError) as info:
+        files.csv(path=path)
+    message = str(info.value)
+    assert "line 3" in message and "'x2'" in message and "'oops'" in message
+    assert "t.csv" in message and info.value.exit_code == 2
+
+
+def test_csv_missing_label_column_suggests_nearest(tmp_path):
+    path = _write(tmp_path / "t.csv", "x1,x2,labels\n1,2,a\n")
+    with pytest.raises(UserError) as info:
+        files.csv(path=path)
+    message = str(info.value)
+    assert "data.label" in message and "x1, x2, labels" in message
+    assert "Did you mean 'labels'?" in message
+
+
+def test_csv_path_and_train_are_exclusive(tmp_path):
+    path = _species_csv(tmp_path)
+    with pytest.raises(UserError, match="data.path"):
+        files.csv(path=path, train=path, label="species")
+    with pytest.raises(UserError, match="data.train"):
+        files.csv(label="species")
+
+
+# -- image_folder ---------------------------------------------------------------------------
+
+
+def _png(path: Path, size: tuple[int, int], value: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.full((size[1], size[0], 3), value, dtype=np.uint8)
+    pixels[0, 0] = (255 - value, value, 0)
+    Image.fromarray(pixels).save(path)
+
+
+def _flat_folder(root: Path) -> Path:
+    for c, name in enumerate(["cat", "dog"]):
+        for i in range(5):
+            _png(root / name / f"{i}.PNG", (6 + i, 9 - i), 40 * c + i)
+    (root / "dog" / "notes.txt").write_text("ignored: not an image")
+    return root
+
+
+def test_image_folder_flat_layout_carves_test_split(tmp_path):
+    loaded = files.image_folder(str(_flat_folder(tmp_path)), image_size=8, test_split=0.2, seed=0)
+    assert loaded.kind == "image" and loaded.classes == ["cat", "dog"]
+    assert isinstance(loaded.train, ArraySplit)  # small: decoded once, resident
+    assert loaded.train.x.dtype == torch.uint8 and tuple(loaded.train.x.shape) == (8, 3, 8, 8)
+    assert loaded.test.y.tolist() == [0, 1]
+    assert loaded.val is None
+    again = files.image_folder(str(tmp_path), image_size=8, test_split=0.2, seed=0)
+    assert torch.equal(again.test.x, loaded.test.x)
+    assert files.image_folder(str(tmp_path), image_size=8, test_split=0).test is None
+
+
+def test_image_folder_split_layout_and_grayscale(tmp_path):
+    for split, n in (("train", 3), ("val", 1), ("test", 2)):
+        for name in ("a", "b", "c"):
+            for i in range(n):
+                _png(tmp_path / split / name / f"{i}.png", (5, 3), 10 * i)
+    loaded = files.image_folder(str(tmp_path), image_size=(4, 6), grayscale=True)
+    assert loaded.classes == ["a", "b", "c"]
+    assert tuple(loaded.train.x.shape) == (9, 1, 4, 6)
+    assert len(loaded.val) == 3 and len(loaded.test) == 6
+    assert loaded.train.y.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+
+
+def test_image_folder_unknown_class_in_val(tmp_path):
+    _png(tmp_path / "train" / "a" / "0.png", (4, 4), 0)
+    _png(tmp_path / "val" / "zebra" / "0.png", (4, 4), 0)
+    with pytest.raises(UserError, match="zebra"):
+        files.image_folder(str(tmp_path))
+
+
+def test_image_folder_empty_folder_explains_layout(tmp_path):
+    with pytest.raises(UserError, match="one folder per class"):
+        files.image_folder(str(tmp_path))
+    with pytest.raises(UserError, match="data.path"):
+        files.image_folder(str(tmp_path / "missing"))
+
+
+def test_image_folder_corrupt_file_skip_or_error(tmp_path):
+    _flat_folder(tmp_path)
+    bad = tmp_path / "cat" / "broken.png"
+    bad.write_bytes(b"\x89PNG not really")
+    with pytest.warns(UserWarning, match="skipping undecodable image .*broken.png"):
+        loaded = files.image_folder(str(tmp_path), image_size=8, test_split=0)
+    assert len(loaded.train) == 10
+    with pytest.raises(UserError) as info:
+        files.image_folder(str(tmp_path), image_size=8, on_bad_file="error")
+    assert "broken.png" in str(info.value) and "on_bad_file: skip" in str(info.value)
+
+
+def test_image_folder_lazy_split_matches_resident(tmp_path, monkeypatch):
+    _flat_folder(tmp_path)
+    (tmp_path / "dog" / "broken.png").write_bytes(b"junk")
+    with pytest.warns(UserWarning):
+        resident = files.image_folder(str(tmp_path), image_size=(5, 7), seed=1)
+    monkeypatch.setattr(files, "RESIDENT_LIMIT_BYTES", 0)
+    with pytest.warns(UserWarning):
+        lazy = files.image_folder(str(tmp_path), image_size=(5, 7), seed=1)
+    for name in ("train", "test"):
+        split = getattr(lazy, name)
+        assert isinstance(split, files.ImageFileSplit)
+        assert split.targets == getattr(resident, name).y.tolist()
+        items = [split[i] for i in range(len(split))]
+        assert all(x.dtype == torch.uint8 for x, _ in items)
+        assert torch.equal(torch.stack([x for x, _ in items]), getattr(resident, name).x)
+
+
+def test_lazy_split_replaces_truncated_image(tmp_path, monkeypatch):
+    _flat_folder(tmp_path)
+    noise = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "cat" / "0.PNG")
+    whole = (tmp_path / "cat" / "0.PNG").read_bytes()
+    (tmp_path / "cat" / "0.PNG").write_bytes(whole[: len(whole) // 2])  # header reads, pixels not
+    monkeypatch.setattr(files, "RESIDENT_LIMIT_BYTES", 0)
+    lazy = files.image_folder(str(tmp_path), image_size=4, test_split=0)
+    assert len(lazy.train) == 10
+    with pytest.warns(UserWarning, match="0.PNG"):
+        x, y = lazy.train[0]
+    assert y == 0 and torch.equal(x, lazy.train[1][0])  # the next image of the same class
+    strict = files.image_folder(str(tmp_path), image_size=4, test_split=0, on_bad_file="error")
+    with pytest.raises(UserError, match="0.PNG"):
+        strict.train[0]
+
+
+# -- torchvision datasets -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100", "mnist", "fashion_mnist"])
+def test_torchvision_missing_files_mention_download(tmp_path, name):
+    factory = getattr(torchvision_sets, name)
+    with pytest.raises(UserError) as info:
+        factory(root=str(tmp_path), download=False)
+    message = str(info.value)
+    assert f"{name} not found under '{tmp_path}'" in message and "data.download=true" in message
+    assert info.value.exit_code == 2
+
+
+def test_torchvision_failed_download(tmp_path, monkeypatch):
+    def offline(self):
+        raise URLError("no network")
+
+    monkeypatch.setattr(tv_datasets.CIFAR10, "download", offline)
+    with pytest.raises(UserError) as info:
+        torchvision_sets.cifar10(root=str(tmp_path), download=True)
+    message = str(info.value)
+    assert "failed" in message and "no network" in message
+    assert str(tmp_path / "cifar-10-batches-py") in message
+
+
+def _idx(path: Path, array: np.ndarray) -> None:
+    """Write an MNIST-style big-endian IDX file of uint8 data."""
+    header = struct.pack(">I", 0x0800 + array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def test_mnist_from_local_files(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    images = np.arange(3 * 4 * 5).reshape(3, 4, 5) % 256
+    for prefix in ("train", "t10k"):
+        _idx(raw / f"{prefix}-images-idx3-ubyte", images)
+        _idx(raw / f"{prefix}-labels-idx1-ubyte", np.array([0, 9, 4]))
+    loaded = torchvision_sets.mnist(root=str(tmp_path))
+    assert loaded.kind == "image" and loaded.classes == [str(i) for i in range(10)]
+    assert loaded.train.x.dtype == torch.uint8 and tuple(loaded.train.x.shape) == (3, 1, 4, 5)
+    assert torch.equal(loaded.test.x[:, 0], torch.from_numpy(images.astype(np.uint8)))
+    assert loaded.train.y.tolist() == [0, 9, 4] and loaded.train.y.dtype == torch.int64
+
+
+# -- registry validation --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "section",
+    [
+        {"name": "npz", "path": "x.npz"},
+        {"name": "csv", "path": "x.csv"},
+        {"name": "csv", "train": "a.csv", "test": "b.csv", "features": ["f1"]},
+        {"name": "image_folder", "path": "imgs", "image_size": [32, 48]},
+        {"name": "cifar10"},
+        {"name": "cifar100", "root": "d"},
+        {"name": "mnist", "download": True},
+        {"name": "fashion_mnist"},
+    ],
+)
+def test_factories_validate(section):
+    checked = DATASETS.validate(section, "data")
+    assert checked["name"] == section["name"]
+    assert DATASETS.summary(section["name"])  # `dltrain list datasets` shows a description
+
+
+def test_validate_fills_defaults_and_suggests_keys():
+    assert DATASETS.validate({"name": "npz", "path": "x.npz"}, "data") == {
+        "name": "npz",
+        "path": "x.npz",
+        "layout": "auto",
+    }
+    # With `path` present too; a lone typo currently reports the missing `path` first (registry).
+    with pytest.raises(RecipeError, match=r"data\.pth: unknown key\. Did you mean 'path'\?"):
+        DATASETS.validate({"name": "npz", "path": "x.npz", "pth": "x.npz"}, "data")
+    with pytest.raises(RecipeError, match="data.test_split"):
+        DATASETS.validate({"name": "csv", "path": "x.csv", "test_split": 1.5}, "data")
+    with pytest.raises(RecipeError, match="data.seed"):
+        DATASETS.validate({"name": "csv", "path": "x.csv", "seed": 1}, "data")
+
+
+def test_build_passes_seed_and_image_size_tuple(tmp_path):
+    _flat_folder(tmp_path)
+    section = DATASETS.validate(
+        {"name": "image_folder", "path": str(tmp_path), "image_size": [4, 6]}, "data"
+    )
+    loaded = DATASETS.build(section, seed=5)
+    assert tuple(loaded.train.x.shape[1:]) == (3, 4, 6)
