@@ -15,6 +15,12 @@ from typing import IO
 
 from dltrain.errors import RunFailure
 
+# mkstemp creates files readable by their owner only; give ours the mode open() would (0o666 less
+# the umask), so reports and checkpoints can be shared like any other file. Read once, at import.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK
+
 
 @contextlib.contextmanager
 def atomic_file(path: Path) -> Iterator[IO[bytes]]:
@@ -27,6 +33,7 @@ def atomic_file(path: Path) -> Iterator[IO[bytes]]:
         raise RunFailure(f"cannot write {path}: {exc.strerror or exc}. Check the folder.") from None
     try:
         with os.fdopen(fd, "wb") as f:
+            os.chmod(tmp, FILE_MODE)
             yield f
             f.flush()
             os.fsync(f.fileno())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pickle
 import random
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -34,18 +35,24 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}. Check the path (runs/<name>/checkpoints/).")
+    unreadable = (
+        f"cannot read checkpoint {path}: it is truncated or not a torch checkpoint"
+        "{}. Use another checkpoint, e.g. last.pt or best.pt."
+    )
+    # torch.save writes a zip archive; anything else (empty, truncated, random bytes) would reach
+    # torch's legacy unpickler and fail with whatever error its first bytes happen to cause.
+    if not zipfile.is_zipfile(path):
+        raise UserError(unreadable.format(""))
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
         raise UserError(
-            f"refusing to load {path}: it contains objects other than tensors and plain data "
-            f"({str(exc).splitlines()[0]}). dltrain only loads data-only checkpoints."
+            f"refusing to load {path}: it contains objects other than tensors and plain data"
+            f"{f' ({found.group(1)})' if found else ''}. dltrain only loads data-only checkpoints."
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise UserError(
-            f"cannot read checkpoint {path}: it is truncated or not a torch checkpoint "
-            f"({str(exc).splitlines()[0]}). Use another checkpoint, e.g. last.pt or best.pt."
-        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError) as exc:
+        raise UserError(unreadable.format(f" ({str(exc).splitlines()[0]})")) from None
     return _checked(state, path)
 
 

@@ -49,9 +49,14 @@ class Kind(str, Enum):
 
 
 @contextlib.contextmanager
-def user_facing_errors(console: Console) -> Iterator[None]:
-    """Turn failures into one message and an exit code; tracebacks only with DLTRAIN_DEBUG=1."""
+def user_facing_errors() -> Iterator[None]:
+    """Turn failures into one message and an exit code; tracebacks only with DLTRAIN_DEBUG=1.
+
+    Messages go to stderr, so `dltrain check r.yaml > resolved.yaml` or `eval --json > r.json`
+    never write an error into the file meant for data.
+    """
     debug = os.environ.get("DLTRAIN_DEBUG") == "1"
+    console = _stderr_console()
     try:
         yield
     except DltrainError as exc:
@@ -111,7 +116,7 @@ def fit(
       dltrain fit recipes/mnist_mlp.yaml data.name=npz data.path=mnist.npz train.epochs=3
     """
     console = _stderr_console() if quiet else Console()
-    with user_facing_errors(console):
+    with user_facing_errors():
         from dltrain.engine import fit as run_fit
         from dltrain.progress import Progress
         from dltrain.recipe import load_recipe
@@ -173,26 +178,23 @@ def evaluate(
       dltrain eval best.pt --split val --output reports/ --json
     """
     console = _stderr_console() if as_json else Console()
-    with user_facing_errors(console):
-        from dltrain.checkpoint import load_checkpoint
+    with user_facing_errors():
         from dltrain.engine import evaluate_checkpoint
         from dltrain.progress import Progress
-        from dltrain.recipe import resolve_with_context
 
-        state = load_checkpoint(checkpoint)
-        recipe = resolve_with_context(
-            dict(state["recipe"]), overrides or [], f"checkpoint {checkpoint}"
-        )
-        chosen = split.value if split else None
-        folder = output or checkpoint.parent / f"eval-{chosen or 'test'}"
-        progress = Progress(console, quiet=as_json)
         report = evaluate_checkpoint(
-            checkpoint, folder, progress, split=chosen, device=device, overrides_recipe=recipe
+            checkpoint,
+            output,
+            Progress(console, quiet=as_json),
+            split=split.value if split else None,
+            device=device,
+            overrides=overrides or [],
         )
         if as_json:
             sys.stdout.write(json.dumps(report, indent=2) + "\n")
         else:
-            console.print(f"report written to {folder}/report.json", highlight=False)
+            folder = output or checkpoint.parent / f"eval-{report['split']}"
+            console.print(f"report written to {folder / 'report.json'}", highlight=False)
 
 
 @app.command()
@@ -204,7 +206,7 @@ def devices(as_json: bool = typer.Option(False, "--json", help="Print JSON for s
       dltrain devices --json
     """
     console = Console()
-    with user_facing_errors(console):
+    with user_facing_errors():
         from dltrain.devices import describe_devices
         from dltrain.tables import devices_table
 
@@ -230,14 +232,17 @@ def check(
       dltrain check recipes/quickstart.yaml optimizer.lr=0.01
     """
     console = Console()
-    with user_facing_errors(console):
+    with user_facing_errors():
         from rich.syntax import Syntax
 
         from dltrain.recipe import load_recipe, to_yaml
 
-        loaded = load_recipe(recipe, overrides or [])
-        console.print(Syntax(to_yaml(loaded), "yaml", background_color="default"))
-        console.print(f"[green]✓[/] {recipe} is valid", highlight=False)
+        text = to_yaml(load_recipe(recipe, overrides or []))
+        if console.is_terminal:
+            console.print(Syntax(text, "yaml", background_color="default", word_wrap=True))
+        else:  # piped: the exact text, not cropped to a console width, so it stays valid YAML
+            sys.stdout.write(text)
+        _stderr_console().print(f"[green]✓[/] {recipe} is valid", highlight=False)
 
 
 @app.command(name="list")
@@ -253,7 +258,7 @@ def list_components(
       dltrain list optimizers
     """
     console = Console()
-    with user_facing_errors(console):
+    with user_facing_errors():
         from dltrain import components
         from dltrain.registry import REGISTRIES
         from dltrain.tables import registry_table

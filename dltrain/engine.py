@@ -23,11 +23,11 @@ from dltrain.data.loaders import Batches, make_batches
 from dltrain.data.pipeline import BatchPipeline
 from dltrain.data.prepare import PreparedData, prepare_data
 from dltrain.devices import resolve_device
-from dltrain.errors import RunFailure
+from dltrain.errors import RunFailure, UserError
 from dltrain.metrics import ConfusionMatrix, classification_report
 from dltrain.optim import constant_schedule
 from dltrain.progress import Progress
-from dltrain.recipe import Recipe
+from dltrain.recipe import Recipe, resolve_with_context
 from dltrain.registry import LOSSES, MODELS, OPTIMIZERS, SCHEDULERS
 from dltrain.run_folder import RunFolder
 
@@ -67,6 +67,9 @@ def build_setup(recipe: Recipe, device: str | None = None, meta: dict | None = N
     """Resolve the device, load the data, build model, loss, numerics and batch pipeline."""
     seed_everything(recipe.seed)
     dev = resolve_device(device or recipe.device)
+    # Optimizer state of dead units decays into denormal floats after a few hundred steps, and
+    # x86 CPUs compute on denormals ~10× slower: flush them to zero (numerically irrelevant).
+    torch.set_flush_denormal(True)
     data = prepare_data(recipe.data, recipe.seed, meta)
     model = MODELS.build(recipe.model, input_shape=data.input_shape, num_classes=data.num_classes)
     channels_last = _use_channels_last(recipe.train.channels_last, dev, data.kind)
@@ -109,7 +112,7 @@ def fit(recipe: Recipe, run: RunFolder, progress: Progress, resume: Path | None 
     )
     state = TrainState()
     if resume is not None:
-        state = _restore(load_checkpoint(resume), s, optimizer, schedule)
+        state = _restore(load_checkpoint(resume), resume, s, optimizer, schedule)
     run.start(recipe)
     progress.start(recipe, s.device, s.precision.name, train_batches.path, s.model, s.data)
 
@@ -154,7 +157,10 @@ def fit(recipe: Recipe, run: RunFolder, progress: Progress, resume: Path | None 
         progress.epoch_end(row, improved)
 
     # final evaluation of the best model on the test split (val when there is none)
-    return evaluate_checkpoint(run.best_path, run.root, progress, s)
+    # (a run resumed from another folder, or one whose val loss was never finite, may have no
+    # best.pt of its own: then its latest weights are what it has)
+    final = next(p for p in (run.best_path, run.last_path, resume) if p and Path(p).exists())
+    return evaluate_checkpoint(final, run.root, progress, s)
 
 
 def train_one_epoch(
@@ -169,7 +175,9 @@ def train_one_epoch(
         # forward backward update
         with s.precision.autocast():
             loss = s.loss_fn(model(s.pipeline.train(x)), y)
-        s.precision.backward(loss / accumulate)
+        # a step's gradient is the mean over its micro-batches; the epoch's last group may be short
+        group = min(accumulate, steps - i // accumulate * accumulate)
+        s.precision.backward(loss / group)
         if (i + 1) % accumulate == 0 or i + 1 == steps:
             s.precision.step(optimizer, s.model.parameters(), grad_clip)
             optimizer.zero_grad(set_to_none=True)
@@ -197,28 +205,32 @@ def evaluate(model, batches: Batches, s: Setup) -> tuple[float, torch.Tensor]:
 
 def evaluate_checkpoint(
     checkpoint_path: Path,
-    output: Path,
+    output: Path | None,
     progress: Progress,
     setup: Setup | None = None,
     split: str | None = None,
     device: str | None = None,
-    overrides_recipe: Recipe | None = None,
+    overrides: list[str] = (),
 ) -> dict:
-    """Rebuild (or reuse) a setup, load the checkpoint's weights, and report on a split."""
+    """Rebuild (or reuse) a setup, load the checkpoint's weights, and report on a split.
+
+    The report goes to `output` (default: eval-SPLIT beside the checkpoint).
+    """
     from dltrain.report import write_report
 
     checkpoint = load_checkpoint(checkpoint_path)
     if setup is None:
-        recipe = overrides_recipe or Recipe.model_validate(checkpoint["recipe"])
+        recipe = resolve_with_context(
+            dict(checkpoint["recipe"]), list(overrides), f"checkpoint {checkpoint_path}"
+        )
         setup = build_setup(recipe, device, meta=checkpoint["data_meta"])
-    setup.model.load_state_dict(checkpoint["model"])
+    _load_weights(setup.model, checkpoint, checkpoint_path)
     split = split or ("test" if "test" in setup.data.splits else "val")
     if split not in setup.data.splits:
-        from dltrain.errors import UserError
-
         raise UserError(
             f"this dataset has no '{split}' split; choose one of: {', '.join(setup.data.splits)}."
         )
+    output = output or Path(checkpoint_path).parent / f"eval-{split}"
     progress.evaluating(split, len(setup.data.splits[split]))
     batches = _batches(setup, split, shuffle=False)
     loss, matrix = evaluate(setup.model, batches, setup)
@@ -287,9 +299,27 @@ def _checkpoint_state(s: Setup, optimizer, schedule, state: TrainState) -> dict[
     }
 
 
-def _restore(checkpoint: dict, s: Setup, optimizer, schedule) -> TrainState:
+def _load_weights(model: torch.nn.Module, checkpoint: dict, path: Path) -> None:
+    """Load a checkpoint's weights; weights of another architecture are a user error (exit 2)."""
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError:
+        raise UserError(
+            f"the weights in {path} do not fit this recipe's model: they were trained with "
+            f"model {checkpoint['recipe'].get('model')}. Use that model section (drop model.* "
+            "overrides)."
+        ) from None
+
+
+def _restore(checkpoint: dict, path: Path, s: Setup, optimizer, schedule) -> TrainState:
     """Load a checkpoint's training state into freshly built objects (resume)."""
-    s.model.load_state_dict(checkpoint["model"])
+    saved, wanted = checkpoint["recipe"]["optimizer"]["name"], s.recipe.optimizer["name"]
+    if saved != wanted:  # another optimizer's state loads silently, then fails mid-step
+        raise UserError(
+            f"optimizer: {path} was trained with '{saved}' but the recipe's optimizer is "
+            f"'{wanted}'; resume with the optimizer the run started with."
+        )
+    _load_weights(s.model, checkpoint, path)
     optimizer.load_state_dict(checkpoint["optimizer"])
     schedule.load_state_dict(checkpoint["scheduler"])
     s.precision.scaler.load_state_dict(checkpoint["scaler"])

@@ -65,9 +65,10 @@ class TrainSection(BaseModel):
 class Recipe(BaseModel):
     """A whole recipe. Component sections are dicts validated against their registries."""
 
-    model_config = ConfigDict(extra="forbid")
+    # coerce_numbers_to_str: `name: 2024` (or name=2024 on the command line) is a fine run name.
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
-    seed: int = 0
+    seed: Annotated[int, Field(ge=0, lt=2**32)] = 0
     device: str = "auto"
     output: str = "runs"
     data: DataSection
@@ -99,10 +100,31 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     return resolve_with_context(raw, overrides, str(path), text)
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses duplicate keys (PyYAML silently keeps the last one, so a
+    second `optimizer:` section would quietly replace the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        first_line: dict[tuple[str, str], int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+                continue  # `<<:` merge keys may legitimately be overridden
+            key = (key_node.tag, key_node.value)
+            if key in first_line:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"duplicate key '{key_node.value}' (first set on line {first_line[key]})",
+                    key_node.start_mark,
+                )
+            first_line[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
 def parse_yaml(text: str, source: str) -> dict[str, Any]:
     """Parse YAML safely into a mapping; syntax errors name the line and column."""
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_RecipeLoader)  # a SafeLoader: builds plain data only
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
@@ -123,9 +145,10 @@ def resolve_with_context(
     raw: dict[str, Any], overrides: list[str], source: str, text: str | None = None
 ) -> Recipe:
     """Apply overrides and validate; errors say which file line or which override is to blame."""
-    raw, overridden = apply_overrides(raw, overrides)
+    # Expand `model: mlp` first, so that overrides such as `model.hidden=[64]` can reach into it.
+    raw, overridden = apply_overrides(_expand_shorthand(raw), overrides)
     try:
-        return resolve(raw)
+        return resolve(_drop_replaced_arguments(raw, overridden))
     except RecipeError as exc:
         culprit = _blamed_override(exc.path, overridden)
         if culprit:
@@ -141,13 +164,13 @@ def resolve(raw: dict[str, Any]) -> Recipe:
     from dltrain.registry import DATASETS, LOSSES, MODELS, OPTIMIZERS, SCHEDULERS
 
     components.load_all()
-    for section in ("model", "loss", "optimizer", "scheduler"):
-        if isinstance(raw.get(section), str):  # `model: mlp` is shorthand for `model: {name: mlp}`
-            raw = {**raw, section: {"name": raw[section]}}
+    raw = _expand_shorthand(raw)
+    _check_top_level_keys(raw)
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as exc:
         raise recipe_error(exc, Recipe) from None
+    _check_device_spec(recipe.device)
     _check_dataset_keys(recipe.data, DATASETS)
     data_args = DATASETS.validate(recipe.data.dataset_args, "data")
     resolved_data = {
@@ -165,6 +188,37 @@ def resolve(raw: dict[str, Any]) -> Recipe:
         else None,
     }
     return recipe.model_copy(update=updates)
+
+
+def _expand_shorthand(raw: dict[str, Any]) -> dict[str, Any]:
+    """`model: mlp` is shorthand for `model: {name: mlp}` (likewise loss, optimizer, scheduler)."""
+    return {
+        key: {"name": value}
+        if key in ("model", "loss", "optimizer", "scheduler") and isinstance(value, str)
+        else value
+        for key, value in raw.items()
+    }
+
+
+def _check_top_level_keys(raw: dict[str, Any]) -> None:
+    """`epochs: 3` at the top level is a misplaced `train.epochs`: say so, not just 'unknown'."""
+    sections = {"train": TrainSection, "data": DataSection}
+    for key in raw:
+        if key in Recipe.model_fields:
+            continue
+        home = next((name for name, model in sections.items() if key in model.model_fields), None)
+        if home:
+            raise RecipeError(key, f"unknown top-level key. Did you mean '{home}.{key}'?")
+
+
+def _check_device_spec(spec: str) -> None:
+    """Refuse a malformed device (`gpu`, `cuda:x`) now; whether it exists is known at run time."""
+    from dltrain.devices import _parse_spec  # the syntax resolve_device() accepts, no probing
+
+    try:
+        _parse_spec(spec)
+    except UserError as exc:
+        raise RecipeError("device", str(exc)) from None
 
 
 def _check_dataset_keys(data: DataSection, datasets) -> None:
@@ -233,22 +287,62 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> tuple[dict[str
             if not isinstance(child, dict):
                 parent = ".".join(keys[: depth + 1])
                 raise UserError(
-                    f"override '{text}': {parent} is a {type(child).__name__}, not a section; "
+                    f"override '{text}': {parent} is a value ({child!r}), not a section; "
                     f"set it whole instead, e.g. {parent}=..."
                 )
             node = child
         node[keys[-1]] = value
+        applied.pop(".".join(keys), None)  # keep `applied` in the order overrides took effect
         applied[".".join(keys)] = text
     return result, applied
 
 
+def _drop_replaced_arguments(raw: dict[str, Any], overridden: dict[str, str]) -> dict[str, Any]:
+    """After `data.name=npz` (or model/loss/...), drop the file's arguments of the old component
+    that the new one does not take, so switching a component on the command line just works.
+    Arguments given as overrides are kept (and still checked)."""
+    from dltrain import components
+    from dltrain.registry import REGISTRIES
+
+    components.load_all()
+    sections = {
+        "data": "datasets",
+        "model": "models",
+        "loss": "losses",
+        "optimizer": "optimizers",
+        "scheduler": "schedulers",
+    }
+    for key in overridden:
+        section, _, leaf = key.partition(".")
+        registry = REGISTRIES.get(sections.get(section, ""))
+        body = raw.get(section)
+        if leaf != "name" or registry is None or not isinstance(body, dict):
+            continue
+        if not isinstance(body.get("name"), str) or body["name"] not in registry:
+            continue  # the unknown name is reported by validation
+        keep = {a.name for a in registry.arguments(body["name"])} | {"name"}
+        if section == "data":
+            keep |= set(DataSection.model_fields)
+        raw[section] = {
+            k: v for k, v in body.items() if k in keep or f"{section}.{k}" in overridden
+        }
+    return raw
+
+
 def _blamed_override(path: str, overridden: dict[str, str]) -> str | None:
-    """The override whose key is the error's path or a parent of it (or its section's name)."""
-    for key, text in overridden.items():
-        if path == key or path.startswith(key + ".") or path.startswith(key + "["):
+    """The override to blame for an error at `path`, or None when the file is to blame.
+
+    Preferably the last override that set `path` itself or a key inside it (`optimzer.lr=1`
+    creates the unknown `optimzer`); else the last one that replaced a parent section or the
+    section's name (a changed component name makes its other arguments wrong).
+    """
+    for key, text in reversed(overridden.items()):
+        if key == path or key.startswith(path + "."):
             return text
-        if key.endswith(".name") and path.startswith(key[: -len("name")]):
-            return text  # a changed component name makes its other arguments wrong
+    section = path.split(".")[0].split("[")[0]
+    for key, text in reversed(overridden.items()):
+        if path.startswith((key + ".", key + "[")) or key == f"{section}.name":
+            return text
     return None
 
 

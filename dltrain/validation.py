@@ -53,8 +53,15 @@ def recipe_error(exc: ValidationError, model: type[BaseModel], prefix: str = "")
             f" Valid keys: {', '.join(allowed)}." if allowed else ""
         )
         return RecipeError(path, f"unknown key.{hint}")
-    if kind == "missing":
-        return RecipeError(path, "required key is missing.")
+    if kind == "missing":  # a short list for a tuple (`betas: [0.9]`) misses an item, not a key
+        what = "item" if isinstance(loc[-1], int) else "key"
+        return RecipeError(path, f"required {what} is missing.")
+    if kind == "string_pattern_mismatch" and path == "name":
+        return RecipeError(
+            path,
+            f"{err.get('input')!r} cannot name a run folder: use letters, digits, '_', '.' and "
+            "'-' (set name: in the recipe, or name=... on the command line).",
+        )
     message = err["msg"][0].lower() + err["msg"][1:]
     return RecipeError(path, f"{message} (got {err.get('input')!r}).")
 

@@ -35,28 +35,28 @@ def _per_sample(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return mask.view(-1, *([1] * (x.dim() - 1)))
 
 
+def _random_flip(p: float, dim: int) -> Augment:
+    """Flip each sample along `dim` with probability p (one coin per sample, on the device)."""
+
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        flip = torch.rand(x.shape[0], device=x.device) < p
+        return torch.where(_per_sample(flip, x), x.flip(dim), x)
+
+    return apply
+
+
 @AUGMENTATIONS.register()
 def hflip(input_kind: str, p: Probability = 0.5) -> Augment:
     """Flip each image left-right with probability p."""
     _needs_images("hflip", input_kind)
-
-    def apply(x: torch.Tensor) -> torch.Tensor:
-        flip = torch.rand(x.shape[0], device=x.device) < p
-        return torch.where(_per_sample(flip, x), x.flip(-1), x)
-
-    return apply
+    return _random_flip(p, dim=-1)
 
 
 @AUGMENTATIONS.register()
 def vflip(input_kind: str, p: Probability = 0.5) -> Augment:
     """Flip each image upside down with probability p."""
     _needs_images("vflip", input_kind)
-
-    def apply(x: torch.Tensor) -> torch.Tensor:
-        flip = torch.rand(x.shape[0], device=x.device) < p
-        return torch.where(_per_sample(flip, x), x.flip(-2), x)
-
-    return apply
+    return _random_flip(p, dim=-2)
 
 
 @AUGMENTATIONS.register()

@@ -124,6 +124,11 @@ class WorkerBatches:
             pin_memory=device.type == "cuda",
             persistent_workers=workers > 0,
             prefetch_factor=4 if workers > 0 else None,
+            # Without its own generator, every new iterator draws the workers' base seed from
+            # torch's global RNG: that shifts dropout/augmentation randomness, differently on a
+            # resume (persistent workers draw only on their first epoch) and unlike the resident
+            # path. With it, the global RNG is the model's alone.
+            generator=torch.Generator().manual_seed(seed),
         )
         self.device = device
         self.num_samples = len(split)

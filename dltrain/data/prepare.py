@@ -132,17 +132,25 @@ def _normalisation(
                 f"{unit}); got {len(mean)} and {len(std)}."
             )
         return list(mean), list(std)
-    x = _sample_inputs(train).double()
-    if x.dtype == torch.uint8 or kind == "image" and _is_uint8(train):
-        x = x / 255.0
+    return _mean_std(_sample_inputs(train), kind)
+
+
+def _mean_std(x: torch.Tensor, kind: str) -> tuple[list[float], list[float]]:
+    """Per-channel/feature mean and std in float64, a chunk at a time (CIFAR as float64 whole
+    would take over a gigabyte). uint8 pixels are scaled to [0, 1] first, as training sees them."""
     dims = [0, 2, 3] if kind == "image" else [0]
-    std = x.std(dim=dims)
+    scale = 255.0 if x.dtype == torch.uint8 else 1.0
+    total = total_sq = 0.0
+    for chunk in torch.split(x, 4096):
+        chunk = chunk.double() / scale
+        total = total + chunk.sum(dim=dims)
+        total_sq = total_sq + chunk.square().sum(dim=dims)
+    count = x.numel() / x.shape[1]
+    mean = total / count
+    var = (total_sq - count * mean.square()) / max(count - 1, 1)  # unbiased, like Tensor.std
+    std = var.clamp_min(0).sqrt()
     std[std < 1e-8] = 1.0  # constant features: leave them as they are
-    return x.mean(dim=dims).tolist(), std.tolist()
-
-
-def _is_uint8(split: Split) -> bool:
-    return _first_input(split).dtype == torch.uint8
+    return mean.tolist(), std.tolist()
 
 
 def _sample_inputs(split: Split) -> torch.Tensor:

@@ -1,0 +1,510 @@
+"""The fit loop in-process: reproducibility, exact resume, failures, accumulation, clipping,
+bf16, best-checkpoint bookkeeping, the final report, and the run folder's files.
+
+Runs are tiny (the bundled digits or small synthetic data, a few epochs) and write only under
+tmp_path.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from rich.console import Console
+from sklearn.metrics import (
+    accuracy_score,
+    confusion_matrix,
+    precision_recall_fscore_support,
+)
+
+from dltrain import engine
+from dltrain.atomic import atomic_write, atomic_write_text
+from dltrain.checkpoint import load_checkpoint
+from dltrain.engine import build_setup, evaluate_checkpoint, fit
+from dltrain.errors import RunFailure, UserError
+from dltrain.progress import Progress
+from dltrain.recipe import Recipe, resolve_with_context
+from dltrain.run_folder import METRIC_COLUMNS, RunFolder
+
+TIMING_COLUMNS = {"seconds", "samples_per_s"}
+
+
+@pytest.fixture(autouse=True)
+def one_cpu_thread():
+    # These runs are tiny. With two intra-op threads on a 2-core machine that is also busy with
+    # other work, OpenMP's spin-waiting turns 0.05 s epochs into seconds; one thread is steady.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# Digits with everything that draws random numbers during training: dropout, augmentations.
+DIGITS = {
+    "seed": 3,
+    "device": "cpu",
+    "data": {
+        "name": "digits",
+        "batch_size": 64,
+        "val_split": 0.1,
+        "augment": ["hflip", {"random_crop": {"padding": 1}}],
+    },
+    "model": {"name": "seed_cnn", "dropout": 0.3},
+    "optimizer": {"name": "adamw", "lr": 0.003},
+    "scheduler": None,
+    "train": {"epochs": 2},
+}
+
+# Linearly separable-ish rows for an MLP without batch norm (exact accumulation maths).
+TABULAR = {
+    "seed": 0,
+    "device": "cpu",
+    "data": {
+        "name": "synthetic",
+        "shape": [8],
+        "num_classes": 4,
+        "train_size": 256,
+        "test_size": 128,
+        "val_split": 0,
+    },
+    "model": {"name": "mlp", "hidden": [32]},
+    "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
+    "train": {"epochs": 2},
+}
+
+
+def make_recipe(tmp_path: Path, base: dict, name: str, *overrides: str) -> Recipe:
+    raw = {**base, "name": name, "output": str(tmp_path)}
+    return resolve_with_context(raw, list(overrides), "test recipe")
+
+
+def quiet() -> Progress:
+    return Progress(Console(file=io.StringIO(), width=120))
+
+
+def train(tmp_path, base, name, *overrides, resume=None, progress=None):
+    """Fit a recipe into tmp_path/name; returns (run folder, report)."""
+    recipe = make_recipe(tmp_path, base, name, *overrides)
+    run = RunFolder.for_recipe(recipe)
+    report = fit(recipe, run, progress or quiet(), resume=resume)
+    return run, report
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["model"]
+
+
+def assert_same_tensors(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def metric_rows(run: RunFolder, drop=TIMING_COLUMNS) -> list[dict[str, str]]:
+    with open(run.metrics_path, newline="") as f:
+        return [{k: v for k, v in row.items() if k not in drop} for row in csv.DictReader(f)]
+
+
+class StopAfter(Progress):
+    """A display that interrupts the run (like Ctrl-C) right after an epoch's checkpoint."""
+
+    def __init__(self, epoch: int):
+        super().__init__(Console(file=io.StringIO()))
+        self.stop_epoch = epoch
+
+    def epoch_end(self, row, improved):
+        super().epoch_end(row, improved)
+        if row["epoch"] == self.stop_epoch:
+            raise KeyboardInterrupt
+
+
+# -- reproducibility and resume ---------------------------------------------------------------
+
+
+def test_same_seed_gives_identical_weights_and_another_seed_does_not(tmp_path):
+    run_a, report_a = train(tmp_path, DIGITS, "a")
+    run_b, report_b = train(tmp_path, DIGITS, "b")
+    run_c, _ = train(tmp_path, DIGITS, "c", "seed=4")
+    assert_same_tensors(weights(run_a.last_path), weights(run_b.last_path))
+    assert metric_rows(run_a) == metric_rows(run_b)
+    assert report_a == {**report_b, "checkpoint": report_a["checkpoint"]}
+    c = weights(run_c.last_path)
+    assert any(not torch.equal(v, c[k]) for k, v in weights(run_a.last_path).items())
+
+
+@pytest.mark.parametrize(
+    ("loader", "scheduler", "how"),
+    [
+        ("resident", "cosine", "interrupted"),  # stopped after epoch 2 of 4, resumed
+        ("resident", "null", "extended"),  # a 2-epoch run continued to epochs=4
+        ("workers", "{name: cosine, warmup_epochs: 1}", "interrupted"),
+    ],
+)
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, loader, scheduler, how):
+    settings = [f"data.loader={loader}", "data.num_workers=0", f"scheduler={scheduler}"]
+    straight, straight_report = train(tmp_path, DIGITS, "straight", *settings, "train.epochs=4")
+
+    if how == "interrupted":
+        with pytest.raises(KeyboardInterrupt):
+            train(tmp_path, DIGITS, "resumed", *settings, "train.epochs=4", progress=StopAfter(2))
+    else:
+        train(tmp_path, DIGITS, "resumed", *settings, "train.epochs=2")
+    first = RunFolder(tmp_path / "resumed")
+    assert load_checkpoint(first.last_path)["epoch"] == 2
+    assert len(metric_rows(first)) == 2
+    resumed, resumed_report = train(
+        tmp_path, DIGITS, "resumed", *settings, "train.epochs=4", resume=first.last_path
+    )
+
+    assert_same_tensors(weights(straight.last_path), weights(resumed.last_path))
+    assert_same_tensors(weights(straight.best_path), weights(resumed.best_path))
+    a, b = load_checkpoint(straight.last_path), load_checkpoint(resumed.last_path)
+    assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (4, 4 * (1294 // 64))
+    assert a["scheduler"] == b["scheduler"]
+    for x, y in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert_same_tensors(x, y)
+    assert metric_rows(straight) == metric_rows(resumed)
+    assert len(metric_rows(resumed)) == 4
+    assert straight_report == resumed_report
+
+
+def test_resume_with_worker_processes_reproduces_the_uninterrupted_run(tmp_path):
+    # Worker processes are persistent: they must not make the resumed epochs draw differently.
+    settings = ["data.loader=workers", "data.num_workers=2", "train.epochs=3"]
+    straight, _ = train(tmp_path, DIGITS, "straight", *settings)
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path, DIGITS, "resumed", *settings, progress=StopAfter(1))
+    first = RunFolder(tmp_path / "resumed")
+    resumed, _ = train(tmp_path, DIGITS, "resumed", *settings, resume=first.last_path)
+    assert_same_tensors(weights(straight.last_path), weights(resumed.last_path))
+    assert metric_rows(straight) == metric_rows(resumed)
+
+
+def test_resident_and_worker_paths_train_identically(tmp_path):
+    resident, _ = train(tmp_path, DIGITS, "resident", "data.loader=resident")
+    workers, _ = train(tmp_path, DIGITS, "workers", "data.loader=workers", "data.num_workers=0")
+    assert_same_tensors(weights(resident.last_path), weights(workers.last_path))
+
+
+def test_resume_of_a_finished_run_only_reports(tmp_path):
+    run, report = train(tmp_path, DIGITS, "done")
+    before = run.last_path.stat().st_mtime_ns
+    _, again = train(tmp_path, DIGITS, "done", resume=run.last_path)
+    assert run.last_path.stat().st_mtime_ns == before  # no epoch was trained again
+    assert again == report
+
+
+def test_resume_from_another_run_folder_reports_without_a_best_checkpoint_there(tmp_path):
+    source, _ = train(tmp_path, DIGITS, "source")
+    # Resuming a finished run into a new folder trains nothing, so the folder has no best.pt of
+    # its own: the report evaluates the weights it resumed from.
+    run, report = train(tmp_path, DIGITS, "copy", resume=source.last_path)
+    assert not run.best_path.exists()
+    expected = evaluate_checkpoint(source.last_path, tmp_path / "expected", quiet())
+    assert report == expected
+    assert (run.root / "report.json").is_file() and (run.root / "recipe.yaml").is_file()
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [("model.name=mlp", "model"), ("model.dropout=0.1", None), ("optimizer.name=sgd", "optimizer")],
+)
+def test_resume_with_an_incompatible_recipe_is_a_user_error(tmp_path, override, named):
+    source, _ = train(tmp_path, DIGITS, "source", "train.epochs=1")
+    if named is None:  # a changed argument that keeps the weights' shapes is fine
+        train(tmp_path, DIGITS, "source", override, "train.epochs=2", resume=source.last_path)
+        return
+    with pytest.raises(UserError, match=named) as error:
+        train(tmp_path, DIGITS, "other", override, "train.epochs=2", resume=source.last_path)
+    assert error.value.exit_code == 2 and str(source.last_path) in str(error.value)
+    assert not (tmp_path / "other").exists()  # refused before anything was written
+
+
+def test_eval_with_another_model_is_a_user_error(tmp_path):
+    source, _ = train(tmp_path, DIGITS, "source", "train.epochs=1")
+    with pytest.raises(UserError, match="do not fit this recipe's model"):
+        evaluate_checkpoint(
+            source.best_path, tmp_path / "eval", quiet(), overrides=["model.name=mlp"]
+        )
+
+
+# -- failures ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["optimizer.lr=1e30"],  # the weights blow up
+        ["data.noise=1e30", "data.normalize=none"],  # the inputs are huge
+    ],
+)
+def test_non_finite_loss_is_a_run_failure_naming_the_epoch(tmp_path, overrides):
+    with pytest.raises(RunFailure) as failure:
+        train(tmp_path, TABULAR, "nan", *overrides)
+    assert failure.value.exit_code == 1
+    message = str(failure.value)
+    assert "epoch 1" in message and "optimizer.lr" in message and "none yet" in message
+
+
+def test_non_finite_loss_later_points_at_the_last_good_checkpoint(tmp_path, monkeypatch):
+    real = engine.train_one_epoch
+
+    def diverging(model, batches, s, optimizer, schedule, progress, epoch):
+        loss = real(model, batches, s, optimizer, schedule, progress, epoch)
+        return float("inf") if epoch == 3 else loss
+
+    monkeypatch.setattr(engine, "train_one_epoch", diverging)
+    with pytest.raises(RunFailure, match="inf in epoch 3") as failure:
+        train(tmp_path, TABULAR, "late", "train.epochs=5")
+    run = RunFolder(tmp_path / "late")
+    assert str(run.last_path) in str(failure.value)
+    assert load_checkpoint(run.last_path)["epoch"] == 2
+    assert len(metric_rows(run)) == 2
+
+
+# -- the update: accumulation, clipping, precision --------------------------------------------
+
+
+def test_gradient_accumulation_equals_the_bigger_batch(tmp_path):
+    settings = ["scheduler={name: cosine, warmup_epochs: 0.5}"]
+    small, _ = train(
+        tmp_path, TABULAR, "acc", *settings, "data.batch_size=16", "train.accumulate=2"
+    )
+    big, _ = train(tmp_path, TABULAR, "big", *settings, "data.batch_size=32", "train.accumulate=1")
+    a, b = weights(small.last_path), weights(big.last_path)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5)
+    assert load_checkpoint(small.last_path)["step"] == load_checkpoint(big.last_path)["step"] == 16
+    lr = [row["lr"] for row in metric_rows(small)]
+    assert lr == [row["lr"] for row in metric_rows(big)]
+
+
+def test_a_short_last_accumulation_group_is_averaged_not_shrunk(tmp_path):
+    # 48 samples in 3 micro-batches of 16 with accumulate=4: one step whose gradient is the mean
+    # over the three micro-batches, i.e. the gradient of one batch of 48.
+    settings = ["data.train_size=48", "optimizer.momentum=0"]
+    short, _ = train(
+        tmp_path, TABULAR, "short", *settings, "data.batch_size=16", "train.accumulate=4"
+    )
+    whole, _ = train(tmp_path, TABULAR, "whole", *settings, "data.batch_size=48")
+    a, b = weights(short.last_path), weights(whole.last_path)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5)
+
+
+def test_grad_clip_bounds_every_step(tmp_path):
+    settings = ["optimizer.momentum=0", "optimizer.lr=0.5"]
+    setup = build_setup(make_recipe(tmp_path, TABULAR, "init"))
+    start = torch.cat([p.detach().flatten() for p in setup.model.parameters()])
+
+    def distance(run: RunFolder) -> tuple[float, int]:
+        end = torch.cat([v.flatten() for v in weights(run.last_path).values()])
+        return float((end - start).norm()), load_checkpoint(run.last_path)["step"]
+
+    clipped, report = train(tmp_path, TABULAR, "clipped", *settings, "train.grad_clip=0.001")
+    moved, steps = distance(clipped)
+    assert 0 < moved <= steps * 0.5 * 0.001 * (1 + 1e-4)  # each step moves at most lr × clip
+    free, _ = train(tmp_path, TABULAR, "free", *settings)
+    assert distance(free)[0] > 10 * steps * 0.5 * 0.001
+    assert np.isfinite(report["loss"])
+
+
+class DtypeSpy(Progress):
+    """Records the dtype of the model's output during training."""
+
+    def __init__(self):
+        super().__init__(Console(file=io.StringIO()))
+        self.precision, self.dtypes = None, set()
+
+    def start(self, recipe, device, precision, loader, model, data):
+        super().start(recipe, device, precision, loader, model, data)
+        self.precision = precision
+        model.register_forward_hook(lambda module, args, out: self.dtypes.add(out.dtype))
+
+
+def test_bf16_on_cpu_trains_in_bf16_and_learns(tmp_path):
+    spy = DtypeSpy()
+    settings = ["train.epochs=4", "data.noise=0.5"]
+    run, report = train(tmp_path, TABULAR, "bf16", "train.precision=bf16", *settings, progress=spy)
+    assert spy.precision == "bf16" and spy.dtypes == {torch.bfloat16}
+    _, fp32 = train(tmp_path, TABULAR, "fp32", "train.precision=fp32", *settings)
+    assert report["accuracy"] > 0.85 and report["accuracy"] > fp32["accuracy"] - 0.05
+    assert all(v.dtype == torch.float32 for v in weights(run.best_path).values())  # fp32 master
+
+
+# -- best checkpoint and report ---------------------------------------------------------------
+
+
+def scripted_evaluate(monkeypatch, losses, accuracies):
+    """Make the per-epoch validation return scripted values (the final report stays real)."""
+    real = engine.evaluate
+    script = iter(zip(losses, accuracies))
+
+    def evaluate(model, batches, s):
+        loss, matrix = real(model, batches, s)
+        try:
+            loss, accuracy = next(script)
+        except StopIteration:
+            return loss, matrix
+        fake = torch.zeros_like(matrix)
+        fake[0, 0], fake[1, 0] = round(accuracy * 100), 100 - round(accuracy * 100)
+        return loss, fake
+
+    monkeypatch.setattr(engine, "evaluate", evaluate)
+
+
+@pytest.mark.parametrize(
+    ("monitor", "best_epochs"),
+    [("val_loss", [1, 2, 4]), ("val_accuracy", [1, 3])],
+)
+def test_best_checkpoint_is_replaced_only_when_the_monitor_improves(
+    tmp_path, monkeypatch, monitor, best_epochs
+):
+    scripted_evaluate(monkeypatch, [0.9, 0.5, 0.7, 0.4, 0.6], [0.5, 0.5, 0.8, 0.7, 0.8])
+    saved = []
+    real_save_best = RunFolder.save_best
+
+    def save_best(self, state):
+        saved.append(state["epoch"])
+        real_save_best(self, state)
+
+    monkeypatch.setattr(RunFolder, "save_best", save_best)
+    run, report = train(tmp_path, DIGITS, "best", "train.epochs=5", f"train.monitor={monitor}")
+    assert saved == best_epochs
+    best, last = load_checkpoint(run.best_path), load_checkpoint(run.last_path)
+    assert best["epoch"] == best_epochs[-1] and last["epoch"] == 5
+    assert best["metrics"]["best_epoch"] == last["metrics"]["best_epoch"] == best_epochs[-1]
+    values = [float(row[monitor]) for row in metric_rows(run)]
+    assert best["metrics"]["best"] == pytest.approx(
+        min(values) if monitor == "val_loss" else max(values)
+    )
+    assert report["checkpoint"] == "checkpoints/best.pt"
+    assert not any(torch.equal(v, last["model"][k]) for k, v in best["model"].items() if v.ndim)
+
+
+def test_real_run_best_checkpoint_is_the_lowest_val_loss(tmp_path):
+    run, _ = train(tmp_path, DIGITS, "real", "train.epochs=4", "optimizer.lr=0.02")
+    rows = metric_rows(run)
+    losses = [float(row["val_loss"]) for row in rows]
+    best = load_checkpoint(run.best_path)
+    assert best["epoch"] == 1 + int(np.argmin(losses))
+    assert best["metrics"]["best"] == pytest.approx(min(losses), rel=1e-5)
+
+
+def test_report_equals_sklearn_on_the_models_predictions(tmp_path):
+    run, _ = train(tmp_path, DIGITS, "report", "train.epochs=2", "data.eval_batch_size=50")
+    report = evaluate_checkpoint(run.best_path, tmp_path / "val-report", quiet(), split="val")
+
+    checkpoint = load_checkpoint(run.best_path)
+    setup = build_setup(Recipe.model_validate(checkpoint["recipe"]), meta=checkpoint["data_meta"])
+    setup.model.load_state_dict(checkpoint["model"])
+    setup.model.eval()
+    val = setup.data.splits["val"]
+    with torch.no_grad():
+        predicted = setup.model(setup.pipeline.eval(val.x)).argmax(1).numpy()
+    truth = val.y.numpy()
+    labels = list(range(10))
+
+    assert report["split"] == "val" and report["num_samples"] == len(truth) > 100
+    assert report["classes"] == checkpoint["classes"] == [str(i) for i in labels]
+    assert report["confusion_matrix"] == confusion_matrix(truth, predicted, labels=labels).tolist()
+    assert report["accuracy"] == pytest.approx(accuracy_score(truth, predicted), abs=1e-12)
+    for average in ("macro", "micro", "weighted"):
+        p, r, f, _ = precision_recall_fscore_support(
+            truth, predicted, labels=labels, average=average, zero_division=0
+        )
+        assert report["precision"][average] == pytest.approx(p, abs=1e-12)
+        assert report["recall"][average] == pytest.approx(r, abs=1e-12)
+        assert report["f1"][average] == pytest.approx(f, abs=1e-12)
+    p, r, f, support = precision_recall_fscore_support(
+        truth, predicted, labels=labels, zero_division=0
+    )
+    for i, name in enumerate(report["classes"]):
+        assert report["per_class"][name]["precision"] == pytest.approx(p[i], abs=1e-12)
+        assert report["per_class"][name]["recall"] == pytest.approx(r[i], abs=1e-12)
+        assert report["per_class"][name]["f1"] == pytest.approx(f[i], abs=1e-12)
+        assert report["per_class"][name]["support"] == support[i]
+    assert (tmp_path / "val-report" / "report.json").is_file()
+    assert (tmp_path / "val-report" / "report.md").is_file()
+
+
+# -- the run folder's files -------------------------------------------------------------------
+
+
+def test_run_folder_files(tmp_path):
+    progress = quiet()
+    run, report = train(tmp_path, DIGITS, "files", "train.epochs=3", progress=progress)
+    lines = run.metrics_path.read_text().splitlines()
+    assert lines[0] == ",".join(METRIC_COLUMNS) and len(lines) == 4
+    assert [row["epoch"] for row in metric_rows(run)] == ["1", "2", "3"]
+    written = sorted(p.name for p in run.root.rglob("*") if p.is_file())
+    assert written == [
+        "best.pt",
+        "last.pt",
+        "metrics.csv",
+        "recipe.yaml",
+        "report.json",
+        "report.md",
+    ]
+    # Files get the mode an ordinary open() would give them, not mkstemp's owner-only 0600.
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in run.root.rglob("*"):
+        if path.is_file():
+            assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
+    output = progress.console.file.getvalue()
+    assert sum(line.startswith("epoch ") for line in output.splitlines()) == 3
+    assert f"accuracy {report['accuracy']:.4f}" in output
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    target = tmp_path / "sub" / "file.txt"
+    atomic_write_text(target, "old")
+
+    def half_then_fail(f):
+        f.write(b"new but incomplete")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, half_then_fail)
+    assert target.read_text() == "old"
+    assert [p.name for p in target.parent.iterdir()] == ["file.txt"]  # no temp file left
+
+
+class NotData:
+    """An arbitrary class: a checkpoint holding one must never be unpickled."""
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "truncated or not a torch checkpoint"),
+        (b"hello world", "truncated or not a torch checkpoint"),  # once escaped as a KeyError
+        (b"xyz garbage", "truncated or not a torch checkpoint"),
+        ("truncated", "truncated or not a torch checkpoint"),
+        ("object", "objects other than tensors"),
+        ("not-dltrain", "not a dltrain checkpoint"),
+    ],
+)
+def test_unusable_checkpoints_are_user_errors(tmp_path, content, message):
+    path = tmp_path / "model.pt"
+    if content == "truncated":
+        torch.save({"model": {"w": torch.zeros(1000)}}, path)
+        path.write_bytes(path.read_bytes()[:1500])
+    elif content == "object":
+        torch.save({"format": 1, "thing": NotData()}, path)
+    elif content == "not-dltrain":
+        torch.save({"weights": torch.zeros(3)}, path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(UserError, match=message) as error:
+        load_checkpoint(path)
+    assert error.value.exit_code == 2
+    if content == "object":
+        assert "NotData" in str(error.value) and "weights_only=False" not in str(error.value)

@@ -1,0 +1,239 @@
+"""`dltrain fit` and `dltrain eval` end to end, as a user runs them: `python -m dltrain ...`.
+
+Each command runs in a fresh process with its working directory and `output=` under tmp_path.
+The full quickstart (30 epochs) runs once per module and its run folder is shared by the
+checks that need a trained model.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from dltrain.recipe import load_recipe, to_yaml
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO / "recipes" / "quickstart.yaml"
+
+METRICS_HEADER = "epoch,train_loss,val_loss,val_accuracy,lr,seconds,samples_per_s"
+REPORT_KEYS = {
+    "split",
+    "checkpoint",
+    "num_samples",
+    "loss",
+    "accuracy",
+    "precision",
+    "recall",
+    "f1",
+    "per_class",
+    "classes",
+    "confusion_matrix",
+}
+CHECKPOINT_KEYS = {
+    "format",
+    "dltrain_version",
+    "recipe",
+    "model",
+    "optimizer",
+    "scheduler",
+    "scaler",
+    "epoch",
+    "step",
+    "rng",
+    "metrics",
+    "classes",
+    "data_meta",
+}
+
+
+def dltrain(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess:
+    """Run `python -m dltrain ARGS` and capture its output."""
+    env = {k: v for k, v in os.environ.items() if k != "DLTRAIN_DEBUG"}
+    # One intra-op thread: on a small machine busy with other work, OpenMP threads spinning
+    # while they wait make tiny CPU runs many times slower (results are the same).
+    env["OMP_NUM_THREADS"] = "1"
+    return subprocess.run(
+        [sys.executable, "-m", "dltrain", *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def words(text: str) -> str:
+    """Whitespace-normalised text: the console may wrap long lines when piped."""
+    return " ".join(text.split())
+
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """The shipped quickstart recipe, trained in full into a temporary output folder."""
+    out = tmp_path_factory.mktemp("quickstart")
+    result = dltrain("fit", QUICKSTART, f"output={out}", cwd=out)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return out / "quickstart", result
+
+
+# -- the quickstart run folder ----------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_quickstart_writes_the_run_folder(quickstart):
+    run, result = quickstart
+    report = json.loads((run / "report.json").read_text())
+    assert f"test accuracy {report['accuracy']:.4f}" in words(result.stdout)
+
+    # recipe.yaml: the resolved recipe (defaults filled in), loadable as a recipe again
+    text = (run / "recipe.yaml").read_text()
+    reloaded = load_recipe(run / "recipe.yaml")
+    assert to_yaml(reloaded) == text
+    raw = yaml.safe_load(text)
+    assert raw["output"] == str(run.parent) and raw["name"] == "quickstart"
+    assert raw["train"]["monitor"] == "val_loss" and raw["data"]["loader"] == "auto"
+    assert raw["optimizer"] == {**raw["optimizer"], "name": "adamw", "lr": 0.002}
+
+    # metrics.csv: the exact header, one row per epoch, numbers everywhere
+    lines = (run / "metrics.csv").read_text().splitlines()
+    assert lines[0] == METRICS_HEADER
+    rows = list(csv.DictReader(lines))
+    assert [int(row["epoch"]) for row in rows] == list(range(1, 31))
+    for row in rows:
+        assert all(float(value) >= 0 for value in row.values())
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"]) / 5
+
+    # report.json: every contract key, on the test split, consistent with itself
+    assert report.keys() >= REPORT_KEYS
+    assert report["split"] == "test" and report["checkpoint"] == "checkpoints/best.pt"
+    assert report["accuracy"] >= 0.95
+    assert report["num_samples"] == 359 == sum(map(sum, report["confusion_matrix"]))
+    assert report["classes"] == [str(i) for i in range(10)] == list(report["per_class"])
+    for metric in ("precision", "recall", "f1"):
+        assert set(report[metric]) == {"macro", "micro", "weighted"}
+    assert report["recall"]["micro"] == pytest.approx(report["accuracy"])
+    assert sum(c["support"] for c in report["per_class"].values()) == 359
+
+    markdown = (run / "report.md").read_text()
+    assert f"accuracy {report['accuracy']:.4f}" in markdown and "Confusion matrix" in markdown
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
+
+
+@pytest.mark.slow
+def test_quickstart_checkpoints_are_data_only_and_complete(quickstart):
+    run, _ = quickstart
+    metrics = list(csv.DictReader((run / "metrics.csv").read_text().splitlines()))
+    stored_recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    for name in ("last.pt", "best.pt"):
+        checkpoint = torch.load(run / "checkpoints" / name, weights_only=True)
+        assert checkpoint.keys() >= CHECKPOINT_KEYS, name
+        assert isinstance(checkpoint["format"], int)
+        assert checkpoint["recipe"] == stored_recipe
+        assert checkpoint["classes"] == [str(i) for i in range(10)]
+        assert checkpoint["data_meta"]["input_shape"] == [1, 8, 8]
+        assert all(isinstance(v, torch.Tensor) for v in checkpoint["model"].values())
+    last = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    best = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
+    assert last["epoch"] == 30 and last["metrics"]["history"][-1]["epoch"] == 30
+    val_losses = [float(row["val_loss"]) for row in metrics]
+    best_epoch = 1 + val_losses.index(min(val_losses))
+    assert best["epoch"] == last["metrics"]["best_epoch"] == best_epoch
+
+
+@pytest.mark.slow
+def test_eval_reproduces_the_fit_report(quickstart, tmp_path):
+    run, _ = quickstart
+    result = dltrain(
+        "eval", run / "checkpoints" / "best.pt", "--output", tmp_path / "out", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    fitted = json.loads((run / "report.json").read_text())
+    again = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert again["accuracy"] == fitted["accuracy"]
+    assert again["confusion_matrix"] == fitted["confusion_matrix"]
+    assert {k: v for k, v in again.items() if k != "checkpoint"} == {
+        k: v for k, v in fitted.items() if k != "checkpoint"
+    }
+    assert (tmp_path / "out" / "report.md").is_file()
+
+
+@pytest.mark.slow
+def test_eval_json_prints_only_json_and_defaults_to_eval_test_beside_the_checkpoint(
+    quickstart, tmp_path
+):
+    run, _ = quickstart
+    result = dltrain("eval", run / "checkpoints" / "best.pt", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    printed = json.loads(result.stdout)  # stdout holds the JSON and nothing else
+    written = run / "checkpoints" / "eval-test" / "report.json"
+    assert printed == json.loads(written.read_text())
+    assert printed["split"] == "test" and printed.keys() >= REPORT_KEYS
+    assert printed["accuracy"] == json.loads((run / "report.json").read_text())["accuracy"]
+    assert list(tmp_path.iterdir()) == []  # nothing written in the working directory
+
+
+@pytest.mark.slow
+def test_eval_split_val(quickstart, tmp_path):
+    run, _ = quickstart
+    result = dltrain(
+        "eval", run / "checkpoints" / "best.pt", "--split", "val", "--json", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    assert report["split"] == "val"
+    # the validation split fit carved (10 % of 1,438, stratified), not the test split
+    assert report["num_samples"] == sum(map(sum, report["confusion_matrix"])) == 143
+    written = json.loads((run / "checkpoints" / "eval-val" / "report.json").read_text())
+    assert written == report
+    history = torch.load(run / "checkpoints" / "best.pt", weights_only=True)["metrics"]
+    best_row = history["history"][history["best_epoch"] - 1]
+    assert report["accuracy"] == pytest.approx(best_row["val_accuracy"])
+    assert report["loss"] == pytest.approx(best_row["val_loss"], rel=1e-5)
+
+
+# -- one run folder, one recipe ---------------------------------------------------------------
+
+
+def one_epoch_fit(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    """A 1-epoch quickstart into tmp_path/quickstart."""
+    args = ["fit", QUICKSTART, f"output={tmp_path}", "train.epochs=1", "--quiet", *extra]
+    return dltrain(*args, cwd=tmp_path)
+
+
+def test_a_different_recipe_is_refused_in_a_used_run_folder(tmp_path):
+    run = tmp_path / "quickstart"
+    first = one_epoch_fit(tmp_path)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "test accuracy" in words(first.stdout + first.stderr)
+    recipe_before = (run / "recipe.yaml").read_text()
+    checkpoint_before = (run / "checkpoints" / "last.pt").read_bytes()
+
+    refused = one_epoch_fit(tmp_path, "optimizer.lr=0.01")
+    assert refused.returncode == 2
+    message = words(refused.stdout + refused.stderr)
+    assert "different recipe" in message and "--force" in message
+    assert "Traceback" not in message
+    assert (run / "recipe.yaml").read_text() == recipe_before  # nothing touched
+    assert (run / "checkpoints" / "last.pt").read_bytes() == checkpoint_before
+
+
+@pytest.mark.slow
+def test_the_same_recipe_may_run_again_and_force_replaces_a_run(tmp_path):
+    run = tmp_path / "quickstart"
+    assert one_epoch_fit(tmp_path).returncode == 0
+    again = one_epoch_fit(tmp_path)  # the same recipe again: allowed
+    assert again.returncode == 0, again.stdout + again.stderr
+
+    forced = one_epoch_fit(tmp_path, "optimizer.lr=0.01", "--force")
+    assert forced.returncode == 0, forced.stdout + forced.stderr
+    assert yaml.safe_load((run / "recipe.yaml").read_text())["optimizer"]["lr"] == 0.01
+    last = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert last["recipe"]["optimizer"]["lr"] == 0.01
