@@ -16,6 +16,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from dltrain.errors import DltrainError
 
@@ -62,7 +63,7 @@ def user_facing_errors() -> Iterator[None]:
     except DltrainError as exc:
         if debug:
             raise
-        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
@@ -78,7 +79,7 @@ def user_facing_errors() -> Iterator[None]:
             )
         else:
             console.print(
-                f"[bold red]internal error:[/] {type(exc).__name__}: {exc}\n"
+                f"[bold red]internal error:[/] {type(exc).__name__}: {escape(str(exc))}\n"
                 "Re-run with DLTRAIN_DEBUG=1 to see the traceback, and please report it.",
                 highlight=False,
                 soft_wrap=True,
@@ -132,9 +133,7 @@ def fit(
         finally:
             progress.close()
         console.print(
-            f"run folder: {run.root} · test accuracy [bold]{report['accuracy']:.4f}[/]"
-            if report["split"] == "test"
-            else f"run folder: {run.root} · {report['split']} accuracy "
+            f"run folder: {escape(str(run.root))} · {report['split']} accuracy "
             f"[bold]{report['accuracy']:.4f}[/]",
             highlight=False,
         )
@@ -146,7 +145,7 @@ def _resume_path(resume: str | None, run, console: Console) -> Path | None:
     if resume == "auto":
         if run.last_path.exists():
             return run.last_path
-        console.print(f"no checkpoint at {run.last_path} yet: starting a new run")
+        console.print(f"no checkpoint at {run.last_path} yet: starting a new run", markup=False)
         return None
     return Path(resume)
 
@@ -194,7 +193,7 @@ def evaluate(
             sys.stdout.write(json.dumps(report, indent=2) + "\n")
         else:
             folder = output or checkpoint.parent / f"eval-{report['split']}"
-            console.print(f"report written to {folder / 'report.json'}", highlight=False)
+            console.print(f"report written to {folder / 'report.json'}", markup=False)
 
 
 @app.command()
@@ -216,7 +215,7 @@ def devices(as_json: bool = typer.Option(False, "--json", help="Print JSON for s
             return
         console.print(devices_table(info))
         for note in info["notes"]:
-            console.print(f"[dim]· {note}[/]", highlight=False)
+            console.print(f"[dim]· {escape(note)}[/]", highlight=False)
         console.print(f"device: auto → [bold]{info['auto']}[/]", highlight=False)
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -52,8 +53,8 @@ class Progress:
         params = sum(p.numel() for p in model.parameters())
         sizes = ", ".join(f"{name} {len(split):,}" for name, split in data.splits.items())
         self._print(
-            f"[bold]{recipe.name}[/]: {recipe.model['name']} ({params:,} parameters) on "
-            f"{recipe.data.name} ({sizes}; {data.num_classes} classes) · device {device} · "
+            f"[bold]{recipe.name}[/]: {escape(recipe.model['name'])} ({params:,} parameters) "
+            f"on {recipe.data.name} ({sizes}; {data.num_classes} classes) · device {device} · "
             f"{precision} · data path: {loader}"
         )
 

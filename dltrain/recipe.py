@@ -246,6 +246,12 @@ def _resolve_augment(entries: list) -> list[dict[str, dict[str, Any]]]:
             ((name, kwargs),) = entry.items()
         else:
             name, kwargs = entry, {}
+        if name == "normalize":  # torchvision habit; here it applies at evaluation too
+            raise RecipeError(
+                where,
+                "normalize is not an augmentation (augmentations run in training only); set "
+                "data.normalize: {mean: [...], std: [...]} (or auto, the default, or none).",
+            )
         checked = AUGMENTATIONS.validate({"name": name, **(kwargs or {})}, where)
         resolved.append({checked.pop("name"): checked})
     return resolved

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 
 from dltrain.registry import Registry
@@ -11,12 +12,13 @@ from dltrain.registry import Registry
 
 def report_table(report: dict[str, Any]) -> Table:
     """Per-class precision/recall/F1/support and the macro/micro/weighted averages."""
-    table = Table(title=f"{report['split']} split · {report['checkpoint']}", title_justify="left")
+    title = f"{report['split']} split · {escape(report['checkpoint'])}"
+    table = Table(title=title, title_justify="left")
     for column in ("class", "precision", "recall", "f1", "support"):
         table.add_column(column, justify="left" if column == "class" else "right")
     for name, m in report["per_class"].items():
         table.add_row(
-            name,
+            escape(name),
             f"{m['precision']:.4f}",
             f"{m['recall']:.4f}",
             f"{m['f1']:.4f}",
@@ -39,13 +41,13 @@ def confusion_table(report: dict[str, Any]) -> Table:
     table = Table(title="confusion matrix (rows: true, columns: predicted)", title_justify="left")
     table.add_column("")
     for name in report["classes"]:
-        table.add_column(name, justify="right")
+        table.add_column(escape(name), justify="right")
     for i, (name, row) in enumerate(zip(report["classes"], report["confusion_matrix"])):
         cells = [
             f"[bold green]{v}[/]" if i == j else (str(v) if v else "[dim]0[/]")
             for j, v in enumerate(row)
         ]
-        table.add_row(name, *cells)
+        table.add_row(escape(name), *cells)
     return table
 
 
@@ -58,7 +60,7 @@ def devices_table(info: dict[str, Any]) -> Table:
         label = d["type"] if d.get("index") is None else f"{d['type']}:{d['index']}"
         if label == info["auto"]:
             label = f"[bold]{label}[/] (auto)"
-        table.add_row(label, d.get("name", ""), _memory(d), _details(d))
+        table.add_row(label, escape(d.get("name", "")), _memory(d), _details(d))
     return table
 
 
@@ -91,5 +93,5 @@ def registry_table(registry: Registry) -> Table:
     table.add_column("arguments")
     for name in registry.names():
         arguments = ", ".join(str(a) for a in registry.arguments(name))
-        table.add_row(name, registry.summary(name), arguments)
+        table.add_row(escape(name), escape(registry.summary(name)), escape(arguments))
     return table

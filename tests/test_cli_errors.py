@@ -83,6 +83,19 @@ def test_fit_with_an_unknown_model_suggests_the_nearest(invoke, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_square_brackets_in_messages_are_printed_not_eaten_as_markup(invoke, tmp_path):
+    result = invoke("check", str(QUICKSTART), "data.augment=[hfilp]")
+    assert result.exit_code == 2
+    assert "override 'data.augment=[hfilp]'" in " ".join(result.output.split())
+    assert "Did you mean 'hflip'" in result.output
+
+
+def test_normalize_in_augment_points_to_data_normalize(invoke):
+    result = invoke("check", str(QUICKSTART), "data.augment=[normalize]")
+    assert result.exit_code == 2
+    assert "data.normalize" in result.output
+
+
 def test_check_of_malformed_yaml_names_the_line(tmp_path):
     recipe = tmp_path / "broken.yaml"
     recipe.write_text("name: x\ndata:\n  name: digits\n  batch_size: 32: 64\nmodel: mlp\n")
