@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import sys
+import warnings
 from collections.abc import Iterator
 from enum import Enum
 from pathlib import Path
@@ -59,14 +61,23 @@ def user_facing_errors() -> Iterator[None]:
     debug = os.environ.get("DLTRAIN_DEBUG") == "1"
     console = _stderr_console()
     try:
-        yield
+        with warnings.catch_warnings():  # restores showwarning afterwards
+            # A skipped image file and the like: one 'warning:' line, not Python's file:line dump.
+            warnings.showwarning = lambda message, *_args, **_kwargs: console.print(
+                f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True
+            )
+            yield
+    except typer.Exit:  # a command's own exit code (e.g. 130 after an interrupt) passes through
+        raise
     except DltrainError as exc:
         if debug:
             raise
         console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]")
+        console.print(
+            "[yellow]interrupted[/] (files are intact: last.pt holds the last saved progress)"
+        )
         raise typer.Exit(130) from None
     except Exception as exc:
         if debug:
@@ -119,6 +130,7 @@ def fit(
     console = _stderr_console() if quiet else Console()
     with user_facing_errors():
         from dltrain.engine import fit as run_fit
+        from dltrain.interrupts import Interrupted
         from dltrain.progress import Progress
         from dltrain.recipe import load_recipe
         from dltrain.run_folder import RunFolder
@@ -127,9 +139,20 @@ def fit(
         run = RunFolder.for_recipe(loaded)
         checkpoint = _resume_path(resume, run, console)
         run.check_free_for(loaded, force, resuming=checkpoint is not None)
+        run.ensure_writable()  # an unwritable output is wrong input (2), found before training
         progress = Progress(console, quiet=quiet)
         try:
             report = run_fit(loaded, run, progress, resume=checkpoint)
+        except Interrupted as stop:
+            command = shlex.join(
+                ["dltrain", "fit", str(recipe), *(overrides or []), "--resume", "auto"]
+            )
+            console.print(
+                f"[yellow]{escape(str(stop))}[/]\nresume with: {escape(command)}",
+                highlight=False,
+                soft_wrap=True,
+            )
+            raise typer.Exit(stop.exit_code) from None
         finally:
             progress.close()
         console.print(

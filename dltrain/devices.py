@@ -72,7 +72,7 @@ def _parse_spec(spec: object) -> tuple[str, int | None]:
     text = spec.strip().lower() if isinstance(spec, str) else ""
     if text in _KINDS:
         return text, None
-    match = re.fullmatch(r"cuda:(\d+)", text)
+    match = re.fullmatch(r"cuda:(\d{1,9})", text)  # bounded: a 5000-digit index is no index
     if match:
         return "cuda", int(match.group(1))
     alias = _ALIASES.get(text.partition(":")[0])

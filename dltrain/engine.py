@@ -7,10 +7,12 @@ when the display refreshes and once per epoch, so the GPU never waits on Python.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,23 +26,16 @@ from dltrain.data.pipeline import BatchPipeline
 from dltrain.data.prepare import PreparedData, prepare_data
 from dltrain.devices import resolve_device
 from dltrain.errors import RunFailure, UserError
+from dltrain.interrupts import GracefulStop, Interrupted
 from dltrain.metrics import ConfusionMatrix, classification_report
-from dltrain.optim import constant_schedule
+from dltrain.optim import LrSchedule, constant_schedule
 from dltrain.progress import Progress
 from dltrain.recipe import Recipe, resolve_with_context
 from dltrain.registry import LOSSES, MODELS, OPTIMIZERS, SCHEDULERS
 from dltrain.run_folder import RunFolder
+from dltrain.train_state import TrainState, check_resumable
 
-
-@dataclass
-class TrainState:
-    """What advances during a run and must survive a resume."""
-
-    epoch: int = 0  # epochs completed
-    step: int = 0  # optimizer steps taken
-    best: float | None = None  # best monitored value so far
-    best_epoch: int | None = None
-    history: list[dict[str, Any]] = field(default_factory=list)
+FINITE_CHECK_SECONDS = 1.0  # how often the loss is checked for NaN/inf (a device sync)
 
 
 @dataclass
@@ -90,71 +85,71 @@ def _use_channels_last(choice: str | bool, device: torch.device, kind: str) -> b
     return kind == "image" and (device.type == "cuda" if choice == "auto" else bool(choice))
 
 
+@dataclass
+class Training:
+    """What one fit drives: the setup plus optimizer, schedule, run folder, display and state."""
+
+    s: Setup
+    model: torch.nn.Module  # s.model, or its torch.compile wrapper
+    optimizer: torch.optim.Optimizer
+    schedule: LrSchedule
+    run: RunFolder
+    progress: Progress
+    stop: GracefulStop
+    state: TrainState
+
+
 def fit(recipe: Recipe, run: RunFolder, progress: Progress, resume: Path | None = None) -> dict:
     """Train as the recipe says, write the run folder, and return the test report."""
     s = build_setup(recipe)
-    train = recipe.train
     train_batches = _batches(s, "train", shuffle=True)
     val_batches = _batches(s, "val", shuffle=False) if "val" in s.data.splits else None
-    model = torch.compile(s.model) if train.compile else s.model
     optimizer = OPTIMIZERS.build(
         recipe.optimizer, params=s.model.parameters(), device_type=s.device.type
     )
-    schedule = (
-        SCHEDULERS.build(
-            recipe.scheduler,
-            optimizer=optimizer,
-            epochs=train.epochs,
-            steps_per_epoch=math.ceil(len(train_batches) / train.accumulate),
-        )
-        if recipe.scheduler
-        else constant_schedule(optimizer)
-    )
+    schedule = _schedule(recipe, optimizer, len(train_batches))
     state = TrainState()
     if resume is not None:
         state = _restore(load_checkpoint(resume), resume, s, optimizer, schedule)
     run.start(recipe)
     progress.start(recipe, s.device, s.precision.name, train_batches.path, s.model, s.data)
+    model = torch.compile(s.model) if recipe.train.compile else s.model
 
-    for epoch in range(state.epoch + 1, train.epochs + 1):
-        # train
-        started = time.perf_counter()
-        progress.epoch_start(epoch, train.epochs, len(train_batches))
-        train_loss = train_one_epoch(model, train_batches, s, optimizer, schedule, progress, epoch)
-        state.step += math.ceil(len(train_batches) / train.accumulate)
-        seconds = time.perf_counter() - started
-        if not math.isfinite(train_loss):
-            raise RunFailure(
-                f"the training loss became {train_loss} in epoch {epoch}; lower optimizer.lr or "
-                f"set train.grad_clip. Last good checkpoint: {_last_good(run, state)}."
-            )
+    with GracefulStop() as stop, _out_of_memory_is_a_run_failure(s, run):
+        t = Training(s, model, optimizer, schedule, run, progress, stop, state)
+        for epoch in range(state.epoch + 1, recipe.train.epochs + 1):
+            # train
+            train_loss = train_one_epoch(t, train_batches, epoch)
 
-        # evaluate
-        val_loss, val_accuracy = None, None
-        if val_batches is not None:
-            val_loss, matrix = evaluate(model, val_batches, s)
-            val_accuracy = _accuracy(matrix)
-        schedule.step_epoch(val_loss)
+            # evaluate
+            val_loss, val_accuracy = None, None
+            if val_batches is not None:
+                val_loss, matrix = evaluate(model, val_batches, s)
+                val_accuracy = _accuracy(matrix)
+            schedule.step_epoch(val_loss)
 
-        # record and checkpoint
-        row = {
-            "epoch": epoch,
-            "train_loss": train_loss,
-            "val_loss": val_loss,
-            "val_accuracy": val_accuracy,
-            "lr": schedule.last_lr(),
-            "seconds": seconds,
-            "samples_per_s": train_batches.num_samples / seconds,
-        }
-        state.epoch = epoch
-        state.history.append(row)
-        run.write_metrics(state.history)
-        improved = _update_best(state, row, train.monitor)
-        checkpoint = _checkpoint_state(s, optimizer, schedule, state)
-        run.save_last(checkpoint)
-        if improved:
-            run.save_best(checkpoint)
-        progress.epoch_end(row, improved)
+            # record and checkpoint
+            row = {
+                "epoch": epoch,
+                "train_loss": train_loss,
+                "val_loss": val_loss,
+                "val_accuracy": val_accuracy,
+                "lr": schedule.last_lr(),
+                "seconds": state.epoch_seconds,
+                "samples_per_s": state.epoch_seen / max(state.epoch_seconds, 1e-9),
+            }
+            state.epoch = epoch
+            state.start_epoch()
+            state.history.append(row)
+            run.write_metrics(state.history)
+            improved = _update_best(state, row, recipe.train.monitor)
+            checkpoint = _checkpoint_state(t)
+            run.save_last(checkpoint)
+            if improved:
+                run.save_best(checkpoint)
+            progress.epoch_end(row, improved)
+            if stop.requested:
+                raise Interrupted(stop.signum, str(run.last_path))
 
     # final evaluation of the best model on the test split (val when there is none)
     # (a run resumed from another folder, or one whose val loss was never finite, may have no
@@ -163,30 +158,107 @@ def fit(recipe: Recipe, run: RunFolder, progress: Progress, resume: Path | None 
     return evaluate_checkpoint(final, run.root, progress, s)
 
 
-def train_one_epoch(
-    model, batches: Batches, s: Setup, optimizer, schedule, progress: Progress, epoch: int
-) -> float:
-    """One pass over the training data. Returns the mean loss (the epoch's one host sync)."""
-    model.train()
-    accumulate, grad_clip = s.recipe.train.accumulate, s.recipe.train.grad_clip
-    loss_sum = torch.zeros((), device=s.device)
-    seen, steps = 0, len(batches)
-    for i, (x, y) in enumerate(batches.epoch(epoch)):
-        # forward backward update
+def train_one_epoch(t: Training, batches: Batches, epoch: int) -> float:
+    """One pass over the training data (or the rest of it, on resume). Returns the mean loss.
+
+    Between optimizer steps it checks, without waiting on the device, for a stop request and a
+    due mid-epoch checkpoint; the loss is checked for NaN/inf about once a second.
+    """
+    s, state, train = t.s, t.state, t.s.recipe.train
+    t.model.train()
+    steps, accumulate = len(batches), train.accumulate
+    skip_nonfinite = train.on_nonfinite == "skip_step"
+    loss_sum = torch.tensor(state.epoch_loss_sum, device=s.device)
+    first_bad = torch.tensor(-1, device=s.device)  # first batch with a non-finite loss
+    started = time.perf_counter() - state.epoch_seconds
+    next_check = time.perf_counter() + FINITE_CHECK_SECONDS
+    t.progress.epoch_start(epoch, train.epochs, steps, done=state.batch)
+    for i, (x, y) in enumerate(batches.epoch(epoch, start=state.batch), start=state.batch):
+        # forward backward
         with s.precision.autocast():
-            loss = s.loss_fn(model(s.pipeline.train(x)), y)
-        # a step's gradient is the mean over its micro-batches; the epoch's last group may be short
-        group = min(accumulate, steps - i // accumulate * accumulate)
-        s.precision.backward(loss / group)
-        if (i + 1) % accumulate == 0 or i + 1 == steps:
-            s.precision.step(optimizer, s.model.parameters(), grad_clip)
-            optimizer.zero_grad(set_to_none=True)
-            schedule.step_batch()
-        # running totals stay on the device; the display reads them when it refreshes
-        loss_sum += loss.detach().float() * len(y)
-        seen += len(y)
-        progress.step(i + 1, seen, loss_sum, seen)
-    return (loss_sum / max(seen, 1)).item()
+            loss = s.loss_fn(t.model(s.pipeline.train(x)), y)
+        finite = torch.isfinite(loss)
+        if skip_nonfinite and not finite:  # opt-in: this check waits for the device each step
+            t.progress.skipped(epoch, i + 1)
+        else:
+            # a step's gradient is the mean over its micro-batches; the last group may be short
+            group = min(accumulate, steps - i // accumulate * accumulate)
+            s.precision.backward(loss / group)
+            # running totals stay on the device; the display reads them when it refreshes
+            loss_sum += loss.detach().float() * len(y)
+            first_bad = torch.where(finite | (first_bad >= 0), first_bad, i)
+            state.epoch_seen += len(y)
+        t.progress.step(i + 1, state.epoch_seen, loss_sum, state.epoch_seen)
+        if (i + 1) % accumulate and i + 1 < steps:
+            continue
+
+        # update
+        s.precision.step(t.optimizer, s.model.parameters(), train.grad_clip)
+        t.optimizer.zero_grad(set_to_none=True)
+        t.schedule.step_batch()
+        state.batch, state.step = i + 1, state.step + 1
+
+        # between steps: non-finite check, mid-epoch checkpoint, stop request
+        if time.perf_counter() >= next_check:
+            _check_finite(t, first_bad, epoch, steps)
+            next_check = time.perf_counter() + FINITE_CHECK_SECONDS
+        every = train.checkpoint_every_steps
+        due = every is not None and state.step % every == 0
+        if (due or t.stop.requested) and i + 1 < steps:
+            state.epoch_loss_sum = loss_sum.item()
+            state.epoch_seconds = time.perf_counter() - started
+            _check_finite(t, first_bad, epoch, steps)  # never save non-finite weights
+            t.run.save_last(_checkpoint_state(t))
+            if t.stop.requested:
+                t.progress.close()
+                raise Interrupted(t.stop.signum, str(t.run.last_path))
+
+    state.epoch_loss_sum = loss_sum.item()  # the epoch's one host sync (plus the check below)
+    state.epoch_seconds = time.perf_counter() - started
+    _check_finite(t, first_bad, epoch, steps)
+    return state.epoch_loss_sum / max(state.epoch_seen, 1)
+
+
+def _check_finite(t: Training, first_bad: torch.Tensor, epoch: int, steps: int) -> None:
+    """Stop the run when a loss was NaN/inf, naming where, and what is safe to resume from."""
+    bad = int(first_bad)
+    if bad < 0:
+        return
+    last_good = t.run.last_path if t.run.last_path.exists() else None
+    raise RunFailure(
+        f"the training loss became non-finite in epoch {epoch}, batch {bad + 1} of {steps}. "
+        "Lower optimizer.lr, set train.grad_clip, or set train.on_nonfinite=skip_step. "
+        + (f"Last good checkpoint: {last_good}." if last_good else "No checkpoint was written.")
+    )
+
+
+@contextlib.contextmanager
+def _out_of_memory_is_a_run_failure(s: Setup, run: RunFolder) -> Iterator[None]:
+    """A device out-of-memory error becomes one message with a concrete way out (exit 1)."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        data, train = s.recipe.data, s.recipe.train
+        smaller = max(1, data.batch_size // 2)
+        saved = f" Last checkpoint: {run.last_path}." if run.last_path.exists() else ""
+        raise RunFailure(
+            f"{s.device} ran out of memory with data.batch_size={data.batch_size} "
+            f"(precision {s.precision.name}). Use data.batch_size={smaller} with "
+            f"train.accumulate={train.accumulate * 2} to keep the same effective batch"
+            + ("" if s.precision.name != "fp32" else ", or train.precision=bf16")
+            + f".{saved}"
+        ) from None
+
+
+def _schedule(recipe: Recipe, optimizer, batches_per_epoch: int) -> LrSchedule:
+    if not recipe.scheduler:
+        return constant_schedule(optimizer)
+    return SCHEDULERS.build(
+        recipe.scheduler,
+        optimizer=optimizer,
+        epochs=recipe.train.epochs,
+        steps_per_epoch=math.ceil(batches_per_epoch / recipe.train.accumulate),
+    )
 
 
 @torch.inference_mode()
@@ -283,17 +355,19 @@ def _update_best(state: TrainState, row: dict[str, Any], monitor: str) -> bool:
     return better
 
 
-def _checkpoint_state(s: Setup, optimizer, schedule, state: TrainState) -> dict[str, Any]:
+def _checkpoint_state(t: Training) -> dict[str, Any]:
+    s, state = t.s, t.state
     return {
         "recipe": s.recipe.to_dict(),
         "model": s.model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": schedule.state_dict(),
+        "optimizer": t.optimizer.state_dict(),
+        "scheduler": t.schedule.state_dict(),
         "scaler": s.precision.scaler.state_dict(),
         "epoch": state.epoch,
         "step": state.step,
         "rng": rng_state(),
         "metrics": {"best": state.best, "best_epoch": state.best_epoch, "history": state.history},
+        "train_state": state.to_dict(),
         "classes": list(s.data.classes),
         "data_meta": s.data.meta(),
     }
@@ -313,29 +387,13 @@ def _load_weights(model: torch.nn.Module, checkpoint: dict, path: Path) -> None:
 
 def _restore(checkpoint: dict, path: Path, s: Setup, optimizer, schedule) -> TrainState:
     """Load a checkpoint's training state into freshly built objects (resume)."""
-    saved, wanted = checkpoint["recipe"]["optimizer"]["name"], s.recipe.optimizer["name"]
-    if saved != wanted:  # another optimizer's state loads silently, then fails mid-step
-        raise UserError(
-            f"optimizer: {path} was trained with '{saved}' but the recipe's optimizer is "
-            f"'{wanted}'; resume with the optimizer the run started with."
-        )
+    check_resumable(checkpoint["recipe"], s.recipe.to_dict(), str(path))
     _load_weights(s.model, checkpoint, path)
     optimizer.load_state_dict(checkpoint["optimizer"])
     schedule.load_state_dict(checkpoint["scheduler"])
     s.precision.scaler.load_state_dict(checkpoint["scaler"])
     set_rng_state(checkpoint["rng"])
-    metrics = checkpoint["metrics"]
-    return TrainState(
-        epoch=checkpoint["epoch"],
-        step=checkpoint["step"],
-        best=metrics["best"],
-        best_epoch=metrics["best_epoch"],
-        history=list(metrics["history"]),
-    )
-
-
-def _last_good(run: RunFolder, state: TrainState) -> str:
-    return str(run.last_path) if state.epoch > 0 and run.last_path.exists() else "none yet"
+    return TrainState.from_dict(checkpoint["train_state"])
 
 
 def _relative(path: Path, base: Path) -> str:

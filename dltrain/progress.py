@@ -58,7 +58,8 @@ class Progress:
             f"{precision} · data path: {loader}"
         )
 
-    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
+    def epoch_start(self, epoch: int, epochs: int, steps: int, done: int = 0) -> None:
+        """Open the epoch's bar (at `done` batches when a resumed epoch continues)."""
         self._epochs = epochs
         if self.quiet or not self.console.is_terminal:  # pipes and CI get the summary lines only
             return
@@ -74,7 +75,7 @@ class Progress:
             console=self.console,
             transient=True,
         )
-        self._task = self._bar.add_task("train", total=steps, loss="…", speed="…")
+        self._task = self._bar.add_task("train", total=steps, completed=done, loss="…", speed="…")
         self._bar.start()
         self._epoch_started = time.perf_counter()
         self._next_refresh = self._epoch_started + REFRESH_SECONDS
@@ -102,6 +103,10 @@ class Progress:
             parts += [f"val_loss {row['val_loss']:.4f}", f"val_acc {row['val_accuracy']:.4f}"]
         parts += [f"lr {row['lr']:.1e}", f"{row['seconds']:.1f}s", f"{_si(row['samples_per_s'])}/s"]
         self._print("  ".join(parts) + ("  [green]★[/]" if improved else ""))
+
+    def skipped(self, epoch: int, batch: int) -> None:
+        """A step skipped for a non-finite loss (train.on_nonfinite: skip_step)."""
+        self._print(f"[yellow]skipped epoch {epoch} batch {batch}: non-finite loss[/]")
 
     def evaluating(self, split: str, size: int) -> None:
         self._print(f"evaluating on the {split} split ({size:,} samples)")

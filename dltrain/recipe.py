@@ -9,7 +9,11 @@ Every problem becomes one RecipeError naming the key path; `load_recipe` adds th
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import re
+import sys
+import traceback
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -21,11 +25,15 @@ from dltrain.validation import recipe_error
 
 PositiveInt = Annotated[int, Field(ge=1)]
 
+# Every model here (and each component's argument schema, see registry.py) refuses nan and inf
+# (allow_inf_nan=False): no recipe value means them, and the resolved recipe, dumped in JSON mode
+# for recipe.yaml and checkpoints, would turn them into null, which `eval` could not read back.
+
 
 class Normalize(BaseModel):
     """Explicit per-channel (images) or per-feature (tabular) mean and std."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     mean: list[float]
     std: list[Annotated[float, Field(gt=0)]]
 
@@ -33,7 +41,9 @@ class Normalize(BaseModel):
 class DataSection(BaseModel):
     """`data:`: the dataset (name + its own arguments) and how batches are made."""
 
-    model_config = ConfigDict(extra="allow")  # the extras are the dataset's own arguments
+    model_config = ConfigDict(
+        extra="allow", allow_inf_nan=False
+    )  # the extras are the dataset's own arguments
     name: str
     batch_size: PositiveInt = 64
     eval_batch_size: PositiveInt | None = None  # default: 2 × batch_size (no gradients kept)
@@ -52,7 +62,7 @@ class DataSection(BaseModel):
 class TrainSection(BaseModel):
     """`train:`: the length and numerics of training."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     epochs: PositiveInt = 10
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     compile: bool = False
@@ -60,13 +70,16 @@ class TrainSection(BaseModel):
     accumulate: PositiveInt = 1
     monitor: Literal["val_loss", "val_accuracy", "train_loss"] = "val_loss"
     channels_last: Literal["auto"] | bool = "auto"
+    checkpoint_every_steps: PositiveInt | None = None  # also write last.pt mid-epoch
+    on_nonfinite: Literal["stop", "skip_step"] = "stop"  # skip_step costs a sync per step
 
 
 class Recipe(BaseModel):
     """A whole recipe. Component sections are dicts validated against their registries."""
 
     # coerce_numbers_to_str: `name: 2024` (or name=2024 on the command line) is a fine run name.
-    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True, allow_inf_nan=False)
+    imports: list[str] = []  # the user's own component modules (see import_user_modules)
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
     seed: Annotated[int, Field(ge=0, lt=2**32)] = 0
     device: str = "auto"
@@ -79,8 +92,14 @@ class Recipe(BaseModel):
     train: TrainSection = TrainSection()
 
     def to_dict(self) -> dict[str, Any]:
-        """The resolved recipe as plain data (what recipe.yaml and checkpoints store)."""
-        return self.model_dump(mode="json")
+        """The resolved recipe as plain data (what recipe.yaml and checkpoints store).
+
+        `imports` is left out when empty, so recipes that import nothing read as before.
+        """
+        data = self.model_dump(mode="json")
+        if not data["imports"]:
+            del data["imports"]
+        return data
 
 
 # -- loading ----------------------------------------------------------------------------------
@@ -97,7 +116,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         raise UserError(f"cannot read recipe {path}: {exc}") from None
     raw = parse_yaml(text, str(path))
     raw.setdefault("name", path.stem)
-    return resolve_with_context(raw, overrides, str(path), text)
+    return resolve_with_context(raw, overrides, str(path), text, base_dir=path.parent)
 
 
 class _RecipeLoader(yaml.SafeLoader):
@@ -131,6 +150,8 @@ def parse_yaml(text: str, source: str) -> dict[str, Any]:
         raise UserError(f"{where}: invalid YAML: {exc.problem}. Fix the syntax there.") from None
     except yaml.YAMLError as exc:
         raise UserError(f"{source}: invalid YAML: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # int()'s digit limit; very deep nesting
+        raise UserError(f"{source}: cannot read the YAML: {exc}") from None
     if data is None:
         raise UserError(f"{source}: the recipe is empty. See recipes/quickstart.yaml for one.")
     if not isinstance(data, dict):
@@ -142,29 +163,46 @@ def parse_yaml(text: str, source: str) -> dict[str, Any]:
 
 
 def resolve_with_context(
-    raw: dict[str, Any], overrides: list[str], source: str, text: str | None = None
+    raw: dict[str, Any],
+    overrides: list[str],
+    source: str,
+    text: str | None = None,
+    base_dir: Path | None = None,
 ) -> Recipe:
-    """Apply overrides and validate; errors say which file line or which override is to blame."""
+    """Apply overrides and validate; errors say which file line or which override is to blame.
+
+    `base_dir` is where relative `imports:` files are found (the recipe's folder; default: the
+    current folder).
+    """
     # Expand `model: mlp` first, so that overrides such as `model.hidden=[64]` can reach into it.
     raw, overridden = apply_overrides(_expand_shorthand(raw), overrides)
     try:
+        # Import first: `model.name=my_model` must find the user's component when overrides
+        # switch components below.
+        raw = import_user_modules(raw, base_dir)
         return resolve(_drop_replaced_arguments(raw, overridden))
     except RecipeError as exc:
+        # `from exc.__cause__`: None for most errors; for an import that failed, the user's own
+        # exception, so that DLTRAIN_DEBUG=1 shows its traceback.
         culprit = _blamed_override(exc.path, overridden)
         if culprit:
-            raise UserError(f"override '{culprit}': {exc}") from None
+            raise UserError(f"override '{culprit}': {exc}") from exc.__cause__
         line = _line_of(text, exc.path) if text else None
         where = f"{source}:{line}" if line else source
-        raise UserError(f"{where}: {exc}") from None
+        raise UserError(f"{where}: {exc}") from exc.__cause__
 
 
-def resolve(raw: dict[str, Any]) -> Recipe:
-    """Validate a recipe mapping and fill every default, components included."""
+def resolve(raw: dict[str, Any], base_dir: Path | None = None) -> Recipe:
+    """Validate a recipe mapping and fill every default, components included.
+
+    The modules under `imports:` are imported first (relative files from `base_dir`), so the
+    components they register can be named by the sections.
+    """
     from dltrain import components
     from dltrain.registry import DATASETS, LOSSES, MODELS, OPTIMIZERS, SCHEDULERS
 
     components.load_all()
-    raw = _expand_shorthand(raw)
+    raw = import_user_modules(_expand_shorthand(raw), base_dir)
     _check_top_level_keys(raw)
     try:
         recipe = Recipe.model_validate(raw)
@@ -257,6 +295,131 @@ def _resolve_augment(entries: list) -> list[dict[str, dict[str, Any]]]:
     return resolved
 
 
+# -- imports: the user's own components --------------------------------------------------------
+
+_MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+def import_user_modules(raw: dict[str, Any], base_dir: Path | None = None) -> dict[str, Any]:
+    """Import the modules a recipe lists under `imports:`, so their components register.
+
+    This is the only way a recipe runs code, and only modules the user names here. An entry
+    ending in `.py` is a file, relative to `base_dir` (default: the current folder); it is
+    returned as an absolute path, so a checkpoint's recipe finds it again from anywhere. Other
+    entries are dotted module names, found on the Python path or else in `base_dir`.
+    Importing again is a no-op. Returns `raw` with the entries so normalised.
+    """
+    if "imports" not in raw:
+        return raw
+    entries = raw["imports"]
+    if entries is None:  # `imports: null` (or the override imports=null): nothing to import
+        return {**raw, "imports": []}
+    if not isinstance(entries, list):
+        raise RecipeError(
+            "imports",
+            f"must be a list of module names or .py files (got {entries!r}), e.g. "
+            "[my_pkg.models, ./my_models.py].",
+        )
+    base = Path(base_dir) if base_dir is not None else Path.cwd()
+    normalised = []
+    for i, entry in enumerate(entries):
+        where = f"imports[{i}]"
+        if isinstance(entry, str) and entry.strip().endswith(".py"):
+            path = Path(entry.strip()).expanduser()
+            path = (path if path.is_absolute() else base / path).resolve()
+            _import_file(path, where)
+            normalised.append(str(path))
+        elif isinstance(entry, str) and _MODULE_NAME.match(entry):
+            _import_module(entry, base, where)
+            normalised.append(entry)
+        else:
+            raise RecipeError(
+                where,
+                f"{entry!r} is neither a dotted module name (my_pkg.models) nor a .py file "
+                "(./my_models.py).",
+            )
+    return {**raw, "imports": normalised}
+
+
+def _import_module(name: str, base: Path, where: str) -> None:
+    """Import a dotted module; `base` joins the end of sys.path for this import only, so it
+    never shadows an installed module."""
+    folder = str(base)
+    added = folder not in sys.path
+    if added:
+        sys.path.append(folder)
+    try:
+        importlib.invalidate_caches()  # the module may have been written after startup
+        importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name and (name == exc.name or name.startswith(exc.name + ".")):
+            raise RecipeError(
+                where,
+                f"cannot import module '{name}': not found on the Python path nor in {base}. "
+                "Check the name, install its package, or list a file instead (./my_models.py).",
+            ) from None
+        raise RecipeError(where, _import_failure(name, exc)) from exc
+    except (Exception, SystemExit) as exc:  # whatever the user's module raises
+        raise RecipeError(where, _import_failure(name, exc)) from exc
+    finally:
+        if added and folder in sys.path:
+            sys.path.remove(folder)
+
+
+def _import_file(path: Path, where: str) -> None:
+    """Import a .py file as the module named by its stem, its folder on sys.path meanwhile (as
+    for a script) so it can import its neighbours."""
+    name = path.stem
+    loaded = sys.modules.get(name)
+    if loaded is not None:
+        origin = getattr(loaded, "__file__", None)
+        if origin and Path(origin).resolve() == path:
+            return  # imported already (a module registers its components once)
+        raise RecipeError(
+            where,
+            f"cannot import {path} as module '{name}': a module of that name is already "
+            f"loaded (from {origin or 'Python itself'}). Rename the file.",
+        )
+    if not path.is_file():
+        raise RecipeError(
+            where,
+            f"file not found: {path}. Relative .py paths start at the recipe's folder.",
+        )
+    if not name.isidentifier():
+        raise RecipeError(
+            where, f"'{path.name}' cannot be a module name: use letters, digits and '_'."
+        )
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # as `import name` would, so its neighbours can import it too
+    folder = str(path.parent)
+    added = folder not in sys.path
+    if added:
+        sys.path.insert(0, folder)
+    try:
+        spec.loader.exec_module(module)
+    except (Exception, SystemExit) as exc:
+        sys.modules.pop(name, None)
+        raise RecipeError(where, _import_failure(str(path), exc)) from exc
+    finally:
+        if added and folder in sys.path:
+            sys.path.remove(folder)
+
+
+def _import_failure(what: str, exc: BaseException) -> str:
+    """'importing X raised Error: message (file.py:12). Fix ...' for an import that failed."""
+    if isinstance(exc, SyntaxError) and exc.filename:
+        at = f"{exc.filename}:{exc.lineno}"
+    else:
+        frames = traceback.extract_tb(exc.__traceback__)
+        at = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+    reason = f"{type(exc).__name__}: {exc}".rstrip(": ")
+    return (
+        f"importing '{what}' raised {reason}{f' (at {at})' if at else ''}. Fix that module "
+        "(DLTRAIN_DEBUG=1 shows the traceback) or remove it from imports."
+    )
+
+
 # -- overrides --------------------------------------------------------------------------------
 
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
@@ -272,8 +435,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         )
     try:
         parsed = yaml.safe_load(value) if value.strip() else None
-    except yaml.YAMLError:
-        parsed = value  # not YAML (e.g. an unbalanced bracket): take it as a plain string
+    except (yaml.YAMLError, ValueError, RecursionError):
+        # Not YAML (e.g. an unbalanced bracket), or beyond PyYAML (an integer over int()'s
+        # digit limit, very deep nesting): take it as a plain string.
+        parsed = value
     return key.split("."), parsed
 
 

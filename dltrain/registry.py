@@ -117,7 +117,8 @@ class Registry:
         name = section.get("name")
         if not isinstance(name, str):
             raise RecipeError(
-                f"{where}.name", f"must name a {self.kind} (see `dltrain list {self.kind}`)."
+                f"{where}.name",
+                f"must be the name of one of the {self.kind} (see `dltrain list {self.kind}`).",
             )
         factory, _ = self._resolve(name, f"{where}.name")
         kwargs = {k: v for k, v in section.items() if k != "name"}
@@ -191,7 +192,9 @@ class Registry:
                 for p in self._user_parameters(factory)
             }
             config = ConfigDict(
-                extra="allow" if accepts_more else "forbid", arbitrary_types_allowed=True
+                extra="allow" if accepts_more else "forbid",
+                arbitrary_types_allowed=True,
+                allow_inf_nan=False,  # nan/inf: never meant, and not kept by the resolved recipe
             )
             self._schemas[factory] = create_model(
                 f"{factory.__name__}_args", __config__=config, **fields

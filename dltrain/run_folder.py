@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +49,29 @@ class RunFolder:
                 f"{self.root} already holds a run of a different recipe. Use another name "
                 f"(name=... or output=...), --resume auto to continue it, or --force to replace it."
             )
+
+    def ensure_writable(self) -> None:
+        """Refuse (exit 2) a run folder that cannot be created or written, before any work.
+
+        Creates the folder and a probe file in it, then removes what it created, so a run that
+        fails later (e.g. on a missing data file) leaves no empty folder behind.
+        """
+        created = [p for p in (self.root, *self.root.parents) if not p.exists()]
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=self.root):
+                pass
+        except OSError as exc:
+            blocker = next((p for p in (self.root, *self.root.parents) if p.is_file()), None)
+            reason = f"{blocker} is a file, not a folder" if blocker else exc.strerror or exc
+            raise UserError(
+                f"cannot write the run folder {self.root}: {reason}. Set output=... to a folder "
+                "you can write to (or fix its permissions)."
+            ) from None
+        finally:
+            for path in created:  # deepest first
+                with contextlib.suppress(OSError):
+                    path.rmdir()
 
     def start(self, recipe: Recipe) -> None:
         """Create the folder and write the resolved recipe."""

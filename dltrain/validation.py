@@ -66,10 +66,13 @@ def recipe_error(exc: ValidationError, model: type[BaseModel], prefix: str = "")
     return RecipeError(path, f"{message} (got {err.get('input')!r}).")
 
 
+_UNION_TAGS = {"str", "int", "float", "bool", "bytes", "none"}  # plain-type union members
+
+
 def _field_part(loc: tuple) -> tuple:
-    """Cut pydantic's union-member tags (like 'list[constrained-float]') off a location."""
+    """Cut pydantic's union-member tags (like 'list[constrained-float]', 'str') off a location."""
     for i, part in enumerate(loc):
-        if isinstance(part, str) and not part.isidentifier():
+        if isinstance(part, str) and (not part.isidentifier() or part in _UNION_TAGS):
             return loc[:i]
     return loc
 

@@ -7,11 +7,10 @@ tmp_path.
 
 from __future__ import annotations
 
-import csv
 import io
+import math
 import os
 import stat
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,89 +25,22 @@ from sklearn.metrics import (
 from dltrain import engine
 from dltrain.atomic import atomic_write, atomic_write_text
 from dltrain.checkpoint import load_checkpoint
-from dltrain.engine import build_setup, evaluate_checkpoint, fit
+from dltrain.engine import build_setup, evaluate_checkpoint
 from dltrain.errors import RunFailure, UserError
 from dltrain.progress import Progress
-from dltrain.recipe import Recipe, resolve_with_context
+from dltrain.recipe import Recipe
 from dltrain.run_folder import METRIC_COLUMNS, RunFolder
 
-TIMING_COLUMNS = {"seconds", "samples_per_s"}
-
-
-@pytest.fixture(autouse=True)
-def one_cpu_thread():
-    # These runs are tiny. With two intra-op threads on a 2-core machine that is also busy with
-    # other work, OpenMP's spin-waiting turns 0.05 s epochs into seconds; one thread is steady.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-# Digits with everything that draws random numbers during training: dropout, augmentations.
-DIGITS = {
-    "seed": 3,
-    "device": "cpu",
-    "data": {
-        "name": "digits",
-        "batch_size": 64,
-        "val_split": 0.1,
-        "augment": ["hflip", {"random_crop": {"padding": 1}}],
-    },
-    "model": {"name": "seed_cnn", "dropout": 0.3},
-    "optimizer": {"name": "adamw", "lr": 0.003},
-    "scheduler": None,
-    "train": {"epochs": 2},
-}
-
-# Linearly separable-ish rows for an MLP without batch norm (exact accumulation maths).
-TABULAR = {
-    "seed": 0,
-    "device": "cpu",
-    "data": {
-        "name": "synthetic",
-        "shape": [8],
-        "num_classes": 4,
-        "train_size": 256,
-        "test_size": 128,
-        "val_split": 0,
-    },
-    "model": {"name": "mlp", "hidden": [32]},
-    "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
-    "train": {"epochs": 2},
-}
-
-
-def make_recipe(tmp_path: Path, base: dict, name: str, *overrides: str) -> Recipe:
-    raw = {**base, "name": name, "output": str(tmp_path)}
-    return resolve_with_context(raw, list(overrides), "test recipe")
-
-
-def quiet() -> Progress:
-    return Progress(Console(file=io.StringIO(), width=120))
-
-
-def train(tmp_path, base, name, *overrides, resume=None, progress=None):
-    """Fit a recipe into tmp_path/name; returns (run folder, report)."""
-    recipe = make_recipe(tmp_path, base, name, *overrides)
-    run = RunFolder.for_recipe(recipe)
-    report = fit(recipe, run, progress or quiet(), resume=resume)
-    return run, report
-
-
-def weights(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, weights_only=True)["model"]
-
-
-def assert_same_tensors(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
-
-
-def metric_rows(run: RunFolder, drop=TIMING_COLUMNS) -> list[dict[str, str]]:
-    with open(run.metrics_path, newline="") as f:
-        return [{k: v for k, v in row.items() if k not in drop} for row in csv.DictReader(f)]
+from runs import (
+    DIGITS,
+    TABULAR,
+    assert_same_tensors,
+    make_recipe,
+    metric_rows,
+    quiet,
+    train,
+    weights,
+)
 
 
 class StopAfter(Progress):
@@ -213,13 +145,15 @@ def test_resume_from_another_run_folder_reports_without_a_best_checkpoint_there(
 
 @pytest.mark.parametrize(
     ("override", "named"),
-    [("model.name=mlp", "model"), ("model.dropout=0.1", None), ("optimizer.name=sgd", "optimizer")],
+    [
+        ("model.name=mlp", "model.name"),
+        ("model.dropout=0.1", r"model.dropout \(0.3 → 0.1\)"),  # same shapes, other math
+        ("optimizer.name=sgd", "optimizer.name"),
+        ("data.batch_size=16", "data.batch_size"),
+    ],
 )
-def test_resume_with_an_incompatible_recipe_is_a_user_error(tmp_path, override, named):
+def test_resume_with_a_different_recipe_is_refused_naming_the_keys(tmp_path, override, named):
     source, _ = train(tmp_path, DIGITS, "source", "train.epochs=1")
-    if named is None:  # a changed argument that keeps the weights' shapes is fine
-        train(tmp_path, DIGITS, "source", override, "train.epochs=2", resume=source.last_path)
-        return
     with pytest.raises(UserError, match=named) as error:
         train(tmp_path, DIGITS, "other", override, "train.epochs=2", resume=source.last_path)
     assert error.value.exit_code == 2 and str(source.last_path) in str(error.value)
@@ -249,23 +183,84 @@ def test_non_finite_loss_is_a_run_failure_naming_the_epoch(tmp_path, overrides):
         train(tmp_path, TABULAR, "nan", *overrides)
     assert failure.value.exit_code == 1
     message = str(failure.value)
-    assert "epoch 1" in message and "optimizer.lr" in message and "none yet" in message
+    assert "epoch 1, batch" in message and "optimizer.lr" in message
+    assert "No checkpoint was written" in message
+
+
+class PoisonFrom(Progress):
+    """A display that makes every loss NaN from a given epoch on (through the setup's loss)."""
+
+    def __init__(self, epoch: int):
+        super().__init__(Console(file=io.StringIO()))
+        self.poison_epoch, self.poisoned = epoch, False
+
+    def epoch_start(self, epoch, epochs, steps, done=0):
+        super().epoch_start(epoch, epochs, steps, done)
+        self.poisoned = epoch >= self.poison_epoch
 
 
 def test_non_finite_loss_later_points_at_the_last_good_checkpoint(tmp_path, monkeypatch):
-    real = engine.train_one_epoch
+    progress = PoisonFrom(3)
+    real_build = engine.build_setup
 
-    def diverging(model, batches, s, optimizer, schedule, progress, epoch):
-        loss = real(model, batches, s, optimizer, schedule, progress, epoch)
-        return float("inf") if epoch == 3 else loss
+    def poisoned_setup(*args, **kwargs):
+        setup = real_build(*args, **kwargs)
+        loss_fn = setup.loss_fn
+        setup.loss_fn = lambda logits, y: (
+            loss_fn(logits, y) * (float("nan") if progress.poisoned else 1.0)
+        )
+        return setup
 
-    monkeypatch.setattr(engine, "train_one_epoch", diverging)
-    with pytest.raises(RunFailure, match="inf in epoch 3") as failure:
-        train(tmp_path, TABULAR, "late", "train.epochs=5")
+    monkeypatch.setattr(engine, "build_setup", poisoned_setup)
+    with pytest.raises(RunFailure, match="non-finite in epoch 3, batch 1 of") as failure:
+        train(tmp_path, TABULAR, "late", "train.epochs=5", progress=progress)
     run = RunFolder(tmp_path / "late")
     assert str(run.last_path) in str(failure.value)
-    assert load_checkpoint(run.last_path)["epoch"] == 2
+    assert load_checkpoint(run.last_path)["epoch"] == 2  # the NaN weights were never saved
     assert len(metric_rows(run)) == 2
+
+
+def test_skip_step_skips_non_finite_batches_and_finishes(tmp_path, monkeypatch):
+    real_build = engine.build_setup
+    calls = {"n": 0}
+
+    def every_third_nan(*args, **kwargs):
+        setup = real_build(*args, **kwargs)
+        loss_fn = setup.loss_fn
+
+        def loss(logits, y):
+            calls["n"] += 1
+            return loss_fn(logits, y) * (float("nan") if calls["n"] % 3 == 0 else 1.0)
+
+        setup.loss_fn = loss
+        return setup
+
+    monkeypatch.setattr(engine, "build_setup", every_third_nan)
+    run, report = train(tmp_path, TABULAR, "skip", "train.on_nonfinite=skip_step")
+    assert all(math.isfinite(float(r["train_loss"])) for r in metric_rows(run))
+    for tensor in weights(run.last_path).values():
+        assert torch.isfinite(tensor).all()
+
+
+def test_out_of_memory_names_the_batch_size_and_a_smaller_setting(tmp_path, monkeypatch):
+    real_build = engine.build_setup
+
+    def no_memory(*args, **kwargs):
+        setup = real_build(*args, **kwargs)
+
+        def loss(logits, y):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+        setup.loss_fn = loss
+        return setup
+
+    monkeypatch.setattr(engine, "build_setup", no_memory)
+    with pytest.raises(RunFailure) as failure:
+        train(tmp_path, TABULAR, "oom", "data.batch_size=32")
+    message = str(failure.value)
+    assert failure.value.exit_code == 1
+    assert "data.batch_size=32" in message and "data.batch_size=16" in message
+    assert "train.accumulate=2" in message
 
 
 # -- the update: accumulation, clipping, precision --------------------------------------------

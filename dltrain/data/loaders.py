@@ -57,15 +57,15 @@ class ResidentBatches:
     def num_samples(self) -> int:
         return len(self.y)
 
-    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield the epoch's batches in its seeded order."""
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield the epoch's batches in its seeded order, from batch `start` (for resume)."""
         if not self.shuffle:  # contiguous slices are views: no copy at all
-            for i in range(len(self)):
+            for i in range(start, len(self)):
                 s = slice(i * self.batch_size, (i + 1) * self.batch_size)
                 yield self.x[s], self.y[s]
             return
         order = epoch_permutation(len(self.y), self.seed, epoch).to(self.device, non_blocking=True)
-        for i in range(len(self)):
+        for i in range(start, len(self)):
             index = order[i * self.batch_size : (i + 1) * self.batch_size]
             yield self.x[index], self.y[index]
 
@@ -74,15 +74,15 @@ class _EpochSampler(Sampler[int]):
     """Sequential, or the seeded (seed, epoch) permutation shared with the resident path."""
 
     def __init__(self, n: int, shuffle: bool, seed: int):
-        self.n, self.shuffle, self.seed, self.epoch = n, shuffle, seed, 0
+        self.n, self.shuffle, self.seed, self.epoch, self.skip = n, shuffle, seed, 0, 0
 
     def __iter__(self) -> Iterator[int]:
         if not self.shuffle:
-            return iter(range(self.n))
-        return iter(epoch_permutation(self.n, self.seed, self.epoch).tolist())
+            return iter(range(self.skip, self.n))
+        return iter(epoch_permutation(self.n, self.seed, self.epoch)[self.skip :].tolist())
 
     def __len__(self) -> int:
-        return self.n
+        return self.n - self.skip
 
 
 class _Rows(Dataset):
@@ -134,11 +134,12 @@ class WorkerBatches:
         self.num_samples = len(split)
 
     def __len__(self) -> int:
-        return len(self.loader)
+        # Whole epochs, whatever batch a resumed epoch starts from.
+        return _num_batches(self.num_samples, self.loader.batch_size, self.loader.drop_last)
 
-    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield the epoch's batches, copied to the device without blocking the host."""
-        self.sampler.epoch = epoch
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield the epoch's batches from batch `start`, copied to the device without blocking."""
+        self.sampler.epoch, self.sampler.skip = epoch, start * self.loader.batch_size
         for x, y in self.loader:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 

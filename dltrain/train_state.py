@@ -1,0 +1,92 @@
+"""What a run has done so far, and whether a checkpoint may be resumed under a recipe.
+
+Everything here survives a resume: with it, a run stopped at any step boundary continues exactly
+as if it had never stopped (same data order, same random draws, same metrics).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from dltrain.errors import UserError
+
+# Recipe keys that may differ between a checkpoint and the recipe resuming it: they change where
+# or how long the run goes, or how data is fed, but not what the next step computes.
+RESUMABLE_CHANGES = (
+    "name",
+    "output",
+    "device",
+    "train.epochs",
+    "train.checkpoint_every_steps",
+    "data.loader",
+    "data.num_workers",
+    "data.eval_batch_size",
+)
+
+
+@dataclass
+class TrainState:
+    """Progress counters plus the partial epoch's running totals."""
+
+    epoch: int = 0  # epochs completed
+    batch: int = 0  # batches done in the epoch under way (0 at an epoch boundary)
+    step: int = 0  # optimizer steps taken
+    epoch_loss_sum: float = 0.0  # the epoch under way: summed loss and samples so far
+    epoch_seen: int = 0
+    epoch_seconds: float = 0.0
+    best: float | None = None  # best monitored value so far, and when
+    best_epoch: int | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainState:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**{**known, "history": list(known.get("history", []))})
+
+    def start_epoch(self) -> None:
+        """Reset the partial-epoch totals (at an epoch boundary)."""
+        self.batch, self.epoch_loss_sum, self.epoch_seen, self.epoch_seconds = 0, 0.0, 0, 0.0
+
+
+def check_resumable(saved: dict[str, Any], wanted: dict[str, Any], source: str) -> None:
+    """Refuse to resume a checkpoint under a recipe that would change the run's math."""
+    before, after = _flatten(saved), _flatten(wanted)
+    differences = [
+        key
+        for key in sorted(set(before) | set(after))
+        if before.get(key, _MISSING) != after.get(key, _MISSING) and not _may_change(key)
+    ]
+    if differences:
+        shown = ", ".join(
+            f"{k} ({before.get(k, 'unset')!r} → {after.get(k, 'unset')!r})" for k in differences[:6]
+        )
+        more = f" and {len(differences) - 6} more" if len(differences) > 6 else ""
+        raise UserError(
+            f"cannot resume {source} with this recipe: it differs in {shown}{more}. Resume with "
+            f"the recipe the run started with (only {', '.join(RESUMABLE_CHANGES)} may change), "
+            "or start a new run."
+        )
+
+
+_MISSING = object()
+
+
+def _may_change(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in RESUMABLE_CHANGES)
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(data, dict):
+        return {prefix: data}
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, path))
+        else:
+            flat[path] = value
+    return flat

@@ -1,0 +1,83 @@
+"""Shared helpers for tests that train tiny runs in-process (imported by the test modules)."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from dltrain.engine import fit
+from dltrain.progress import Progress
+from dltrain.recipe import Recipe, resolve_with_context
+from dltrain.run_folder import RunFolder
+
+TIMING_COLUMNS = {"seconds", "samples_per_s"}
+
+
+# Digits with everything that draws random numbers during training: dropout, augmentations.
+DIGITS = {
+    "seed": 3,
+    "device": "cpu",
+    "data": {
+        "name": "digits",
+        "batch_size": 64,
+        "val_split": 0.1,
+        "augment": ["hflip", {"random_crop": {"padding": 1}}],
+    },
+    "model": {"name": "seed_cnn", "dropout": 0.3},
+    "optimizer": {"name": "adamw", "lr": 0.003},
+    "scheduler": None,
+    "train": {"epochs": 2},
+}
+
+# Linearly separable-ish rows for an MLP without batch norm (exact accumulation maths).
+TABULAR = {
+    "seed": 0,
+    "device": "cpu",
+    "data": {
+        "name": "synthetic",
+        "shape": [8],
+        "num_classes": 4,
+        "train_size": 256,
+        "test_size": 128,
+        "val_split": 0,
+    },
+    "model": {"name": "mlp", "hidden": [32]},
+    "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
+    "train": {"epochs": 2},
+}
+
+
+def make_recipe(tmp_path: Path, base: dict, name: str, *overrides: str) -> Recipe:
+    raw = {**base, "name": name, "output": str(tmp_path)}
+    return resolve_with_context(raw, list(overrides), "test recipe")
+
+
+def quiet() -> Progress:
+    return Progress(Console(file=io.StringIO(), width=120))
+
+
+def train(tmp_path, base, name, *overrides, resume=None, progress=None):
+    """Fit a recipe into tmp_path/name; returns (run folder, report)."""
+    recipe = make_recipe(tmp_path, base, name, *overrides)
+    run = RunFolder.for_recipe(recipe)
+    report = fit(recipe, run, progress or quiet(), resume=resume)
+    return run, report
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["model"]
+
+
+def assert_same_tensors(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def metric_rows(run: RunFolder, drop=TIMING_COLUMNS) -> list[dict[str, str]]:
+    with open(run.metrics_path, newline="") as f:
+        return [{k: v for k, v in row.items() if k not in drop} for row in csv.DictReader(f)]
