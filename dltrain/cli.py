@@ -116,6 +116,14 @@ def fit(
         False, "--force", help="Replace a different run already in the run folder."
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only print errors and the result."),
+    folds: int = typer.Option(
+        None,
+        "--folds",
+        metavar="K",
+        help="K-fold cross-validation (K ≥ 2): K runs, each validating on another stratified "
+        "fold of the train split, in runs/NAME/fold-k/; summary in runs/NAME/cv_report.json.",
+        show_default=False,
+    ),
 ) -> None:
     """Train a model from a recipe, then evaluate its best checkpoint on the test split.
 
@@ -126,9 +134,14 @@ def fit(
       dltrain fit recipes/quickstart.yaml
 
       dltrain fit recipes/mnist_mlp.yaml data.name=npz data.path=mnist.npz train.epochs=3
+
+      dltrain fit recipes/quickstart.yaml --folds 5
     """
     console = _stderr_console() if quiet else Console()
     with user_facing_errors():
+        if folds is not None:
+            _cross_validate(recipe, overrides or [], folds, resume, force, quiet, console)
+            return
         from dltrain.engine import fit as run_fit
         from dltrain.interrupts import Interrupted
         from dltrain.progress import Progress
@@ -162,6 +175,59 @@ def fit(
         )
 
 
+def _cross_validate(
+    recipe: Path,
+    overrides: list[str],
+    folds: int,
+    resume: str | None,
+    force: bool,
+    quiet: bool,
+    console: Console,
+) -> None:
+    """`fit --folds K`: one run per stratified fold of the train split, then cv_report.json."""
+    from dltrain.errors import UserError
+
+    if folds < 2:
+        raise UserError(f"--folds must be at least 2 (got {folds}); leave it out to train once.")
+    if resume is not None:
+        raise UserError(
+            "--resume does not combine with --folds. Run the same --folds command again instead "
+            "(finished folds are kept and an interrupted fold continues from its last.pt), or "
+            "resume one fold: dltrain fit OUTPUT/NAME/fold-K/recipe.yaml --resume auto."
+        )
+    from dltrain.crossval import CV_REPORT, cv_root, run_cross_validation
+    from dltrain.interrupts import Interrupted
+    from dltrain.progress import Progress
+    from dltrain.recipe import load_recipe
+    from dltrain.tables import cv_table
+
+    loaded = load_recipe(recipe, overrides)
+    progress = Progress(console, quiet=quiet)
+    try:
+        cv_report = run_cross_validation(loaded, folds, progress, force)
+    except Interrupted as stop:
+        command = shlex.join(["dltrain", "fit", str(recipe), *overrides, "--folds", str(folds)])
+        console.print(
+            f"[yellow]{escape(str(stop))}[/]\ncontinue with: {escape(command)} (finished folds "
+            "are kept; the interrupted fold resumes from its last.pt)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(stop.exit_code) from None
+    finally:
+        progress.close()
+    console.print(cv_table(cv_report))
+    accuracy = cv_report["metrics"].get("accuracy")
+    summary = ""
+    if accuracy:
+        summary = f" · accuracy [bold]{accuracy['mean']:.4f} ± {accuracy['std']:.4f}[/]"
+    console.print(
+        f"cross-validation report: {escape(str(cv_root(loaded) / CV_REPORT))}{summary}",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
 def _resume_path(resume: str | None, run, console: Console) -> Path | None:
     if resume is None:
         return None
@@ -181,14 +247,14 @@ def evaluate(
     overrides: list[str] = typer.Argument(
         None, help="Recipe overrides, e.g. data.root=/elsewhere.", show_default=False
     ),
-    split: Split = typer.Option(None, "--split", help="Split to evaluate [default: test, or val]."),
+    split: Split = typer.Option(None, "--split", help="Split to evaluate (default: test, or val)."),
     output: Path = typer.Option(
         None,
         "--output",
         "-o",
-        help="Folder for report.json/.md [default: eval-SPLIT beside the checkpoint].",
+        help="Folder for report.json/.md (default: eval-SPLIT beside the checkpoint).",
     ),
-    device: str = typer.Option(None, "--device", help="Device to use [default: the recipe's]."),
+    device: str = typer.Option(None, "--device", help="Device to use (default: the recipe's)."),
     as_json: bool = typer.Option(False, "--json", help="Print report.json to stdout."),
 ) -> None:
     """Evaluate a checkpoint: everything it needs (recipe, classes, normalisation) is inside it.
@@ -269,7 +335,7 @@ def check(
 
 @app.command(name="list")
 def list_components(
-    kind: Kind = typer.Argument(None, help="What to list [default: everything]."),
+    kind: Kind = typer.Argument(None, help="What to list (default: everything)."),
 ) -> None:
     """List registered components with one-line descriptions and accepted arguments.
 
@@ -289,6 +355,202 @@ def list_components(
         kinds = [kind.value] if kind else list(REGISTRIES)
         for name in kinds:
             console.print(registry_table(REGISTRIES[name]))
+
+
+@app.command()
+def runs(
+    folder: Path = typer.Argument(
+        Path("runs"), help="Folder to search, at any depth (default: runs).", show_default=False
+    ),
+    sort: str = typer.Option(
+        "test_accuracy",
+        "--sort",
+        metavar="KEY",
+        help="name, model, dataset, epochs, best_val_loss, best_val_accuracy, test_accuracy, "
+        "f1_macro or modified (names and best_val_loss ascending, the rest largest first).",
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+) -> None:
+    """List the runs under a folder: model, dataset, epochs, best validation and test metrics.
+
+    A run is any folder with recipe.yaml and metrics.csv or report.json (fold-k folders of a
+    cross-validation included). Missing values show as —.
+
+    [bold]Examples[/]
+
+      dltrain runs
+
+      dltrain runs experiments/ --sort best_val_loss --json
+    """
+    console = Console()
+    if not console.is_terminal:  # piped: whole rows (the table is as wide as it needs), not 80
+        console = Console(width=240)
+    with user_facing_errors():
+        from dltrain.runs_table import list_runs
+        from dltrain.tables import runs_table
+
+        rows = list_runs(folder, sort)
+        if as_json:
+            sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        elif not rows:
+            console.print(
+                f"no runs in {escape(str(folder))} (a run folder holds recipe.yaml and "
+                "metrics.csv or report.json). Train one with: dltrain fit RECIPE",
+                highlight=False,
+                soft_wrap=True,
+            )
+        else:
+            console.print(runs_table(rows, str(folder)))
+
+
+class ExportFormat(str, Enum):
+    onnx = "onnx"
+    torchscript = "torchscript"
+
+
+class ExplainMethod(str, Enum):
+    gradxinput = "gradxinput"
+    gradcam = "gradcam"
+    both = "both"
+
+
+@app.command()
+def predict(
+    checkpoint: Path = typer.Argument(
+        ..., help="A checkpoint written by dltrain fit.", show_default=False
+    ),
+    inputs: list[Path] = typer.Argument(
+        ...,
+        help="Image files (png/jpg/jpeg/bmp/gif/webp) or .npy arrays for image models; .csv "
+        "tables or .npy arrays for tabular models.",
+        show_default=False,
+    ),
+    top_k: int = typer.Option(
+        None,
+        "--top-k",
+        "-k",
+        min=1,
+        help="Classes to show per input (default: 5, or all if fewer).",
+    ),
+    device: str = typer.Option("cpu", "--device", help="Device to run the model on."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON array to stdout."),
+) -> None:
+    """Predict the classes of files, prepared as in training, from the checkpoint alone.
+
+    Images of any size: converted to the model's channels, resized (bilinear) to its input.
+    .npy arrays: one sample or a batch; uint8 = pixels (scaled by 1/255), floats as they are.
+    .csv tables (tabular models): one sample per row; a label column is ignored.
+
+    [bold]Examples[/]
+
+      dltrain predict runs/quickstart/checkpoints/best.pt digit.png other.jpg
+
+      dltrain predict best.pt batch.npy --top-k 3 --json
+    """
+    console = _stderr_console() if as_json else Console()
+    with user_facing_errors():
+        from dltrain.inference import load_for_inference
+        from dltrain.predict import predict_files
+        from dltrain.tables import predictions_table
+
+        predictor = load_for_inference(checkpoint, device)
+        results = predict_files(predictor, inputs, top_k)
+        if as_json:
+            sys.stdout.write(json.dumps(results, indent=2) + "\n")
+            return
+        for result in results:
+            console.print(predictions_table(result))
+
+
+@app.command()
+def export(
+    checkpoint: Path = typer.Argument(
+        ..., help="A checkpoint written by dltrain fit.", show_default=False
+    ),
+    format: ExportFormat = typer.Option(
+        ..., "--format", "-f", help="onnx or torchscript.", show_default=False
+    ),
+    output: Path = typer.Option(
+        None,
+        "--output",
+        "-o",
+        help="File to write (default: beside the checkpoint: best.onnx, best.torchscript.pt).",
+    ),
+) -> None:
+    """Export a checkpoint's model to ONNX or TorchScript, for use without dltrain.
+
+    The file maps a preprocessed float32 batch (N × input shape) to logits.
+    Preprocessing is not in the graph; the file's metadata (dltrain.json) says it:
+    x = uint8/255 for images, then (x - mean) / std per channel or feature.
+    It also holds the class names and the input shape.
+    ONNX export needs: pip install onnx onnxscript
+
+    [bold]Examples[/]
+
+      dltrain export runs/quickstart/checkpoints/best.pt --format onnx
+
+      dltrain export best.pt --format torchscript --output model.pt
+    """
+    console = Console()
+    with user_facing_errors():
+        from dltrain.export import export_checkpoint
+
+        written, predictor = export_checkpoint(checkpoint, format.value, output)
+        shape = ", ".join(["N", *map(str, predictor.input_shape)])
+        console.print(
+            f"exported {format.value} to {escape(str(written))} · input float32 [{shape}] "
+            "(scaled and normalised: see its dltrain.json metadata) · output logits over "
+            f"{len(predictor.classes)} classes",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
+@app.command()
+def explain(
+    checkpoint: Path = typer.Argument(
+        ..., help="A checkpoint of an image model.", show_default=False
+    ),
+    image: Path = typer.Argument(
+        ..., help="An image file (or a one-sample .npy array).", show_default=False
+    ),
+    output: Path = typer.Option(
+        None, "--output", "-o", help="PNG to write (default: ./explain-<image stem>.png)."
+    ),
+    method: ExplainMethod = typer.Option(
+        ExplainMethod.both,
+        "--method",
+        help="gradxinput: |gradient × input|; gradcam: Grad-CAM at the last conv layer.",
+    ),
+) -> None:
+    """Show which pixels drove the predicted class: saliency maps over the image (PNG).
+
+    Grad-CAM needs a convolutional model; with --method both, a model without a conv layer
+    gets gradient × input only.
+
+    [bold]Examples[/]
+
+      dltrain explain runs/quickstart/checkpoints/best.pt digit.png
+
+      dltrain explain best.pt cat.jpg --method gradcam --output cat-gradcam.png
+    """
+    console = Console()
+    with user_facing_errors():
+        from dltrain.explain import default_output, explain_file, write_png
+        from dltrain.inference import load_for_inference
+
+        predictor = load_for_inference(checkpoint)
+        result = explain_file(predictor, image, method.value)
+        target = output or default_output(image)
+        write_png(result, image.name, target)
+        for note in result.notes:
+            console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
+        console.print(
+            f"predicted [bold]{escape(result.predicted)}[/] ({result.probability:.3f}) · "
+            f"saliency map written to {escape(str(target))}",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def main() -> None:

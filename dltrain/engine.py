@@ -12,7 +12,7 @@ import math
 import random
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +25,16 @@ from dltrain.data.loaders import Batches, make_batches
 from dltrain.data.pipeline import BatchPipeline
 from dltrain.data.prepare import PreparedData, prepare_data
 from dltrain.devices import resolve_device
-from dltrain.errors import RunFailure, UserError
+from dltrain.errors import DltrainError, RunFailure, UserError
 from dltrain.interrupts import GracefulStop, Interrupted
-from dltrain.metrics import ConfusionMatrix, classification_report
+from dltrain.metrics import ConfusionMatrix, classification_report, ranking_report
 from dltrain.optim import LrSchedule, constant_schedule
 from dltrain.progress import Progress
 from dltrain.recipe import Recipe, resolve_with_context
 from dltrain.registry import LOSSES, MODELS, OPTIMIZERS, SCHEDULERS
 from dltrain.run_folder import RunFolder
-from dltrain.train_state import TrainState, check_resumable
+from dltrain.run_log import RunLog
+from dltrain.train_state import TrainState, check_resumable, direction, improves
 
 FINITE_CHECK_SECONDS = 1.0  # how often the loss is checked for NaN/inf (a device sync)
 
@@ -95,12 +96,16 @@ class Training:
     schedule: LrSchedule
     run: RunFolder
     progress: Progress
+    log: RunLog
     stop: GracefulStop
     state: TrainState
+    started: float = field(default_factory=time.perf_counter)  # for the time to first step
+    stepped: bool = False  # has this process taken an optimizer step yet
 
 
 def fit(recipe: Recipe, run: RunFolder, progress: Progress, resume: Path | None = None) -> dict:
     """Train as the recipe says, write the run folder, and return the test report."""
+    started = time.perf_counter()
     s = build_setup(recipe)
     train_batches = _batches(s, "train", shuffle=True)
     val_batches = _batches(s, "val", shuffle=False) if "val" in s.data.splits else None
@@ -111,24 +116,37 @@ def fit(recipe: Recipe, run: RunFolder, progress: Progress, resume: Path | None 
     state = TrainState()
     if resume is not None:
         state = _restore(load_checkpoint(resume), resume, s, optimizer, schedule)
+    log = RunLog(run.root, tensorboard=recipe.logging.tensorboard)  # may refuse: before writes
     run.start(recipe)
+    log.event(
+        "start",
+        run=recipe.name,
+        device=str(s.device),
+        precision=s.precision.name,
+        data_path=train_batches.path,
+        resumed_from=str(resume) if resume else None,
+        epoch=state.epoch,
+        step=state.step,
+    )
     progress.start(recipe, s.device, s.precision.name, train_batches.path, s.model, s.data)
     model = torch.compile(s.model) if recipe.train.compile else s.model
+    t = Training(s, model, optimizer, schedule, run, progress, log, GracefulStop(), state, started)
 
-    with GracefulStop() as stop, _out_of_memory_is_a_run_failure(s, run):
-        t = Training(s, model, optimizer, schedule, run, progress, stop, state)
+    with t.stop, _logged_failures(log), _out_of_memory_is_a_run_failure(s, run):
         for epoch in range(state.epoch + 1, recipe.train.epochs + 1):
+            if state.stopped_early:
+                break
             # train
             train_loss = train_one_epoch(t, train_batches, epoch)
 
             # evaluate
             val_loss, val_accuracy = None, None
             if val_batches is not None:
-                val_loss, matrix = evaluate(model, val_batches, s)
-                val_accuracy = _accuracy(matrix)
+                validation = evaluate(model, val_batches, s)
+                val_loss, val_accuracy = validation.loss, validation.accuracy
             schedule.step_epoch(val_loss)
 
-            # record and checkpoint
+            # record, decide, checkpoint
             row = {
                 "epoch": epoch,
                 "train_loss": train_loss,
@@ -142,20 +160,42 @@ def fit(recipe: Recipe, run: RunFolder, progress: Progress, resume: Path | None 
             state.start_epoch()
             state.history.append(row)
             run.write_metrics(state.history)
+            log.epoch(row)
             improved = _update_best(state, row, recipe.train.monitor)
+            _update_early_stopping(state, row, recipe.train.early_stopping)
+            _check_weights_finite(t, epoch)
             checkpoint = _checkpoint_state(t)
             run.save_last(checkpoint)
             if improved:
                 run.save_best(checkpoint)
+            log.event(
+                "checkpoint",
+                epoch=epoch,
+                last=str(run.last_path),
+                best=str(run.best_path) if improved else None,
+            )
             progress.epoch_end(row, improved)
-            if stop.requested:
-                raise Interrupted(stop.signum, str(run.last_path))
+            if state.stopped_early:
+                progress.early_stop(epoch, state.best_epoch)
+                log.event("early_stop", epoch=epoch, best_epoch=state.best_epoch)
+            if t.stop.requested:
+                raise Interrupted(t.stop.signum, str(run.last_path))
 
     # final evaluation of the best model on the test split (val when there is none)
     # (a run resumed from another folder, or one whose val loss was never finite, may have no
     # best.pt of its own: then its latest weights are what it has)
     final = next(p for p in (run.best_path, run.last_path, resume) if p and Path(p).exists())
-    return evaluate_checkpoint(final, run.root, progress, s)
+    with _logged_failures(log), _out_of_memory_is_a_run_failure(s, run):
+        report = evaluate_checkpoint(final, run.root, progress, s, history=state.history)
+    log.event(
+        "end",
+        split=report["split"],
+        accuracy=report["accuracy"],
+        best_epoch=state.best_epoch,
+        seconds=round(time.perf_counter() - started, 3),
+    )
+    log.close()
+    return report
 
 
 def train_one_epoch(t: Training, batches: Batches, epoch: int) -> float:
@@ -168,6 +208,7 @@ def train_one_epoch(t: Training, batches: Batches, epoch: int) -> float:
     t.model.train()
     steps, accumulate = len(batches), train.accumulate
     skip_nonfinite = train.on_nonfinite == "skip_step"
+    penalised = [p for p in s.model.parameters() if p.dim() > 1]  # L1 on weights, not biases
     loss_sum = torch.tensor(state.epoch_loss_sum, device=s.device)
     first_bad = torch.tensor(-1, device=s.device)  # first batch with a non-finite loss
     started = time.perf_counter() - state.epoch_seconds
@@ -177,13 +218,14 @@ def train_one_epoch(t: Training, batches: Batches, epoch: int) -> float:
         # forward backward
         with s.precision.autocast():
             loss = s.loss_fn(t.model(s.pipeline.train(x)), y)
+            objective = loss + train.l1 * _l1_norm(penalised) if train.l1 else loss
         finite = torch.isfinite(loss)
         if skip_nonfinite and not finite:  # opt-in: this check waits for the device each step
             t.progress.skipped(epoch, i + 1)
         else:
             # a step's gradient is the mean over its micro-batches; the last group may be short
             group = min(accumulate, steps - i // accumulate * accumulate)
-            s.precision.backward(loss / group)
+            s.precision.backward(objective / group)
             # running totals stay on the device; the display reads them when it refreshes
             loss_sum += loss.detach().float() * len(y)
             first_bad = torch.where(finite | (first_bad >= 0), first_bad, i)
@@ -197,6 +239,9 @@ def train_one_epoch(t: Training, batches: Batches, epoch: int) -> float:
         t.optimizer.zero_grad(set_to_none=True)
         t.schedule.step_batch()
         state.batch, state.step = i + 1, state.step + 1
+        if not t.stepped:
+            t.stepped = True
+            t.log.event("first_step", seconds=round(time.perf_counter() - t.started, 3))
 
         # between steps: non-finite check, mid-epoch checkpoint, stop request
         if time.perf_counter() >= next_check:
@@ -208,6 +253,7 @@ def train_one_epoch(t: Training, batches: Batches, epoch: int) -> float:
             state.epoch_loss_sum = loss_sum.item()
             state.epoch_seconds = time.perf_counter() - started
             _check_finite(t, first_bad, epoch, steps)  # never save non-finite weights
+            _check_weights_finite(t, epoch)
             t.run.save_last(_checkpoint_state(t))
             if t.stop.requested:
                 t.progress.close()
@@ -217,6 +263,23 @@ def train_one_epoch(t: Training, batches: Batches, epoch: int) -> float:
     state.epoch_seconds = time.perf_counter() - started
     _check_finite(t, first_bad, epoch, steps)
     return state.epoch_loss_sum / max(state.epoch_seen, 1)
+
+
+def _l1_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    """Sum of absolute weights, in one fused kernel per dtype (foreach)."""
+    return torch.stack(torch._foreach_norm(params, 1)).sum()
+
+
+def _check_weights_finite(t: Training, epoch: int) -> None:
+    """Before a save: a step with a finite loss can still leave NaN/inf weights (one sync)."""
+    params = list(t.s.model.parameters())
+    if params and not bool(torch.stack([p.isfinite().all() for p in params]).all()):
+        last_good = t.run.last_path if t.run.last_path.exists() else None
+        raise RunFailure(
+            f"the weights became non-finite in epoch {epoch}; nothing was saved. Lower "
+            "optimizer.lr or set train.grad_clip. "
+            + (f"Last good checkpoint: {last_good}." if last_good else "No checkpoint was written.")
+        )
 
 
 def _check_finite(t: Training, first_bad: torch.Tensor, epoch: int, steps: int) -> None:
@@ -261,18 +324,41 @@ def _schedule(recipe: Recipe, optimizer, batches_per_epoch: int) -> LrSchedule:
     )
 
 
+@dataclass
+class Evaluation:
+    """One pass over a split: mean loss, confusion matrix, and (when kept) the class scores."""
+
+    loss: float
+    matrix: torch.Tensor  # C×C counts on the CPU
+    scores: torch.Tensor | None = None  # N×C softmax probabilities, in the split's order
+    targets: torch.Tensor | None = None
+
+    @property
+    def accuracy(self) -> float:
+        total = int(self.matrix.sum())
+        return float(self.matrix.diagonal().sum()) / total if total else 0.0
+
+
 @torch.inference_mode()
-def evaluate(model, batches: Batches, s: Setup) -> tuple[float, torch.Tensor]:
-    """Mean loss and the confusion matrix over a split; every sample counted once."""
+def evaluate(model, batches: Batches, s: Setup, keep_scores: bool = False) -> Evaluation:
+    """Loss and confusion matrix over a split, every sample counted once; scores on request
+    (for AUROC, average precision, top-k: the final report, not every epoch)."""
     model.eval()
     matrix = ConfusionMatrix(s.data.num_classes, s.device)
     loss_sum = torch.zeros((), device=s.device, dtype=torch.float64)
+    scores, targets = [], []
     for x, y in batches.epoch(0):
         with s.precision.autocast():
             logits = model(s.pipeline.eval(x))
         loss_sum += s.loss_fn(logits.float(), y).double() * len(y)
         matrix.update(logits.argmax(dim=1), y)
-    return (loss_sum / max(batches.num_samples, 1)).item(), matrix.matrix.cpu()
+        if keep_scores:
+            scores.append(logits.float().softmax(dim=1))
+            targets.append(y)
+    loss = (loss_sum / max(batches.num_samples, 1)).item()
+    if not keep_scores:
+        return Evaluation(loss, matrix.matrix.cpu())
+    return Evaluation(loss, matrix.matrix.cpu(), torch.cat(scores).cpu(), torch.cat(targets).cpu())
 
 
 def evaluate_checkpoint(
@@ -283,10 +369,12 @@ def evaluate_checkpoint(
     split: str | None = None,
     device: str | None = None,
     overrides: list[str] = (),
+    history: list[dict[str, Any]] | None = None,
 ) -> dict:
     """Rebuild (or reuse) a setup, load the checkpoint's weights, and report on a split.
 
-    The report goes to `output` (default: eval-SPLIT beside the checkpoint).
+    The report goes to `output` (default: eval-SPLIT beside the checkpoint), with
+    confusion_matrix.png, and curves.png when the training `history` is given.
     """
     from dltrain.report import write_report
 
@@ -305,14 +393,15 @@ def evaluate_checkpoint(
     output = output or Path(checkpoint_path).parent / f"eval-{split}"
     progress.evaluating(split, len(setup.data.splits[split]))
     batches = _batches(setup, split, shuffle=False)
-    loss, matrix = evaluate(setup.model, batches, setup)
+    result = evaluate(setup.model, batches, setup, keep_scores=True)
     report = {
         "split": split,
         "checkpoint": _relative(checkpoint_path, output),
-        "loss": loss,
-        **classification_report(matrix.numpy(), setup.data.classes),
+        "loss": result.loss,
+        **classification_report(result.matrix.numpy(), setup.data.classes),
+        **ranking_report(result.scores.numpy(), result.targets.numpy(), setup.data.classes),
     }
-    write_report(output, report)
+    write_report(output, report, history=history, title=setup.recipe.name)
     progress.report(report)
     return report
 
@@ -337,22 +426,47 @@ def _batches(s: Setup, split: str, shuffle: bool) -> Batches:
     )
 
 
-def _accuracy(matrix: torch.Tensor) -> float:
-    total = int(matrix.sum())
-    return float(matrix.diagonal().sum()) / total if total else 0.0
-
-
 def _update_best(state: TrainState, row: dict[str, Any], monitor: str) -> bool:
     """Record the monitored value; True when this epoch is the best so far (and finite)."""
-    value = row[monitor] if row[monitor] is not None else row["train_loss"]
-    if not math.isfinite(value):
+    value = _monitored(row, monitor)
+    if not math.isfinite(value) or not improves(value, state.best, direction(monitor)):
         return False
-    better = state.best is None or (
-        value > state.best if monitor == "val_accuracy" else value < state.best
-    )
-    if better:
-        state.best, state.best_epoch = value, row["epoch"]
-    return better
+    state.best, state.best_epoch = value, row["epoch"]
+    return True
+
+
+def _update_early_stopping(state: TrainState, row: dict[str, Any], rule) -> None:
+    """Count epochs without improvement; mark the run stopped after `patience` of them."""
+    if rule is None:
+        return
+    value = _monitored(row, rule.monitor)
+    mode = direction(rule.monitor, rule.mode)
+    if math.isfinite(value) and improves(value, state.early_best, mode, rule.min_delta):
+        state.early_best, state.epochs_without_improvement = value, 0
+    else:
+        state.epochs_without_improvement += 1
+    state.stopped_early = state.epochs_without_improvement >= rule.patience
+
+
+def _monitored(row: dict[str, Any], monitor: str) -> float:
+    # without a validation split, val_* fall back to the training loss
+    return row[monitor] if row[monitor] is not None else row["train_loss"]
+
+
+@contextlib.contextmanager
+def _logged_failures(log: RunLog) -> Iterator[None]:
+    """Record how a run ended badly in events.jsonl, then let the error go on."""
+    try:
+        yield
+    except Interrupted as stop:
+        log.event("interrupted", signal=stop.signum, checkpoint=stop.checkpoint)
+        raise
+    except DltrainError as error:
+        log.event("error", message=str(error), exit_code=error.exit_code)
+        raise
+    except BaseException as error:
+        log.event("error", message=f"{type(error).__name__}: {error}")
+        raise
 
 
 def _checkpoint_state(t: Training) -> dict[str, Any]:

@@ -104,6 +104,13 @@ class Progress:
         parts += [f"lr {row['lr']:.1e}", f"{row['seconds']:.1f}s", f"{_si(row['samples_per_s'])}/s"]
         self._print("  ".join(parts) + ("  [green]★[/]" if improved else ""))
 
+    def early_stop(self, epoch: int, best_epoch: int | None) -> None:
+        """Early stopping ended the run; the report uses the best epoch's weights."""
+        self._print(
+            f"[yellow]early stopping after epoch {epoch}[/]: no improvement; "
+            f"using the best weights (epoch {best_epoch})"
+        )
+
     def skipped(self, epoch: int, batch: int) -> None:
         """A step skipped for a non-finite loss (train.on_nonfinite: skip_step)."""
         self._print(f"[yellow]skipped epoch {epoch} batch {batch}: non-finite loss[/]")

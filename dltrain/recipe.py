@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from dltrain.errors import RecipeError, UserError, did_you_mean
 from dltrain.validation import recipe_error
@@ -38,6 +38,22 @@ class Normalize(BaseModel):
     std: list[Annotated[float, Field(gt=0)]]
 
 
+class Fold(BaseModel):
+    """`data.fold: {index: i, of: k}`: validate on part i of k stratified folds of the train
+    split (1-based), train on the other k-1. Set by `dltrain fit --folds K` for each fold's run,
+    so its recipe.yaml and checkpoints rebuild the same split (eval, resume)."""
+
+    model_config = ConfigDict(extra="forbid")
+    index: PositiveInt
+    of: Annotated[int, Field(ge=2)]
+
+    @model_validator(mode="after")
+    def _index_within(self) -> Fold:
+        if self.index > self.of:
+            raise ValueError(f"index {self.index} is beyond the {self.of} folds (1 to {self.of})")
+        return self
+
+
 class DataSection(BaseModel):
     """`data:`: the dataset (name + its own arguments) and how batches are made."""
 
@@ -52,11 +68,22 @@ class DataSection(BaseModel):
     normalize: Literal["auto", "none"] | Normalize = "auto"
     loader: Literal["auto", "resident", "workers"] = "auto"
     num_workers: Annotated[int, Field(ge=0)] | None = None  # default: from the CPU count
+    fold: Fold | None = None  # cross-validation fold; replaces val_split and any dataset val split
 
     @property
     def dataset_args(self) -> dict[str, Any]:
         """The dataset section as the registry sees it: name plus the dataset's arguments."""
         return {"name": self.name, **(self.model_extra or {})}
+
+
+class EarlyStopping(BaseModel):
+    """`train.early_stopping:` stop when the monitored value stops improving."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    monitor: Literal["val_loss", "val_accuracy", "train_loss"] = "val_loss"
+    mode: Literal["auto", "min", "max"] = "auto"  # auto: max for accuracy, min for losses
+    patience: Annotated[int, Field(ge=1)] = 5  # epochs without improvement before stopping
+    min_delta: Annotated[float, Field(ge=0)] = 0.0  # smaller changes are no improvement
 
 
 class TrainSection(BaseModel):
@@ -68,10 +95,19 @@ class TrainSection(BaseModel):
     compile: bool = False
     grad_clip: Annotated[float, Field(gt=0)] | None = None
     accumulate: PositiveInt = 1
-    monitor: Literal["val_loss", "val_accuracy", "train_loss"] = "val_loss"
+    monitor: Literal["val_loss", "val_accuracy", "train_loss"] = "val_loss"  # picks best.pt
+    early_stopping: EarlyStopping | None = None
+    l1: Annotated[float, Field(ge=0)] = 0.0  # L1 penalty on weights (beside weight decay's L2)
     channels_last: Literal["auto"] | bool = "auto"
     checkpoint_every_steps: PositiveInt | None = None  # also write last.pt mid-epoch
     on_nonfinite: Literal["stop", "skip_step"] = "stop"  # skip_step costs a sync per step
+
+
+class LoggingSection(BaseModel):
+    """`logging:` where a run's metrics go besides metrics.csv and events.jsonl (always)."""
+
+    model_config = ConfigDict(extra="forbid")
+    tensorboard: bool = False  # event files in {run}/tensorboard (needs `pip install tensorboard`)
 
 
 class Recipe(BaseModel):
@@ -90,15 +126,19 @@ class Recipe(BaseModel):
     optimizer: dict[str, Any] = {"name": "adam"}
     scheduler: dict[str, Any] | None = None
     train: TrainSection = TrainSection()
+    logging: LoggingSection = LoggingSection()
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved recipe as plain data (what recipe.yaml and checkpoints store).
 
-        `imports` is left out when empty, so recipes that import nothing read as before.
+        `imports` is left out when empty, and `data.fold` when unset (runs outside
+        cross-validation), so recipes that use neither read as before.
         """
         data = self.model_dump(mode="json")
         if not data["imports"]:
             del data["imports"]
+        if data["data"].get("fold") is None:
+            data["data"].pop("fold", None)
         return data
 
 

@@ -1,29 +1,83 @@
-"""report.json (the contract of DESIGN.md §4) and report.md (the same, for people)."""
+"""report.json (the contract of DESIGN.md §4), report.md (the same, for people) and the plots."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from dltrain.atomic import atomic_write_text
 
+CONFUSION_MATRIX_PNG = "confusion_matrix.png"
+CURVES_PNG = "curves.png"
 
-def write_report(folder: Path, report: dict[str, Any]) -> None:
-    """Write report.json and report.md into `folder`, each atomically."""
+
+def write_report(
+    folder: Path,
+    report: dict[str, Any],
+    history: Sequence[dict[str, Any]] | None = None,
+    title: str | None = None,
+) -> None:
+    """Write report.json, the plots and report.md into `folder`, each atomically.
+
+    confusion_matrix.png is always drawn, curves.png when the training `history` (the rows of
+    metrics.csv) is given; `title` names the run in the plots (default: the folder's name).
+    A plot that cannot be drawn never fails the report: it is skipped with a warning, and a
+    stale image of that name from an earlier report is removed rather than shown beside it.
+    """
     folder = Path(folder)
+    title = title or folder.resolve().name
     atomic_write_text(folder / "report.json", json.dumps(report, indent=2) + "\n")
-    atomic_write_text(folder / "report.md", report_markdown(report))
+
+    failures: list[str] = []
+
+    def plot(name: str, draw: Callable[[Path], Any]) -> None:
+        try:
+            draw(folder / name)
+        except Exception as exc:  # plots are extras: no failure of theirs may break a run
+            failures.append(f"{name}: {type(exc).__name__}: {exc}")
+            with contextlib.suppress(OSError):
+                (folder / name).unlink(missing_ok=True)
+
+    def confusion_matrix(path: Path) -> None:
+        from dltrain.plots import write_confusion_matrix
+
+        write_confusion_matrix(path, report, title)
+
+    def curves(path: Path) -> None:
+        from dltrain.plots import write_curves
+
+        write_curves(path, history, title)
+
+    plot(CONFUSION_MATRIX_PNG, confusion_matrix)
+    if history:
+        plot(CURVES_PNG, curves)
+    if failures:
+        warnings.warn("plots skipped: " + "; ".join(failures), stacklevel=2)
+
+    embedded = (("training curves", CURVES_PNG), ("confusion matrix", CONFUSION_MATRIX_PNG))
+    images = [(alt, name) for alt, name in embedded if (folder / name).is_file()]
+    atomic_write_text(folder / "report.md", report_markdown(report, images))
 
 
-def report_markdown(report: dict[str, Any]) -> str:
-    """The report as Markdown tables: summary, per-class metrics, confusion matrix."""
+def report_markdown(report: dict[str, Any], images: Sequence[tuple[str, str]] = ()) -> str:
+    """The report as Markdown: summary, embedded plots, per-class metrics, confusion matrix.
+
+    `images` are (alt text, file name relative to report.md) pairs, shown under the summary.
+    """
     lines = [
         f"# Evaluation on the {report['split']} split",
         "",
         f"Checkpoint `{report['checkpoint']}` · {report['num_samples']:,} samples · "
         f"loss {report['loss']:.4f} · **accuracy {report['accuracy']:.4f}**",
         "",
+    ]
+    for alt, name in images:
+        lines += [f"![{alt}]({name})", ""]
+    lines += [
         "| average | precision | recall | f1 |",
         "|---|---:|---:|---:|",
     ]

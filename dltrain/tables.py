@@ -95,3 +95,81 @@ def registry_table(registry: Registry) -> Table:
         arguments = ", ".join(str(a) for a in registry.arguments(name))
         table.add_row(escape(name), escape(registry.summary(name)), escape(arguments))
     return table
+
+
+def cv_table(cv_report: dict[str, Any]) -> Table:
+    """Cross-validation: one row per metric with mean ± std (ddof=1) and each fold's value."""
+    split = cv_report.get("split") or "test"
+    title = f"{cv_report['folds']}-fold cross-validation ({split} split; best_val_*: validation)"
+    table = Table(title=title, title_justify="left")
+    table.add_column("metric")
+    table.add_column("mean ± std", justify="right")
+    table.add_column("per fold", justify="right")
+    for name, m in cv_report["metrics"].items():
+        table.add_row(
+            escape(name),
+            f"{m['mean']:.4f} ± {m['std']:.4f}",
+            "  ".join(f"{v:.4f}" for v in m["values"]),
+        )
+    return table
+
+
+def runs_table(rows: list[dict[str, Any]], folder: str) -> Table:
+    """`dltrain runs`: one row per run folder (rows from dltrain.runs_table); '—' when missing."""
+    table = Table(title=f"runs in {escape(folder)}", title_justify="left")
+    headers = {
+        "name": "run",
+        "model": "model",
+        "dataset": "dataset",
+        "epochs": "epochs",
+        "best_val_loss": "best val_loss",
+        "best_val_accuracy": "best val_acc",
+        "test_accuracy": "test acc",
+        "f1_macro": "macro F1",
+        "modified": "modified",
+    }
+    for key, header in headers.items():
+        left = key in ("name", "model", "dataset", "modified")
+        table.add_column(header, justify="left" if left else "right", no_wrap=key == "name")
+    for row in rows:
+        accuracy = _cell(row["test_accuracy"])
+        if row["test_accuracy"] is not None and row.get("report_split") not in (None, "test"):
+            accuracy += f" ({escape(row['report_split'])})"  # no test split: the report's split
+        epochs = str(row["epochs"])
+        if row.get("epochs_planned"):
+            epochs += f"/{row['epochs_planned']}"
+        modified = row["modified"].replace("T", " ")[:16] if row["modified"] else "—"
+        table.add_row(
+            escape(row["name"]),
+            escape(row["model"] or "—"),
+            escape(row["dataset"] or "—"),
+            epochs,
+            _cell(row["best_val_loss"]),
+            _cell(row["best_val_accuracy"]),
+            accuracy,
+            _cell(row["f1_macro"]),
+            modified,
+        )
+    return table
+
+
+def _cell(value: float | None) -> str:
+    return "—" if value is None else f"{value:.4f}"
+
+
+def predictions_table(prediction: dict[str, Any]) -> Table:
+    """One input's top classes: rank, class and probability (the first in bold)."""
+    name = prediction["input"]
+    # As wide as the title, so that a long file name stays on one line (up to the console's width).
+    table = Table(title=escape(name), title_justify="left", min_width=len(name))
+    table.add_column("rank", justify="right")
+    table.add_column("class")
+    table.add_column("probability", justify="right")
+    for rank, entry in enumerate(prediction["predictions"], start=1):
+        style = "bold" if rank == 1 else ""
+        table.add_row(
+            str(rank),
+            f"[{style}]{escape(entry['class'])}[/]" if style else escape(entry["class"]),
+            f"{entry['probability']:.4f}",
+        )
+    return table

@@ -22,6 +22,8 @@ RESUMABLE_CHANGES = (
     "data.loader",
     "data.num_workers",
     "data.eval_batch_size",
+    "train.early_stopping",
+    "logging",
 )
 
 
@@ -37,6 +39,9 @@ class TrainState:
     epoch_seconds: float = 0.0
     best: float | None = None  # best monitored value so far, and when
     best_epoch: int | None = None
+    early_best: float | None = None  # early stopping: best value and epochs without improving
+    epochs_without_improvement: int = 0
+    stopped_early: bool = False
     history: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -90,3 +95,17 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
         else:
             flat[path] = value
     return flat
+
+
+def improves(value: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:
+    """Whether `value` beats `best` by more than min_delta in the given direction (min/max)."""
+    if best is None:
+        return True
+    return value < best - min_delta if mode == "min" else value > best + min_delta
+
+
+def direction(monitor: str, mode: str = "auto") -> str:
+    """min or max: `auto` maximises accuracies and minimises losses."""
+    if mode != "auto":
+        return mode
+    return "max" if monitor.endswith("accuracy") else "min"

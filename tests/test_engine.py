@@ -242,6 +242,31 @@ def test_skip_step_skips_non_finite_batches_and_finishes(tmp_path, monkeypatch):
         assert torch.isfinite(tensor).all()
 
 
+def test_nan_weights_after_a_finite_loss_are_never_saved(tmp_path, monkeypatch):
+    real_build = engine.build_setup
+
+    def poison_the_last_step_of_epoch_2(*args, **kwargs):
+        setup = real_build(*args, **kwargs)
+        real_step, steps = setup.precision.step, []
+
+        def step(optimizer, params, grad_clip):
+            real_step(optimizer, params, grad_clip)
+            steps.append(1)
+            if len(steps) == 8:  # 4 steps an epoch: the loss of this step was finite
+                with torch.no_grad():
+                    next(setup.model.parameters()).fill_(float("nan"))
+
+        setup.precision.step = step
+        return setup
+
+    monkeypatch.setattr(engine, "build_setup", poison_the_last_step_of_epoch_2)
+    with pytest.raises(RunFailure, match="weights became non-finite in epoch 2") as failure:
+        train(tmp_path, TABULAR, "nanw", "train.epochs=3")
+    run = RunFolder(tmp_path / "nanw")
+    assert str(run.last_path) in str(failure.value)
+    assert load_checkpoint(run.last_path)["epoch"] == 1
+
+
 def test_out_of_memory_names_the_batch_size_and_a_smaller_setting(tmp_path, monkeypatch):
     real_build = engine.build_setup
 
@@ -341,15 +366,15 @@ def scripted_evaluate(monkeypatch, losses, accuracies):
     real = engine.evaluate
     script = iter(zip(losses, accuracies))
 
-    def evaluate(model, batches, s):
-        loss, matrix = real(model, batches, s)
+    def evaluate(model, batches, s, keep_scores=False):
+        result = real(model, batches, s, keep_scores)
         try:
             loss, accuracy = next(script)
         except StopIteration:
-            return loss, matrix
-        fake = torch.zeros_like(matrix)
+            return result
+        fake = torch.zeros_like(result.matrix)
         fake[0, 0], fake[1, 0] = round(accuracy * 100), 100 - round(accuracy * 100)
-        return loss, fake
+        return engine.Evaluation(loss, fake)
 
     monkeypatch.setattr(engine, "evaluate", evaluate)
 
@@ -441,6 +466,9 @@ def test_run_folder_files(tmp_path):
     written = sorted(p.name for p in run.root.rglob("*") if p.is_file())
     assert written == [
         "best.pt",
+        "confusion_matrix.png",
+        "curves.png",
+        "events.jsonl",
         "last.pt",
         "metrics.csv",
         "recipe.yaml",

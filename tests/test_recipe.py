@@ -345,7 +345,7 @@ def test_to_yaml_round_trips(overrides):
     # Top-level keys come in the order of the recipe contract.
     assert list(yaml.safe_load(text)) == [
         *("name", "seed", "device", "output", "data", "model"),
-        *("loss", "optimizer", "scheduler", "train"),
+        *("loss", "optimizer", "scheduler", "train", "logging"),
     ]
 
 
@@ -372,3 +372,12 @@ def test_every_shipped_recipe_starts_with_a_comment_saying_how_to_run_it(path):
         header.append(line)
     assert header, f"{path.name} must start with a '#' comment saying what it shows"
     assert f"dltrain fit recipes/{path.name}" in "\n".join(header)
+
+
+def test_yaml_tags_never_run_code(tmp_path):
+    marker = tmp_path / "ran"
+    path = tmp_path / "evil.yaml"
+    path.write_text(f'name: !!python/object/apply:os.system ["touch {marker}"]\n')
+    with pytest.raises(UserError, match=r"evil.yaml:1:7"):
+        load_recipe(path)
+    assert not marker.exists()

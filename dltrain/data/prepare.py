@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from dltrain.data.base import ArraySplit, DatasetSplits, Split
-from dltrain.data.splits import stratified_split
+from dltrain.data.splits import stratified_folds, stratified_split
 from dltrain.errors import UserError
 from dltrain.recipe import DataSection
 from dltrain.registry import DATASETS
@@ -55,10 +55,14 @@ def prepare_data(data: DataSection, seed: int, meta: dict[str, Any] | None = Non
     """Load the dataset, carve the validation split, and fix the normalisation.
 
     With `meta` (from a checkpoint) the stored normalisation is reused instead of recomputed.
+    With `data.fold` (cross-validation) the validation split is that fold of the dataset's train
+    split; `val_split` and any validation split the dataset has are then not used.
     """
     loaded: DatasetSplits = DATASETS.build(data.dataset_args, seed=seed)
     splits = {"train": loaded.train}
-    if loaded.val is not None:
+    if data.fold is not None:
+        splits["train"], splits["val"] = _fold(loaded.train, data.fold.index, data.fold.of, seed)
+    elif loaded.val is not None:
         splits["val"] = loaded.val
     elif data.val_split > 0:
         splits["train"], splits["val"] = _carve(loaded.train, data.val_split, seed)
@@ -82,6 +86,20 @@ def _carve(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
             "samples; raise it or set data.val_split=0."
         )
     return _subset(split, keep), _subset(split, carved)
+
+
+def _fold(split: Split, index: int, of: int, seed: int) -> tuple[Split, Split]:
+    """Fold `index` (1-based) of `of` stratified folds as validation, the rest as training."""
+    try:
+        folds = stratified_folds(_targets(split).numpy(), of, seed)
+    except ValueError as exc:
+        raise UserError(
+            f"data.fold: cannot make {of} folds of {len(split)} training samples ({exc}); "
+            "use fewer folds."
+        ) from None
+    validate = folds[index - 1]
+    train = np.sort(np.concatenate([f for i, f in enumerate(folds) if i != index - 1]))
+    return _subset(split, train), _subset(split, validate)
 
 
 def _subset(split: Split, indices: np.ndarray) -> Split:

@@ -44,3 +44,34 @@ def _carve_class(rng: np.random.Generator, indices: np.ndarray, fraction: float)
         return indices[:0]
     n = min(max(round(fraction * count), 1), count - 1)
     return rng.permutation(indices)[:n]
+
+
+def stratified_folds(labels: np.ndarray, k: int, seed: int) -> list[np.ndarray]:
+    """Assign every sample index to one of `k` folds, each class spread evenly over the folds.
+
+    Each class's indices are shuffled with `np.random.default_rng(seed)` and dealt out to the
+    folds in turn; the dealing continues where the previous class stopped, so the folds'
+    sizes differ by at most one, and so do each class's counts in any two folds. A class with
+    fewer than `k` samples is spread over as many folds as it has samples.
+
+    labels: 1-D array of class labels of any sortable dtype (ints or strings).
+    k: number of folds, at least 2; at most `len(labels)` (no fold may be empty).
+
+    Returns `k` int64 index arrays into `labels`, each sorted ascending; together they cover
+    every index exactly once. The same labels, k and seed always give the same folds.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+        raise ValueError(f"labels must be 1-D, got shape {labels.shape}")
+    if k < 2:
+        raise ValueError(f"k must be at least 2, got {k}")
+    if len(labels) < k:
+        raise ValueError(f"{k} folds need at least {k} samples; there are {len(labels)}")
+    rng = np.random.default_rng(seed)
+    fold_of = np.empty(len(labels), dtype=np.int64)
+    start = 0  # the fold that the next class's first sample goes to
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        fold_of[members] = (start + np.arange(len(members))) % k
+        start = (start + len(members)) % k
+    return [np.flatnonzero(fold_of == fold).astype(np.int64) for fold in range(k)]

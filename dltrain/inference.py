@@ -1,0 +1,157 @@
+"""A trained model ready to use, rebuilt from its checkpoint alone (never from the training data).
+
+`dltrain predict`, `export` and `explain` start here. The checkpoint holds the resolved recipe,
+the class names, the input shape and the normalisation (`data_meta`), so the dataset the model
+was trained on need not exist any more.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dltrain.checkpoint import load_checkpoint
+from dltrain.data.pipeline import BatchPipeline
+from dltrain.devices import resolve_device
+from dltrain.errors import RecipeError, UserError
+
+
+@dataclass
+class Predictor:
+    """A model in eval mode plus the preprocessing it was trained with (minus augmentation)."""
+
+    model: nn.Module
+    meta: dict[str, Any]  # the checkpoint's data_meta: kind, classes, input_shape, mean, std
+    recipe: dict[str, Any]  # the resolved recipe the model was trained with
+    device: torch.device
+    pipeline: BatchPipeline
+    path: Path
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.meta["classes"])
+
+    @property
+    def kind(self) -> str:
+        """'image' or 'tabular' (what the model takes as input)."""
+        return self.meta["kind"]
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One sample's shape: [C, H, W] for images, [F] for tabular rows."""
+        return tuple(self.meta["input_shape"])
+
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """A raw batch as the model saw it in training: uint8 scaled by 1/255, then normalised.
+
+        Float batches are taken as already scaled (as in training); nothing is augmented.
+        """
+        return self.pipeline.eval(x.to(self.device))
+
+    def predict_proba(self, batch: torch.Tensor) -> torch.Tensor:
+        """Class probabilities (N × classes, on the CPU) for a raw batch."""
+        with torch.inference_mode():
+            logits = self.model(self.preprocess(batch))
+            return torch.softmax(logits.float(), dim=1).cpu()
+
+
+def load_for_inference(checkpoint_path: Path | str, device: str = "cpu") -> Predictor:
+    """Rebuild a checkpoint's model with its weights, in eval mode, on `device`.
+
+    Every way the checkpoint can be unusable (missing, not a checkpoint, weights that do not fit
+    the model it names, a user module under `imports:` that is gone) is a UserError (exit 2).
+    """
+    from dltrain import components
+    from dltrain.recipe import import_user_modules
+
+    path = Path(checkpoint_path)
+    checkpoint = load_checkpoint(path)
+    recipe, meta = dict(checkpoint["recipe"]), dict(checkpoint["data_meta"])
+    _check_meta(meta, path)
+    components.load_all()
+    section = recipe.get("model")
+    if not isinstance(section, dict) or not isinstance(section.get("name"), str):
+        raise UserError(f"checkpoint {path} has no model section in its recipe.")
+    offline = _without_pretrained_weights(section)
+    try:
+        # The user's own components (`imports:` in the recipe) must register before the build.
+        import_user_modules(recipe)
+        model = _build_model(offline, meta)
+        if offline is not section and not _fits(model, checkpoint["model"]):
+            model = _build_model(section, meta)  # the pretrained form differs: build it as trained
+    except RecipeError as exc:
+        raise UserError(f"checkpoint {path}: {exc}") from exc.__cause__
+    _load_weights(model, checkpoint, path)
+    dev = resolve_device(device)
+    model = model.to(dev).eval()
+    pipeline = BatchPipeline(meta["kind"], meta["mean"], meta["std"], dev)
+    return Predictor(model, meta, recipe, dev, pipeline, path)
+
+
+def _check_meta(meta: dict[str, Any], path: Path) -> None:
+    missing = [k for k in ("kind", "classes", "input_shape", "mean", "std") if k not in meta]
+    if missing:
+        raise UserError(
+            f"checkpoint {path} has no {', '.join(missing)} in its data_meta, so its input cannot "
+            "be prepared; it was not written by a compatible dltrain fit. Use another checkpoint."
+        )
+    # Text models (a vocabulary in data_meta) are a later addition; they would be checked here.
+    if meta["kind"] not in ("image", "tabular"):
+        raise UserError(
+            f"checkpoint {path} holds a model for '{meta['kind']}' input, which this dltrain "
+            "cannot run yet (image and tabular models only). Upgrade dltrain."
+        )
+
+
+# torchvision builds these differently when given pretrained weights (e.g. transform_input).
+_PRETRAINED_FORM_DIFFERS = frozenset({"torchvision:googlenet", "torchvision:inception_v3"})
+
+
+def _without_pretrained_weights(section: dict[str, Any]) -> dict[str, Any]:
+    """The model section to build, without fetching pretrained torchvision weights again.
+
+    The checkpoint's own weights replace them right away, so downloading them would only make
+    inference need the network (and fail offline).
+    """
+    name = section["name"]
+    if (
+        name.startswith("torchvision:")
+        and section.get("weights") is not None
+        and name not in _PRETRAINED_FORM_DIFFERS
+    ):
+        return {**section, "weights": None}
+    return section
+
+
+def _build_model(section: dict[str, Any], meta: dict[str, Any]) -> nn.Module:
+    from dltrain.registry import MODELS
+
+    return MODELS.build(
+        section, input_shape=tuple(meta["input_shape"]), num_classes=len(meta["classes"])
+    )
+
+
+def _fits(model: nn.Module, state: Any) -> bool:
+    """Whether a state_dict has exactly the model's keys and shapes."""
+    own = model.state_dict()
+    return (
+        isinstance(state, dict)
+        and own.keys() == state.keys()
+        and all(getattr(state[k], "shape", None) == v.shape for k, v in own.items())
+    )
+
+
+def _load_weights(model: nn.Module, checkpoint: dict[str, Any], path: Path) -> None:
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(
+            f"the weights in {path} do not fit the model its recipe names "
+            f"({checkpoint['recipe'].get('model')}): {first}. The checkpoint is damaged or was "
+            "written by different model code; use another checkpoint."
+        ) from None

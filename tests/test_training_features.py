@@ -1,0 +1,118 @@
+"""Early stopping, L1 regularisation, the event log and TensorBoard, on tiny in-process runs."""
+
+from __future__ import annotations
+
+import builtins
+import json
+
+import pytest
+import torch
+
+from dltrain.checkpoint import load_checkpoint
+from dltrain.errors import RunFailure, UserError
+
+from runs import DIGITS, TABULAR, metric_rows, train, weights
+
+
+def events(run) -> list[dict]:
+    return events_in(run.root)
+
+
+def events_in(folder) -> list[dict]:
+    return [json.loads(line) for line in (folder / "events.jsonl").read_text().splitlines()]
+
+
+def test_early_stopping_ends_an_over_long_run_and_keeps_the_best_weights(tmp_path):
+    rule = "train.early_stopping={monitor: val_loss, patience: 3}"
+    run, report = train(tmp_path, DIGITS, "early", "train.epochs=100", "optimizer.lr=0.01", rule)
+    rows = metric_rows(run)
+    losses = [float(r["val_loss"]) for r in rows]
+    best_epoch = losses.index(min(losses)) + 1
+    assert len(rows) < 100  # it stopped
+    assert len(rows) == best_epoch + 3  # exactly `patience` epochs after the best one
+    best = load_checkpoint(run.best_path)
+    assert best["epoch"] == best_epoch
+    assert report["checkpoint"] == "checkpoints/best.pt"
+    assert [e["event"] for e in events(run)].count("early_stop") == 1
+
+    # resuming a run that stopped early trains no more
+    before = run.last_path.read_bytes()
+    train(
+        tmp_path,
+        DIGITS,
+        "early",
+        "train.epochs=100",
+        "optimizer.lr=0.01",
+        rule,
+        resume=run.last_path,
+    )
+    assert run.last_path.read_bytes() == before
+
+
+def test_early_stopping_on_accuracy_maximises(tmp_path):
+    rule = "train.early_stopping={monitor: val_accuracy, patience: 2, min_delta: 0.5}"
+    run, _ = train(tmp_path, DIGITS, "acc", "train.epochs=20", rule)
+    # no epoch can beat the first by 0.5 accuracy: it stops after 1 + patience epochs
+    assert len(metric_rows(run)) == 3
+
+
+def test_l1_penalty_shrinks_the_weights(tmp_path):
+    plain, _ = train(tmp_path, TABULAR, "plain", "train.epochs=3")
+    sparse, _ = train(tmp_path, TABULAR, "l1", "train.epochs=3", "train.l1=0.1")
+
+    def l1(run):
+        return sum(w.abs().sum() for k, w in weights(run.last_path).items() if w.dim() > 1)
+
+    assert l1(sparse) < 0.8 * l1(plain)
+    # the reported loss is the data loss alone, not the penalty
+    assert float(metric_rows(sparse)[-1]["train_loss"]) < 2.0
+
+
+def test_event_log_tells_the_story_of_a_run(tmp_path):
+    run, report = train(tmp_path, DIGITS, "story", "train.epochs=2")
+    log = events(run)
+    kinds = [e["event"] for e in log]
+    assert kinds == ["start", "first_step", "epoch", "checkpoint", "epoch", "checkpoint", "end"]
+    assert all(isinstance(e["time"], float) for e in log)
+    assert log[1]["seconds"] > 0  # time to first step
+    assert log[2]["epoch"] == 1 and "val_loss" in log[2]
+    assert log[-1]["accuracy"] == report["accuracy"]
+
+
+def test_event_log_records_a_failure(tmp_path):
+    with pytest.raises(RunFailure):
+        train(tmp_path, TABULAR, "nan", "optimizer.lr=1e30")
+    log = events_in(tmp_path / "nan")
+    assert log[-1]["event"] == "error" and log[-1]["exit_code"] == 1
+    assert "non-finite" in log[-1]["message"]
+
+
+def test_tensorboard_event_files_when_asked(tmp_path):
+    pytest.importorskip("tensorboard")
+    run, _ = train(tmp_path, TABULAR, "tb", "logging.tensorboard=true")
+    files = list((run.root / "tensorboard").glob("events.out.tfevents.*"))
+    assert files and files[0].stat().st_size > 0
+
+
+def test_tensorboard_missing_is_a_clear_user_error(tmp_path, monkeypatch):
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name.startswith("torch.utils.tensorboard"):
+            raise ImportError("No module named 'tensorboard'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    with pytest.raises(UserError, match="pip install tensorboard") as error:
+        train(tmp_path, TABULAR, "tb", "logging.tensorboard=true")
+    assert error.value.exit_code == 2
+    assert not (tmp_path / "tb" / "checkpoints").exists()  # refused before training
+
+
+def test_report_has_ranking_metrics(tmp_path):
+    _, report = train(tmp_path, DIGITS, "ranks", "train.epochs=2")
+    assert set(report["top_k_accuracy"]) == {"5"}
+    assert report["top_k_accuracy"]["5"] >= report["accuracy"]
+    assert 0.5 < report["auroc"]["macro"] <= 1 and len(report["auroc"]["per_class"]) == 10
+    assert 0 < report["average_precision"]["macro"] <= 1
+    assert torch.isfinite(torch.tensor(report["loss"]))
