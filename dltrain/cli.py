@@ -146,6 +146,7 @@ def fit(
         from dltrain.interrupts import Interrupted
         from dltrain.progress import Progress
         from dltrain.recipe import load_recipe
+        from dltrain.report import headline
         from dltrain.run_folder import RunFolder
 
         loaded = load_recipe(recipe, overrides or [])
@@ -169,8 +170,8 @@ def fit(
         finally:
             progress.close()
         console.print(
-            f"run folder: {escape(str(run.root))} · {report['split']} accuracy "
-            f"[bold]{report['accuracy']:.4f}[/]",
+            f"run folder: {escape(str(run.root))} · {report['split']} {headline(report)[0]} "
+            f"[bold]{headline(report)[1]:.4f}[/]",
             highlight=False,
         )
 
@@ -420,9 +421,18 @@ def predict(
         ..., help="A checkpoint written by dltrain fit.", show_default=False
     ),
     inputs: list[Path] = typer.Argument(
-        ...,
+        None,
         help="Image files (png/jpg/jpeg/bmp/gif/webp) or .npy arrays for image models; .csv "
-        "tables or .npy arrays for tabular models.",
+        "tables or .npy arrays for tabular models; .npy arrays for sequence models; .txt files "
+        "(one text per line) or .csv tables (the text column) for text models.",
+        show_default=False,
+    ),
+    texts: list[str] = typer.Option(
+        None,
+        "--text",
+        "-t",
+        metavar="TEXT",
+        help="A text to predict, for text models (repeatable; predicted after the files).",
         show_default=False,
     ),
     top_k: int = typer.Option(
@@ -430,36 +440,48 @@ def predict(
         "--top-k",
         "-k",
         min=1,
-        help="Classes to show per input (default: 5, or all if fewer).",
+        help="Classes to show per input (default: 5, or all if fewer). Classification only.",
     ),
     device: str = typer.Option("cpu", "--device", help="Device to run the model on."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON array to stdout."),
 ) -> None:
-    """Predict the classes of files, prepared as in training, from the checkpoint alone.
+    """Predict from files or texts, prepared as in training, from the checkpoint alone.
 
     Images of any size: converted to the model's channels, resized (bilinear) to its input.
     .npy arrays: one sample or a batch; uint8 = pixels (scaled by 1/255), floats as they are.
     .csv tables (tabular models): one sample per row; a label column is ignored.
+    Text models: --text "..." or .txt/.csv files, encoded with the checkpoint's vocabulary.
+    Classifiers print the top classes, regression models the value, seq2seq models the
+    decoded output sequence.
 
     [bold]Examples[/]
 
       dltrain predict runs/quickstart/checkpoints/best.pt digit.png other.jpg
 
       dltrain predict best.pt batch.npy --top-k 3 --json
+
+      dltrain predict runs/sms/checkpoints/best.pt --text "free prize, call now" messages.txt
+
+      dltrain predict runs/reverse/checkpoints/best.pt --text 3071
     """
     console = _stderr_console() if as_json else Console()
     with user_facing_errors():
         from dltrain.inference import load_for_inference
         from dltrain.predict import predict_files
-        from dltrain.tables import predictions_table
+        from dltrain.tables import outputs_table, predictions_table
 
         predictor = load_for_inference(checkpoint, device)
-        results = predict_files(predictor, inputs, top_k)
+        results = predict_files(predictor, inputs or [], top_k, texts or [])
         if as_json:
             sys.stdout.write(json.dumps(results, indent=2) + "\n")
-            return
-        for result in results:
-            console.print(predictions_table(result))
+        elif predictor.task == "regression":
+            target = predictor.classes[0] if predictor.classes else "value"
+            console.print(outputs_table(results, "prediction", f"predicted {target}"))
+        elif predictor.task == "seq2seq":
+            console.print(outputs_table(results, "output", "output"))
+        else:
+            for result in results:
+                console.print(predictions_table(result))
 
 
 @app.command()
@@ -479,10 +501,13 @@ def export(
 ) -> None:
     """Export a checkpoint's model to ONNX or TorchScript, for use without dltrain.
 
-    The file maps a preprocessed float32 batch (N × input shape) to logits.
-    Preprocessing is not in the graph; the file's metadata (dltrain.json) says it:
-    x = uint8/255 for images, then (x - mean) / std per channel or feature.
+    The file maps a preprocessed float32 batch (N × input shape) to logits (regression: the
+    predicted values). Preprocessing is not in the graph; the file's metadata (dltrain.json)
+    says it: x = uint8/255 for images, then (x - mean) / std per channel or feature.
+    Text models take int64 token ids; the metadata holds the vocabulary and tokenizer.
     It also holds the class names and the input shape.
+    Seq2seq models decode step by step and are not exported (use dltrain predict); recurrent
+    models over token ids export to TorchScript only.
     ONNX export needs: pip install onnx onnxscript
 
     [bold]Examples[/]
@@ -493,14 +518,11 @@ def export(
     """
     console = Console()
     with user_facing_errors():
-        from dltrain.export import export_checkpoint
+        from dltrain.export import export_checkpoint, summary
 
         written, predictor = export_checkpoint(checkpoint, format.value, output)
-        shape = ", ".join(["N", *map(str, predictor.input_shape)])
         console.print(
-            f"exported {format.value} to {escape(str(written))} · input float32 [{shape}] "
-            "(scaled and normalised: see its dltrain.json metadata) · output logits over "
-            f"{len(predictor.classes)} classes",
+            f"exported {format.value} to {escape(str(written))} · {escape(summary(predictor))}",
             highlight=False,
             soft_wrap=True,
         )

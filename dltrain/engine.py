@@ -27,13 +27,14 @@ from dltrain.data.prepare import PreparedData, prepare_data
 from dltrain.devices import resolve_device
 from dltrain.errors import DltrainError, RunFailure, UserError
 from dltrain.interrupts import GracefulStop, Interrupted
-from dltrain.metrics import ConfusionMatrix, classification_report, ranking_report
 from dltrain.optim import LrSchedule, constant_schedule
 from dltrain.progress import Progress
 from dltrain.recipe import Recipe, resolve_with_context
 from dltrain.registry import LOSSES, MODELS, OPTIMIZERS, SCHEDULERS
+from dltrain.report import headline
 from dltrain.run_folder import RunFolder
 from dltrain.run_log import RunLog
+from dltrain.tasks import Classification, Evaluation, Regression, Seq2Seq, task_for
 from dltrain.train_state import TrainState, check_resumable, direction, improves
 
 FINITE_CHECK_SECONDS = 1.0  # how often the loss is checked for NaN/inf (a device sync)
@@ -50,6 +51,7 @@ class Setup:
     loss_fn: torch.nn.Module
     precision: MixedPrecision
     pipeline: BatchPipeline
+    task: Classification | Regression | Seq2Seq
 
 
 def seed_everything(seed: int) -> None:
@@ -67,17 +69,35 @@ def build_setup(recipe: Recipe, device: str | None = None, meta: dict | None = N
     # x86 CPUs compute on denormals ~10× slower: flush them to zero (numerically irrelevant).
     torch.set_flush_denormal(True)
     data = prepare_data(recipe.data, recipe.seed, meta)
-    model = MODELS.build(recipe.model, input_shape=data.input_shape, num_classes=data.num_classes)
-    channels_last = _use_channels_last(recipe.train.channels_last, dev, data.kind)
+    model = MODELS.build(
+        recipe.model,
+        input_shape=data.model_input_shape,
+        num_classes=data.num_classes,
+        input_kind=data.model_kind,
+        vocab_size=data.vocab_size,
+        task=data.task,
+        data_meta=data.meta(),
+    )
+    channels_last = _use_channels_last(recipe.train.channels_last, dev, data.model_kind)
     model = model.to(dev, memory_format=torch.channels_last if channels_last else None)
     loss_fn = LOSSES.build(
-        recipe.loss, num_classes=data.num_classes, class_counts=data.class_counts()
+        recipe.loss,
+        num_classes=data.num_classes,
+        class_counts=data.class_counts(),
+        task=data.task,
     ).to(dev)
     pipeline = BatchPipeline(
-        data.kind, data.mean, data.std, dev, recipe.data.augment, channels_last
+        data.kind, data.mean, data.std, dev, recipe.data.augment, channels_last, data.as_sequence
     )
     return Setup(
-        recipe, dev, data, model, loss_fn, MixedPrecision(recipe.train.precision, dev), pipeline
+        recipe,
+        dev,
+        data,
+        model,
+        loss_fn,
+        MixedPrecision(recipe.train.precision, dev),
+        pipeline,
+        task_for(data.task, data.extra),
     )
 
 
@@ -190,7 +210,7 @@ def fit(recipe: Recipe, run: RunFolder, progress: Progress, resume: Path | None 
     log.event(
         "end",
         split=report["split"],
-        accuracy=report["accuracy"],
+        **{headline(report)[0].replace(" ", "_"): headline(report)[1]},
         best_epoch=state.best_epoch,
         seconds=round(time.perf_counter() - started, 3),
     )
@@ -217,7 +237,7 @@ def train_one_epoch(t: Training, batches: Batches, epoch: int) -> float:
     for i, (x, y) in enumerate(batches.epoch(epoch, start=state.batch), start=state.batch):
         # forward backward
         with s.precision.autocast():
-            loss = s.loss_fn(t.model(s.pipeline.train(x)), y)
+            loss = s.task.training_loss(t.model, s.pipeline.train(x), y, s.loss_fn)
             objective = loss + train.l1 * _l1_norm(penalised) if train.l1 else loss
         finite = torch.isfinite(loss)
         if skip_nonfinite and not finite:  # opt-in: this check waits for the device each step
@@ -324,41 +344,16 @@ def _schedule(recipe: Recipe, optimizer, batches_per_epoch: int) -> LrSchedule:
     )
 
 
-@dataclass
-class Evaluation:
-    """One pass over a split: mean loss, confusion matrix, and (when kept) the class scores."""
-
-    loss: float
-    matrix: torch.Tensor  # C×C counts on the CPU
-    scores: torch.Tensor | None = None  # N×C softmax probabilities, in the split's order
-    targets: torch.Tensor | None = None
-
-    @property
-    def accuracy(self) -> float:
-        total = int(self.matrix.sum())
-        return float(self.matrix.diagonal().sum()) / total if total else 0.0
-
-
 @torch.inference_mode()
 def evaluate(model, batches: Batches, s: Setup, keep_scores: bool = False) -> Evaluation:
-    """Loss and confusion matrix over a split, every sample counted once; scores on request
-    (for AUROC, average precision, top-k: the final report, not every epoch)."""
+    """Loss and the task's measures over a split, every sample counted once; class scores on
+    request (for AUROC, average precision, top-k: the final report, not every epoch)."""
     model.eval()
-    matrix = ConfusionMatrix(s.data.num_classes, s.device)
-    loss_sum = torch.zeros((), device=s.device, dtype=torch.float64)
-    scores, targets = [], []
+    accumulator = s.task.evaluator(s.data.num_classes, s.device, keep_scores)
     for x, y in batches.epoch(0):
         with s.precision.autocast():
-            logits = model(s.pipeline.eval(x))
-        loss_sum += s.loss_fn(logits.float(), y).double() * len(y)
-        matrix.update(logits.argmax(dim=1), y)
-        if keep_scores:
-            scores.append(logits.float().softmax(dim=1))
-            targets.append(y)
-    loss = (loss_sum / max(batches.num_samples, 1)).item()
-    if not keep_scores:
-        return Evaluation(loss, matrix.matrix.cpu())
-    return Evaluation(loss, matrix.matrix.cpu(), torch.cat(scores).cpu(), torch.cat(targets).cpu())
+            accumulator.update(model, s.pipeline.eval(x), y, s.loss_fn)
+    return accumulator.result(batches.num_samples)
 
 
 def evaluate_checkpoint(
@@ -397,9 +392,9 @@ def evaluate_checkpoint(
     report = {
         "split": split,
         "checkpoint": _relative(checkpoint_path, output),
+        "task": setup.task.name,
         "loss": result.loss,
-        **classification_report(result.matrix.numpy(), setup.data.classes),
-        **ranking_report(result.scores.numpy(), result.targets.numpy(), setup.data.classes),
+        **setup.task.report(result, setup.data.classes),
     }
     write_report(output, report, history=history, title=setup.recipe.name)
     progress.report(report)

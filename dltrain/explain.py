@@ -11,6 +11,10 @@ Two saliency maps, each normalised to [0, 1]:
 
 `score` is the predicted class's logit. The map is drawn over the image as the model saw it
 (resized to its input size) in a PNG made with matplotlib's Agg backend (no pyplot, no display).
+
+Image classifiers only. Models that read images row by row (data.as_sequence: rows) get
+gradient × input on the image; they have no conv layer, so Grad-CAM falls back as for any
+model without one. Text, sequence, regression and seq2seq models are refused (UserError).
 """
 
 from __future__ import annotations
@@ -52,10 +56,15 @@ def default_output(image: Path) -> Path:
 
 def explain_file(predictor: Predictor, image: Path, method: str = "both") -> Explanation:
     """Read one image (or a one-sample .npy) the way predict does and explain its prediction."""
-    if predictor.kind != "image":
+    if predictor.kind != "image" or predictor.task != "classification":
+        what = {"tokens": "text (token ids)", "sequence": "float sequence"}.get(
+            predictor.kind, predictor.kind
+        )
+        task = "" if predictor.task == "classification" else f" {predictor.task}"
         raise UserError(
-            f"explain supports image models; {predictor.path} holds a {predictor.kind} model "
-            f"(input shape {list(predictor.input_shape)}). Use dltrain predict for it."
+            f"explain supports image models (classifiers); {predictor.path} holds a {what}"
+            f"{task} model (input shape {list(predictor.input_shape)}). Use dltrain predict "
+            "for it."
         )
     samples = read_input(Path(image), predictor)
     if len(samples.names) != 1:

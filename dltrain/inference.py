@@ -1,7 +1,8 @@
 """A trained model ready to use, rebuilt from its checkpoint alone (never from the training data).
 
 `dltrain predict`, `export` and `explain` start here. The checkpoint holds the resolved recipe,
-the class names, the input shape and the normalisation (`data_meta`), so the dataset the model
+the class names, the input kind and shape, the task, the normalisation and the dataset's own
+meta such as a text model's vocabulary and tokenizer (`data_meta`), so the dataset the model
 was trained on need not exist any more.
 """
 
@@ -16,6 +17,7 @@ from torch import nn
 
 from dltrain.checkpoint import load_checkpoint
 from dltrain.data.pipeline import BatchPipeline
+from dltrain.data.prepare import PreparedData
 from dltrain.devices import resolve_device
 from dltrain.errors import RecipeError, UserError
 
@@ -25,7 +27,7 @@ class Predictor:
     """A model in eval mode plus the preprocessing it was trained with (minus augmentation)."""
 
     model: nn.Module
-    meta: dict[str, Any]  # the checkpoint's data_meta: kind, classes, input_shape, mean, std
+    meta: dict[str, Any]  # the checkpoint's data_meta: kind, classes, input_shape, mean, std...
     recipe: dict[str, Any]  # the resolved recipe the model was trained with
     device: torch.device
     pipeline: BatchPipeline
@@ -33,37 +35,66 @@ class Predictor:
 
     @property
     def classes(self) -> list[str]:
+        """Class names; regression: [target name]; seq2seq: the target vocabulary."""
         return list(self.meta["classes"])
 
     @property
     def kind(self) -> str:
-        """'image' or 'tabular' (what the model takes as input)."""
+        """What the user gives: 'image', 'tabular', 'tokens' (token ids, from texts) or
+        'sequence' (float steps). Images fed row by row (as_sequence) are still 'image'."""
         return self.meta["kind"]
 
     @property
+    def task(self) -> str:
+        """'classification', 'regression' or 'seq2seq' (older checkpoints: classification)."""
+        return self.meta.get("task") or "classification"
+
+    @property
+    def as_sequence(self) -> str | None:
+        return self.meta.get("as_sequence")
+
+    @property
     def input_shape(self) -> tuple[int, ...]:
-        """One sample's shape: [C, H, W] for images, [F] for tabular rows."""
+        """One raw sample's shape: [C, H, W] images, [F] tabular, [L] token ids, [T, F] steps."""
         return tuple(self.meta["input_shape"])
 
+    @property
+    def model_input_shape(self) -> tuple[int, ...]:
+        """One sample's shape as the model takes it (images as rows: [H, C·W])."""
+        return _prepared(self.meta).model_input_shape
+
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
-        """A raw batch as the model saw it in training: uint8 scaled by 1/255, then normalised.
+        """A raw batch as the model saw it in training: uint8 scaled by 1/255, then normalised
+        (images as rows: then one step per row); token ids as they are.
 
         Float batches are taken as already scaled (as in training); nothing is augmented.
         """
         return self.pipeline.eval(x.to(self.device))
 
     def predict_proba(self, batch: torch.Tensor) -> torch.Tensor:
-        """Class probabilities (N × classes, on the CPU) for a raw batch."""
+        """Class probabilities (N × classes, on the CPU) for a raw batch (classification)."""
         with torch.inference_mode():
             logits = self.model(self.preprocess(batch))
             return torch.softmax(logits.float(), dim=1).cpu()
+
+    def predict_values(self, batch: torch.Tensor) -> torch.Tensor:
+        """Predicted values (N, on the CPU) for a raw batch (regression)."""
+        with torch.inference_mode():
+            return self.model(self.preprocess(batch)).float().reshape(len(batch), -1)[:, 0].cpu()
+
+    def generate(self, batch: torch.Tensor) -> torch.Tensor:
+        """Greedy decoding (seq2seq): N × T' target ids on the CPU, `tokens…, eos, pad…`."""
+        with torch.inference_mode():
+            return self.model.generate(self.preprocess(batch)).cpu()
 
 
 def load_for_inference(checkpoint_path: Path | str, device: str = "cpu") -> Predictor:
     """Rebuild a checkpoint's model with its weights, in eval mode, on `device`.
 
-    Every way the checkpoint can be unusable (missing, not a checkpoint, weights that do not fit
-    the model it names, a user module under `imports:` that is gone) is a UserError (exit 2).
+    The model is built exactly as `dltrain fit` built it (engine.build_setup): the same run-time
+    arguments, derived from the checkpoint's data_meta. Every way the checkpoint can be unusable
+    (missing, not a checkpoint, weights that do not fit the model it names, a user module under
+    `imports:` that is gone) is a UserError (exit 2).
     """
     from dltrain import components
     from dltrain.recipe import import_user_modules
@@ -88,8 +119,15 @@ def load_for_inference(checkpoint_path: Path | str, device: str = "cpu") -> Pred
     _load_weights(model, checkpoint, path)
     dev = resolve_device(device)
     model = model.to(dev).eval()
-    pipeline = BatchPipeline(meta["kind"], meta["mean"], meta["std"], dev)
+    data = _prepared(meta)
+    pipeline = BatchPipeline(data.kind, data.mean, data.std, dev, as_sequence=data.as_sequence)
     return Predictor(model, meta, recipe, dev, pipeline, path)
+
+
+KINDS = ("image", "tabular", "tokens", "sequence")
+TASKS = ("classification", "regression", "seq2seq")
+# The data_meta keys PreparedData writes itself; every other key is the dataset's own meta.
+_OWN_KEYS = ("kind", "task", "as_sequence", "classes", "input_shape", "mean", "std")
 
 
 def _check_meta(meta: dict[str, Any], path: Path) -> None:
@@ -99,12 +137,37 @@ def _check_meta(meta: dict[str, Any], path: Path) -> None:
             f"checkpoint {path} has no {', '.join(missing)} in its data_meta, so its input cannot "
             "be prepared; it was not written by a compatible dltrain fit. Use another checkpoint."
         )
-    # Text models (a vocabulary in data_meta) are a later addition; they would be checked here.
-    if meta["kind"] not in ("image", "tabular"):
+    task = meta.get("task") or "classification"  # checkpoints from before tasks: classification
+    if meta["kind"] not in KINDS or task not in TASKS:
+        what = f"'{meta['kind']}' input" if meta["kind"] not in KINDS else f"a {task} task"
         raise UserError(
-            f"checkpoint {path} holds a model for '{meta['kind']}' input, which this dltrain "
-            "cannot run yet (image and tabular models only). Upgrade dltrain."
+            f"checkpoint {path} holds a model for {what}, which this dltrain cannot run "
+            f"(input kinds: {', '.join(KINDS)}; tasks: {', '.join(TASKS)}). Upgrade dltrain."
         )
+    as_sequence = meta.get("as_sequence")
+    if as_sequence is not None and (
+        as_sequence != "rows" or meta["kind"] != "image" or len(meta["input_shape"]) != 3
+    ):
+        raise UserError(
+            f"checkpoint {path}: its data_meta says as_sequence={as_sequence!r} for "
+            f"{meta['kind']} input of shape {meta['input_shape']}, which dltrain cannot feed "
+            "(only images, as rows). The checkpoint is damaged; use another one."
+        )
+
+
+def _prepared(meta: dict[str, Any]) -> PreparedData:
+    """The checkpoint's data as `fit` described it, without any split: what the model's
+    run-time arguments (input kind and shape, vocabulary size, output width) derive from."""
+    return PreparedData(
+        meta["kind"],
+        list(meta["classes"]),
+        tuple(meta["input_shape"]),
+        list(meta["mean"]),
+        list(meta["std"]),
+        task=meta.get("task") or "classification",
+        extra={k: v for k, v in meta.items() if k not in _OWN_KEYS},
+        as_sequence=meta.get("as_sequence"),
+    )
 
 
 # torchvision builds these differently when given pretrained weights (e.g. transform_input).
@@ -128,10 +191,18 @@ def _without_pretrained_weights(section: dict[str, Any]) -> dict[str, Any]:
 
 
 def _build_model(section: dict[str, Any], meta: dict[str, Any]) -> nn.Module:
+    """The model as engine.build_setup builds it: the same run-time arguments."""
     from dltrain.registry import MODELS
 
+    data = _prepared(meta)
     return MODELS.build(
-        section, input_shape=tuple(meta["input_shape"]), num_classes=len(meta["classes"])
+        section,
+        input_shape=data.model_input_shape,
+        num_classes=data.num_classes,
+        input_kind=data.model_kind,
+        vocab_size=data.vocab_size,
+        task=data.task,
+        data_meta=data.meta(),
     )
 
 

@@ -1,7 +1,9 @@
-"""Classification losses, registered in LOSSES.
+"""Losses, registered in LOSSES, for the three tasks.
 
-Every factory returns an nn.Module called as `loss(logits, targets)` with logits B×C (any float
-dtype) and targets B int64 class indices; it returns a scalar tensor (the batch mean). Losses
+Every factory returns an nn.Module called as `loss(logits, targets)` and returning a scalar tensor
+(the batch mean). Classification: logits B×C, targets B int64 class indices. Regression: outputs
+B×1, targets B float (mse, smooth_l1). Seq2seq: logits B×T×V, targets B×T int64 token ids, where
+id 0 (<pad>) is ignored (cross_entropy, nll). Losses
 that compare against one-hot vectors build them inside with `scatter_`, on the logits' device,
 so a step never waits for the host. Losses are computed in float32 (as autocast would) because
 log-softmax and squared errors lose too much precision in half types.
@@ -71,38 +73,68 @@ class _BufferedLoss(nn.Module):
         return value
 
 
+PAD_ID = 0  # seq2seq targets: padding positions carry no loss
+
+
+def _token_rows(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """Seq2seq B×T×V logits and B×T targets as (B·T)×V rows; classification passes through."""
+    if logits.dim() == 3:
+        return logits.flatten(0, 1), targets.flatten()
+    return logits, targets
+
+
 class CrossEntropy(_BufferedLoss):
     """Softmax cross-entropy with optional label smoothing and class weights."""
 
-    def __init__(self, weight: Tensor | None = None, label_smoothing: float = 0.0):
+    def __init__(
+        self, weight: Tensor | None = None, label_smoothing: float = 0.0, ignore_index: int = -100
+    ):
         super().__init__()
         self.register_buffer("weight", weight)
-        self.label_smoothing = label_smoothing
+        self.label_smoothing, self.ignore_index = label_smoothing, ignore_index
 
     def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
         weight = self._buffer("weight", logits)
+        logits, targets = _token_rows(logits, targets)
         return F.cross_entropy(
-            logits.float(), targets, weight=weight, label_smoothing=self.label_smoothing
+            logits.float(),
+            targets,
+            weight=weight,
+            label_smoothing=self.label_smoothing,
+            ignore_index=self.ignore_index,
         )
 
 
 class NegativeLogLikelihood(_BufferedLoss):
     """Negative log-likelihood of log_softmax(logits), with optional class weights."""
 
-    def __init__(self, weight: Tensor | None = None):
+    def __init__(self, weight: Tensor | None = None, ignore_index: int = -100):
         super().__init__()
         self.register_buffer("weight", weight)
+        self.ignore_index = ignore_index
 
     def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
         weight = self._buffer("weight", logits)
-        return F.nll_loss(F.log_softmax(logits.float(), dim=1), targets, weight=weight)
+        logits, targets = _token_rows(logits, targets)
+        return F.nll_loss(
+            F.log_softmax(logits.float(), dim=1),
+            targets,
+            weight=weight,
+            ignore_index=self.ignore_index,
+        )
 
 
 class MeanSquaredError(nn.Module):
-    """Mean squared error between raw logits and one-hot targets."""
+    """Mean squared error: against one-hot targets (classification) or the values (regression)."""
+
+    def __init__(self, regression: bool = False):
+        super().__init__()
+        self.regression = regression
 
     def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
         logits = logits.float()
+        if self.regression:
+            return F.mse_loss(logits.squeeze(-1), targets.float())
         return F.mse_loss(logits, one_hot_like(logits, targets))
 
 
@@ -122,15 +154,25 @@ class BinaryCrossEntropy(_BufferedLoss):
 
 
 class SmoothL1(nn.Module):
-    """Smooth L1 (Huber-like) distance between raw logits and one-hot targets."""
+    """Smooth L1 (Huber-like) distance to one-hot targets (classification) or the values."""
 
-    def __init__(self, beta: float = 1.0):
+    def __init__(self, beta: float = 1.0, regression: bool = False):
         super().__init__()
-        self.beta = beta
+        self.beta, self.regression = beta, regression
 
     def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
         logits = logits.float()
+        if self.regression:
+            return F.smooth_l1_loss(logits.squeeze(-1), targets.float(), beta=self.beta)
         return F.smooth_l1_loss(logits, one_hot_like(logits, targets), beta=self.beta)
+
+
+def _needs_task(loss: str, task: str, allowed: tuple[str, ...], instead: str) -> None:
+    if task not in allowed:
+        raise UserError(
+            f"loss.name: '{loss}' does not fit a {task} task (it works for "
+            f"{' and '.join(allowed)}); use loss: {{name: {instead}}}."
+        )
 
 
 @LOSSES.register()
@@ -139,10 +181,12 @@ def cross_entropy(
     class_counts: Tensor | None = None,
     label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0,
     class_weights: ClassWeights = None,
+    task: str = "classification",
 ) -> nn.Module:
     """Softmax cross-entropy; optional label smoothing and class weights (list or 'balanced')."""
+    _needs_task("cross_entropy", task, ("classification", "seq2seq"), "mse")
     weight = class_weight_tensor(class_weights, num_classes, class_counts)
-    return CrossEntropy(weight, label_smoothing)
+    return CrossEntropy(weight, label_smoothing, PAD_ID if task == "seq2seq" else -100)
 
 
 @LOSSES.register()
@@ -150,28 +194,36 @@ def nll(
     num_classes: int,
     class_counts: Tensor | None = None,
     class_weights: ClassWeights = None,
+    task: str = "classification",
 ) -> nn.Module:
     """Negative log-likelihood of log_softmax(logits); optional class weights."""
-    return NegativeLogLikelihood(class_weight_tensor(class_weights, num_classes, class_counts))
+    _needs_task("nll", task, ("classification", "seq2seq"), "mse")
+    weight = class_weight_tensor(class_weights, num_classes, class_counts)
+    return NegativeLogLikelihood(weight, PAD_ID if task == "seq2seq" else -100)
 
 
 @LOSSES.register()
-def mse() -> nn.Module:
-    """Mean squared error between the raw logits (no softmax) and one-hot targets."""
-    return MeanSquaredError()
+def mse(task: str = "classification") -> nn.Module:
+    """Mean squared error: to the target values (regression) or one-hot targets (raw logits)."""
+    _needs_task("mse", task, ("classification", "regression"), "cross_entropy")
+    return MeanSquaredError(regression=task == "regression")
 
 
 @LOSSES.register()
 def bce_with_logits(
-    num_classes: int, pos_weight: Annotated[float, Field(gt=0)] | None = None
+    num_classes: int,
+    pos_weight: Annotated[float, Field(gt=0)] | None = None,
+    task: str = "classification",
 ) -> nn.Module:
     """Sigmoid binary cross-entropy per class against one-hot targets; optional pos_weight."""
+    _needs_task("bce_with_logits", task, ("classification",), "cross_entropy")
     # pos_weight > 1 counters the C-1 negatives each sample brings against its one positive.
     weight = None if pos_weight is None else torch.full((num_classes,), float(pos_weight))
     return BinaryCrossEntropy(weight)
 
 
 @LOSSES.register()
-def smooth_l1(beta: Annotated[float, Field(gt=0)] = 1.0) -> nn.Module:
-    """Smooth L1 loss between the raw logits (no softmax) and one-hot targets."""
-    return SmoothL1(beta)
+def smooth_l1(beta: Annotated[float, Field(gt=0)] = 1.0, task: str = "classification") -> nn.Module:
+    """Smooth L1 loss to the target values (regression) or one-hot targets (raw logits)."""
+    _needs_task("smooth_l1", task, ("classification", "regression"), "cross_entropy")
+    return SmoothL1(beta, regression=task == "regression")

@@ -21,6 +21,7 @@ from rich.progress import (
 )
 from rich.progress import Progress as RichProgress
 
+from dltrain.report import scalar_metrics
 from dltrain.tables import confusion_table, report_table
 
 REFRESH_SECONDS = 0.25
@@ -100,7 +101,9 @@ class Progress:
         width = len(str(self._epochs))
         parts = [f"epoch {row['epoch']:>{width}}/{self._epochs}", f"loss {row['train_loss']:.4f}"]
         if row["val_loss"] is not None:
-            parts += [f"val_loss {row['val_loss']:.4f}", f"val_acc {row['val_accuracy']:.4f}"]
+            parts.append(f"val_loss {row['val_loss']:.4f}")
+        if row["val_accuracy"] is not None:
+            parts.append(f"val_acc {row['val_accuracy']:.4f}")
         parts += [f"lr {row['lr']:.1e}", f"{row['seconds']:.1f}s", f"{_si(row['samples_per_s'])}/s"]
         self._print("  ".join(parts) + ("  [green]★[/]" if improved else ""))
 
@@ -121,6 +124,12 @@ class Progress:
     def report(self, report: dict[str, Any]) -> None:
         """The evaluation as tables: per-class metrics, averages, and the confusion matrix."""
         if self.quiet:
+            return
+        if "confusion_matrix" not in report:  # regression, seq2seq: their few figures
+            figures = " · ".join(f"{k} {v:.4f}" for k, v in scalar_metrics(report).items())
+            self._print(
+                f"[bold]{report['split']}[/]: {figures} · {report['num_samples']:,} samples"
+            )
             return
         self.console.print(report_table(report))
         if len(report["classes"]) <= 20:

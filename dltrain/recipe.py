@@ -67,6 +67,8 @@ class DataSection(BaseModel):
     augment: list[str | dict[str, dict[str, Any] | None]] = []
     normalize: Literal["auto", "none"] | Normalize = "auto"
     loader: Literal["auto", "resident", "workers"] = "auto"
+    as_sequence: Literal["rows"] | None = None  # feed images row by row to sequence models
+    task: Literal["auto", "classification", "regression", "seq2seq"] = "auto"  # auto: the dataset's
     num_workers: Annotated[int, Field(ge=0)] | None = None  # default: from the CPU count
     fold: Fold | None = None  # cross-validation fold; replaces val_split and any dataset val split
 

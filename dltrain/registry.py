@@ -213,9 +213,14 @@ def _type_name(annotation: Any) -> str:
 
 # The registries. Components register themselves from their own modules (see components.py);
 # the run-time arguments listed here are passed by dltrain and refused in recipes.
-MODELS = Registry("models", runtime_args=("input_shape", "num_classes"))
+# Models: num_classes is the output width (classes; 1 for regression; the target vocabulary for
+# seq2seq); vocab_size the input vocabulary for token input; data_meta everything else.
+MODELS = Registry(
+    "models",
+    runtime_args=("input_shape", "num_classes", "input_kind", "vocab_size", "task", "data_meta"),
+)
 DATASETS = Registry("datasets", runtime_args=("seed",))
-LOSSES = Registry("losses", runtime_args=("num_classes", "class_counts"))
+LOSSES = Registry("losses", runtime_args=("num_classes", "class_counts", "task"))
 OPTIMIZERS = Registry("optimizers", runtime_args=("params", "device_type"))
 SCHEDULERS = Registry("schedulers", runtime_args=("optimizer", "epochs", "steps_per_epoch"))
 AUGMENTATIONS = Registry("augmentations", runtime_args=("input_kind",))

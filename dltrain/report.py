@@ -52,7 +52,8 @@ def write_report(
 
         write_curves(path, history, title)
 
-    plot(CONFUSION_MATRIX_PNG, confusion_matrix)
+    if "confusion_matrix" in report:  # classification
+        plot(CONFUSION_MATRIX_PNG, confusion_matrix)
     if history:
         plot(CURVES_PNG, curves)
     if failures:
@@ -68,6 +69,8 @@ def report_markdown(report: dict[str, Any], images: Sequence[tuple[str, str]] = 
 
     `images` are (alt text, file name relative to report.md) pairs, shown under the summary.
     """
+    if "confusion_matrix" not in report:
+        return _scalar_markdown(report, images)
     lines = [
         f"# Evaluation on the {report['split']} split",
         "",
@@ -110,6 +113,40 @@ def report_markdown(report: dict[str, Any], images: Sequence[tuple[str, str]] = 
     ]
     for name, row in zip(classes, report["confusion_matrix"]):
         lines.append(f"| **{name}** | " + " | ".join(str(v) for v in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def headline(report: dict[str, Any]) -> tuple[str, float]:
+    """The one figure that sums a report up: accuracy, MSE (regression) or exact match."""
+    if "exact_match" in report:
+        return "exact match", report["exact_match"]
+    if "mse" in report:
+        return "mse", report["mse"]
+    return "accuracy", report["accuracy"]
+
+
+def scalar_metrics(report: dict[str, Any]) -> dict[str, float]:
+    """A regression or seq2seq report's figures (everything numeric but the sample count)."""
+    return {
+        k: v
+        for k, v in report.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and k != "num_samples"
+    }
+
+
+def _scalar_markdown(report: dict[str, Any], images: Sequence[tuple[str, str]]) -> str:
+    name, value = headline(report)
+    lines = [
+        f"# Evaluation on the {report['split']} split ({report.get('task', '')})",
+        "",
+        f"Checkpoint `{report['checkpoint']}` · {report['num_samples']:,} samples · "
+        f"**{name} {value:.4f}**",
+        "",
+    ]
+    for alt, file in images:
+        lines += [f"![{alt}]({file})", ""]
+    lines += ["| metric | value |", "|---|---:|"]
+    lines += [f"| {k} | {v:.6g} |" for k, v in scalar_metrics(report).items()]
     return "\n".join(lines) + "\n"
 
 

@@ -158,8 +158,14 @@ def _cell(value: float | None) -> str:
 
 
 def predictions_table(prediction: dict[str, Any]) -> Table:
-    """One input's top classes: rank, class and probability (the first in bold)."""
+    """One input's top classes: rank, class and probability (the first in bold).
+
+    A sample read from a file of texts is titled with its name and (the start of) its text.
+    """
     name = prediction["input"]
+    text = prediction.get("text")
+    if text is not None and text != name:
+        name = f"{name}: {_shortened(text)}"
     # As wide as the title, so that a long file name stays on one line (up to the console's width).
     table = Table(title=escape(name), title_justify="left", min_width=len(name))
     table.add_column("rank", justify="right")
@@ -173,3 +179,30 @@ def predictions_table(prediction: dict[str, Any]) -> Table:
             f"{entry['probability']:.4f}",
         )
     return table
+
+
+def outputs_table(results: list[dict[str, Any]], key: str, header: str) -> Table:
+    """One row per input for regression (`key` 'prediction') and seq2seq ('output'); a text
+    column when inputs were read from files of texts."""
+    table = Table(title_justify="left")
+    table.add_column("input")
+    texts = any(r.get("text") is not None and r["text"] != r["input"] for r in results)
+    if texts:
+        table.add_column("text")
+    table.add_column(escape(header), justify="right" if key == "prediction" else "left")
+    for result in results:
+        value = result[key]
+        cells = [escape(result["input"])]
+        if texts:
+            cells.append(escape(_shortened(result.get("text") or "")))
+        if isinstance(value, float):
+            cells.append(f"{value:.4f}")
+        else:
+            cells.append(f"[bold]{escape(value)}[/]" if value else "[dim](empty)[/]")
+        table.add_row(*cells)
+    return table
+
+
+def _shortened(text: str, limit: int = 60) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 import torch
 
-InputKind = Literal["image", "tabular"]
+# image: N×C×H×W (uint8 or float) · tabular: N×F float · tokens: N×T int64 token ids, 0 = <pad>,
+# padded at the end · sequence: N×T×F float steps (e.g. the adding problem)
+InputKind = Literal["image", "tabular", "tokens", "sequence"]
+# classification: y int64 class ids · regression: y float32 (N,) · seq2seq: y int64 N×T' target
+# token ids (0 = <pad>, padded at the end; see DatasetSplits.meta for the target vocabulary)
+Task = Literal["classification", "regression", "seq2seq"]
 
 
 @dataclass
@@ -50,7 +55,12 @@ class DatasetSplits:
     """A dataset as loaded: train always; val and test when the source has them."""
 
     kind: InputKind
-    classes: list[str]
+    classes: list[str]  # class names; regression: [target name]; seq2seq: the target vocabulary
     train: Split
     val: Split | None = None
     test: Split | None = None
+    task: Task = "classification"
+    # What eval/predict need to rebuild the input from raw data, stored in every checkpoint's
+    # data_meta: e.g. {"vocab": [...], "tokenizer": {...}, "max_length": 200} for text,
+    # {"source_vocab": [...], "bos_id": 1, "eos_id": 2, "max_target_length": 12} for seq2seq.
+    meta: dict = field(default_factory=dict)

@@ -1,3 +1,3 @@
 """Import every dataset family so each registers itself in DATASETS."""
 
-from dltrain.data import digits, files, synthetic, torchvision_sets  # noqa: F401
+from dltrain.data import digits, files, sequences, synthetic, text, torchvision_sets  # noqa: F401

@@ -31,23 +31,49 @@ class PreparedData:
     mean: list[float]
     std: list[float]
     splits: dict[str, Split] = field(default_factory=dict)
+    task: str = "classification"
+    extra: dict[str, Any] = field(default_factory=dict)  # the dataset's own meta (vocab, ...)
+    as_sequence: str | None = None
 
     @property
     def num_classes(self) -> int:
-        return len(self.classes)
+        """The model's output width: classes (seq2seq: target vocabulary), 1 for regression."""
+        return 1 if self.task == "regression" else len(self.classes)
+
+    @property
+    def model_kind(self) -> str:
+        """The input kind the model sees (images fed row by row are sequences)."""
+        return "sequence" if self.as_sequence else self.kind
+
+    @property
+    def model_input_shape(self) -> tuple[int, ...]:
+        if self.as_sequence:  # C×H×W → H steps of C·W features
+            channels, height, width = self.input_shape
+            return (height, channels * width)
+        return self.input_shape
+
+    @property
+    def vocab_size(self) -> int | None:
+        vocab = self.extra.get("vocab")
+        return len(vocab) if vocab is not None else None
 
     def meta(self) -> dict[str, Any]:
         """The data_meta stored in checkpoints: enough to rebuild the model and preprocessing."""
         return {
+            **self.extra,
             "kind": self.kind,
+            "task": self.task,
+            "as_sequence": self.as_sequence,
             "classes": list(self.classes),
             "input_shape": list(self.input_shape),
             "mean": list(self.mean),
             "std": list(self.std),
         }
 
-    def class_counts(self) -> torch.Tensor:
-        """Training samples per class (for balanced loss weights)."""
+    def class_counts(self) -> torch.Tensor | None:
+        """Training samples per class (for balanced loss weights); classification only."""
+        if self.task != "classification":
+            return None
         return torch.bincount(_targets(self.splits["train"]), minlength=self.num_classes)
 
 
@@ -59,13 +85,23 @@ def prepare_data(data: DataSection, seed: int, meta: dict[str, Any] | None = Non
     split; `val_split` and any validation split the dataset has are then not used.
     """
     loaded: DatasetSplits = DATASETS.build(data.dataset_args, seed=seed)
+    task = _task(data, loaded)
+    if data.as_sequence and loaded.kind != "image":
+        raise UserError(
+            f"data.as_sequence: rows turns images into sequences, but '{data.name}' gives "
+            f"{loaded.kind} input; remove data.as_sequence."
+        )
     splits = {"train": loaded.train}
     if data.fold is not None:
+        if task != "classification":
+            raise UserError(
+                f"data.fold: cross-validation folds are stratified by class; this is a {task} task."
+            )
         splits["train"], splits["val"] = _fold(loaded.train, data.fold.index, data.fold.of, seed)
     elif loaded.val is not None:
         splits["val"] = loaded.val
     elif data.val_split > 0:
-        splits["train"], splits["val"] = _carve(loaded.train, data.val_split, seed)
+        splits["train"], splits["val"] = _carve(loaded.train, data.val_split, seed, task)
     if loaded.test is not None:
         splits["test"] = loaded.test
     input_shape = tuple(_first_input(loaded.train).shape)
@@ -74,12 +110,37 @@ def prepare_data(data: DataSection, seed: int, meta: dict[str, Any] | None = Non
         mean, std = meta["mean"], meta["std"]
     else:
         mean, std = _normalisation(data, loaded.kind, splits["train"], input_shape)
-    return PreparedData(loaded.kind, loaded.classes, input_shape, mean, std, splits)
+    return PreparedData(
+        loaded.kind,
+        loaded.classes,
+        input_shape,
+        mean,
+        std,
+        splits,
+        task,
+        dict(loaded.meta),
+        data.as_sequence,
+    )
 
 
-def _carve(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
-    """Split off a stratified validation part, deterministically for the seed."""
-    keep, carved = stratified_split(_targets(split).numpy(), fraction, seed)
+def _task(data: DataSection, loaded: DatasetSplits) -> str:
+    """The dataset decides the task; the recipe may only confirm it."""
+    if data.task not in ("auto", loaded.task):
+        raise UserError(
+            f"data.task: '{data.name}' is a {loaded.task} dataset; data.task={data.task} is not "
+            f"possible for it. Use data.task=auto."
+        )
+    return loaded.task
+
+
+def _carve(split: Split, fraction: float, seed: int, task: str) -> tuple[Split, Split]:
+    """Split off a validation part (stratified by class for classification), reproducibly."""
+    if task == "classification":
+        keep, carved = stratified_split(_targets(split).numpy(), fraction, seed)
+    else:  # real-valued or sequence targets: a plain seeded random split
+        order = np.random.default_rng(seed).permutation(len(split))
+        cut = round(len(split) * fraction)
+        keep, carved = np.sort(order[cut:]), np.sort(order[:cut])
     if len(carved) == 0:
         raise UserError(
             f"data.val_split={fraction} leaves no validation samples from {len(keep)} training "
@@ -137,8 +198,11 @@ def _first_input(split: Split) -> torch.Tensor:
 def _normalisation(
     data: DataSection, kind: str, train: Split, input_shape: tuple[int, ...]
 ) -> tuple[list[float], list[float]]:
-    """Mean/std per channel (images) or feature (tabular): given, none, or from the train split."""
-    width = input_shape[0]
+    """Mean/std per channel (images) or feature (tabular, sequence steps): given, none, or from
+    the train split. Token ids are never normalised."""
+    if kind == "tokens":
+        return [], []
+    width = input_shape[-1] if kind == "sequence" else input_shape[0]
     if data.normalize == "none":
         return [0.0] * width, [1.0] * width
     if data.normalize != "auto":
@@ -156,14 +220,15 @@ def _normalisation(
 def _mean_std(x: torch.Tensor, kind: str) -> tuple[list[float], list[float]]:
     """Per-channel/feature mean and std in float64, a chunk at a time (CIFAR as float64 whole
     would take over a gigabyte). uint8 pixels are scaled to [0, 1] first, as training sees them."""
-    dims = [0, 2, 3] if kind == "image" else [0]
+    dims = {"image": [0, 2, 3], "sequence": [0, 1]}.get(kind, [0])
+    channel_axis = -1 if kind == "sequence" else 1
     scale = 255.0 if x.dtype == torch.uint8 else 1.0
     total = total_sq = 0.0
     for chunk in torch.split(x, 4096):
         chunk = chunk.double() / scale
         total = total + chunk.sum(dim=dims)
         total_sq = total_sq + chunk.square().sum(dim=dims)
-    count = x.numel() / x.shape[1]
+    count = x.numel() / x.shape[channel_axis]
     mean = total / count
     var = (total_sq - count * mean.square()) / max(count - 1, 1)  # unbiased, like Tensor.std
     std = var.clamp_min(0).sqrt()

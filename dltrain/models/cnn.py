@@ -8,14 +8,21 @@ from pydantic import Field, NonNegativeInt
 from torch import nn
 
 from dltrain.errors import UserError
+from dltrain.models.inputs import refuse_sequences
 from dltrain.registry import MODELS
 
 _KERNEL = 5
 _POOL = 2
 
 
-def require_image(model: str, input_shape: tuple[int, ...], alternative: str = "mlp") -> None:
-    """Raise UserError unless `input_shape` is C×H×W, the layout conv nets need."""
+def require_image(
+    model: str,
+    input_shape: tuple[int, ...],
+    alternative: str = "mlp",
+    input_kind: str | None = "image",
+) -> None:
+    """Raise UserError unless the input is images laid out C×H×W, what conv nets need."""
+    refuse_sequences(model, input_shape, input_kind, "image input (C×H×W)")
     if len(input_shape) != 3:
         kind = "tabular" if len(input_shape) == 1 else f"{len(input_shape)}-D"
         raise UserError(
@@ -48,9 +55,10 @@ def seed_cnn(
     num_classes: int,
     padding: Literal["auto"] | NonNegativeInt = "auto",
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0,
+    input_kind: str = "image",
 ) -> nn.Module:
     """The PyTorch CIFAR-10 tutorial CNN (2 conv + 3 fc layers), sized to the input."""
-    require_image("seed_cnn", input_shape)
+    require_image("seed_cnn", input_shape, input_kind=input_kind)
     channels, height, width = input_shape
     pad = _resolve_padding(padding, height, width)
     out_h, out_w = _feature_side(height, pad), _feature_side(width, pad)

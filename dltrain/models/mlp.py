@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, Field
 from torch import nn
 
+from dltrain.models.inputs import refuse_sequences
 from dltrain.registry import MODELS
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
@@ -38,8 +39,10 @@ def mlp(
     activation: Literal["relu", "tanh", "sigmoid", "gelu"] = "relu",
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0,
     batch_norm: bool = False,
+    input_kind: str = "tabular",
 ) -> nn.Module:
     """Multi-layer perceptron on the flattened input (hidden: [] gives a linear model)."""
+    refuse_sequences("mlp", input_shape, input_kind, "tabular or image input")
     layers: list[nn.Module] = [nn.Flatten()]
     width = math.prod(input_shape)
     for size in hidden:

@@ -126,36 +126,64 @@ def _build(
     input_shape: tuple[int, ...],
     num_classes: int,
     zero_init_residual: bool,
+    input_kind: str,
 ) -> nn.Module:
-    require_image(name, input_shape)
+    require_image(name, input_shape, input_kind=input_kind)
     return CifarResNet(block, depths, input_shape[0], num_classes, zero_init_residual)
 
 
 @MODELS.register()
 def resnet18(
-    input_shape: tuple[int, ...], num_classes: int, zero_init_residual: bool = False
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    zero_init_residual: bool = False,
+    input_kind: str = "image",
 ) -> nn.Module:
     """ResNet-18 in CIFAR form (3×3 stem, no max-pool), for small images; 11M parameters."""
     return _build(
-        "resnet18", BasicBlock, (2, 2, 2, 2), input_shape, num_classes, zero_init_residual
+        "resnet18",
+        BasicBlock,
+        (2, 2, 2, 2),
+        input_shape,
+        num_classes,
+        zero_init_residual,
+        input_kind,
     )
 
 
 @MODELS.register()
 def resnet34(
-    input_shape: tuple[int, ...], num_classes: int, zero_init_residual: bool = False
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    zero_init_residual: bool = False,
+    input_kind: str = "image",
 ) -> nn.Module:
     """ResNet-34 in CIFAR form (3×3 stem, no max-pool), for small images; 21M parameters."""
     return _build(
-        "resnet34", BasicBlock, (3, 4, 6, 3), input_shape, num_classes, zero_init_residual
+        "resnet34",
+        BasicBlock,
+        (3, 4, 6, 3),
+        input_shape,
+        num_classes,
+        zero_init_residual,
+        input_kind,
     )
 
 
 @MODELS.register()
 def resnet50(
-    input_shape: tuple[int, ...], num_classes: int, zero_init_residual: bool = False
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    zero_init_residual: bool = False,
+    input_kind: str = "image",
 ) -> nn.Module:
     """ResNet-50 in CIFAR form (3×3 stem, no max-pool, bottleneck blocks); 24M parameters."""
     return _build(
-        "resnet50", Bottleneck, (3, 4, 6, 3), input_shape, num_classes, zero_init_residual
+        "resnet50",
+        Bottleneck,
+        (3, 4, 6, 3),
+        input_shape,
+        num_classes,
+        zero_init_residual,
+        input_kind,
     )

@@ -43,10 +43,11 @@ def torchvision_model(
     input_shape: tuple[int, ...],
     num_classes: int,
     weights: str | None = None,
+    input_kind: str = "image",
 ) -> nn.Module:
     """A torchvision classification model; weights: DEFAULT (or a name) loads pretrained ones."""
     name = f"torchvision:{arch}"
-    require_image(name, input_shape, alternative="mlp")
+    require_image(name, input_shape, alternative="mlp", input_kind=input_kind)
     channels = input_shape[0]
     if channels not in (1, 3):
         raise UserError(

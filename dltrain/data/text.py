@@ -1,0 +1,286 @@
+"""`text_csv`: text classification from CSV files, with a tokenizer and a vocabulary.
+
+Conventions (also what `encode_texts` reproduces from a checkpoint's data_meta):
+
+* Tokenizer: `word` splits on the regex `\\w+|[^\\w\\s]` (runs of letters, digits and underscores;
+  every other non-space character is a token of its own; whitespace separates and is dropped),
+  `char` makes each character a token, whitespace included. `lower` lower-cases first.
+* Vocabulary: built from the TRAINING split only. Id 0 is `<pad>`, id 1 is `<unk>`, then the
+  tokens seen at least `min_freq` times, most frequent first, ties in alphabetical (code point)
+  order, so the vocabulary depends only on the token counts, never on the row order.
+  `max_size` counts the two specials: it is the size of the whole id table (embedding rows).
+  Tokens left out, or never seen in training, encode as `<unk>`.
+* Encoding: a text with no tokens (empty, or only whitespace for `word`) encodes as one
+  `<unk>`, so every sequence has length >= 1. Sequences are truncated to L and padded with 0
+  (`<pad>`) at the end, where L = min(max_length, longest encoded training sequence).
+"""
+
+from __future__ import annotations
+
+import csv as csvlib
+import io
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from dltrain.data.base import ArraySplit, DatasetSplits
+from dltrain.data.files import _class_names, _encode_labels, _existing, _Table
+from dltrain.data.splits import stratified_split
+from dltrain.errors import UserError
+from dltrain.registry import DATASETS
+
+PAD, UNK = "<pad>", "<unk>"
+PAD_ID, UNK_ID = 0, 1
+WORD_PATTERN = re.compile(r"\w+|[^\w\s]")
+
+
+@dataclass(frozen=True)
+class Tokenizer:
+    """Splits a text into string tokens: words and punctuation (`word`) or characters (`char`)."""
+
+    kind: Literal["char", "word"] = "word"
+    lower: bool = True
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("char", "word"):
+            raise ValueError(f"tokenizer kind must be 'char' or 'word', got {self.kind!r}")
+
+    def tokenize(self, text: str) -> list[str]:
+        if self.lower:
+            text = text.lower()
+        return list(text) if self.kind == "char" else WORD_PATTERN.findall(text)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "lower": self.lower}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Tokenizer:
+        return cls(kind=data["kind"], lower=bool(data["lower"]))
+
+
+class Vocabulary:
+    """Token strings ↔ ids, with `<pad>` = 0 and `<unk>` = 1, plus the tokenizer that feeds it."""
+
+    def __init__(self, tokens: Sequence[str], tokenizer: Tokenizer | None = None):
+        tokens = list(tokens)
+        if tokens[:2] != [PAD, UNK]:
+            raise ValueError(f"a vocabulary starts with {PAD!r}, {UNK!r}; got {tokens[:2]!r}")
+        if len(set(tokens)) != len(tokens):
+            raise ValueError("a vocabulary lists each token once")
+        self.tokens = tokens
+        self.tokenizer = tokenizer or Tokenizer()
+        self.index = {token: i for i, token in enumerate(tokens)}
+
+    @classmethod
+    def build(
+        cls,
+        texts: Iterable[str],
+        tokenizer: Tokenizer,
+        min_freq: int = 1,
+        max_size: int | None = None,
+    ) -> Vocabulary:
+        """The vocabulary of `texts` (the training split): see the module docstring for order."""
+        if min_freq < 1:
+            raise ValueError(f"min_freq must be >= 1, got {min_freq}")
+        if max_size is not None and max_size < 2:
+            raise ValueError(f"max_size counts <pad> and <unk>, so must be >= 2, got {max_size}")
+        counts = Counter(token for text in texts for token in tokenizer.tokenize(text))
+        ranked = sorted(
+            (t for t, n in counts.items() if n >= min_freq and t not in (PAD, UNK)),
+            key=lambda t: (-counts[t], t),
+        )
+        if max_size is not None:
+            ranked = ranked[: max_size - 2]
+        return cls([PAD, UNK, *ranked], tokenizer)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def encode(self, text: str, max_length: int | None = None) -> list[int]:
+        """Token ids of `text`, truncated to `max_length`; a text without tokens is [<unk>]."""
+        ids = [self.index.get(token, UNK_ID) for token in self.tokenizer.tokenize(text)]
+        ids = ids or [UNK_ID]
+        return ids if max_length is None else ids[:max_length]
+
+    def decode(self, ids: Iterable[int]) -> list[str]:
+        """Token strings of ids, `<pad>` left out."""
+        return [self.tokens[i] for i in ids if i != PAD_ID]
+
+    def to_dict(self) -> dict[str, Any]:
+        """{"vocab": tokens in id order, "tokenizer": {...}}: the keys of a text data_meta."""
+        return {"vocab": list(self.tokens), "tokenizer": self.tokenizer.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Vocabulary:
+        return cls(data["vocab"], Tokenizer.from_dict(data["tokenizer"]))
+
+
+def pad_sequences(sequences: Sequence[Sequence[int]], length: int) -> np.ndarray:
+    """An N×length int64 array: each sequence truncated to `length`, padded with 0 at the end."""
+    out = np.zeros((len(sequences), length), dtype=np.int64)
+    for row, ids in zip(out, sequences):
+        ids = ids[:length]
+        row[: len(ids)] = ids
+    return out
+
+
+def encode_texts(texts: list[str], meta: dict[str, Any]) -> torch.Tensor:
+    """Raw texts as the N×L int64 ids a text model was trained on, from its data_meta alone."""
+    missing = [key for key in ("vocab", "tokenizer", "max_length") if key not in meta]
+    if missing:
+        raise UserError(
+            f"the checkpoint's data_meta lacks {', '.join(missing)}: it was not trained on text "
+            "(token input), so raw text cannot be encoded for it. Pass the input it was trained "
+            "on instead."
+        )
+    vocab = Vocabulary.from_dict(meta)
+    length = int(meta["max_length"])
+    return torch.from_numpy(pad_sequences([vocab.encode(t, length) for t in texts], length))
+
+
+# -- the dataset ----------------------------------------------------------------------------
+
+
+@DATASETS.register()
+def text_csv(
+    path: str | None = None,
+    train: str | None = None,
+    test: str | None = None,
+    text_column: str = "text",
+    label_column: str = "label",
+    tokenizer: Literal["char", "word"] = "word",
+    lower: bool = True,
+    min_freq: Annotated[int, Field(ge=1)] = 1,
+    max_size: Annotated[int, Field(ge=2)] | None = 20000,
+    max_length: Annotated[int, Field(ge=1)] = 200,
+    test_split: Annotated[float, Field(gt=0, lt=1)] = 0.2,
+    seed: int = 0,
+) -> DatasetSplits:
+    """Text classification from CSV files: a text column and a label, as word or char tokens.
+
+    Give `path` (one file; a stratified test split of `test_split` is carved with the run's
+    seed) or `train` with an optional `test` file; each needs a header row. UTF-8, quoted texts
+    may span lines. Classes are the sorted training labels (numerically when all are integers).
+    The vocabulary (`<pad>` 0, `<unk>` 1, then by frequency; `max_size` counts the specials;
+    tokens seen fewer than `min_freq` times are `<unk>`) comes from the training split only.
+    Texts become token ids padded with 0 at the end to L = min(max_length, longest training
+    text); an empty text is one `<unk>`.
+    """
+    if (path is None) == (train is None) or (test is not None and train is None):
+        raise UserError(
+            "data.path: set either data.path (one CSV file; a test split is carved from it) or "
+            "data.train (with an optional data.test), not both and not neither."
+        )
+    if text_column == label_column:
+        raise UserError(
+            f"data.text_column: '{text_column}' is also data.label_column. The text and the "
+            "label must be different columns."
+        )
+    main = _read_text_table(path or train, "data.path" if path else "data.train")
+    texts, raw = _texts_and_labels(main, text_column, label_column)
+    classes, numeric = _class_names(raw)
+    y = _encode_labels(main, raw, classes, numeric)
+    if path is not None:
+        kept, carved = stratified_split(y, test_split, seed)
+        train_texts, train_y = [texts[i] for i in kept], y[kept]
+        test_texts, test_y = [texts[i] for i in carved], y[carved]
+    else:
+        train_texts, train_y = texts, y
+        test_texts, test_y = [], y[:0]
+        if test is not None:
+            other = _read_text_table(test, "data.test")
+            test_texts, test_raw = _texts_and_labels(other, text_column, label_column)
+            test_y = _encode_labels(other, test_raw, classes, numeric)
+
+    vocab = Vocabulary.build(train_texts, Tokenizer(tokenizer, lower), min_freq, max_size)
+    train_ids = [vocab.encode(t, max_length) for t in train_texts]
+    length = max(len(ids) for ids in train_ids)  # >= 1: every text encodes to >= 1 token
+
+    def split(ids: list[list[int]], labels: np.ndarray) -> ArraySplit:
+        x = torch.from_numpy(pad_sequences(ids, length))
+        return ArraySplit(x, torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64)))
+
+    test_part = None
+    if test_texts:
+        test_part = split([vocab.encode(t, length) for t in test_texts], test_y)
+    return DatasetSplits(
+        kind="tokens",
+        task="classification",
+        classes=classes,
+        train=split(train_ids, train_y),
+        test=test_part,
+        meta={
+            **vocab.to_dict(),
+            "max_length": length,
+            "text_column": text_column,
+            "label_column": label_column,
+        },
+    )
+
+
+def _read_text_table(path: str, key: str) -> _Table:
+    """Parse a UTF-8 CSV file with a header; undecodable bytes are reported with their line."""
+    file = _existing(path, key)
+    data = file.read_bytes()
+    try:
+        content = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise UserError(
+            f"{key}: '{file}' line {line} is not valid UTF-8 (byte {data[exc.start]:#04x} at "
+            f"offset {exc.start}). Re-save the file as UTF-8."
+        ) from None
+    rows: list[list[str]] = []
+    lines: list[int] = []
+    reader = csvlib.reader(io.StringIO(content, newline=""))
+    try:
+        header = [name.strip() for name in next(reader, [])]
+        while True:
+            start = reader.line_num + 1  # a quoted text may span lines: report the first
+            row = next(reader, None)
+            if row is None:
+                break
+            if not any(cell.strip() for cell in row):
+                continue  # blank lines, often at the end of a file
+            if len(row) != len(header):
+                raise UserError(
+                    f"{key}: '{file}' line {start} has {len(row)} values but the "
+                    f"header has {len(header)} columns. Quote texts that contain commas or "
+                    'line breaks ("like, this"), or fix that row.'
+                )
+            rows.append(row)
+            lines.append(start)
+    except csvlib.Error as exc:
+        raise UserError(
+            f"{key}: cannot parse '{file}' as CSV near line {reader.line_num} ({exc}). Re-save "
+            "it as comma-separated values with a header row, texts quoted where needed."
+        ) from None
+    if not header or not rows:
+        raise UserError(
+            f"{key}: '{file}' has no {'header' if not header else 'data rows'}. Expected a "
+            "header row naming the columns (e.g. text,label), then one row per sample."
+        )
+    return _Table(file, key, header, rows, lines)
+
+
+def _texts_and_labels(
+    table: _Table, text_column: str, label_column: str
+) -> tuple[list[str], list[str]]:
+    """The raw texts and stripped label strings; an empty label is a UserError."""
+    text_at = table.column(text_column, "data.text_column")
+    label_at = table.column(label_column, "data.label_column")
+    texts = [row[text_at] for row in table.rows]
+    raw = [row[label_at].strip() for row in table.rows]
+    for i, value in enumerate(raw):
+        if not value:
+            raise UserError(
+                f"{table.key}: '{table.file}' line {table.lines[i]}, column '{label_column}': "
+                "empty label. Fill it in or drop the row."
+            )
+    return texts, raw

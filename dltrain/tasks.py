@@ -1,0 +1,198 @@
+"""What differs between classification, regression and seq2seq: the training loss, the
+evaluation pass and the report. Everything else (loop, checkpoints, resume) is shared.
+
+Evaluation accumulates on the device (sums, counts, a confusion matrix) and reads the host once,
+at the end of the pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from dltrain.metrics import ConfusionMatrix, classification_report, ranking_report
+
+
+@dataclass
+class Evaluation:
+    """One pass over a split: mean loss plus what the task measures."""
+
+    loss: float
+    matrix: torch.Tensor | None = None  # classification: C×C counts on the CPU
+    scores: torch.Tensor | None = None  # classification, when kept: N×C softmax probabilities
+    targets: torch.Tensor | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)  # regression / seq2seq figures
+
+    @property
+    def accuracy(self) -> float | None:
+        """metrics.csv's val_accuracy: accuracy, exact match for seq2seq, none for regression."""
+        if self.matrix is not None:
+            total = int(self.matrix.sum())
+            return float(self.matrix.diagonal().sum()) / total if total else 0.0
+        return self.metrics.get("exact_match")
+
+
+class Classification:
+    """Class labels: cross-entropy-style losses, confusion matrix, ranking metrics."""
+
+    name = "classification"
+
+    def training_loss(self, model, x, y, loss_fn) -> torch.Tensor:
+        return loss_fn(model(x), y)
+
+    def evaluator(self, num_classes: int, device: torch.device, keep_scores: bool):
+        return _ClassificationPass(num_classes, device, keep_scores)
+
+    def report(self, result: Evaluation, classes: list[str]) -> dict[str, Any]:
+        report = classification_report(result.matrix.numpy(), classes)
+        if result.scores is not None:
+            report.update(ranking_report(result.scores.numpy(), result.targets.numpy(), classes))
+        return report
+
+
+class Regression:
+    """One real-valued target: MSE, MAE and R²."""
+
+    name = "regression"
+
+    def training_loss(self, model, x, y, loss_fn) -> torch.Tensor:
+        return loss_fn(model(x), y)
+
+    def evaluator(self, num_classes: int, device: torch.device, keep_scores: bool):
+        return _RegressionPass(device)
+
+    def report(self, result: Evaluation, classes: list[str]) -> dict[str, Any]:
+        return {"target": classes[0] if classes else "target", **result.metrics}
+
+
+class Seq2Seq:
+    """Token sequence to token sequence: teacher forcing in training, greedy decoding to
+    evaluate (token accuracy and exact match)."""
+
+    name = "seq2seq"
+
+    def __init__(self, bos_id: int, eos_id: int):
+        self.bos_id, self.eos_id = bos_id, eos_id
+
+    def training_loss(self, model, x, y, loss_fn) -> torch.Tensor:
+        return loss_fn(model(x, self.decoder_input(y)), y)
+
+    def decoder_input(self, y: torch.Tensor) -> torch.Tensor:
+        """<bos> followed by the target shifted right (teacher forcing)."""
+        bos = torch.full_like(y[:, :1], self.bos_id)
+        return torch.cat([bos, y[:, :-1]], dim=1)
+
+    def evaluator(self, num_classes: int, device: torch.device, keep_scores: bool):
+        return _Seq2SeqPass(self, device)
+
+    def report(self, result: Evaluation, classes: list[str]) -> dict[str, Any]:
+        return dict(result.metrics)
+
+
+def task_for(name: str, meta: dict[str, Any]):
+    """The task object for a dataset's task name and data_meta."""
+    if name == "regression":
+        return Regression()
+    if name == "seq2seq":
+        return Seq2Seq(meta.get("bos_id", 1), meta.get("eos_id", 2))
+    return Classification()
+
+
+# -- evaluation passes ------------------------------------------------------------------------
+
+
+class _ClassificationPass:
+    def __init__(self, num_classes: int, device: torch.device, keep_scores: bool):
+        self.matrix = ConfusionMatrix(num_classes, device)
+        self.loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        self.keep_scores = keep_scores
+        self.scores: list[torch.Tensor] = []
+        self.targets: list[torch.Tensor] = []
+
+    def update(self, model, x, y, loss_fn) -> None:
+        logits = model(x)
+        self.loss_sum += loss_fn(logits.float(), y).double() * len(y)
+        self.matrix.update(logits.argmax(dim=1), y)
+        if self.keep_scores:
+            self.scores.append(logits.float().softmax(dim=1))
+            self.targets.append(y)
+
+    def result(self, num_samples: int) -> Evaluation:
+        loss = (self.loss_sum / max(num_samples, 1)).item()
+        if not self.keep_scores:
+            return Evaluation(loss, self.matrix.matrix.cpu())
+        scores, targets = torch.cat(self.scores).cpu(), torch.cat(self.targets).cpu()
+        return Evaluation(loss, self.matrix.matrix.cpu(), scores, targets)
+
+
+class _RegressionPass:
+    def __init__(self, device: torch.device):
+        # n, loss, Σe², Σ|e|, Σy, Σy² — float64 sums on the device
+        self.sums = torch.zeros(6, device=device, dtype=torch.float64)
+
+    def update(self, model, x, y, loss_fn) -> None:
+        out = model(x)
+        prediction, target = out.float().squeeze(-1).double(), y.double()
+        error = prediction - target
+        self.sums += torch.stack(
+            [
+                torch.tensor(float(len(y)), device=y.device, dtype=torch.float64),
+                loss_fn(out, y).double() * len(y),
+                error.square().sum(),
+                error.abs().sum(),
+                target.sum(),
+                target.square().sum(),
+            ]
+        )
+
+    def result(self, num_samples: int) -> Evaluation:
+        n, loss, sse, sae, sum_y, sum_y2 = self.sums.tolist()
+        n = max(n, 1.0)
+        total = sum_y2 - sum_y**2 / n  # Σ(y - ȳ)²
+        metrics = {
+            "num_samples": int(n),
+            "mse": sse / n,
+            "mae": sae / n,
+            "r2": 1.0 - sse / total if total > 0 else 0.0,
+        }
+        return Evaluation(loss / n, metrics=metrics)
+
+
+class _Seq2SeqPass:
+    def __init__(self, task: Seq2Seq, device: torch.device):
+        self.task = task
+        # samples, loss, exact matches, correct target tokens, target tokens
+        self.sums = torch.zeros(5, device=device, dtype=torch.float64)
+
+    def update(self, model, x, y, loss_fn) -> None:
+        loss = loss_fn(model(x, self.task.decoder_input(y)), y)
+        predicted = _fit_width(model.generate(x), y.shape[1])
+        real = y != 0  # <pad> positions are not part of the target
+        self.sums += torch.stack(
+            [
+                torch.tensor(float(len(y)), device=y.device, dtype=torch.float64),
+                loss.double() * len(y),
+                (predicted == y).all(dim=1).sum().double(),
+                ((predicted == y) & real).sum().double(),
+                real.sum().double(),
+            ]
+        )
+
+    def result(self, num_samples: int) -> Evaluation:
+        n, loss, exact, correct, tokens = self.sums.tolist()
+        metrics = {
+            "num_samples": int(n),
+            "exact_match": exact / max(n, 1.0),
+            "token_accuracy": correct / max(tokens, 1.0),
+        }
+        return Evaluation(loss / max(n, 1.0), metrics=metrics)
+
+
+def _fit_width(tokens: torch.Tensor, width: int) -> torch.Tensor:
+    """Pad (with <pad>) or cut generated sequences to the target's width."""
+    if tokens.shape[1] >= width:
+        return tokens[:, :width]
+    pad = tokens.new_zeros(tokens.shape[0], width - tokens.shape[1])
+    return torch.cat([tokens, pad], dim=1)
