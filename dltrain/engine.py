@@ -69,15 +69,7 @@ def build_setup(recipe: Recipe, device: str | None = None, meta: dict | None = N
     # x86 CPUs compute on denormals ~10× slower: flush them to zero (numerically irrelevant).
     torch.set_flush_denormal(True)
     data = prepare_data(recipe.data, recipe.seed, meta)
-    model = MODELS.build(
-        recipe.model,
-        input_shape=data.model_input_shape,
-        num_classes=data.num_classes,
-        input_kind=data.model_kind,
-        vocab_size=data.vocab_size,
-        task=data.task,
-        data_meta=data.meta(),
-    )
+    model = build_model(recipe.model, data)
     channels_last = _use_channels_last(recipe.train.channels_last, dev, data.model_kind)
     model = model.to(dev, memory_format=torch.channels_last if channels_last else None)
     loss_fn = LOSSES.build(
@@ -98,6 +90,19 @@ def build_setup(recipe: Recipe, device: str | None = None, meta: dict | None = N
         MixedPrecision(recipe.train.precision, dev),
         pipeline,
         task_for(data.task, data.extra),
+    )
+
+
+def build_model(section: dict[str, Any], data: PreparedData) -> torch.nn.Module:
+    """A model section built for the data: dltrain supplies every run-time argument."""
+    return MODELS.build(
+        section,
+        input_shape=data.model_input_shape,
+        num_classes=data.num_classes,
+        input_kind=data.model_kind,
+        vocab_size=data.vocab_size,
+        task=data.task,
+        data_meta=data.meta(),
     )
 
 
@@ -261,7 +266,10 @@ def train_one_epoch(t: Training, batches: Batches, epoch: int) -> float:
         state.batch, state.step = i + 1, state.step + 1
         if not t.stepped:
             t.stepped = True
-            t.log.event("first_step", seconds=round(time.perf_counter() - t.started, 3))
+            seconds = time.perf_counter() - t.started
+            t.log.event("first_step", seconds=round(seconds, 3))
+            if train.compile:  # compilation happens in the first step: say what it cost
+                t.progress.note(f"torch.compile: the first step took {seconds:.1f}s (compiling)")
 
         # between steps: non-finite check, mid-epoch checkpoint, stop request
         if time.perf_counter() >= next_check:

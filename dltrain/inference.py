@@ -192,18 +192,9 @@ def _without_pretrained_weights(section: dict[str, Any]) -> dict[str, Any]:
 
 def _build_model(section: dict[str, Any], meta: dict[str, Any]) -> nn.Module:
     """The model as engine.build_setup builds it: the same run-time arguments."""
-    from dltrain.registry import MODELS
+    from dltrain.engine import build_model
 
-    data = _prepared(meta)
-    return MODELS.build(
-        section,
-        input_shape=data.model_input_shape,
-        num_classes=data.num_classes,
-        input_kind=data.model_kind,
-        vocab_size=data.vocab_size,
-        task=data.task,
-        data_meta=data.meta(),
-    )
+    return build_model(section, _prepared(meta))
 
 
 def _fits(model: nn.Module, state: Any) -> bool:

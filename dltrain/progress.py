@@ -107,6 +107,10 @@ class Progress:
         parts += [f"lr {row['lr']:.1e}", f"{row['seconds']:.1f}s", f"{_si(row['samples_per_s'])}/s"]
         self._print("  ".join(parts) + ("  [green]★[/]" if improved else ""))
 
+    def note(self, text: str) -> None:
+        """One informational line (printed above a live bar)."""
+        self._print(f"[dim]{text}[/]")
+
     def early_stop(self, epoch: int, best_epoch: int | None) -> None:
         """Early stopping ended the run; the report uses the best epoch's weights."""
         self._print(
