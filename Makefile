@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint format clean
+.PHONY: demo test test-fast lint format bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,12 +22,15 @@ test-fast: $(STAMP)  ## skip the slow tests
 	$(BIN)/python -m pytest -m "not slow"
 
 lint: $(STAMP)  ## ruff check + format check
-	$(BIN)/ruff check dltrain tests
-	$(BIN)/ruff format --check dltrain tests
+	$(BIN)/ruff check dltrain tests bench
+	$(BIN)/ruff format --check dltrain tests bench
+
+bench: $(STAMP)  ## samples/s vs a hand-written loop, the CIFAR tutorial, Lightning (BENCH_SCALE=small|full)
+	$(BIN)/python bench/run.py
 
 format: $(STAMP)
-	$(BIN)/ruff check --fix dltrain tests
-	$(BIN)/ruff format dltrain tests
+	$(BIN)/ruff check --fix dltrain tests bench
+	$(BIN)/ruff format dltrain tests bench
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache build *.egg-info

@@ -26,6 +26,7 @@ from dltrain.data.pipeline import BatchPipeline
 from dltrain.data.prepare import PreparedData, prepare_data
 from dltrain.devices import resolve_device
 from dltrain.errors import DltrainError, RunFailure, UserError
+from dltrain.host import tune_for_training
 from dltrain.interrupts import GracefulStop, Interrupted
 from dltrain.optim import LrSchedule, constant_schedule
 from dltrain.progress import Progress
@@ -65,9 +66,7 @@ def build_setup(recipe: Recipe, device: str | None = None, meta: dict | None = N
     """Resolve the device, load the data, build model, loss, numerics and batch pipeline."""
     seed_everything(recipe.seed)
     dev = resolve_device(device or recipe.device)
-    # Optimizer state of dead units decays into denormal floats after a few hundred steps, and
-    # x86 CPUs compute on denormals ~10× slower: flush them to zero (numerically irrelevant).
-    torch.set_flush_denormal(True)
+    tune_for_training(dev, recipe.train.cudnn_benchmark, recipe.train.tf32)
     data = prepare_data(recipe.data, recipe.seed, meta)
     model = build_model(recipe.model, data)
     channels_last = _use_channels_last(recipe.train.channels_last, dev, data.model_kind)

@@ -75,6 +75,7 @@ class Progress:
             TimeRemainingColumn(),
             console=self.console,
             transient=True,
+            auto_refresh=False,  # redrawn from step() at REFRESH_SECONDS: no drawing thread
         )
         self._task = self._bar.add_task("train", total=steps, completed=done, loss="…", speed="…")
         self._bar.start()
@@ -92,6 +93,7 @@ class Progress:
         loss = loss_sum.item() / max(count, 1)  # the display's sync, a few times per second
         speed = seen / max(now - self._epoch_started, 1e-9)
         self._bar.update(self._task, completed=done, loss=f"{loss:.4f}", speed=f"{speed:,.0f}")
+        self._bar.refresh()
 
     def epoch_end(self, row: dict[str, Any], improved: bool) -> None:
         """Replace the bar with one summary line for the epoch."""

@@ -101,6 +101,8 @@ class TrainSection(BaseModel):
     early_stopping: EarlyStopping | None = None
     l1: Annotated[float, Field(ge=0)] = 0.0  # L1 penalty on weights (beside weight decay's L2)
     channels_last: Literal["auto"] | bool = "auto"
+    cudnn_benchmark: bool = True  # CUDA: autotune convolution kernels for the fixed shapes
+    tf32: bool = True  # CUDA: TF32 tensor cores for float32 matmuls/convolutions
     checkpoint_every_steps: PositiveInt | None = None  # also write last.pt mid-epoch
     on_nonfinite: Literal["stop", "skip_step"] = "stop"  # skip_step costs a sync per step
 
