@@ -41,6 +41,8 @@ class GracefulStop:
     def __enter__(self) -> GracefulStop:
         if threading.current_thread() is threading.main_thread():  # signals only go there
             for signum in SIGNAL_EXIT_CODES:
+                if signal.getsignal(signum) is signal.SIG_IGN:
+                    continue  # ignored on purpose (e.g. a background job's SIGINT): keep it so
                 self._previous[signum] = signal.signal(signum, self._handle)
         return self
 

@@ -44,6 +44,14 @@ class SignalAt(Progress):
             os.kill(os.getpid(), self.signum)
 
 
+@pytest.fixture
+def sigint_as_in_a_terminal():
+    # CI may start the suite with SIGINT ignored (a background job); a terminal does not.
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 def test_four_epochs_equal_two_plus_two(tmp_path):
     straight, _ = train(tmp_path, DIGITS, "straight", "train.epochs=4")
     train(tmp_path, DIGITS, "resumed", "train.epochs=2")
@@ -55,7 +63,9 @@ def test_four_epochs_equal_two_plus_two(tmp_path):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_mid_epoch_saves_and_the_resume_is_exact(tmp_path, signum):
+def test_a_signal_mid_epoch_saves_and_the_resume_is_exact(
+    tmp_path, signum, sigint_as_in_a_terminal
+):
     # Stop in the middle of epoch 2 (batch 7 of 20), as Ctrl-C or a scheduler's SIGTERM would.
     settings = ["train.epochs=3", "scheduler={name: cosine, warmup_epochs: 1}"]
     straight, straight_report = train(tmp_path, DIGITS, "straight", *settings)
@@ -101,13 +111,24 @@ def test_checkpoint_every_steps_writes_mid_epoch_and_resumes_exactly(tmp_path):
     assert metric_rows(straight) == metric_rows(resumed)
 
 
-def test_second_signal_stops_at_once():
+def test_second_signal_stops_at_once(sigint_as_in_a_terminal):
     with GracefulStop() as stop:
         os.kill(os.getpid(), signal.SIGINT)
         assert stop.requested and stop.signum == signal.SIGINT
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+def test_an_ignored_signal_stays_ignored():
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with GracefulStop() as stop:
+            os.kill(os.getpid(), signal.SIGINT)  # ignored, as the caller asked
+            assert not stop.requested
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def test_a_failed_checkpoint_write_leaves_the_previous_one_loadable(tmp_path, monkeypatch):
@@ -149,6 +170,8 @@ def _dltrain(*args: str, cwd: Path) -> subprocess.Popen:
         cwd=cwd,
         env=env,
         stdout=subprocess.PIPE,
+        # as from a terminal: CI may run the suite with SIGINT ignored, which children inherit
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         stderr=subprocess.PIPE,
         text=True,
     )
