@@ -249,7 +249,7 @@ def train_one_epoch(t: Training, batches: Batches, epoch: int) -> float:
         else:
             # a step's gradient is the mean over its micro-batches; the last group may be short
             group = min(accumulate, steps - i // accumulate * accumulate)
-            s.precision.backward(objective / group)
+            s.precision.backward(objective / group if group > 1 else objective)
             # running totals stay on the device; the display reads them when it refreshes
             loss_sum += loss.detach().float() * len(y)
             first_bad = torch.where(finite | (first_bad >= 0), first_bad, i)
