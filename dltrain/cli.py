@@ -7,6 +7,7 @@ what it needs when it runs.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shlex
@@ -60,6 +61,10 @@ def user_facing_errors() -> Iterator[None]:
     """
     debug = os.environ.get("DLTRAIN_DEBUG") == "1"
     console = _stderr_console()
+    # Under torchrun, rank 0 reports the errors every process meets alike; the others name
+    # themselves, since their error may be theirs alone (a missing GPU, out of memory).
+    rank = os.environ.get("RANK", "0") if "WORLD_SIZE" in os.environ else "0"
+    who = "" if rank == "0" else f"rank {rank}: "
     try:
         with warnings.catch_warnings():  # restores showwarning afterwards
             # A skipped image file and the like: one 'warning:' line, not Python's file:line dump.
@@ -72,7 +77,10 @@ def user_facing_errors() -> Iterator[None]:
     except DltrainError as exc:
         if debug:
             raise
-        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        if not (who and exc.same_on_every_process):
+            console.print(
+                f"[bold red]{who}error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True
+            )
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         console.print(
@@ -90,7 +98,7 @@ def user_facing_errors() -> Iterator[None]:
             )
         else:
             console.print(
-                f"[bold red]internal error:[/] {type(exc).__name__}: {escape(str(exc))}\n"
+                f"[bold red]{who}internal error:[/] {type(exc).__name__}: {escape(str(exc))}\n"
                 "Re-run with DLTRAIN_DEBUG=1 to see the traceback, and please report it.",
                 highlight=False,
                 soft_wrap=True,
@@ -124,6 +132,21 @@ def fit(
         "fold of the train split, in runs/NAME/fold-k/; summary in runs/NAME/cv_report.json.",
         show_default=False,
     ),
+    nproc: int = typer.Option(
+        None,
+        "--nproc",
+        metavar="N",
+        help="Train data-parallel in N processes on this machine (one per GPU; CPU: gloo). "
+        "Runs torchrun's launcher; for several machines use torchrun itself (README).",
+        show_default=False,
+    ),
+    max_restarts: int = typer.Option(
+        0,
+        "--max-restarts",
+        metavar="K",
+        help="With --nproc and --resume auto: restart all processes up to K times when one "
+        "fails, continuing from the last checkpoint.",
+    ),
 ) -> None:
     """Train a model from a recipe, then evaluate its best checkpoint on the test split.
 
@@ -136,10 +159,23 @@ def fit(
       dltrain fit recipes/mnist_mlp.yaml data.name=npz data.path=mnist.npz train.epochs=3
 
       dltrain fit recipes/quickstart.yaml --folds 5
+
+      dltrain fit recipes/cifar10_resnet.yaml --nproc 4
+
+      torchrun --nproc-per-node 8 -m dltrain fit recipes/cifar10_resnet.yaml
     """
     console = _stderr_console() if quiet else Console()
     with user_facing_errors():
+        from dltrain.distributed import world_from_environment
+
+        world = world_from_environment()
+        if nproc is not None or max_restarts:
+            _launch(recipe, overrides or [], nproc, max_restarts, resume, force, quiet, folds)
         if folds is not None:
+            if world.launched:
+                from dltrain.errors import UserError
+
+                raise UserError("--folds runs one process per fold; leave out torchrun/--nproc.")
             _cross_validate(recipe, overrides or [], folds, resume, force, quiet, console)
             return
         from dltrain.engine import fit as run_fit
@@ -151,9 +187,12 @@ def fit(
 
         loaded = load_recipe(recipe, overrides or [])
         run = RunFolder.for_recipe(loaded)
+        if not world.is_main:  # rank 0 checks and writes the run folder; the rest stay silent
+            console, quiet = Console(file=io.StringIO()), True
         checkpoint = _resume_path(resume, run, console)
-        run.check_free_for(loaded, force, resuming=checkpoint is not None)
-        run.ensure_writable()  # an unwritable output is wrong input (2), found before training
+        if world.is_main:
+            run.check_free_for(loaded, force, resuming=checkpoint is not None)
+            run.ensure_writable()  # an unwritable output is wrong input (2), before training
         progress = Progress(console, quiet=quiet)
         try:
             report = run_fit(loaded, run, progress, resume=checkpoint)
@@ -174,6 +213,49 @@ def fit(
             f"[bold]{headline(report)[1]:.4f}[/]",
             highlight=False,
         )
+
+
+def _launch(
+    recipe: Path,
+    overrides: list[str],
+    nproc: int | None,
+    max_restarts: int,
+    resume: str | None,
+    force: bool,
+    quiet: bool,
+    folds: int | None,
+) -> None:
+    """`fit --nproc N`: check the recipe here (errors once, not N times), then run torchrun's
+    launcher on this machine with the same fit command; exits with the processes' code."""
+    from dltrain.distributed import world_from_environment
+    from dltrain.errors import UserError
+    from dltrain.launch import launch_local
+    from dltrain.recipe import load_recipe
+    from dltrain.run_folder import RunFolder
+
+    if nproc is None:
+        raise UserError("--max-restarts needs --nproc N (or torchrun's own --max-restarts).")
+    if nproc < 1:
+        raise UserError(f"--nproc must be at least 1 (got {nproc}).")
+    if world_from_environment().launched:
+        raise UserError("--nproc starts torchrun itself; under torchrun, leave it out.")
+    if folds is not None:
+        raise UserError("--nproc does not combine with --folds; train the folds one by one.")
+    if max_restarts and resume != "auto":
+        raise UserError(
+            "--max-restarts needs --resume auto, so that restarted processes continue from the "
+            "last checkpoint instead of starting over."
+        )
+    loaded = load_recipe(recipe, overrides)
+    run = RunFolder.for_recipe(loaded)
+    resuming = resume is not None and (resume != "auto" or run.last_path.exists())
+    run.check_free_for(loaded, force, resuming=resuming)
+    run.ensure_writable()
+    args = ["fit", str(recipe), *overrides]
+    args += ["--resume", resume] if resume else []
+    args += ["--force"] if force else []
+    args += ["--quiet"] if quiet else []
+    raise typer.Exit(launch_local(nproc, args, max_restarts))
 
 
 def _cross_validate(

@@ -168,6 +168,16 @@ def _mps_device(spec: str) -> torch.device:
     return torch.device("mps")
 
 
+def step_marker(device: torch.device) -> Callable[[], None] | None:
+    """What ends a step on a lazy device: torch_xla.sync() cuts and runs the step's graph (so
+    every step compiles to the same graph); None on eager devices."""
+    if device.type != "xla":
+        return None
+    import torch_xla
+
+    return torch_xla.sync
+
+
 # --- XLA (optional dependency) ----------------------------------------------------------------
 
 

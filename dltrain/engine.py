@@ -3,6 +3,11 @@
 It reads top to bottom: `fit` builds everything, `train_one_epoch` is the update, `evaluate` is
 the confusion-matrix pass. Running loss and metrics stay on the device; the host reads them only
 when the display refreshes and once per epoch, so the GPU never waits on Python.
+
+Under torchrun every process runs this same loop on its shard of each batch, with the model in
+DistributedDataParallel. Decisions that end or save the run (a stop signal, a non-finite loss)
+are agreed by all processes at the same steps, so none is left waiting; rank 0 alone writes
+the run folder and prints.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,10 +27,11 @@ import torch
 
 from dltrain.amp import MixedPrecision
 from dltrain.checkpoint import load_checkpoint, rng_state, set_rng_state
-from dltrain.data.loaders import Batches, make_batches
+from dltrain.data.loaders import Batches, Shard, make_batches
 from dltrain.data.pipeline import BatchPipeline
 from dltrain.data.prepare import PreparedData, prepare_data
-from dltrain.devices import resolve_device
+from dltrain.devices import resolve_device, step_marker
+from dltrain.distributed import World, process_device, process_group, world_from_environment
 from dltrain.errors import DltrainError, RunFailure, UserError
 from dltrain.host import tune_for_training
 from dltrain.interrupts import GracefulStop, Interrupted
@@ -39,6 +46,10 @@ from dltrain.tasks import Classification, Evaluation, Regression, Seq2Seq, task_
 from dltrain.train_state import TrainState, check_resumable, direction, improves
 
 FINITE_CHECK_SECONDS = 1.0  # how often the loss is checked for NaN/inf (a device sync)
+# Under DDP the processes must take such decisions at the same step, so they agree every this
+# many steps instead (one tiny all-reduce), and before every save.
+AGREE_EVERY_STEPS = 50
+LAUNCHER_ECHO_SECONDS = 2.0  # see GracefulStop
 
 
 @dataclass
@@ -53,6 +64,12 @@ class Setup:
     precision: MixedPrecision
     pipeline: BatchPipeline
     task: Classification | Regression | Seq2Seq
+    world: World = field(default_factory=World)
+    sync: Any = None  # ends a step on lazy devices (torch_xla.sync); None elsewhere
+
+    def end_step(self) -> None:
+        if self.sync is not None:
+            self.sync()
 
 
 def seed_everything(seed: int) -> None:
@@ -62,12 +79,27 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_setup(recipe: Recipe, device: str | None = None, meta: dict | None = None) -> Setup:
-    """Resolve the device, load the data, build model, loss, numerics and batch pipeline."""
+def build_setup(
+    recipe: Recipe,
+    device: str | torch.device | None = None,
+    meta: dict | None = None,
+    world: World | None = None,
+) -> Setup:
+    """Resolve the device, load the data, build model, loss, numerics and batch pipeline.
+
+    Every process of a distributed run builds the same model from the same seed (DDP then
+    checks that they agree); the first process of each node prepares the data first, so a
+    download happens once per node.
+    """
+    world = world or World()
     seed_everything(recipe.seed)
-    dev = resolve_device(device or recipe.device)
+    dev = device if isinstance(device, torch.device) else resolve_device(device or recipe.device)
     tune_for_training(dev, recipe.train.cudnn_benchmark, recipe.train.tf32)
+    if world.local_rank != 0:
+        world.barrier()
     data = prepare_data(recipe.data, recipe.seed, meta)
+    if world.local_rank == 0:
+        world.barrier()
     model = build_model(recipe.model, data)
     channels_last = _use_channels_last(recipe.train.channels_last, dev, data.model_kind)
     model = model.to(dev, memory_format=torch.channels_last if channels_last else None)
@@ -89,6 +121,8 @@ def build_setup(recipe: Recipe, device: str | None = None, meta: dict | None = N
         MixedPrecision(recipe.train.precision, dev),
         pipeline,
         task_for(data.task, data.extra),
+        world,
+        step_marker(dev),
     )
 
 
@@ -115,7 +149,8 @@ class Training:
     """What one fit drives: the setup plus optimizer, schedule, run folder, display and state."""
 
     s: Setup
-    model: torch.nn.Module  # s.model, or its torch.compile wrapper
+    model: torch.nn.Module  # what trains: s.model, in DDP and/or torch.compile
+    eval_model: torch.nn.Module  # what evaluates: s.model, or its torch.compile wrapper
     optimizer: torch.optim.Optimizer
     schedule: LrSchedule
     run: RunFolder
@@ -126,11 +161,33 @@ class Training:
     started: float = field(default_factory=time.perf_counter)  # for the time to first step
     stepped: bool = False  # has this process taken an optimizer step yet
 
+    @property
+    def ddp(self) -> torch.nn.parallel.DistributedDataParallel | None:
+        module = getattr(self.model, "_orig_mod", self.model)  # under torch.compile
+        return module if isinstance(module, torch.nn.parallel.DistributedDataParallel) else None
+
 
 def fit(recipe: Recipe, run: RunFolder, progress: Progress, resume: Path | None = None) -> dict:
-    """Train as the recipe says, write the run folder, and return the test report."""
+    """Train as the recipe says, write the run folder, and return the test report.
+
+    Under torchrun this joins the process group first; see the module docstring.
+    """
+    world = world_from_environment()
+    device = resolve_device(process_device(recipe.device, world))
+    with process_group(world, device, recipe.distributed):
+        return _fit(recipe, run, progress, resume, world, device)
+
+
+def _fit(
+    recipe: Recipe,
+    run: RunFolder,
+    progress: Progress,
+    resume: Path | None,
+    world: World,
+    device: torch.device,
+) -> dict:
     started = time.perf_counter()
-    s = build_setup(recipe)
+    s = build_setup(recipe, device, world=world)
     train_batches = _batches(s, "train", shuffle=True)
     val_batches = _batches(s, "val", shuffle=False) if "val" in s.data.splits else None
     optimizer = OPTIMIZERS.build(
@@ -138,14 +195,20 @@ def fit(recipe: Recipe, run: RunFolder, progress: Progress, resume: Path | None 
     )
     schedule = _schedule(recipe, optimizer, len(train_batches))
     state = TrainState()
+    resume = world.broadcast_object(resume)  # rank 0's files decide (nodes may not share disks)
     if resume is not None:
-        state = _restore(load_checkpoint(resume), resume, s, optimizer, schedule)
-    log = RunLog(run.root, tensorboard=recipe.logging.tensorboard)  # may refuse: before writes
-    run.start(recipe)
+        checkpoint = world.broadcast_object(load_checkpoint(resume) if world.is_main else None)
+        state = _restore(checkpoint, resume, s, optimizer, schedule)
+        if not world.is_main:  # rank 0 carries the epoch's saved totals; the others add theirs
+            state.epoch_loss_sum, state.epoch_seen = 0.0, 0
+    log = RunLog(run.root, tensorboard=recipe.logging.tensorboard, enabled=world.is_main)
+    if world.is_main:
+        run.start(recipe)
     log.event(
         "start",
         run=recipe.name,
         device=str(s.device),
+        processes=world.size,
         precision=s.precision.name,
         data_path=train_batches.path,
         resumed_from=str(resume) if resume else None,
@@ -153,8 +216,25 @@ def fit(recipe: Recipe, run: RunFolder, progress: Progress, resume: Path | None 
         step=state.step,
     )
     progress.start(recipe, s.device, s.precision.name, train_batches.path, s.model, s.data)
-    model = torch.compile(s.model) if recipe.train.compile else s.model
-    t = Training(s, model, optimizer, schedule, run, progress, log, GracefulStop(), state, started)
+    if world.launched:
+        progress.note(
+            f"data parallel: {world.size} processes × batch {train_batches.batch_size} "
+            f"= {world.size * train_batches.batch_size} samples per micro-batch"
+        )
+    model, eval_model = _training_models(s)
+    t = Training(
+        s,
+        model,
+        eval_model,
+        optimizer,
+        schedule,
+        run,
+        progress,
+        log,
+        GracefulStop(echo_seconds=LAUNCHER_ECHO_SECONDS if world.launched else 0.0),
+        state,
+    )
+    t.started = started
 
     with t.stop, _logged_failures(log), _out_of_memory_is_a_run_failure(s, run):
         for epoch in range(state.epoch + 1, recipe.train.epochs + 1):
@@ -166,7 +246,7 @@ def fit(recipe: Recipe, run: RunFolder, progress: Progress, resume: Path | None 
             # evaluate
             val_loss, val_accuracy = None, None
             if val_batches is not None:
-                validation = evaluate(model, val_batches, s)
+                validation = evaluate(eval_model, val_batches, s)
                 val_loss, val_accuracy = validation.loss, validation.accuracy
             schedule.step_epoch(val_loss)
 
@@ -183,15 +263,16 @@ def fit(recipe: Recipe, run: RunFolder, progress: Progress, resume: Path | None 
             state.epoch = epoch
             state.start_epoch()
             state.history.append(row)
-            run.write_metrics(state.history)
-            log.epoch(row)
             improved = _update_best(state, row, recipe.train.monitor)
             _update_early_stopping(state, row, recipe.train.early_stopping)
             _check_weights_finite(t, epoch)
-            checkpoint = _checkpoint_state(t)
-            run.save_last(checkpoint)
-            if improved:
-                run.save_best(checkpoint)
+            if world.is_main:
+                run.write_metrics(state.history)
+                checkpoint = _checkpoint_state(t)
+                run.save_last(checkpoint)
+                if improved:
+                    run.save_best(checkpoint)
+            log.epoch(row)
             log.event(
                 "checkpoint",
                 epoch=epoch,
@@ -202,15 +283,15 @@ def fit(recipe: Recipe, run: RunFolder, progress: Progress, resume: Path | None 
             if state.stopped_early:
                 progress.early_stop(epoch, state.best_epoch)
                 log.event("early_stop", epoch=epoch, best_epoch=state.best_epoch)
-            if t.stop.requested:
-                raise Interrupted(t.stop.signum, str(run.last_path))
+            if world.any(t.stop.requested, s.device):
+                raise Interrupted(t.stop.signum or signal.SIGTERM, str(run.last_path))
 
     # final evaluation of the best model on the test split (val when there is none)
     # (a run resumed from another folder, or one whose val loss was never finite, may have no
     # best.pt of its own: then its latest weights are what it has)
-    final = next(p for p in (run.best_path, run.last_path, resume) if p and Path(p).exists())
     with _logged_failures(log), _out_of_memory_is_a_run_failure(s, run):
-        report = evaluate_checkpoint(final, run.root, progress, s, history=state.history)
+        final = _final_checkpoint(s, run, resume)
+        report = _report(s, final, run.root, progress, history=state.history)
     log.event(
         "end",
         split=report["split"],
@@ -222,11 +303,43 @@ def fit(recipe: Recipe, run: RunFolder, progress: Progress, resume: Path | None 
     return report
 
 
+def _training_models(s: Setup) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The module that trains (DDP under torchrun, compiled on request) and the one that
+    evaluates. Evaluation bypasses DDP: each process evaluates its own shard, and DDP's
+    forward would wait for the others' (shards may differ by a batch)."""
+    model = s.model
+    if s.world.launched:
+        section = s.recipe.distributed
+        model = torch.nn.parallel.DistributedDataParallel(
+            s.model,
+            device_ids=[s.device.index] if s.device.type == "cuda" else None,
+            find_unused_parameters=section.find_unused_parameters,
+            static_graph=section.static_graph,
+            gradient_as_bucket_view=True,  # gradients live in the buckets: no copy per step
+        )
+    if not s.recipe.train.compile:
+        return model, s.model
+    compiled = torch.compile(model)
+    return compiled, compiled if model is s.model else s.model
+
+
+def _final_checkpoint(s: Setup, run: RunFolder, resume: Path | None) -> Path:
+    """Load the weights to report on (best.pt, else last.pt) on every process; rank 0 reads
+    the file and sends the weights, so nodes need not share a disk."""
+    final = None
+    if s.world.is_main:
+        final = next(p for p in (run.best_path, run.last_path, resume) if p and Path(p).exists())
+        _load_weights(s.model, load_checkpoint(final), final)
+    s.world.broadcast_weights_(s.model)
+    return s.world.broadcast_object(final)
+
+
 def train_one_epoch(t: Training, batches: Batches, epoch: int) -> float:
     """One pass over the training data (or the rest of it, on resume). Returns the mean loss.
 
     Between optimizer steps it checks, without waiting on the device, for a stop request and a
-    due mid-epoch checkpoint; the loss is checked for NaN/inf about once a second.
+    due mid-epoch checkpoint; the loss is checked for NaN/inf about once a second (under DDP:
+    every AGREE_EVERY_STEPS steps, by all processes together).
     """
     s, state, train = t.s, t.state, t.s.recipe.train
     t.model.train()
@@ -235,33 +348,42 @@ def train_one_epoch(t: Training, batches: Batches, epoch: int) -> float:
     penalised = [p for p in s.model.parameters() if p.dim() > 1]  # L1 on weights, not biases
     loss_sum = torch.tensor(state.epoch_loss_sum, device=s.device)
     first_bad = torch.tensor(-1, device=s.device)  # first batch with a non-finite loss
+    # the batch index, counted on the device: a host int would be a new constant in every
+    # step's graph on XLA (a recompile per step)
+    batch_index = torch.tensor(state.batch - 1, device=s.device)
     started = time.perf_counter() - state.epoch_seconds
     next_check = time.perf_counter() + FINITE_CHECK_SECONDS
     t.progress.epoch_start(epoch, train.epochs, steps, done=state.batch)
     for i, (x, y) in enumerate(batches.epoch(epoch, start=state.batch), start=state.batch):
-        # forward backward
-        with s.precision.autocast():
+        # forward backward (under DDP, gradients are averaged over processes on a group's last
+        # micro-batch only)
+        steps_now = (i + 1) % accumulate == 0 or i + 1 == steps
+        with _gradient_sync(t, steps_now), s.precision.autocast():
             loss = s.task.training_loss(t.model, s.pipeline.train(x), y, s.loss_fn)
             objective = loss + train.l1 * _l1_norm(penalised) if train.l1 else loss
         finite = torch.isfinite(loss)
-        if skip_nonfinite and not finite:  # opt-in: this check waits for the device each step
+        batch_index += 1
+        if skip_nonfinite and s.world.any(not bool(finite), s.device):  # opt-in: syncs a step
             t.progress.skipped(epoch, i + 1)
         else:
             # a step's gradient is the mean over its micro-batches; the last group may be short
             group = min(accumulate, steps - i // accumulate * accumulate)
-            s.precision.backward(objective / group if group > 1 else objective)
+            with _gradient_sync(t, steps_now):
+                s.precision.backward(objective / group if group > 1 else objective)
             # running totals stay on the device; the display reads them when it refreshes
             loss_sum += loss.detach().float() * len(y)
-            first_bad = torch.where(finite | (first_bad >= 0), first_bad, i)
+            first_bad = torch.where(finite | (first_bad >= 0), first_bad, batch_index)
             state.epoch_seen += len(y)
-        t.progress.step(i + 1, state.epoch_seen, loss_sum, state.epoch_seen)
-        if (i + 1) % accumulate and i + 1 < steps:
+        t.progress.step(i + 1, state.epoch_seen * s.world.size, loss_sum, state.epoch_seen)
+        if not steps_now:
+            s.end_step()
             continue
 
         # update
         s.precision.step(t.optimizer, s.model.parameters(), train.grad_clip)
         t.optimizer.zero_grad(set_to_none=True)
         t.schedule.step_batch()
+        s.end_step()
         state.batch, state.step = i + 1, state.step + 1
         if not t.stepped:
             t.stepped = True
@@ -271,25 +393,71 @@ def train_one_epoch(t: Training, batches: Batches, epoch: int) -> float:
                 t.progress.note(f"torch.compile: the first step took {seconds:.1f}s (compiling)")
 
         # between steps: non-finite check, mid-epoch checkpoint, stop request
-        if time.perf_counter() >= next_check:
-            _check_finite(t, first_bad, epoch, steps)
-            next_check = time.perf_counter() + FINITE_CHECK_SECONDS
         every = train.checkpoint_every_steps
-        due = every is not None and state.step % every == 0
-        if (due or t.stop.requested) and i + 1 < steps:
-            state.epoch_loss_sum = loss_sum.item()
+        due = every is not None and state.step % every == 0 and i + 1 < steps
+        if not (due or _check_due(t, next_check)):
+            continue
+        stop = _agreed_check(t, first_bad, epoch, steps)
+        next_check = time.perf_counter() + FINITE_CHECK_SECONDS
+        if (due or stop) and i + 1 < steps:
+            state.epoch_loss_sum, state.epoch_seen = _epoch_totals(t, loss_sum)
             state.epoch_seconds = time.perf_counter() - started
-            _check_finite(t, first_bad, epoch, steps)  # never save non-finite weights
-            _check_weights_finite(t, epoch)
-            t.run.save_last(_checkpoint_state(t))
-            if t.stop.requested:
+            _check_weights_finite(t, epoch)  # never save non-finite weights
+            if s.world.is_main:
+                t.run.save_last(_checkpoint_state(t))
+            if stop:
                 t.progress.close()
-                raise Interrupted(t.stop.signum, str(t.run.last_path))
+                raise Interrupted(t.stop.signum or signal.SIGTERM, str(t.run.last_path))
+            if not s.world.is_main:  # rank 0 carries the saved totals (as after a resume)
+                state.epoch_loss_sum, state.epoch_seen = 0.0, 0
+            loss_sum.fill_(state.epoch_loss_sum)
 
-    state.epoch_loss_sum = loss_sum.item()  # the epoch's one host sync (plus the check below)
+    _agreed_check(t, first_bad, epoch, steps)
+    state.epoch_loss_sum, state.epoch_seen = _epoch_totals(t, loss_sum)  # the epoch's host sync
     state.epoch_seconds = time.perf_counter() - started
-    _check_finite(t, first_bad, epoch, steps)
     return state.epoch_loss_sum / max(state.epoch_seen, 1)
+
+
+def _gradient_sync(t: Training, steps_now: bool) -> contextlib.AbstractContextManager:
+    """DDP's no_sync() for micro-batches that only accumulate (saves an all-reduce each)."""
+    ddp = t.ddp
+    return ddp.no_sync() if ddp is not None and not steps_now else contextlib.nullcontext()
+
+
+def _check_due(t: Training, next_check: float) -> bool:
+    """Time for the non-finite/stop check: by the clock alone, or, under DDP, by the step count
+    (every process must reach the check at the same step)."""
+    if t.s.world.launched:
+        return t.state.step % AGREE_EVERY_STEPS == 0
+    return t.stop.requested or time.perf_counter() >= next_check
+
+
+def _agreed_check(t: Training, first_bad: torch.Tensor, epoch: int, steps: int) -> bool:
+    """Stop the run on a non-finite loss (any process's); return whether a stop was requested
+    (on any process). Under DDP this is one all-reduce of two numbers, at the same step."""
+    s = t.s
+    if not s.world.launched:
+        _check_finite(t, int(first_bad), epoch, steps)
+        return t.stop.requested
+    votes = torch.stack([torch.tensor(int(t.stop.requested), device=s.device), first_bad])
+    stop, bad = s.world.all_reduce_max_(votes).tolist()
+    _check_finite(t, bad, epoch, steps)
+    return stop > 0
+
+
+def _epoch_totals(t: Training, loss_sum: torch.Tensor) -> tuple[float, int]:
+    """The epoch's loss sum and sample count so far, over all processes."""
+    s = t.s
+    if not s.world.launched:
+        return loss_sum.item(), t.state.epoch_seen
+    totals = torch.stack(
+        [
+            loss_sum.double(),
+            torch.tensor(float(t.state.epoch_seen), device=s.device, dtype=torch.float64),
+        ]
+    )
+    total_loss, seen = s.world.all_reduce_sum_(totals).tolist()
+    return total_loss, int(seen)
 
 
 def _l1_norm(params: list[torch.Tensor]) -> torch.Tensor:
@@ -302,20 +470,26 @@ def _check_weights_finite(t: Training, epoch: int) -> None:
     params = list(t.s.model.parameters())
     if params and not bool(torch.stack([p.isfinite().all() for p in params]).all()):
         last_good = t.run.last_path if t.run.last_path.exists() else None
-        raise RunFailure(
+        raise _on_every_process(
             f"the weights became non-finite in epoch {epoch}; nothing was saved. Lower "
             "optimizer.lr or set train.grad_clip. "
             + (f"Last good checkpoint: {last_good}." if last_good else "No checkpoint was written.")
         )
 
 
-def _check_finite(t: Training, first_bad: torch.Tensor, epoch: int, steps: int) -> None:
+def _on_every_process(message: str) -> RunFailure:
+    """A failure that every process of a DDP run meets at the same step (rank 0 reports it)."""
+    failure = RunFailure(message)
+    failure.same_on_every_process = True
+    return failure
+
+
+def _check_finite(t: Training, bad: int, epoch: int, steps: int) -> None:
     """Stop the run when a loss was NaN/inf, naming where, and what is safe to resume from."""
-    bad = int(first_bad)
     if bad < 0:
         return
     last_good = t.run.last_path if t.run.last_path.exists() else None
-    raise RunFailure(
+    raise _on_every_process(
         f"the training loss became non-finite in epoch {epoch}, batch {bad + 1} of {steps}. "
         "Lower optimizer.lr, set train.grad_clip, or set train.on_nonfinite=skip_step. "
         + (f"Last good checkpoint: {last_good}." if last_good else "No checkpoint was written.")
@@ -351,59 +525,72 @@ def _schedule(recipe: Recipe, optimizer, batches_per_epoch: int) -> LrSchedule:
     )
 
 
-@torch.inference_mode()
 def evaluate(model, batches: Batches, s: Setup, keep_scores: bool = False) -> Evaluation:
-    """Loss and the task's measures over a split, every sample counted once; class scores on
-    request (for AUROC, average precision, top-k: the final report, not every epoch)."""
+    """Loss and the task's measures over a split, every sample counted once (over all processes
+    under DDP); class scores on request (for AUROC, average precision, top-k: the final report,
+    not every epoch)."""
     model.eval()
     accumulator = s.task.evaluator(s.data.num_classes, s.device, keep_scores)
-    for x, y in batches.epoch(0):
-        with s.precision.autocast():
-            accumulator.update(model, s.pipeline.eval(x), y, s.loss_fn)
-    return accumulator.result(batches.num_samples)
+    # torch_xla's lazy tensors do not support inference mode; no_grad is its equivalent there
+    with torch.no_grad() if s.device.type == "xla" else torch.inference_mode():
+        for i, (x, y) in enumerate(batches.epoch(0)):
+            with s.precision.autocast():
+                accumulator.update(model, s.pipeline.eval(x), y, s.loss_fn, batches.real_rows(i))
+            s.end_step()
+        return accumulator.result(s.world)
 
 
 def evaluate_checkpoint(
     checkpoint_path: Path,
     output: Path | None,
     progress: Progress,
-    setup: Setup | None = None,
     split: str | None = None,
     device: str | None = None,
     overrides: list[str] = (),
-    history: list[dict[str, Any]] | None = None,
 ) -> dict:
-    """Rebuild (or reuse) a setup, load the checkpoint's weights, and report on a split.
+    """Rebuild the checkpoint's setup, load its weights, and report on a split.
 
     The report goes to `output` (default: eval-SPLIT beside the checkpoint), with
-    confusion_matrix.png, and curves.png when the training `history` is given.
+    confusion_matrix.png.
     """
+    checkpoint = load_checkpoint(checkpoint_path)
+    recipe = resolve_with_context(
+        dict(checkpoint["recipe"]), list(overrides), f"checkpoint {checkpoint_path}"
+    )
+    setup = build_setup(recipe, device, meta=checkpoint["data_meta"])
+    _load_weights(setup.model, checkpoint, checkpoint_path)
+    return _report(setup, checkpoint_path, output, progress, split)
+
+
+def _report(
+    s: Setup,
+    checkpoint_path: Path,
+    output: Path | None,
+    progress: Progress,
+    split: str | None = None,
+    history: list[dict[str, Any]] | None = None,
+) -> dict:
+    """Evaluate s.model on a split and (rank 0) write report.json/.md and the plots; curves.png
+    too when the training `history` is given."""
     from dltrain.report import write_report
 
-    checkpoint = load_checkpoint(checkpoint_path)
-    if setup is None:
-        recipe = resolve_with_context(
-            dict(checkpoint["recipe"]), list(overrides), f"checkpoint {checkpoint_path}"
-        )
-        setup = build_setup(recipe, device, meta=checkpoint["data_meta"])
-    _load_weights(setup.model, checkpoint, checkpoint_path)
-    split = split or ("test" if "test" in setup.data.splits else "val")
-    if split not in setup.data.splits:
+    split = split or ("test" if "test" in s.data.splits else "val")
+    if split not in s.data.splits:
         raise UserError(
-            f"this dataset has no '{split}' split; choose one of: {', '.join(setup.data.splits)}."
+            f"this dataset has no '{split}' split; choose one of: {', '.join(s.data.splits)}."
         )
     output = output or Path(checkpoint_path).parent / f"eval-{split}"
-    progress.evaluating(split, len(setup.data.splits[split]))
-    batches = _batches(setup, split, shuffle=False)
-    result = evaluate(setup.model, batches, setup, keep_scores=True)
+    progress.evaluating(split, len(s.data.splits[split]))
+    result = evaluate(s.model, _batches(s, split, shuffle=False), s, keep_scores=True)
     report = {
         "split": split,
         "checkpoint": _relative(checkpoint_path, output),
-        "task": setup.task.name,
+        "task": s.task.name,
         "loss": result.loss,
-        **setup.task.report(result, setup.data.classes),
+        **s.task.report(result, s.data.classes),
     }
-    write_report(output, report, history=history, title=setup.recipe.name)
+    if s.world.is_main:
+        write_report(output, report, history=history, title=s.recipe.name)
     progress.report(report)
     return report
 
@@ -412,20 +599,44 @@ def evaluate_checkpoint(
 
 
 def _batches(s: Setup, split: str, shuffle: bool) -> Batches:
-    data = s.recipe.data
+    """A split's batches for this process: its block of every global batch when training, its
+    contiguous shard when evaluating (all of it in a single process)."""
+    data, world = s.recipe.data, s.world
     train = split == "train"
-    batch_size = data.batch_size if train else (data.eval_batch_size or 2 * data.batch_size)
+    per_process = per_process_batch_size(data, world.size, s.recipe.train.accumulate)
+    batch_size = per_process if train else (data.eval_batch_size or 2 * per_process)
     part = s.data.splits[split]
+    if train and world.launched and len(part) < per_process * world.size:
+        raise UserError(
+            f"the train split has {len(part)} samples, fewer than one global batch "
+            f"({world.size} processes × data.batch_size {per_process}); lower data.batch_size."
+        )
     return make_batches(
         part,
         batch_size,
         s.device,
         loader=data.loader,
         shuffle=shuffle,
-        drop_last=train and len(part) > batch_size,
+        # every process must take the same number of equal steps under DDP
+        drop_last=train and (world.launched or len(part) > batch_size),
         seed=s.recipe.seed,
         num_workers=data.num_workers,
+        shard=Shard(world.rank, world.size),
+        pad_last=not train and s.device.type == "xla",  # one static shape: one compiled graph
     )
+
+
+def per_process_batch_size(data, processes: int, accumulate: int) -> int:
+    """data.batch_size, or data.global_batch_size shared out over processes and accumulation."""
+    if data.global_batch_size is None:
+        return data.batch_size
+    share = processes * accumulate
+    if data.global_batch_size % share:
+        raise UserError(
+            f"data.global_batch_size={data.global_batch_size} does not split evenly over "
+            f"{processes} process(es) × train.accumulate={accumulate}; use a multiple of {share}."
+        )
+    return data.global_batch_size // share
 
 
 def _update_best(state: TrainState, row: dict[str, Any], monitor: str) -> bool:
@@ -472,8 +683,10 @@ def _logged_failures(log: RunLog) -> Iterator[None]:
 
 
 def _checkpoint_state(t: Training) -> dict[str, Any]:
+    """What last.pt/best.pt hold. Tensors on an XLA device are copied to the CPU first (torch
+    cannot serialise lazy tensors; the copy also makes the file load anywhere)."""
     s, state = t.s, t.state
-    return {
+    checkpoint = {
         "recipe": s.recipe.to_dict(),
         "model": s.model.state_dict(),
         "optimizer": t.optimizer.state_dict(),
@@ -487,6 +700,17 @@ def _checkpoint_state(t: Training) -> dict[str, Any]:
         "classes": list(s.data.classes),
         "data_meta": s.data.meta(),
     }
+    return _on_cpu(checkpoint) if s.device.type == "xla" else checkpoint
+
+
+def _on_cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {k: _on_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_on_cpu(v) for v in value)
+    return value
 
 
 def _load_weights(model: torch.nn.Module, checkpoint: dict, path: Path) -> None:

@@ -14,6 +14,9 @@ class DltrainError(Exception):
     """A failure with a message meant for the user."""
 
     exit_code = 1
+    # True when every process of a distributed run fails alike (agreed decisions): rank 0 alone
+    # then prints it
+    same_on_every_process = False
 
 
 class UserError(DltrainError):

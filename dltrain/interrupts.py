@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from types import FrameType
 
 from dltrain.errors import DltrainError
@@ -18,6 +19,8 @@ SIGNAL_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 class Interrupted(DltrainError):
     """Training stopped on a signal after saving a checkpoint to resume from."""
+
+    same_on_every_process = True  # under DDP all processes agree to stop at the same step
 
     def __init__(self, signum: int, checkpoint: str):
         self.signum = signum
@@ -30,9 +33,14 @@ class Interrupted(DltrainError):
 class GracefulStop:
     """Context manager: while active, SIGINT/SIGTERM request a stop instead of killing."""
 
-    def __init__(self) -> None:
+    def __init__(self, echo_seconds: float = 0.0) -> None:
         self.signum: int | None = None
         self._previous: dict[int, object] = {}
+        # Under torchrun, Ctrl-C reaches each process from the terminal and again from the
+        # launcher, which forwards it: the same signal within this window is that echo, not a
+        # second request.
+        self.echo_seconds = echo_seconds
+        self._first_at = 0.0
 
     @property
     def requested(self) -> bool:
@@ -53,7 +61,9 @@ class GracefulStop:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.signum is None:
-            self.signum = signum
+            self.signum, self._first_at = signum, time.monotonic()
+            return
+        if signum == self.signum and time.monotonic() - self._first_at < self.echo_seconds:
             return
         # The second signal: stop now. SystemExit/KeyboardInterrupt unwind through the atomic
         # writers, which delete their temp files and leave the previous files intact.

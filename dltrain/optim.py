@@ -69,7 +69,18 @@ def fused_kwargs(cls: type[Optimizer], fused: Fused, device_type: str) -> dict[s
 def _make(
     cls: type[Optimizer], params: Params, fused: Fused, device_type: str, **kwargs: Any
 ) -> Optimizer:
-    return cls(params, **kwargs, **fused_kwargs(cls, fused, device_type))
+    return cls(
+        params, **kwargs, **fused_kwargs(cls, fused, device_type), **_lazy_kwargs(cls, device_type)
+    )
+
+
+def _lazy_kwargs(cls: type[Optimizer], device_type: str) -> dict[str, bool]:
+    """On XLA, keep the step count (and the bias corrections computed from it) on the device:
+    as host numbers they would be constants of the step's graph, which would then differ, and
+    compile again, at every step."""
+    if device_type == "xla" and "capturable" in inspect.signature(cls).parameters:
+        return {"capturable": True}
+    return {}
 
 
 @OPTIMIZERS.register()

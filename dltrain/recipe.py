@@ -61,7 +61,10 @@ class DataSection(BaseModel):
         extra="allow", allow_inf_nan=False
     )  # the extras are the dataset's own arguments
     name: str
-    batch_size: PositiveInt = 64
+    batch_size: PositiveInt = 64  # per process (under torchrun: each process's share of a step)
+    # alternative to batch_size: samples per optimizer step over all processes and accumulated
+    # micro-batches; batch_size = global_batch_size / (processes × train.accumulate)
+    global_batch_size: PositiveInt | None = None
     eval_batch_size: PositiveInt | None = None  # default: 2 × batch_size (no gradients kept)
     val_split: Annotated[float, Field(ge=0, lt=1)] = 0.1
     augment: list[str | dict[str, dict[str, Any] | None]] = []
@@ -107,6 +110,16 @@ class TrainSection(BaseModel):
     on_nonfinite: Literal["stop", "skip_step"] = "stop"  # skip_step costs a sync per step
 
 
+class DistributedSection(BaseModel):
+    """`distributed:` how processes started by torchrun train together (DDP)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    backend: Literal["auto", "nccl", "gloo", "xla"] = "auto"  # auto: nccl/gloo/xla by device
+    timeout_s: Annotated[float, Field(gt=0)] = 600.0  # a wait on a lost process gives up then
+    find_unused_parameters: bool = False  # for models whose forward skips some parameters
+    static_graph: bool = False  # the same parameters are used in every step (lets DDP optimise)
+
+
 class LoggingSection(BaseModel):
     """`logging:` where a run's metrics go besides metrics.csv and events.jsonl (always)."""
 
@@ -130,19 +143,24 @@ class Recipe(BaseModel):
     optimizer: dict[str, Any] = {"name": "adam"}
     scheduler: dict[str, Any] | None = None
     train: TrainSection = TrainSection()
+    distributed: DistributedSection = DistributedSection()
     logging: LoggingSection = LoggingSection()
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved recipe as plain data (what recipe.yaml and checkpoints store).
 
-        `imports` is left out when empty, and `data.fold` when unset (runs outside
-        cross-validation), so recipes that use neither read as before.
+        Sections and keys that are unset and newer than the first recipes (`imports`,
+        `data.fold`, `data.global_batch_size`, `distributed`) are left out, so recipes that use
+        none of them read as before.
         """
         data = self.model_dump(mode="json")
         if not data["imports"]:
             del data["imports"]
-        if data["data"].get("fold") is None:
-            data["data"].pop("fold", None)
+        for key in ("fold", "global_batch_size"):
+            if data["data"].get(key) is None:
+                data["data"].pop(key, None)
+        if data["distributed"] == DistributedSection().model_dump(mode="json"):
+            del data["distributed"]
         return data
 
 

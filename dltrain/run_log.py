@@ -18,14 +18,17 @@ from dltrain.errors import RunFailure, UserError
 class RunLog:
     """Writes a run's events; one instance per fit."""
 
-    def __init__(self, folder: Path, tensorboard: bool = False):
+    def __init__(self, folder: Path, tensorboard: bool = False, enabled: bool = True):
         self.path = Path(folder) / "events.jsonl"
+        self.enabled = enabled  # False in the processes of a DDP run other than rank 0
         self._tensorboard = (
-            _tensorboard_writer(Path(folder) / "tensorboard") if tensorboard else None
+            _tensorboard_writer(Path(folder) / "tensorboard") if tensorboard and enabled else None
         )
 
     def event(self, event: str, **fields: Any) -> None:
         """Append one event line (flushed at once)."""
+        if not self.enabled:
+            return
         record = {"event": event, "time": round(time.time(), 3), **fields}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,10 @@
 evaluation pass and the report. Everything else (loop, checkpoints, resume) is shared.
 
 Evaluation accumulates on the device (sums, counts, a confusion matrix) and reads the host once,
-at the end of the pass.
+at the end of the pass. Under data parallelism each process evaluates its own shard and the sums
+are added up over processes (`result(world)`), so every sample counts exactly once. A padded
+batch (XLA's static shapes) passes `real`, the number of its rows that are data; only those
+count.
 """
 
 from __future__ import annotations
@@ -12,7 +15,10 @@ from typing import Any
 
 import torch
 
+from dltrain.distributed import World
 from dltrain.metrics import ConfusionMatrix, classification_report, ranking_report
+
+SINGLE = World()
 
 
 @dataclass
@@ -103,6 +109,13 @@ def task_for(name: str, meta: dict[str, Any]):
 # -- evaluation passes ------------------------------------------------------------------------
 
 
+def _real(out: torch.Tensor, y: torch.Tensor, real: int | None):
+    """The rows of a batch's output and target that are data (all, unless it was padded)."""
+    if real is None or real == len(y):
+        return out, y
+    return out[:real], y[:real]
+
+
 class _ClassificationPass:
     def __init__(self, num_classes: int, device: torch.device, keep_scores: bool):
         self.matrix = ConfusionMatrix(num_classes, device)
@@ -111,20 +124,24 @@ class _ClassificationPass:
         self.scores: list[torch.Tensor] = []
         self.targets: list[torch.Tensor] = []
 
-    def update(self, model, x, y, loss_fn) -> None:
-        logits = model(x)
+    def update(self, model, x, y, loss_fn, real: int | None = None) -> None:
+        logits, y = _real(model(x), y, real)
         self.loss_sum += loss_fn(logits.float(), y).double() * len(y)
         self.matrix.update(logits.argmax(dim=1), y)
         if self.keep_scores:
             self.scores.append(logits.float().softmax(dim=1))
             self.targets.append(y)
 
-    def result(self, num_samples: int) -> Evaluation:
-        loss = (self.loss_sum / max(num_samples, 1)).item()
+    def result(self, world: World = SINGLE) -> Evaluation:
+        matrix = world.all_reduce_sum_(self.matrix.matrix)
+        loss_sum = world.all_reduce_sum_(self.loss_sum)
+        loss = (loss_sum / matrix.sum().clamp(min=1)).item()
         if not self.keep_scores:
-            return Evaluation(loss, self.matrix.matrix.cpu())
-        scores, targets = torch.cat(self.scores).cpu(), torch.cat(self.targets).cpu()
-        return Evaluation(loss, self.matrix.matrix.cpu(), scores, targets)
+            return Evaluation(loss, matrix.cpu())
+        # shards are contiguous, so rank order restores the split's order
+        scores = world.gather_rows(torch.cat(self.scores)).cpu()
+        targets = world.gather_rows(torch.cat(self.targets)).cpu()
+        return Evaluation(loss, matrix.cpu(), scores, targets)
 
 
 class _RegressionPass:
@@ -132,8 +149,8 @@ class _RegressionPass:
         # n, loss, Σe², Σ|e|, Σy, Σy² — float64 sums on the device
         self.sums = torch.zeros(6, device=device, dtype=torch.float64)
 
-    def update(self, model, x, y, loss_fn) -> None:
-        out = model(x)
+    def update(self, model, x, y, loss_fn, real: int | None = None) -> None:
+        out, y = _real(model(x), y, real)
         prediction, target = out.float().squeeze(-1).double(), y.double()
         error = prediction - target
         self.sums += torch.stack(
@@ -147,8 +164,8 @@ class _RegressionPass:
             ]
         )
 
-    def result(self, num_samples: int) -> Evaluation:
-        n, loss, sse, sae, sum_y, sum_y2 = self.sums.tolist()
+    def result(self, world: World = SINGLE) -> Evaluation:
+        n, loss, sse, sae, sum_y, sum_y2 = world.all_reduce_sum_(self.sums).tolist()
         n = max(n, 1.0)
         total = sum_y2 - sum_y**2 / n  # Σ(y - ȳ)²
         metrics = {
@@ -166,9 +183,11 @@ class _Seq2SeqPass:
         # samples, loss, exact matches, correct target tokens, target tokens
         self.sums = torch.zeros(5, device=device, dtype=torch.float64)
 
-    def update(self, model, x, y, loss_fn) -> None:
-        loss = loss_fn(model(x, self.task.decoder_input(y)), y)
-        predicted = _fit_width(model.generate(x), y.shape[1])
+    def update(self, model, x, y, loss_fn, real: int | None = None) -> None:
+        logits, _ = _real(model(x, self.task.decoder_input(y)), y, real)
+        generated, y = _real(model.generate(x), y, real)
+        loss = loss_fn(logits, y)
+        predicted = _fit_width(generated, y.shape[1])
         real = y != 0  # <pad> positions are not part of the target
         self.sums += torch.stack(
             [
@@ -180,8 +199,8 @@ class _Seq2SeqPass:
             ]
         )
 
-    def result(self, num_samples: int) -> Evaluation:
-        n, loss, exact, correct, tokens = self.sums.tolist()
+    def result(self, world: World = SINGLE) -> Evaluation:
+        n, loss, exact, correct, tokens = world.all_reduce_sum_(self.sums).tolist()
         metrics = {
             "num_samples": int(n),
             "exact_match": exact / max(n, 1.0),

@@ -24,6 +24,7 @@ RESUMABLE_CHANGES = (
     "data.eval_batch_size",
     "train.early_stopping",
     "logging",
+    "distributed",  # how processes talk, not what they compute
 )
 
 

@@ -2,6 +2,13 @@
 
 Both paths draw the epoch's order from the same seeded permutation (seed, epoch), so a run's
 data order does not depend on the path and an epoch can be replayed exactly on resume.
+
+Under data parallelism (a `Shard` other than the whole) a training step is one global batch of
+`batch_size × processes` samples of that permutation, and process r reads the r-th block of it:
+with the same global batch, N processes see exactly what one process sees. Evaluation splits are
+cut into contiguous shards, so every sample is counted once (no padding duplicates). On XLA a
+short last evaluation batch is padded to the full shape (one compiled graph for all batches) and
+`real_rows(i)` says how many of its rows count.
 """
 
 from __future__ import annotations
@@ -9,9 +16,10 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from dltrain.data.base import ArraySplit, Split
 from dltrain.errors import UserError
@@ -24,6 +32,59 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The order of an epoch's samples: a CPU permutation seeded by (seed, epoch)."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(n, generator=generator)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """The part of the data one process reads: block `rank` of `count` (one process: all)."""
+
+    rank: int = 0
+    count: int = 1
+
+    def bounds(self, n: int) -> tuple[int, int]:
+        """This process's contiguous rows of an n-row split (shard sizes differ by at most 1)."""
+        return self.rank * n // self.count, (self.rank + 1) * n // self.count
+
+
+WHOLE = Shard()
+
+
+class _Plan:
+    """Which rows batch i holds for this process; both data paths follow it.
+
+    Shuffled (training): batch i is this process's block of global batch i of the epoch's
+    permutation. In order (evaluation): batch i of this process's contiguous shard.
+    """
+
+    def __init__(self, n: int, batch_size: int, shuffle: bool, drop_last: bool, shard: Shard):
+        self.batch_size, self.shuffle = batch_size, shuffle
+        if shuffle:
+            self.first, self.rows = 0, n
+            self.stride, self.offset = batch_size * shard.count, shard.rank * batch_size
+        else:
+            self.first, last = shard.bounds(n)
+            self.rows, self.stride, self.offset = last - self.first, batch_size, 0
+        self.length = _num_batches(self.rows, self.stride, drop_last)
+
+    def span(self, i: int) -> tuple[int, int]:
+        """Batch i's positions in the epoch's permutation (shuffled) or in the split (in order)."""
+        start = i * self.stride + self.offset
+        end = min(start + self.batch_size, self.rows)
+        return self.first + start, self.first + end
+
+    def real_rows(self, i: int) -> int:
+        start, end = self.span(i)
+        return end - start
+
+    def order(self, n: int, seed: int, epoch: int) -> torch.Tensor | None:
+        return epoch_permutation(n, seed, epoch) if self.shuffle else None
+
+    def rows_of_epoch(self, order: torch.Tensor | None, start: int) -> list[int]:
+        """Every row this process reads in the epoch, batch after batch, from batch `start`."""
+        spans = [self.span(i) for i in range(start, self.length)]
+        if order is None:
+            return [row for a, b in spans for row in range(a, b)]
+        return torch.cat([order[a:b] for a, b in spans] or [order[:0]]).tolist()
 
 
 class ResidentBatches:
@@ -39,50 +100,90 @@ class ResidentBatches:
         shuffle: bool,
         drop_last: bool,
         seed: int,
+        shard: Shard = WHOLE,
+        pad_last: bool = False,
     ):
         self.x = split.x.to(device)
         self.y = split.y.to(device)
-        self.batch_size, self.shuffle, self.drop_last, self.seed = (
-            batch_size,
-            shuffle,
-            drop_last,
-            seed,
-        )
+        self.plan = _Plan(len(self.y), batch_size, shuffle, drop_last, shard)
+        self.batch_size, self.seed, self.pad_last = batch_size, seed, pad_last
         self.device = device
 
     def __len__(self) -> int:
-        return _num_batches(len(self.y), self.batch_size, self.drop_last)
+        return self.plan.length
 
     @property
     def num_samples(self) -> int:
+        """Rows of the whole split (all processes together)."""
         return len(self.y)
+
+    def real_rows(self, i: int) -> int:
+        """How many rows of batch i are data (fewer than its length when padded)."""
+        return self.plan.real_rows(i)
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield the epoch's batches in its seeded order, from batch `start` (for resume)."""
-        if not self.shuffle:  # contiguous slices are views: no copy at all
-            for i in range(start, len(self)):
-                s = slice(i * self.batch_size, (i + 1) * self.batch_size)
-                yield self.x[s], self.y[s]
+        plan = self.plan
+        if self.device.type == "xla":
+            yield from self._lazy_epoch(epoch, start)
             return
-        order = epoch_permutation(len(self.y), self.seed, epoch).to(self.device, non_blocking=True)
+        if not plan.shuffle:
+            for i in range(start, len(self)):
+                a, b = plan.span(i)
+                if self.pad_last and b - a < self.batch_size:
+                    index = _padded_range(a, b, self.batch_size).to(self.device)
+                    yield self.x[index], self.y[index]
+                else:  # contiguous slices are views: no copy at all
+                    yield self.x[a:b], self.y[a:b]
+            return
+        order = plan.order(len(self.y), self.seed, epoch).to(self.device, non_blocking=True)
         for i in range(start, len(self)):
-            index = order[i * self.batch_size : (i + 1) * self.batch_size]
+            a, b = plan.span(i)
+            index = order[a:b]
+            yield self.x[index], self.y[index]
+
+    def _lazy_epoch(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        # On XLA a slice position is a constant of the graph: slicing on the device would make
+        # every batch a new graph (a compile each). Each batch's row numbers are sent as data
+        # instead, so all batches share one graph.
+        plan = self.plan
+        order = plan.order(len(self.y), self.seed, epoch)
+        for i in range(start, len(self)):
+            a, b = plan.span(i)
+            if order is not None:
+                index = order[a:b]
+            else:
+                index = _padded_range(a, b, self.batch_size if self.pad_last else b - a)
+            index = index.to(self.device)
             yield self.x[index], self.y[index]
 
 
-class _EpochSampler(Sampler[int]):
-    """Sequential, or the seeded (seed, epoch) permutation shared with the resident path."""
+def _padded_range(start: int, end: int, rows: int) -> torch.Tensor:
+    """start..end-1, then the last row repeated up to `rows` (one static batch shape)."""
+    return torch.arange(start, start + rows).clamp_(max=end - 1)
 
-    def __init__(self, n: int, shuffle: bool, seed: int):
-        self.n, self.shuffle, self.seed, self.epoch, self.skip = n, shuffle, seed, 0, 0
+
+class EpochSampler(DistributedSampler):
+    """torch's DistributedSampler drawing dltrain's order, so both data paths agree.
+
+    Stock DistributedSampler deals rows round-robin and pads the last round with repeats; this
+    one gives each process its block of every global batch (training) or a contiguous shard
+    (evaluation), repeats nothing, and can start mid-epoch for an exact resume. `set_epoch`
+    picks the epoch's permutation as usual.
+    """
+
+    def __init__(self, dataset, plan: _Plan, shard: Shard, seed: int):
+        super().__init__(
+            dataset, num_replicas=shard.count, rank=shard.rank, shuffle=plan.shuffle, seed=seed
+        )
+        self.plan, self.start = plan, 0
 
     def __iter__(self) -> Iterator[int]:
-        if not self.shuffle:
-            return iter(range(self.skip, self.n))
-        return iter(epoch_permutation(self.n, self.seed, self.epoch)[self.skip :].tolist())
+        order = self.plan.order(len(self.dataset), self.seed, self.epoch)
+        return iter(self.plan.rows_of_epoch(order, self.start))
 
     def __len__(self) -> int:
-        return self.n - self.skip
+        return sum(self.plan.real_rows(i) for i in range(self.start, self.plan.length))
 
 
 class _Rows(Dataset):
@@ -110,16 +211,19 @@ class WorkerBatches:
         drop_last: bool,
         seed: int,
         num_workers: int | None,
+        shard: Shard = WHOLE,
+        pad_last: bool = False,
     ):
         workers = default_workers() if num_workers is None else num_workers
         self.path = f"workers ({workers})"
-        self.sampler = _EpochSampler(len(split), shuffle, seed)
         dataset = _Rows(split) if isinstance(split, ArraySplit) else split
+        self.plan = _Plan(len(split), batch_size, shuffle, drop_last, shard)
+        self.sampler = EpochSampler(dataset, self.plan, shard, seed)
         self.loader = DataLoader(
             dataset,
             batch_size=batch_size,
             sampler=self.sampler,
-            drop_last=drop_last,
+            drop_last=False,  # the plan already holds whole batches only, when it drops
             num_workers=workers,
             pin_memory=device.type == "cuda",
             persistent_workers=workers > 0,
@@ -130,18 +234,30 @@ class WorkerBatches:
             # path. With it, the global RNG is the model's alone.
             generator=torch.Generator().manual_seed(seed),
         )
+        self.batch_size, self.pad_last = batch_size, pad_last
         self.device = device
-        self.num_samples = len(split)
+        self.num_samples = len(split)  # the whole split (all processes together)
 
     def __len__(self) -> int:
         # Whole epochs, whatever batch a resumed epoch starts from.
-        return _num_batches(self.num_samples, self.loader.batch_size, self.loader.drop_last)
+        return self.plan.length
+
+    def real_rows(self, i: int) -> int:
+        """How many rows of batch i are data (fewer than its length when padded)."""
+        return self.plan.real_rows(i)
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield the epoch's batches from batch `start`, copied to the device without blocking."""
-        self.sampler.epoch, self.sampler.skip = epoch, start * self.loader.batch_size
+        self.sampler.set_epoch(epoch)
+        self.sampler.start = start
         for x, y in self.loader:
+            if self.pad_last and len(y) < self.batch_size:
+                x, y = _repeat_last_row(x, self.batch_size), _repeat_last_row(y, self.batch_size)
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+def _repeat_last_row(t: torch.Tensor, rows: int) -> torch.Tensor:
+    return torch.cat([t, t[-1:].expand(rows - len(t), *t.shape[1:])])
 
 
 Batches = ResidentBatches | WorkerBatches
@@ -157,6 +273,8 @@ def make_batches(
     drop_last: bool,
     seed: int,
     num_workers: int | None = None,
+    shard: Shard = WHOLE,
+    pad_last: bool = False,
 ) -> Batches:
     """Choose the data path for a split (`auto`: resident when it fits) and build it."""
     resident = loader == "resident" or (loader == "auto" and fits_on_device(split, device))
@@ -166,8 +284,10 @@ def make_batches(
                 "data.loader: resident needs a dataset held in memory, but this one is decoded "
                 "from files on demand; use data.loader: auto or workers."
             )
-        return ResidentBatches(split, batch_size, device, shuffle, drop_last, seed)
-    return WorkerBatches(split, batch_size, device, shuffle, drop_last, seed, num_workers)
+        return ResidentBatches(split, batch_size, device, shuffle, drop_last, seed, shard, pad_last)
+    return WorkerBatches(
+        split, batch_size, device, shuffle, drop_last, seed, num_workers, shard, pad_last
+    )
 
 
 def fits_on_device(split: Split, device: torch.device) -> bool:
