@@ -3,8 +3,12 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# torch_xla pins its own torch, so the XLA tests get a venv of their own
+XLA_VENV  := .venv-xla
+XLA_STAMP := $(XLA_VENV)/.installed
+XLA_PINS  := torch==2.9.0 torchvision==0.24.0 torch_xla==2.9.0
 
-.PHONY: demo test test-fast lint format bench clean
+.PHONY: demo test test-fast test-xla lint format bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,6 +21,16 @@ demo: $(STAMP)  ## train the offline quickstart recipe
 
 test: $(STAMP)  ## the whole test suite
 	$(BIN)/python -m pytest
+
+$(XLA_STAMP): pyproject.toml
+	test -x $(XLA_VENV)/bin/python || $(PYTHON) -m venv $(XLA_VENV)
+	$(XLA_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(XLA_VENV)/bin/python -m pip install --quiet $(XLA_PINS)
+	$(XLA_VENV)/bin/python -m pip install --quiet -e . pytest $(XLA_PINS)
+	touch $(XLA_STAMP)
+
+test-xla: $(XLA_STAMP)  ## the XLA tests: torch_xla on the CPU (PJRT_DEVICE=CPU)
+	PJRT_DEVICE=CPU $(XLA_VENV)/bin/python -m pytest -m xla tests/test_xla.py
 
 test-fast: $(STAMP)  ## skip the slow tests
 	$(BIN)/python -m pytest -m "not slow"
@@ -33,5 +47,5 @@ format: $(STAMP)
 	$(BIN)/ruff format dltrain tests bench
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) $(XLA_VENV) runs .pytest_cache .ruff_cache build *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

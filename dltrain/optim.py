@@ -69,9 +69,11 @@ def fused_kwargs(cls: type[Optimizer], fused: Fused, device_type: str) -> dict[s
 def _make(
     cls: type[Optimizer], params: Params, fused: Fused, device_type: str, **kwargs: Any
 ) -> Optimizer:
-    return cls(
-        params, **kwargs, **fused_kwargs(cls, fused, device_type), **_lazy_kwargs(cls, device_type)
-    )
+    lazy = _lazy_kwargs(cls, device_type)
+    optimizer = cls(params, **kwargs, **fused_kwargs(cls, fused, device_type), **lazy)
+    if lazy:
+        _avoid_zero_lr(optimizer)
+    return optimizer
 
 
 def _lazy_kwargs(cls: type[Optimizer], device_type: str) -> dict[str, bool]:
@@ -201,6 +203,29 @@ def adagrad(
     return _make(
         torch.optim.Adagrad, params, fused, device_type, lr=lr, weight_decay=weight_decay, eps=eps
     )
+
+
+# Capturable Adam divides by the learning rate, so an lr of exactly 0 (the end of a cosine
+# schedule) turns weights whose moments are 0 into NaN. A step at this lr instead changes
+# nothing a float32 weight can show.
+NEGLIGIBLE_LR = 1e-12
+
+
+def _avoid_zero_lr(optimizer: Optimizer) -> None:
+    """Step with NEGLIGIBLE_LR where the schedule says 0, then put the 0 back."""
+    zeroed: list[dict] = []
+
+    def before(opt, args, kwargs):
+        zeroed[:] = [g for g in opt.param_groups if g["lr"] == 0]
+        for group in zeroed:
+            group["lr"] = NEGLIGIBLE_LR
+
+    def after(opt, args, kwargs):
+        for group in zeroed:
+            group["lr"] = 0.0
+
+    optimizer.register_step_pre_hook(before)
+    optimizer.register_step_post_hook(after)
 
 
 # -- the schedule object ----------------------------------------------------------------------
