@@ -338,8 +338,9 @@ def train_one_epoch(t: Training, batches: Batches, epoch: int) -> float:
     """One pass over the training data (or the rest of it, on resume). Returns the mean loss.
 
     Between optimizer steps it checks, without waiting on the device, for a stop request and a
-    due mid-epoch checkpoint; the loss is checked for NaN/inf about once a second (under DDP:
-    every AGREE_EVERY_STEPS steps, by all processes together).
+    due mid-epoch checkpoint. The running loss sum is checked for NaN/inf about once a second
+    (under DDP: every AGREE_EVERY_STEPS steps, by all processes together): a non-finite loss
+    makes the sum non-finite, so the step itself spends no operation on the check.
     """
     s, state, train = t.s, t.state, t.s.recipe.train
     t.model.train()
@@ -347,10 +348,7 @@ def train_one_epoch(t: Training, batches: Batches, epoch: int) -> float:
     skip_nonfinite = train.on_nonfinite == "skip_step"
     penalised = [p for p in s.model.parameters() if p.dim() > 1]  # L1 on weights, not biases
     loss_sum = torch.tensor(state.epoch_loss_sum, device=s.device)
-    first_bad = torch.tensor(-1, device=s.device)  # first batch with a non-finite loss
-    # the batch index, counted on the device: a host int would be a new constant in every
-    # step's graph on XLA (a recompile per step)
-    batch_index = torch.tensor(state.batch - 1, device=s.device)
+    checked = state.batch  # batches up to here had finite losses
     started = time.perf_counter() - state.epoch_seconds
     next_check = time.perf_counter() + FINITE_CHECK_SECONDS
     t.progress.epoch_start(epoch, train.epochs, steps, done=state.batch)
@@ -361,9 +359,7 @@ def train_one_epoch(t: Training, batches: Batches, epoch: int) -> float:
         with _gradient_sync(t, steps_now), s.precision.autocast():
             loss = s.task.training_loss(t.model, s.pipeline.train(x), y, s.loss_fn)
             objective = loss + train.l1 * _l1_norm(penalised) if train.l1 else loss
-        finite = torch.isfinite(loss)
-        batch_index += 1
-        if skip_nonfinite and s.world.any(not bool(finite), s.device):  # opt-in: syncs a step
+        if skip_nonfinite and s.world.any(not bool(loss.isfinite()), s.device):  # syncs a step
             t.progress.skipped(epoch, i + 1)
         else:
             # a step's gradient is the mean over its micro-batches; the last group may be short
@@ -372,7 +368,6 @@ def train_one_epoch(t: Training, batches: Batches, epoch: int) -> float:
                 s.precision.backward(objective / group if group > 1 else objective)
             # running totals stay on the device; the display reads them when it refreshes
             loss_sum += loss.detach().float() * len(y)
-            first_bad = torch.where(finite | (first_bad >= 0), first_bad, batch_index)
             state.epoch_seen += len(y)
         t.progress.step(i + 1, state.epoch_seen * s.world.size, loss_sum, state.epoch_seen)
         if not steps_now:
@@ -397,8 +392,8 @@ def train_one_epoch(t: Training, batches: Batches, epoch: int) -> float:
         due = every is not None and state.step % every == 0 and i + 1 < steps
         if not (due or _check_due(t, next_check)):
             continue
-        stop = _agreed_check(t, first_bad, epoch, steps)
-        next_check = time.perf_counter() + FINITE_CHECK_SECONDS
+        stop = _agreed_check(t, loss_sum, epoch, (checked, i + 1, steps))
+        checked, next_check = i + 1, time.perf_counter() + FINITE_CHECK_SECONDS
         if (due or stop) and i + 1 < steps:
             state.epoch_loss_sum, state.epoch_seen = _epoch_totals(t, loss_sum)
             state.epoch_seconds = time.perf_counter() - started
@@ -412,7 +407,7 @@ def train_one_epoch(t: Training, batches: Batches, epoch: int) -> float:
                 state.epoch_loss_sum, state.epoch_seen = 0.0, 0
             loss_sum.fill_(state.epoch_loss_sum)
 
-    _agreed_check(t, first_bad, epoch, steps)
+    _agreed_check(t, loss_sum, epoch, (checked, steps, steps))
     state.epoch_loss_sum, state.epoch_seen = _epoch_totals(t, loss_sum)  # the epoch's host sync
     state.epoch_seconds = time.perf_counter() - started
     return state.epoch_loss_sum / max(state.epoch_seen, 1)
@@ -432,16 +427,17 @@ def _check_due(t: Training, next_check: float) -> bool:
     return t.stop.requested or time.perf_counter() >= next_check
 
 
-def _agreed_check(t: Training, first_bad: torch.Tensor, epoch: int, steps: int) -> bool:
+def _agreed_check(t: Training, loss_sum: torch.Tensor, epoch: int, batches) -> bool:
     """Stop the run on a non-finite loss (any process's); return whether a stop was requested
     (on any process). Under DDP this is one all-reduce of two numbers, at the same step."""
     s = t.s
     if not s.world.launched:
-        _check_finite(t, int(first_bad), epoch, steps)
+        _check_finite(t, not math.isfinite(loss_sum.item()), epoch, batches)
         return t.stop.requested
-    votes = torch.stack([torch.tensor(int(t.stop.requested), device=s.device), first_bad])
+    stop = torch.tensor(int(t.stop.requested), device=s.device)
+    votes = torch.stack([stop, (~loss_sum.isfinite()).long()])
     stop, bad = s.world.all_reduce_max_(votes).tolist()
-    _check_finite(t, bad, epoch, steps)
+    _check_finite(t, bool(bad), epoch, batches)
     return stop > 0
 
 
@@ -484,13 +480,16 @@ def _on_every_process(message: str) -> RunFailure:
     return failure
 
 
-def _check_finite(t: Training, bad: int, epoch: int, steps: int) -> None:
-    """Stop the run when a loss was NaN/inf, naming where, and what is safe to resume from."""
-    if bad < 0:
+def _check_finite(t: Training, bad: bool, epoch: int, batches: tuple[int, int, int]) -> None:
+    """Stop the run when a loss was NaN/inf, naming where (the batches since the last check),
+    and what is safe to resume from."""
+    if not bad:
         return
+    first, last, steps = batches
+    where = f"batch {last}" if last - first == 1 else f"batches {first + 1}–{last}"
     last_good = t.run.last_path if t.run.last_path.exists() else None
     raise _on_every_process(
-        f"the training loss became non-finite in epoch {epoch}, batch {bad + 1} of {steps}. "
+        f"the training loss became non-finite in epoch {epoch} ({where} of {steps}). "
         "Lower optimizer.lr, set train.grad_clip, or set train.on_nonfinite=skip_step. "
         + (f"Last good checkpoint: {last_good}." if last_good else "No checkpoint was written.")
     )
