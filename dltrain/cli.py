@@ -34,6 +34,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
+NPROC_VARIABLE = "DLTRAIN_NPROC"  # set by fit --nproc for the processes it starts
 OVERRIDES_HELP = "KEY=VALUE overrides with dotted keys, VALUE parsed as YAML (train.epochs=3)."
 
 
@@ -197,11 +198,14 @@ def fit(
         try:
             report = run_fit(loaded, run, progress, resume=checkpoint)
         except Interrupted as stop:
-            command = shlex.join(
-                ["dltrain", "fit", str(recipe), *(overrides or []), "--resume", "auto"]
-            )
+            command = ["dltrain", "fit", str(recipe), *(overrides or []), "--resume", "auto"]
+            how = "resume with"
+            if world.launched:  # started by --nproc (which tells its processes), or torchrun
+                nproc = os.environ.get(NPROC_VARIABLE)
+                command += ["--nproc", nproc] if nproc else []
+                how = how if nproc else "resume with the same torchrun command, running"
             console.print(
-                f"[yellow]{escape(str(stop))}[/]\nresume with: {escape(command)}",
+                f"[yellow]{escape(str(stop))}[/]\n{how}: {escape(shlex.join(command))}",
                 highlight=False,
                 soft_wrap=True,
             )
@@ -255,6 +259,7 @@ def _launch(
     args += ["--resume", resume] if resume else []
     args += ["--force"] if force else []
     args += ["--quiet"] if quiet else []
+    os.environ[NPROC_VARIABLE] = str(nproc)
     raise typer.Exit(launch_local(nproc, args, max_restarts))
 
 

@@ -237,6 +237,12 @@ def _xla_devices_or_empty() -> list[torch.device]:
         return []
 
 
+def xla_device_kind() -> str | None:
+    """The PJRT device type behind `xla` ('TPU', 'CUDA', 'CPU', ...), None without torch_xla."""
+    xla, _ = _import_xla()
+    return None if xla is None else _xla_device_type(xla)
+
+
 def _xla_device_type(xla: ModuleType) -> str | None:
     """Return the PJRT device type ('TPU', 'CUDA', 'CPU', ...) or None when unknown."""
     with _keep_root_logging():

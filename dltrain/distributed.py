@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from dltrain.devices import xla_device_kind
 from dltrain.errors import RunFailure, UserError
 
 BACKENDS = {"cuda": "nccl", "cpu": "gloo", "xla": "xla"}  # backend: auto, per device type
@@ -78,12 +79,13 @@ class World:
         dist.all_gather(parts, padded)
         return torch.cat([part[: int(n)] for part, n in zip(parts, sizes)])
 
-    def broadcast_object(self, value: Any) -> Any:
-        """Rank 0's `value`, on every process (small Python objects: decisions, paths)."""
+    def broadcast_object(self, value: Any, device: torch.device) -> Any:
+        """Rank 0's `value`, on every process (a decision, a path, a checkpoint); it travels
+        through `device`, the one the backend communicates on."""
         if not self.launched:
             return value
         box = [value]
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0, device=device)
         return box[0]
 
     def broadcast_weights_(self, module: torch.nn.Module) -> None:
@@ -145,6 +147,12 @@ def backend_for(choice: str, device: torch.device) -> str:
         raise UserError(
             f"distributed training on {device.type} is not supported; use device: cuda, cpu or xla."
         )
+    if backend == "xla" and xla_device_kind() == "CPU":
+        raise UserError(
+            "data-parallel training on XLA needs TPU (or GPU) XLA devices: with PJRT_DEVICE=CPU, "
+            "XLA's collectives do not reach across processes. For data parallelism on the CPU "
+            "use device: cpu (gloo)."
+        )
     if backend == "nccl" and device.type != "cuda":
         raise UserError(
             f"distributed.backend: nccl needs CUDA devices, but this run is on {device}. "
@@ -173,6 +181,8 @@ def process_group(world: World, device: torch.device, section) -> Iterator[None]
             dist.init_process_group(
                 backend,
                 timeout=timeout,
+                # the GPU this process owns (else NCCL guesses it from the rank, and warns)
+                device_id=device if device.type == "cuda" else None,
                 **({"store": store, "rank": world.rank, "world_size": world.size} if store else {}),
             )
     try:

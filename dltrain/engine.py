@@ -195,9 +195,13 @@ def _fit(
     )
     schedule = _schedule(recipe, optimizer, len(train_batches))
     state = TrainState()
-    resume = world.broadcast_object(resume)  # rank 0's files decide (nodes may not share disks)
+    resume = world.broadcast_object(
+        resume, s.device
+    )  # rank 0's files decide (nodes may not share disks)
     if resume is not None:
-        checkpoint = world.broadcast_object(load_checkpoint(resume) if world.is_main else None)
+        checkpoint = world.broadcast_object(
+            load_checkpoint(resume) if world.is_main else None, s.device
+        )
         state = _restore(checkpoint, resume, s, optimizer, schedule)
         if not world.is_main:  # rank 0 carries the epoch's saved totals; the others add theirs
             state.epoch_loss_sum, state.epoch_seen = 0.0, 0
@@ -331,7 +335,7 @@ def _final_checkpoint(s: Setup, run: RunFolder, resume: Path | None) -> Path:
         final = next(p for p in (run.best_path, run.last_path, resume) if p and Path(p).exists())
         _load_weights(s.model, load_checkpoint(final), final)
     s.world.broadcast_weights_(s.model)
-    return s.world.broadcast_object(final)
+    return s.world.broadcast_object(final, s.device)
 
 
 def train_one_epoch(t: Training, batches: Batches, epoch: int) -> float:

@@ -24,7 +24,7 @@ def launch_local(nproc: int, fit_args: list[str], max_restarts: int = 0) -> int:
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (cores or 1) // nproc)))
-    logging.getLogger("torch.distributed").setLevel(logging.CRITICAL)
+    _quiet_launcher_logs()
     args = get_args_parser().parse_args(
         [
             "--standalone",
@@ -42,6 +42,14 @@ def launch_local(nproc: int, fit_args: list[str], max_restarts: int = 0) -> int:
     except SignalException as stopped:  # Ctrl-C / SIGTERM: forwarded to the processes, which save
         return 128 + int(stopped.sigval)
     return 0
+
+
+def _quiet_launcher_logs() -> None:
+    # torchrun's modules set their own logger levels when imported; the processes print what
+    # matters (and _report_failure what they could not)
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def _report_failure(failed) -> int:

@@ -99,3 +99,15 @@ def test_training_steps_compile_once_not_once_per_step(tmp_path):
     # present, running sums fresh) may add one graph, nothing may add one per step
     assert three - one <= 1, (one, three)
     assert one < 20
+
+
+def test_data_parallel_xla_on_the_cpu_is_refused_not_run_apart(tmp_path):
+    # PJRT's CPU client cannot reduce across processes: each process would silently train
+    # alone. dltrain says so instead (TPU cores are the multi-process XLA target).
+    env = {**os.environ, "PJRT_DEVICE": "CPU"}
+    command = [sys.executable, "-m", "dltrain", "fit", str(QUICKSTART), "device=xla"]
+    command += [f"output={tmp_path}", "--nproc", "2"]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 2
+    assert "XLA's collectives do not reach across processes" in done.stderr
+    assert "Traceback" not in done.stderr
