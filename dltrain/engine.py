@@ -195,9 +195,8 @@ def _fit(
     )
     schedule = _schedule(recipe, optimizer, len(train_batches))
     state = TrainState()
-    resume = world.broadcast_object(
-        resume, s.device
-    )  # rank 0's files decide (nodes may not share disks)
+    # rank 0's files decide (nodes may not share a disk)
+    resume = world.broadcast_object(resume, s.device)
     if resume is not None:
         checkpoint = world.broadcast_object(
             load_checkpoint(resume) if world.is_main else None, s.device
@@ -221,10 +220,7 @@ def _fit(
     )
     progress.start(recipe, s.device, s.precision.name, train_batches.path, s.model, s.data)
     if world.launched:
-        progress.note(
-            f"data parallel: {world.size} processes × batch {train_batches.batch_size} "
-            f"= {world.size * train_batches.batch_size} samples per micro-batch"
-        )
+        progress.note(_data_parallel_line(world, train_batches.batch_size, recipe.train.accumulate))
     model, eval_model = _training_models(s)
     t = Training(
         s,
@@ -237,8 +233,8 @@ def _fit(
         log,
         GracefulStop(echo_seconds=LAUNCHER_ECHO_SECONDS if world.launched else 0.0),
         state,
+        started,
     )
-    t.started = started
 
     with t.stop, _logged_failures(log), _out_of_memory_is_a_run_failure(s, run):
         for epoch in range(state.epoch + 1, recipe.train.epochs + 1):
@@ -305,6 +301,15 @@ def _fit(
     )
     log.close()
     return report
+
+
+def _data_parallel_line(world: World, batch_size: int, accumulate: int) -> str:
+    per_step = world.size * batch_size * accumulate
+    micro = f" × {accumulate} accumulated" if accumulate > 1 else ""
+    return (
+        f"data parallel: {world.size} processes × batch {batch_size}{micro} "
+        f"= {per_step} samples per step"
+    )
 
 
 def _training_models(s: Setup) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -624,7 +629,7 @@ def _batches(s: Setup, split: str, shuffle: bool) -> Batches:
         drop_last=train and (world.launched or len(part) > batch_size),
         seed=s.recipe.seed,
         num_workers=data.num_workers,
-        shard=Shard(world.rank, world.size),
+        shard=Shard(world.rank, world.size, world.local_size),
         pad_last=not train and s.device.type == "xla",  # one static shape: one compiled graph
     )
 

@@ -40,6 +40,7 @@ class Shard:
 
     rank: int = 0
     count: int = 1
+    per_node: int = 1  # processes on this machine, which share its cores
 
     def bounds(self, n: int) -> tuple[int, int]:
         """This process's contiguous rows of an n-row split (shard sizes differ by at most 1)."""
@@ -214,7 +215,7 @@ class WorkerBatches:
         shard: Shard = WHOLE,
         pad_last: bool = False,
     ):
-        workers = default_workers() if num_workers is None else num_workers
+        workers = default_workers(shard.per_node) if num_workers is None else num_workers
         self.path = f"workers ({workers})"
         dataset = _Rows(split) if isinstance(split, ArraySplit) else split
         self.plan = _Plan(len(split), batch_size, shuffle, drop_last, shard)
@@ -301,10 +302,11 @@ def fits_on_device(split: Split, device: torch.device) -> bool:
     return size <= RESIDENT_MEMORY_SHARE * free
 
 
-def default_workers() -> int:
-    """Worker processes for the DataLoader: the usable cores less one for the main process."""
+def default_workers(processes_per_node: int = 1) -> int:
+    """Worker processes for one DataLoader: this process's share of the usable cores (the node's
+    cores over its training processes) less one for the process itself."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(0, min(8, (cores or 1) - 1))
+    return max(0, min(8, (cores or 1) // processes_per_node - 1))
 
 
 def _num_batches(n: int, batch_size: int, drop_last: bool) -> int:
