@@ -126,42 +126,48 @@ def test_a_ddp_checkpoint_evaluates_in_one_process(tmp_path, two_processes):
 # -- failures -----------------------------------------------------------------------------------
 
 # A model that kills its own process (rank 1, first attempt only) at a chosen training step, as
-# a crashed GPU or a lost node would: no exception, no message, no goodbye.
+# a crashed GPU or a lost node would: no exception, no message, no goodbye. Or, with `hang`,
+# that stops answering instead (a stuck process: alive, its connections open).
 CRASHING_MODEL = textwrap.dedent(
     """
     import os
+    import time
     import torch
     from dltrain.models.mlp import mlp
     from dltrain.registry import MODELS
 
     class Crashing(torch.nn.Module):
-        def __init__(self, inner, at_step):
+        def __init__(self, inner, at_step, hang):
             super().__init__()
-            self.inner, self.at_step, self.calls = inner, at_step, 0
+            self.inner, self.at_step, self.hang, self.calls = inner, at_step, hang, 0
 
         def forward(self, x):
             if self.training:
                 self.calls += 1
                 first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
                 if self.calls == self.at_step and first_attempt and os.environ["RANK"] == "1":
+                    if self.hang:
+                        time.sleep(3600)
                     os._exit(3)
             return self.inner(x)
 
     @MODELS.register("crashing_mlp")
-    def crashing_mlp(input_shape, num_classes, at_step: int = 40, input_kind: str = "tabular"):
-        return Crashing(mlp(input_shape, num_classes, hidden=(64,)), at_step)
+    def crashing_mlp(
+        input_shape, num_classes, at_step: int = 40, hang: bool = False, input_kind: str = "tabular"
+    ):
+        return Crashing(mlp(input_shape, num_classes, hidden=(64,)), at_step, hang)
     """
 )
 
 
-def crashing_recipe(folder: Path, name: str, at_step: int) -> Path:
+def crashing_recipe(folder: Path, name: str, at_step: int, hang: bool = False) -> Path:
     (folder / "crashing.py").write_text(CRASHING_MODEL, encoding="utf-8")
     return write_recipe(
         folder,
         name,
         imports=[str(folder / "crashing.py")],
-        model={"name": "crashing_mlp", "at_step": at_step},
-        distributed={"timeout_s": 30},
+        model={"name": "crashing_mlp", "at_step": at_step, "hang": hang},
+        distributed={"timeout_s": 10 if hang else 30},
     )
 
 
@@ -177,6 +183,22 @@ def test_a_dead_process_ends_the_run_with_a_message(tmp_path):
     last = tmp_path / "runs" / "crash" / "checkpoints" / "last.pt"
     assert torch.load(last, weights_only=True)["epoch"] == 1  # the good checkpoint is intact
     assert not (tmp_path / "runs" / "crash" / "report.json").exists()
+
+
+@pytest.mark.slow
+def test_a_stuck_process_ends_the_run_after_the_timeout(tmp_path):
+    # rank 1 stops answering mid-epoch 2; rank 0 waits in the gradient all-reduce, gives up after
+    # distributed.timeout_s=10, says so, and torchrun then stops rank 1: no endless hang
+    recipe = crashing_recipe(tmp_path, "stuck", at_step=30, hang=True)
+    started = time.monotonic()
+    done = dltrain("dltrain", "fit", str(recipe), "--nproc", "2", cwd=tmp_path, timeout=120)
+    elapsed = time.monotonic() - started
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "rank 0 of 2 lost contact with the other processes" in done.stderr
+    assert "distributed.timeout_s=10s" in done.stderr
+    assert elapsed < 90
+    last = tmp_path / "runs" / "stuck" / "checkpoints" / "last.pt"
+    assert torch.load(last, weights_only=True)["epoch"] == 1
 
 
 @pytest.mark.slow
