@@ -17,6 +17,7 @@ import math
 import random
 import signal
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -319,6 +320,13 @@ def _training_models(s: Setup) -> tuple[torch.nn.Module, torch.nn.Module]:
     model = s.model
     if s.world.launched:
         section = s.recipe.distributed
+        if section.sync_batchnorm:
+            _use_sync_batchnorm(s)
+        if s.pipeline.channels_last:
+            # A channels_last weight with a size-1 dim (a first conv on 1-channel images) has
+            # strides that differ from its gradient's without any difference in memory
+            # layout; DDP's reducer warns about that once, needlessly.
+            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view")
         model = torch.nn.parallel.DistributedDataParallel(
             s.model,
             device_ids=[s.device.index] if s.device.type == "cuda" else None,
@@ -330,6 +338,17 @@ def _training_models(s: Setup) -> tuple[torch.nn.Module, torch.nn.Module]:
         return model, s.model
     compiled = torch.compile(model)
     return compiled, compiled if model is s.model else s.model
+
+
+def _use_sync_batchnorm(s: Setup) -> None:
+    """Batch norm over the whole global batch: SyncBatchNorm in place of BatchNorm (same
+    parameters and buffers, so the optimizer and the checkpoints are unchanged)."""
+    if s.device.type != "cuda":
+        raise UserError(
+            f"distributed.sync_batchnorm needs CUDA GPUs (torch's SyncBatchNorm runs only there), "
+            f"but this run is on {s.device.type}. Set it to false."
+        )
+    torch.nn.SyncBatchNorm.convert_sync_batchnorm(s.model)
 
 
 def _final_checkpoint(s: Setup, run: RunFolder, resume: Path | None) -> Path:

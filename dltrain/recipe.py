@@ -118,6 +118,7 @@ class DistributedSection(BaseModel):
     timeout_s: Annotated[float, Field(gt=0)] = 600.0  # a wait on a lost process gives up then
     find_unused_parameters: bool = False  # for models whose forward skips some parameters
     static_graph: bool = False  # the same parameters are used in every step (lets DDP optimise)
+    sync_batchnorm: bool = False  # batch-norm statistics over all processes' blocks (CUDA)
 
 
 class LoggingSection(BaseModel):

@@ -10,6 +10,7 @@ torchrun restarts continuing from the last checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -25,12 +26,17 @@ import yaml
 from dltrain.data.base import ArraySplit
 from dltrain.data.loaders import EpochSampler, ResidentBatches, Shard, WorkerBatches
 from dltrain.distributed import World, backend_for, process_device, world_from_environment
-from dltrain.engine import evaluate_checkpoint, per_process_batch_size
+from dltrain.engine import (
+    _training_models,
+    build_setup,
+    evaluate_checkpoint,
+    per_process_batch_size,
+)
 from dltrain.errors import UserError
 from dltrain.recipe import resolve
 from dltrain.run_folder import RunFolder
 
-from runs import metric_rows, quiet, train, weights
+from runs import make_recipe, metric_rows, quiet, train, weights
 
 CPU = torch.device("cpu")
 
@@ -334,3 +340,10 @@ def test_launch_options_are_checked_before_starting_anything(tmp_path, args, mes
     assert done.returncode == 2
     assert message in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_sync_batchnorm_is_refused_where_torch_cannot_run_it(tmp_path):
+    recipe = make_recipe(tmp_path, PARITY, "sync", "distributed.sync_batchnorm=true")
+    s = dataclasses.replace(build_setup(recipe), world=World(0, 2, 0, 2, launched=True))
+    with pytest.raises(UserError, match="sync_batchnorm needs CUDA"):
+        _training_models(s)

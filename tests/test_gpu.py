@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from dltrain.data.loaders import ResidentBatches
-from dltrain.engine import _batches, build_setup
+from dltrain.engine import _batches, build_setup, evaluate_checkpoint
 from dltrain.registry import OPTIMIZERS
 
-from runs import DIGITS, make_recipe, train
+from runs import DIGITS, make_recipe, quiet, train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -118,3 +118,27 @@ def test_one_gpu_ddp_under_torchrun_reaches_the_plain_runs_accuracy(tmp_path):
     assert json.loads(events[0])["processes"] == 1
     assert ddp["num_samples"] == plain["num_samples"] == 359
     assert ddp["accuracy"] >= 0.95 and abs(ddp["accuracy"] - plain["accuracy"]) <= 2 / 359
+
+
+@pytest.mark.slow
+def test_sync_batchnorm_under_torchrun_trains_and_evaluates_in_one_process(tmp_path):
+    recipe = tmp_path / "bn.yaml"
+    recipe.write_text(
+        "name: bn\ndevice: cuda\ndata: {name: digits}\n"
+        "model: {name: mlp, hidden: [64], batch_norm: true}\n"
+        "train: {epochs: 8}\ndistributed: {sync_batchnorm: true}\n"
+        f"output: {tmp_path}\n",
+        encoding="utf-8",
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(QUICKSTART.parents[1]), *sys.path])}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc-per-node=1", "-m", "dltrain", "fit", str(recipe), "--quiet"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "bn" / "report.json").read_text())
+    assert report["accuracy"] > 0.9
+    # SyncBatchNorm keeps BatchNorm's parameters and buffers: the plain model loads them
+    again = evaluate_checkpoint(
+        tmp_path / "bn" / "checkpoints" / "best.pt", tmp_path / "e", quiet()
+    )
+    assert again["confusion_matrix"] == report["confusion_matrix"]
