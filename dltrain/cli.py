@@ -198,14 +198,9 @@ def fit(
         try:
             report = run_fit(loaded, run, progress, resume=checkpoint)
         except Interrupted as stop:
-            command = ["dltrain", "fit", str(recipe), *(overrides or []), "--resume", "auto"]
-            how = "resume with"
-            if world.launched:  # started by --nproc (which tells its processes), or torchrun
-                nproc = os.environ.get(NPROC_VARIABLE)
-                command += ["--nproc", nproc] if nproc else []
-                how = how if nproc else "resume with the same torchrun command, running"
             console.print(
-                f"[yellow]{escape(str(stop))}[/]\n{how}: {escape(shlex.join(command))}",
+                f"[yellow]{escape(str(stop))}[/]\n"
+                + escape(_resume_hint(recipe, overrides or [], world.launched)),
                 highlight=False,
                 soft_wrap=True,
             )
@@ -217,6 +212,17 @@ def fit(
             f"[bold]{headline(report)[1]:.4f}[/]",
             highlight=False,
         )
+
+
+def _resume_hint(recipe: Path, overrides: list[str], launched: bool) -> str:
+    """The command that continues an interrupted run."""
+    command = ["dltrain", "fit", str(recipe), *overrides, "--resume", "auto"]
+    if not launched:
+        return f"resume with: {shlex.join(command)}"
+    nproc = os.environ.get(NPROC_VARIABLE)  # set when --nproc started this process
+    if nproc:
+        return f"resume with: {shlex.join([*command, '--nproc', nproc])}"
+    return f"resume with the same torchrun command, running: {shlex.join(command)}"
 
 
 def _launch(

@@ -147,6 +147,11 @@ def backend_for(choice: str, device: torch.device) -> str:
         raise UserError(
             f"distributed training on {device.type} is not supported; use device: cuda, cpu or xla."
         )
+    if backend == "xla" and device.type != "xla":
+        raise UserError(
+            f"distributed.backend: xla needs device: xla, but this run is on {device}. "
+            "Use distributed.backend: auto."
+        )
     if backend == "xla" and xla_device_kind() == "CPU":
         raise UserError(
             "data-parallel training on XLA needs TPU (or GPU) XLA devices: with PJRT_DEVICE=CPU, "

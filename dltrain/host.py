@@ -7,6 +7,7 @@ change results (TF32); the others only change speed.
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 
 import torch
@@ -44,3 +45,9 @@ def keep_freed_memory() -> bool:
     if mallopt is None:  # not glibc (e.g. musl)
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30))
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, where the OS has one)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return cores or 1

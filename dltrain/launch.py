@@ -15,6 +15,8 @@ import signal
 
 from rich.console import Console
 
+from dltrain.host import usable_cores
+
 
 def launch_local(nproc: int, fit_args: list[str], max_restarts: int = 0) -> int:
     """Run `dltrain <fit_args>` in `nproc` processes under torchrun's launcher; its exit code."""
@@ -22,8 +24,7 @@ def launch_local(nproc: int, fit_args: list[str], max_restarts: int = 0) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (cores or 1) // nproc)))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, usable_cores() // nproc)))
     _quiet_launcher_logs()
     args = get_args_parser().parse_args(
         [

@@ -319,6 +319,8 @@ def test_backend_and_device_choices():
     assert backend_for("auto", torch.device("cuda", 0)) == "nccl"
     with pytest.raises(UserError, match="nccl needs CUDA"):
         backend_for("nccl", CPU)
+    with pytest.raises(UserError, match="xla needs device: xla"):
+        backend_for("xla", CPU)
     two_per_node = World(0, 2, 0, 2, launched=True)
     assert process_device("cpu", two_per_node) == "cpu"
     with pytest.raises(UserError, match="LOCAL_RANK"):

@@ -14,7 +14,6 @@ short last evaluation batch is padded to the full shape (one compiled graph for 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -23,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from dltrain.data.base import ArraySplit, Split
 from dltrain.errors import UserError
+from dltrain.host import usable_cores
 
 # On an accelerator, a split is kept resident when it takes at most this share of free memory.
 RESIDENT_MEMORY_SHARE = 0.4
@@ -305,8 +305,7 @@ def fits_on_device(split: Split, device: torch.device) -> bool:
 def default_workers(processes_per_node: int = 1) -> int:
     """Worker processes for one DataLoader: this process's share of the usable cores (the node's
     cores over its training processes) less one for the process itself."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(0, min(8, (cores or 1) // processes_per_node - 1))
+    return max(0, min(8, usable_cores() // processes_per_node - 1))
 
 
 def _num_batches(n: int, batch_size: int, drop_last: bool) -> int:
