@@ -63,13 +63,14 @@ from dltrain import host  # noqa: E402
 from dltrain.amp import resolve_precision  # noqa: E402
 from dltrain.data.loaders import default_workers  # noqa: E402
 from dltrain.data.synthetic import synthetic  # noqa: E402
-from dltrain.engine import _use_channels_last, fit  # noqa: E402
+from dltrain.engine import fit  # noqa: E402
 from dltrain.models.cnn import seed_cnn  # noqa: E402
 from dltrain.models.resnet import resnet18  # noqa: E402
 from dltrain.optim import fused_kwargs  # noqa: E402
 from dltrain.progress import Progress  # noqa: E402
 from dltrain.recipe import resolve_with_context  # noqa: E402
 from dltrain.run_folder import RunFolder  # noqa: E402
+from dltrain.setup import use_channels_last  # noqa: E402
 
 MODELS = {"seed_cnn": seed_cnn, "resnet18": resnet18}
 BAR = os.environ.get("BENCH_BAR", "1") != "0"
@@ -278,7 +279,7 @@ def main() -> int:
     settings = Settings(
         device=device,
         precision=resolve_precision("auto", device),
-        channels_last=_use_channels_last("auto", device, "image"),
+        channels_last=use_channels_last("auto", device, "image"),
         fused=bool(fused_kwargs(torch.optim.Adam, "auto", device.type)),
     )
     out = Path(os.environ.get("BENCH_JSON") or HERE / "results" / "latest.json")

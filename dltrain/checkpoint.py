@@ -2,6 +2,9 @@
 
 A checkpoint is data, not code: loading never unpickles arbitrary objects. It carries the resolved
 recipe and the data description, so `dltrain eval` needs nothing else (nanoGPT's model_args idea).
+This module owns the checkpoint's state in and out: what a training run saves
+(`checkpoint_state`), how a resume puts it back (`restore`), and loading weights into a model
+(`load_weights`, for fit, eval and inference alike).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import random
 import re
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -19,6 +22,11 @@ import torch
 from dltrain import __version__
 from dltrain.atomic import atomic_write
 from dltrain.errors import UserError
+from dltrain.train_state import TrainState, check_resumable
+
+if TYPE_CHECKING:
+    from dltrain.optim import LrSchedule
+    from dltrain.setup import Setup
 
 FORMAT = 1
 REQUIRED_KEYS = ("format", "recipe", "model", "data_meta", "classes")
@@ -103,3 +111,85 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# -- a training run's state, out and back in --------------------------------------------------
+
+
+def checkpoint_state(
+    s: Setup, optimizer: torch.optim.Optimizer, schedule: LrSchedule, state: TrainState
+) -> dict[str, Any]:
+    """What last.pt/best.pt hold. Tensors on an XLA device are copied to the CPU first (torch
+    cannot serialise lazy tensors; the copy also makes the file load anywhere)."""
+    checkpoint = {
+        "recipe": s.recipe.to_dict(),
+        "model": s.model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": schedule.state_dict(),
+        "scaler": s.precision.scaler.state_dict(),
+        "epoch": state.epoch,
+        "step": state.step,
+        "rng": rng_state(),
+        "metrics": {"best": state.best, "best_epoch": state.best_epoch, "history": state.history},
+        "train_state": state.to_dict(),
+        "classes": list(s.data.classes),
+        "data_meta": s.data.meta(),
+    }
+    return on_cpu(checkpoint) if s.device.type == "xla" else checkpoint
+
+
+def on_cpu(value: Any) -> Any:
+    """A copy of nested dicts/lists/tuples with every tensor moved to the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {k: on_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(on_cpu(v) for v in value)
+    return value
+
+
+def restore(
+    checkpoint: dict[str, Any],
+    path: Path,
+    s: Setup,
+    optimizer: torch.optim.Optimizer,
+    schedule: LrSchedule,
+) -> TrainState:
+    """Load a checkpoint's training state into freshly built objects (resume)."""
+    check_resumable(checkpoint["recipe"], s.recipe.to_dict(), str(path))
+    load_weights(s.model, checkpoint, path, s.recipe.model)
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    schedule.load_state_dict(checkpoint["scheduler"])
+    s.precision.scaler.load_state_dict(checkpoint["scaler"])
+    set_rng_state(checkpoint["rng"])
+    return TrainState.from_dict(checkpoint["train_state"])
+
+
+def load_weights(
+    model: torch.nn.Module,
+    checkpoint: dict[str, Any],
+    path: Path,
+    built_from: dict[str, Any] | None = None,
+) -> None:
+    """Load a checkpoint's weights into `model`; weights that do not fit are a UserError.
+
+    `built_from` is the model section the model was built from, when it may differ from the
+    one the checkpoint was trained with (`dltrain eval CKPT model.name=...`): the message then
+    names that difference, else the checkpoint itself is at fault.
+    """
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        trained = checkpoint["recipe"].get("model")
+        if built_from is not None and built_from != trained:
+            raise UserError(
+                f"the weights in {path} do not fit this recipe's model ({built_from}): they were "
+                f"trained with model {trained}. Use that model section (drop model.* overrides)."
+            ) from None
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(
+            f"the weights in {path} do not fit the model its recipe names ({trained}): {first}. "
+            "The checkpoint is damaged or was written by different model code; use another "
+            "checkpoint."
+        ) from None

@@ -36,7 +36,7 @@ def resolve_device(spec: str) -> torch.device:
     `auto` picks the first available of cuda, xla (an accelerator, not XLA-on-CPU), mps, cpu.
     Raises UserError for an unknown spec or for a device this machine does not have.
     """
-    kind, index = _parse_spec(spec)
+    kind, index = parse_device_spec(spec)
     if kind == "auto":
         return _auto_device()
     if kind == "cpu":
@@ -67,7 +67,7 @@ def describe_devices() -> dict[str, Any]:
 # --- parsing and error messages -------------------------------------------------------------
 
 
-def _parse_spec(spec: object) -> tuple[str, int | None]:
+def parse_device_spec(spec: object) -> tuple[str, int | None]:
     """Split a device spec into (kind, index), or raise a UserError naming the valid forms."""
     text = spec.strip().lower() if isinstance(spec, str) else ""
     if text in _KINDS:

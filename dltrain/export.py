@@ -288,39 +288,30 @@ def _onnx_runner(model: bytes) -> Callable[[torch.Tensor], Any]:
 
 def _onnx_to_file(predictor: Predictor, path: str) -> None:
     model, x = exported_module(predictor), example_input(predictor)
-    names = {"input_names": ["input"], "output_names": ["logits"]}
+    dynamo = {
+        "dynamo": True,
+        "external_data": False,  # one self-contained file
+        "dynamic_shapes": ({0: torch.export.Dim("batch")},),
+        "verbose": False,
+    }
+    traced = {"dynamo": False, "dynamic_axes": {"input": {0: "batch"}, "logits": {0: "batch"}}}
+    # torch.export's exporter (it needs onnxscript) first; the TorchScript tracer's if it fails
+    exporters = [("torch.export-based exporter", dynamo)] if _installed("onnxscript") else []
+    exporters.append(("TorchScript-based exporter", traced))
     failures = []
-    if _installed("onnxscript"):
+    for name, options in exporters:
         try:
             with _quiet():
                 torch.onnx.export(
-                    model,
-                    (x,),
-                    path,
-                    dynamo=True,
-                    external_data=False,  # one self-contained file
-                    dynamic_shapes=({0: torch.export.Dim("batch")},),
-                    verbose=False,
-                    **names,
+                    model, (x,), path, input_names=["input"], output_names=["logits"], **options
                 )
             return
-        except Exception as exc:  # the model uses something torch.export cannot capture
-            failures.append(f"torch.export-based exporter: {_first_line(exc)}")
-    try:
-        with _quiet():
-            torch.onnx.export(
-                model,
-                (x,),
-                path,
-                dynamo=False,
-                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-                **names,
-            )
-    except Exception as exc:
-        failures.append(f"TorchScript-based exporter: {_first_line(exc)}")
-        raise RunFailure(
-            f"cannot export this model to ONNX ({'; '.join(failures)}). Try --format torchscript."
-        ) from exc
+        except Exception as exc:  # the model uses something the exporter cannot capture
+            failures.append(f"{name}: {_first_line(exc)}")
+            error = exc
+    raise RunFailure(
+        f"cannot export this model to ONNX ({'; '.join(failures)}). Try --format torchscript."
+    ) from error
 
 
 @contextlib.contextmanager

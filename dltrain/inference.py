@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from dltrain.checkpoint import load_checkpoint
+from dltrain.checkpoint import load_checkpoint, load_weights
+from dltrain.data.base import INPUT_KINDS, TASKS
 from dltrain.data.pipeline import BatchPipeline
 from dltrain.data.prepare import PreparedData
 from dltrain.devices import resolve_device
@@ -91,19 +92,17 @@ class Predictor:
 def load_for_inference(checkpoint_path: Path | str, device: str = "cpu") -> Predictor:
     """Rebuild a checkpoint's model with its weights, in eval mode, on `device`.
 
-    The model is built exactly as `dltrain fit` built it (engine.build_setup): the same run-time
+    The model is built exactly as `dltrain fit` built it (setup.build_model): the same run-time
     arguments, derived from the checkpoint's data_meta. Every way the checkpoint can be unusable
     (missing, not a checkpoint, weights that do not fit the model it names, a user module under
     `imports:` that is gone) is a UserError (exit 2).
     """
-    from dltrain import components
     from dltrain.recipe import import_user_modules
 
     path = Path(checkpoint_path)
     checkpoint = load_checkpoint(path)
     recipe, meta = dict(checkpoint["recipe"]), dict(checkpoint["data_meta"])
     _check_meta(meta, path)
-    components.load_all()
     section = recipe.get("model")
     if not isinstance(section, dict) or not isinstance(section.get("name"), str):
         raise UserError(f"checkpoint {path} has no model section in its recipe.")
@@ -116,7 +115,7 @@ def load_for_inference(checkpoint_path: Path | str, device: str = "cpu") -> Pred
             model = _build_model(section, meta)  # the pretrained form differs: build it as trained
     except RecipeError as exc:
         raise UserError(f"checkpoint {path}: {exc}") from exc.__cause__
-    _load_weights(model, checkpoint, path)
+    load_weights(model, checkpoint, path)
     dev = resolve_device(device)
     model = model.to(dev).eval()
     data = _prepared(meta)
@@ -124,8 +123,6 @@ def load_for_inference(checkpoint_path: Path | str, device: str = "cpu") -> Pred
     return Predictor(model, meta, recipe, dev, pipeline, path)
 
 
-KINDS = ("image", "tabular", "tokens", "sequence")
-TASKS = ("classification", "regression", "seq2seq")
 # The data_meta keys PreparedData writes itself; every other key is the dataset's own meta.
 _OWN_KEYS = ("kind", "task", "as_sequence", "classes", "input_shape", "mean", "std")
 
@@ -138,11 +135,11 @@ def _check_meta(meta: dict[str, Any], path: Path) -> None:
             "be prepared; it was not written by a compatible dltrain fit. Use another checkpoint."
         )
     task = meta.get("task") or "classification"  # checkpoints from before tasks: classification
-    if meta["kind"] not in KINDS or task not in TASKS:
-        what = f"'{meta['kind']}' input" if meta["kind"] not in KINDS else f"a {task} task"
+    if meta["kind"] not in INPUT_KINDS or task not in TASKS:
+        what = f"'{meta['kind']}' input" if meta["kind"] not in INPUT_KINDS else f"a {task} task"
         raise UserError(
             f"checkpoint {path} holds a model for {what}, which this dltrain cannot run "
-            f"(input kinds: {', '.join(KINDS)}; tasks: {', '.join(TASKS)}). Upgrade dltrain."
+            f"(input kinds: {', '.join(INPUT_KINDS)}; tasks: {', '.join(TASKS)}). Upgrade dltrain."
         )
     as_sequence = meta.get("as_sequence")
     if as_sequence is not None and (
@@ -191,8 +188,8 @@ def _without_pretrained_weights(section: dict[str, Any]) -> dict[str, Any]:
 
 
 def _build_model(section: dict[str, Any], meta: dict[str, Any]) -> nn.Module:
-    """The model as engine.build_setup builds it: the same run-time arguments."""
-    from dltrain.engine import build_model
+    """The model as setup.build_setup builds it: the same run-time arguments."""
+    from dltrain.setup import build_model
 
     return build_model(section, _prepared(meta))
 
@@ -205,15 +202,3 @@ def _fits(model: nn.Module, state: Any) -> bool:
         and own.keys() == state.keys()
         and all(getattr(state[k], "shape", None) == v.shape for k, v in own.items())
     )
-
-
-def _load_weights(model: nn.Module, checkpoint: dict[str, Any], path: Path) -> None:
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except (RuntimeError, TypeError, AttributeError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(
-            f"the weights in {path} do not fit the model its recipe names "
-            f"({checkpoint['recipe'].get('model')}): {first}. The checkpoint is damaged or was "
-            "written by different model code; use another checkpoint."
-        ) from None

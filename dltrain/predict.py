@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dltrain.data.files import IMAGE_EXTENSIONS, decode_image
+from dltrain.data.images import IMAGE_EXTENSIONS, decode_image
 from dltrain.data.text import PAD_ID, Vocabulary, encode_texts
 from dltrain.errors import UserError
 from dltrain.inference import Predictor

@@ -59,6 +59,15 @@ class Progress:
             f"{precision} · data path: {loader}"
         )
 
+    def data_parallel(self, processes: int, batch_size: int, accumulate: int) -> None:
+        """Under torchrun: how one optimizer step's samples are shared out."""
+        per_step = processes * batch_size * accumulate
+        micro = f" × {accumulate} accumulated" if accumulate > 1 else ""
+        self.note(
+            f"data parallel: {processes} processes × batch {batch_size}{micro} "
+            f"= {per_step} samples per step"
+        )
+
     def epoch_start(self, epoch: int, epochs: int, steps: int, done: int = 0) -> None:
         """Open the epoch's bar (at `done` batches when a resumed epoch continues)."""
         self._epochs = epochs

@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from dltrain.data.base import Task
 from dltrain.errors import RecipeError, UserError, did_you_mean
 from dltrain.validation import recipe_error
 
@@ -71,7 +72,7 @@ class DataSection(BaseModel):
     normalize: Literal["auto", "none"] | Normalize = "auto"
     loader: Literal["auto", "resident", "workers"] = "auto"
     as_sequence: Literal["rows"] | None = None  # feed images row by row to sequence models
-    task: Literal["auto", "classification", "regression", "seq2seq"] = "auto"  # auto: the dataset's
+    task: Literal["auto"] | Task = "auto"  # auto: the dataset's
     num_workers: Annotated[int, Field(ge=0)] | None = None  # default: from the CPU count
     fold: Fold | None = None  # cross-validation fold; replaces val_split and any dataset val split
 
@@ -255,17 +256,13 @@ def resolve_with_context(
         raise UserError(f"{where}: {exc}") from exc.__cause__
 
 
-def resolve(raw: dict[str, Any], base_dir: Path | None = None) -> Recipe:
-    """Validate a recipe mapping and fill every default, components included.
-
-    The modules under `imports:` are imported first (relative files from `base_dir`), so the
-    components they register can be named by the sections.
-    """
-    from dltrain import components
+def resolve(raw: dict[str, Any]) -> Recipe:
+    """Validate a recipe mapping and fill every default, components included. Runs no code:
+    the user's modules under `imports:` must be imported before (import_user_modules, as
+    resolve_with_context does), so that the components they register can be named."""
     from dltrain.registry import DATASETS, LOSSES, MODELS, OPTIMIZERS, SCHEDULERS
 
-    components.load_all()
-    raw = import_user_modules(_expand_shorthand(raw), base_dir)
+    raw = _expand_shorthand(raw)
     _check_top_level_keys(raw)
     try:
         recipe = Recipe.model_validate(raw)
@@ -314,10 +311,10 @@ def _check_top_level_keys(raw: dict[str, Any]) -> None:
 
 def _check_device_spec(spec: str) -> None:
     """Refuse a malformed device (`gpu`, `cuda:x`) now; whether it exists is known at run time."""
-    from dltrain.devices import _parse_spec  # the syntax resolve_device() accepts, no probing
+    from dltrain.devices import parse_device_spec  # the syntax resolve_device() accepts
 
     try:
-        _parse_spec(spec)
+        parse_device_spec(spec)
     except UserError as exc:
         raise RecipeError("device", str(exc)) from None
 
@@ -535,10 +532,8 @@ def _drop_replaced_arguments(raw: dict[str, Any], overridden: dict[str, str]) ->
     """After `data.name=npz` (or model/loss/...), drop the file's arguments of the old component
     that the new one does not take, so switching a component on the command line just works.
     Arguments given as overrides are kept (and still checked)."""
-    from dltrain import components
     from dltrain.registry import REGISTRIES
 
-    components.load_all()
     sections = {
         "data": "datasets",
         "model": "models",

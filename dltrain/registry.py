@@ -1,6 +1,9 @@
 """One small Registry class: a dict of named factory functions filled by a decorator.
 
 A recipe section `{name: key, **kwargs}` maps to one call `factory(**runtime, **kwargs)`.
+Each registry names the modules that register dltrain's own components into it and imports
+them on its first lookup (as timm's registration on import does), so no caller has to load
+anything first; the user's own modules (`imports:`) register into the same dicts.
 The user's kwargs are checked against the factory's signature (names, types via the
 annotations, constraints via `Annotated[..., Field(...)]`) before any data is read. Run-time
 objects (parameters, class count, input shape...) are passed by dltrain at the call site and are
@@ -10,6 +13,7 @@ never accepted from the user.
 from __future__ import annotations
 
 import fnmatch
+import importlib
 import inspect
 import typing
 from collections.abc import Callable
@@ -51,17 +55,31 @@ class Family:
 class Registry:
     """Named factories of one kind (models, datasets, losses...)."""
 
-    def __init__(self, kind: str, runtime_args: tuple[str, ...] = ()):
+    def __init__(
+        self, kind: str, runtime_args: tuple[str, ...] = (), modules: tuple[str, ...] = ()
+    ):
         self.kind = kind
         self.runtime_args = frozenset(runtime_args)
+        self.modules = modules  # dltrain's own modules that register into this registry
+        self._loaded = False
         self._factories: dict[str, Callable[..., Any]] = {}
         self._families: dict[str, Family] = {}
         self._schemas: dict[Callable[..., Any], type[BaseModel]] = {}
+
+    def load(self) -> None:
+        """Import the modules that register dltrain's components (once; later calls are free)."""
+        if self._loaded:
+            return
+        self._loaded = True  # first: those modules register while they are being imported
+        for module in self.modules:
+            importlib.import_module(module)
 
     def register(self, name: str | None = None) -> Callable[[Callable], Callable]:
         """Decorator: register a factory under `name` (default: the function's name)."""
 
         def decorate(factory: Callable) -> Callable:
+            if factory.__module__ not in self.modules:
+                self.load()  # a user's component: a clash with a built-in name shows here
             key = name or factory.__name__
             if key in self._factories:
                 raise ValueError(f"{self.kind} '{key}' is registered twice")
@@ -78,6 +96,7 @@ class Registry:
 
     def names(self, pattern: str = "*") -> list[str]:
         """Registered names matching a glob pattern, sorted; families appear as 'prefix:<name>'."""
+        self.load()
         keys = list(self._factories) + [f"{p}:<name>" for p in self._families]
         return sorted(k for k in keys if fnmatch.fnmatch(k, pattern))
 
@@ -90,6 +109,7 @@ class Registry:
 
     def summary(self, name: str) -> str:
         """The first line of the factory's docstring."""
+        self.load()
         family = self._families.get(name.split(":")[0]) if ":" in name else None
         if family:
             return family.summary
@@ -98,6 +118,7 @@ class Registry:
 
     def arguments(self, name: str) -> list[Argument]:
         """The arguments a user may set for `name` (or 'prefix:<name>'), in signature order."""
+        self.load()
         prefix, _, member = name.partition(":")
         if member == "<name>" and prefix in self._families:
             factory = self._families[prefix].factory
@@ -151,6 +172,7 @@ class Registry:
     # -- internals ----------------------------------------------------------------------------
 
     def _resolve(self, name: str, where: str) -> tuple[Callable, str | None]:
+        self.load()
         if name in self._factories:
             return self._factories[name], None
         prefix, _, member = name.partition(":")
@@ -211,18 +233,48 @@ def _type_name(annotation: Any) -> str:
     return str(annotation).replace("typing.", "")
 
 
-# The registries. Components register themselves from their own modules (see components.py);
-# the run-time arguments listed here are passed by dltrain and refused in recipes.
-# Models: num_classes is the output width (classes; 1 for regression; the target vocabulary for
-# seq2seq); vocab_size the input vocabulary for token input; data_meta everything else.
+# The registries, each with the modules that fill it (the one list of them: a new model file is
+# added to MODELS' modules). The run-time arguments listed here are passed by dltrain and refused
+# in recipes. Models: num_classes is the output width (classes; 1 for regression; the target
+# vocabulary for seq2seq); vocab_size the input vocabulary for token input; data_meta the rest.
 MODELS = Registry(
     "models",
     runtime_args=("input_shape", "num_classes", "input_kind", "vocab_size", "task", "data_meta"),
+    modules=tuple(
+        f"dltrain.models.{m}"
+        for m in ("cnn", "mlp", "resnet", "rnn", "torchvision_models", "transformer")
+    ),
 )
-DATASETS = Registry("datasets", runtime_args=("seed",))
-LOSSES = Registry("losses", runtime_args=("num_classes", "class_counts", "task"))
-OPTIMIZERS = Registry("optimizers", runtime_args=("params", "device_type"))
-SCHEDULERS = Registry("schedulers", runtime_args=("optimizer", "epochs", "steps_per_epoch"))
-AUGMENTATIONS = Registry("augmentations", runtime_args=("input_kind",))
+DATASETS = Registry(
+    "datasets",
+    runtime_args=("seed",),
+    modules=tuple(
+        f"dltrain.data.{m}"
+        for m in (
+            "digits",
+            "arrays",
+            "images",
+            "tables",
+            "text",
+            "sequences",
+            "synthetic",
+            "torchvision_sets",
+        )
+    ),
+)
+LOSSES = Registry(
+    "losses", runtime_args=("num_classes", "class_counts", "task"), modules=("dltrain.losses",)
+)
+OPTIMIZERS = Registry(
+    "optimizers", runtime_args=("params", "device_type"), modules=("dltrain.optim",)
+)
+SCHEDULERS = Registry(
+    "schedulers",
+    runtime_args=("optimizer", "epochs", "steps_per_epoch"),
+    modules=("dltrain.optim",),
+)
+AUGMENTATIONS = Registry(
+    "augmentations", runtime_args=("input_kind",), modules=("dltrain.data.augment",)
+)
 
 REGISTRIES = {r.kind: r for r in (MODELS, DATASETS, LOSSES, OPTIMIZERS, SCHEDULERS, AUGMENTATIONS)}

@@ -71,15 +71,8 @@ def report_markdown(report: dict[str, Any], images: Sequence[tuple[str, str]] = 
     """
     if "confusion_matrix" not in report:
         return _scalar_markdown(report, images)
-    lines = [
-        f"# Evaluation on the {report['split']} split",
-        "",
-        f"Checkpoint `{report['checkpoint']}` · {report['num_samples']:,} samples · "
-        f"loss {report['loss']:.4f} · **accuracy {report['accuracy']:.4f}**",
-        "",
-    ]
-    for alt, name in images:
-        lines += [f"![{alt}]({name})", ""]
+    figures = f"loss {report['loss']:.4f} · **accuracy {report['accuracy']:.4f}**"
+    lines = _summary(report, "", figures, images)
     lines += [
         "| average | precision | recall | f1 |",
         "|---|---:|---:|---:|",
@@ -116,13 +109,16 @@ def report_markdown(report: dict[str, Any], images: Sequence[tuple[str, str]] = 
     return "\n".join(lines) + "\n"
 
 
+def headline_key(report: dict[str, Any]) -> str:
+    """The key of the one figure that sums a report up: accuracy, mse (regression) or
+    exact_match (seq2seq)."""
+    return next((key for key in ("exact_match", "mse") if key in report), "accuracy")
+
+
 def headline(report: dict[str, Any]) -> tuple[str, float]:
-    """The one figure that sums a report up: accuracy, MSE (regression) or exact match."""
-    if "exact_match" in report:
-        return "exact match", report["exact_match"]
-    if "mse" in report:
-        return "mse", report["mse"]
-    return "accuracy", report["accuracy"]
+    """That figure as (label, value), e.g. ('exact match', 0.99)."""
+    key = headline_key(report)
+    return key.replace("_", " "), report[key]
 
 
 def scalar_metrics(report: dict[str, Any]) -> dict[str, float]:
@@ -136,15 +132,7 @@ def scalar_metrics(report: dict[str, Any]) -> dict[str, float]:
 
 def _scalar_markdown(report: dict[str, Any], images: Sequence[tuple[str, str]]) -> str:
     name, value = headline(report)
-    lines = [
-        f"# Evaluation on the {report['split']} split ({report.get('task', '')})",
-        "",
-        f"Checkpoint `{report['checkpoint']}` · {report['num_samples']:,} samples · "
-        f"**{name} {value:.4f}**",
-        "",
-    ]
-    for alt, file in images:
-        lines += [f"![{alt}]({file})", ""]
+    lines = _summary(report, f" ({report.get('task', '')})", f"**{name} {value:.4f}**", images)
     lines += ["| metric | value |", "|---|---:|"]
     lines += [f"| {k} | {v:.6g} |" for k, v in scalar_metrics(report).items()]
     return "\n".join(lines) + "\n"
@@ -152,3 +140,18 @@ def _scalar_markdown(report: dict[str, Any], images: Sequence[tuple[str, str]]) 
 
 def _cell(text: str) -> str:
     return str(text).replace("|", "\\|")
+
+
+def _summary(
+    report: dict[str, Any], task: str, figures: str, images: Sequence[tuple[str, str]]
+) -> list[str]:
+    """report.md's title, its line of figures, then the plots."""
+    lines = [
+        f"# Evaluation on the {report['split']} split{task}",
+        "",
+        f"Checkpoint `{report['checkpoint']}` · {report['num_samples']:,} samples · {figures}",
+        "",
+    ]
+    for alt, file in images:
+        lines += [f"![{alt}]({file})", ""]
+    return lines

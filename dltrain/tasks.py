@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from dltrain.data.base import Task
 from dltrain.distributed import World
 from dltrain.metrics import ConfusionMatrix, classification_report, ranking_report
 
@@ -97,13 +98,11 @@ class Seq2Seq:
         return dict(result.metrics)
 
 
-def task_for(name: str, meta: dict[str, Any]):
+def task_for(name: Task, meta: dict[str, Any]) -> Classification | Regression | Seq2Seq:
     """The task object for a dataset's task name and data_meta."""
-    if name == "regression":
-        return Regression()
-    if name == "seq2seq":
+    if name == Seq2Seq.name:
         return Seq2Seq(meta.get("bos_id", 1), meta.get("eos_id", 2))
-    return Classification()
+    return Regression() if name == Regression.name else Classification()
 
 
 # -- evaluation passes ------------------------------------------------------------------------

@@ -6,6 +6,7 @@ as if it had never stopped (same data order, same random draws, same metrics).
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -56,6 +57,40 @@ class TrainState:
     def start_epoch(self) -> None:
         """Reset the partial-epoch totals (at an epoch boundary)."""
         self.batch, self.epoch_loss_sum, self.epoch_seen, self.epoch_seconds = 0, 0.0, 0, 0.0
+
+    def keep_totals_on_main(self, is_main: bool) -> None:
+        """After a save or a resume the epoch's totals so far are the whole run's: rank 0 carries
+        them on and every other process counts from zero, so that summing over the processes at
+        the epoch's end counts each sample once."""
+        if not is_main:
+            self.epoch_loss_sum, self.epoch_seen = 0.0, 0
+
+    def record_epoch(self, row: dict[str, Any], monitor: str, early_stopping) -> bool:
+        """Append an epoch's metrics row; update the best value and early stopping. Returns
+        whether this epoch is the best so far by `monitor` (and finite)."""
+        self.history.append(row)
+        if early_stopping is not None:
+            self._count_epochs_without_improvement(row, early_stopping)
+        value = _monitored(row, monitor)
+        if not math.isfinite(value) or not improves(value, self.best, direction(monitor)):
+            return False
+        self.best, self.best_epoch = value, row["epoch"]
+        return True
+
+    def _count_epochs_without_improvement(self, row: dict[str, Any], rule) -> None:
+        """Early stopping: mark the run stopped after `patience` epochs without improvement."""
+        value = _monitored(row, rule.monitor)
+        mode = direction(rule.monitor, rule.mode)
+        if math.isfinite(value) and improves(value, self.early_best, mode, rule.min_delta):
+            self.early_best, self.epochs_without_improvement = value, 0
+        else:
+            self.epochs_without_improvement += 1
+        self.stopped_early = self.epochs_without_improvement >= rule.patience
+
+
+def _monitored(row: dict[str, Any], monitor: str) -> float:
+    # without a validation split, val_* fall back to the training loss
+    return row[monitor] if row[monitor] is not None else row["train_loss"]
 
 
 def check_resumable(saved: dict[str, Any], wanted: dict[str, Any], source: str) -> None:

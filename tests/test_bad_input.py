@@ -180,7 +180,7 @@ def test_an_image_folder_with_an_undecodable_file(fit_over, invoke, trained, tmp
     assert skipped.exit_code == 0, skipped.output
     output = " ".join(skipped.output.split())
     assert f"warning: skipping undecodable image {broken}" in output
-    assert "files.py" not in output  # not Python's file:line warning dump
+    assert "images.py" not in output  # not Python's file:line warning dump
 
     # data.on_bad_file=error: exit 2 naming the file and the way out.
     result = fit_over(QUICKSTART, *data, *tiny, "data.on_bad_file=error")

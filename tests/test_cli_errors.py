@@ -193,6 +193,30 @@ def test_list_without_a_kind_lists_every_registry(invoke):
         assert name in result.stdout
 
 
+def test_list_offers_exactly_the_registries():
+    from dltrain.commands.inspection import Kind
+    from dltrain.registry import REGISTRIES
+
+    assert [kind.value for kind in Kind] == list(REGISTRIES)
+
+
+def test_a_fresh_process_finds_every_component_without_loading_anything_first(tmp_path):
+    """Registries import their own modules on first lookup (no load_all to call first)."""
+    code = (
+        "from dltrain.registry import DATASETS, MODELS, LOSSES, OPTIMIZERS, SCHEDULERS, "
+        "AUGMENTATIONS\n"
+        "assert 'seed_cnn' in MODELS and 'csv' in DATASETS and 'text_csv' in DATASETS\n"
+        "assert 'cross_entropy' in LOSSES and 'adamw' in OPTIMIZERS and 'cosine' in SCHEDULERS\n"
+        "assert 'hflip' in AUGMENTATIONS\n"
+        "print(len(MODELS.names()) + len(DATASETS.names()))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout) > 15
+
+
 def test_devices_json_is_valid_json_with_auto(invoke):
     result = invoke("devices", "--json")
     assert result.exit_code == 0, result.output

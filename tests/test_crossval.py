@@ -20,13 +20,13 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from dltrain import components, crossval
+from dltrain import crossval
 from dltrain.cli import app
 from dltrain.crossval import fold_recipes, report_scalars, run_cross_validation, summarize_folds
 from dltrain.data.prepare import prepare_data
 from dltrain.data.splits import stratified_folds
-from dltrain.engine import evaluate_checkpoint
 from dltrain.errors import UserError
+from dltrain.evaluate import evaluate_checkpoint
 from dltrain.recipe import load_recipe, resolve_with_context, to_yaml
 from dltrain.registry import DATASETS
 from dltrain.runs_table import best_val_metrics, read_metrics
@@ -60,7 +60,6 @@ def invoke(*args: str):
 
 
 def digits_train_labels() -> np.ndarray:
-    components.load_all()
     return DATASETS.build({"name": "digits"}, seed=0).train.y.numpy()
 
 

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torchvision import datasets as tv_datasets
 
-from dltrain.data import files, torchvision_sets
+from dltrain.data import arrays, images, tables, torchvision_sets
 from dltrain.data.base import ArraySplit
 from dltrain.data.splits import stratified_split
 from dltrain.errors import RecipeError, UserError
@@ -101,7 +101,7 @@ def _nchw(x: np.ndarray) -> np.ndarray:
 def test_npz_image_layouts(tmp_path, shape, layout, expected):
     x = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
     path = _save_npz(tmp_path, train_x=x, train_y=_labels(6), test_x=x[:2], test_y=_labels(2))
-    loaded = files.npz(path, layout=layout)
+    loaded = arrays.npz(path, layout=layout)
     assert loaded.kind == "image"
     assert loaded.train.x.dtype == torch.uint8  # native uint8 kept, not scaled
     assert torch.equal(loaded.train.x, torch.from_numpy(np.ascontiguousarray(expected(x))))
@@ -122,7 +122,7 @@ def test_npz_tabular_with_val_and_classes(tmp_path):
         test_y=_labels(4, 2),
         classes=np.array(["cat", "dog"]),
     )
-    loaded = files.npz(path)
+    loaded = arrays.npz(path)
     assert loaded.kind == "tabular"
     assert loaded.classes == ["cat", "dog"]
     assert loaded.train.x.dtype == torch.float32 and loaded.train.x.shape == (8, 3)
@@ -132,14 +132,14 @@ def test_npz_tabular_with_val_and_classes(tmp_path):
 def test_npz_float_images_stay_float32(tmp_path):
     x = np.random.default_rng(0).random((4, 3, 2, 2))
     path = _save_npz(tmp_path, train_x=x, train_y=_labels(4), test_x=x, test_y=_labels(4))
-    loaded = files.npz(path)
+    loaded = arrays.npz(path)
     assert loaded.train.x.dtype == torch.float32
     assert torch.allclose(loaded.train.x, torch.from_numpy(x).float())
 
 
 def _npz_error(path: str, **kwargs) -> str:
     with pytest.raises(UserError) as info:
-        files.npz(path, **kwargs)
+        arrays.npz(path, **kwargs)
     assert info.value.exit_code == 2
     return str(info.value)
 
@@ -201,7 +201,7 @@ def test_npz_missing_or_unreadable_file(tmp_path):
 
 @pytest.mark.skipif(not SHARED_MNIST.exists(), reason="shared MNIST copy not present")
 def test_npz_loads_shared_mnist():
-    loaded = files.npz(str(SHARED_MNIST))
+    loaded = arrays.npz(str(SHARED_MNIST))
     assert loaded.kind == "image"
     assert len(loaded.classes) == 10
     assert tuple(loaded.train.x.shape[1:]) == (1, 28, 28)
@@ -231,41 +231,41 @@ def _rows(split: ArraySplit) -> set[tuple]:
 
 def test_csv_single_file_carves_stratified_test_split(tmp_path):
     path = _species_csv(tmp_path)
-    loaded = files.csv(path=path, label="species", test_split=0.2, seed=3)
+    loaded = tables.csv(path=path, label="species", test_split=0.2, seed=3)
     assert loaded.kind == "tabular"
     assert loaded.classes == ["setosa", "versicolor", "virginica"]
     assert loaded.train.x.dtype == torch.float32 and loaded.train.x.shape == (24, 2)
     assert torch.bincount(loaded.test.y).tolist() == [2, 2, 2]
     train_rows, test_rows = _rows(loaded.train), _rows(loaded.test)
     assert not train_rows & test_rows and len(train_rows | test_rows) == 30
-    again = files.csv(path=path, label="species", test_split=0.2, seed=3)
+    again = tables.csv(path=path, label="species", test_split=0.2, seed=3)
     assert torch.equal(again.test.x, loaded.test.x)
-    other = files.csv(path=path, label="species", test_split=0.2, seed=4)
+    other = tables.csv(path=path, label="species", test_split=0.2, seed=4)
     assert not torch.equal(other.test.x, loaded.test.x)
 
 
 def test_csv_train_and_test_files_with_integer_labels(tmp_path):
     train = _write(tmp_path / "train.csv", "x1,x2,label\n1,2,10\n3,4,2\n\n5,6,10\n")
     test = _write(tmp_path / "test.csv", "label,x2,x1\n2,0.5,1.5\n010,1,1\n")
-    loaded = files.csv(train=train, test=test, features=["x1", "x2"])
+    loaded = tables.csv(train=train, test=test, features=["x1", "x2"])
     assert loaded.classes == ["2", "10"]  # numeric order, not '10' < '2'
     assert loaded.train.y.tolist() == [1, 0, 1]
     assert loaded.test.x.tolist() == [[1.5, 0.5], [1.0, 1.0]]  # columns matched by name
     assert loaded.test.y.tolist() == [0, 1]
-    assert files.csv(train=train).test is None
+    assert tables.csv(train=train).test is None
 
 
 def test_csv_test_label_unseen_in_train(tmp_path):
     train = _write(tmp_path / "train.csv", "x,label\n1,a\n2,b\n")
     test = _write(tmp_path / "test.csv", "x,label\n1,a\n2,c\n")
     with pytest.raises(UserError, match=r"line 3 has label 'c'"):
-        files.csv(train=train, test=test)
+        tables.csv(train=train, test=test)
 
 
 def test_csv_bad_numeric_cell_names_line_and_column(tmp_path):
     path = _write(tmp_path / "t.csv", "x1,x2,label\n1,2,a\n3,oops,b\n4,5,a\n")
     with pytest.raises(UserError) as info:
-        files.csv(path=path)
+        tables.csv(path=path)
     message = str(info.value)
     assert "line 3" in message and "'x2'" in message and "'oops'" in message
     assert "t.csv" in message and info.value.exit_code == 2
@@ -274,7 +274,7 @@ def test_csv_bad_numeric_cell_names_line_and_column(tmp_path):
 def test_csv_missing_label_column_suggests_nearest(tmp_path):
     path = _write(tmp_path / "t.csv", "x1,x2,labels\n1,2,a\n")
     with pytest.raises(UserError) as info:
-        files.csv(path=path)
+        tables.csv(path=path)
     message = str(info.value)
     assert "data.label" in message and "x1, x2, labels" in message
     assert "Did you mean 'labels'?" in message
@@ -283,9 +283,9 @@ def test_csv_missing_label_column_suggests_nearest(tmp_path):
 def test_csv_path_and_train_are_exclusive(tmp_path):
     path = _species_csv(tmp_path)
     with pytest.raises(UserError, match="data.path"):
-        files.csv(path=path, train=path, label="species")
+        tables.csv(path=path, train=path, label="species")
     with pytest.raises(UserError, match="data.train"):
-        files.csv(label="species")
+        tables.csv(label="species")
 
 
 # -- image_folder ---------------------------------------------------------------------------
@@ -307,15 +307,15 @@ def _flat_folder(root: Path) -> Path:
 
 
 def test_image_folder_flat_layout_carves_test_split(tmp_path):
-    loaded = files.image_folder(str(_flat_folder(tmp_path)), image_size=8, test_split=0.2, seed=0)
+    loaded = images.image_folder(str(_flat_folder(tmp_path)), image_size=8, test_split=0.2, seed=0)
     assert loaded.kind == "image" and loaded.classes == ["cat", "dog"]
     assert isinstance(loaded.train, ArraySplit)  # small: decoded once, resident
     assert loaded.train.x.dtype == torch.uint8 and tuple(loaded.train.x.shape) == (8, 3, 8, 8)
     assert loaded.test.y.tolist() == [0, 1]
     assert loaded.val is None
-    again = files.image_folder(str(tmp_path), image_size=8, test_split=0.2, seed=0)
+    again = images.image_folder(str(tmp_path), image_size=8, test_split=0.2, seed=0)
     assert torch.equal(again.test.x, loaded.test.x)
-    assert files.image_folder(str(tmp_path), image_size=8, test_split=0).test is None
+    assert images.image_folder(str(tmp_path), image_size=8, test_split=0).test is None
 
 
 def test_image_folder_split_layout_and_grayscale(tmp_path):
@@ -323,7 +323,7 @@ def test_image_folder_split_layout_and_grayscale(tmp_path):
         for name in ("a", "b", "c"):
             for i in range(n):
                 _png(tmp_path / split / name / f"{i}.png", (5, 3), 10 * i)
-    loaded = files.image_folder(str(tmp_path), image_size=(4, 6), grayscale=True)
+    loaded = images.image_folder(str(tmp_path), image_size=(4, 6), grayscale=True)
     assert loaded.classes == ["a", "b", "c"]
     assert tuple(loaded.train.x.shape) == (9, 1, 4, 6)
     assert len(loaded.val) == 3 and len(loaded.test) == 6
@@ -334,14 +334,14 @@ def test_image_folder_unknown_class_in_val(tmp_path):
     _png(tmp_path / "train" / "a" / "0.png", (4, 4), 0)
     _png(tmp_path / "val" / "zebra" / "0.png", (4, 4), 0)
     with pytest.raises(UserError, match="zebra"):
-        files.image_folder(str(tmp_path))
+        images.image_folder(str(tmp_path))
 
 
 def test_image_folder_empty_folder_explains_layout(tmp_path):
     with pytest.raises(UserError, match="one folder per class"):
-        files.image_folder(str(tmp_path))
+        images.image_folder(str(tmp_path))
     with pytest.raises(UserError, match="data.path"):
-        files.image_folder(str(tmp_path / "missing"))
+        images.image_folder(str(tmp_path / "missing"))
 
 
 def test_image_folder_corrupt_file_skip_or_error(tmp_path):
@@ -349,10 +349,10 @@ def test_image_folder_corrupt_file_skip_or_error(tmp_path):
     bad = tmp_path / "cat" / "broken.png"
     bad.write_bytes(b"\x89PNG not really")
     with pytest.warns(UserWarning, match="skipping undecodable image .*broken.png"):
-        loaded = files.image_folder(str(tmp_path), image_size=8, test_split=0)
+        loaded = images.image_folder(str(tmp_path), image_size=8, test_split=0)
     assert len(loaded.train) == 10
     with pytest.raises(UserError) as info:
-        files.image_folder(str(tmp_path), image_size=8, on_bad_file="error")
+        images.image_folder(str(tmp_path), image_size=8, on_bad_file="error")
     assert "broken.png" in str(info.value) and "on_bad_file: skip" in str(info.value)
 
 
@@ -360,13 +360,13 @@ def test_image_folder_lazy_split_matches_resident(tmp_path, monkeypatch):
     _flat_folder(tmp_path)
     (tmp_path / "dog" / "broken.png").write_bytes(b"junk")
     with pytest.warns(UserWarning):
-        resident = files.image_folder(str(tmp_path), image_size=(5, 7), seed=1)
-    monkeypatch.setattr(files, "RESIDENT_LIMIT_BYTES", 0)
+        resident = images.image_folder(str(tmp_path), image_size=(5, 7), seed=1)
+    monkeypatch.setattr(images, "RESIDENT_LIMIT_BYTES", 0)
     with pytest.warns(UserWarning):
-        lazy = files.image_folder(str(tmp_path), image_size=(5, 7), seed=1)
+        lazy = images.image_folder(str(tmp_path), image_size=(5, 7), seed=1)
     for name in ("train", "test"):
         split = getattr(lazy, name)
-        assert isinstance(split, files.ImageFileSplit)
+        assert isinstance(split, images.ImageFileSplit)
         assert split.targets == getattr(resident, name).y.tolist()
         items = [split[i] for i in range(len(split))]
         assert all(x.dtype == torch.uint8 for x, _ in items)
@@ -379,13 +379,13 @@ def test_lazy_split_replaces_truncated_image(tmp_path, monkeypatch):
     Image.fromarray(noise).save(tmp_path / "cat" / "0.PNG")
     whole = (tmp_path / "cat" / "0.PNG").read_bytes()
     (tmp_path / "cat" / "0.PNG").write_bytes(whole[: len(whole) // 2])  # header reads, pixels not
-    monkeypatch.setattr(files, "RESIDENT_LIMIT_BYTES", 0)
-    lazy = files.image_folder(str(tmp_path), image_size=4, test_split=0)
+    monkeypatch.setattr(images, "RESIDENT_LIMIT_BYTES", 0)
+    lazy = images.image_folder(str(tmp_path), image_size=4, test_split=0)
     assert len(lazy.train) == 10
     with pytest.warns(UserWarning, match="0.PNG"):
         x, y = lazy.train[0]
     assert y == 0 and torch.equal(x, lazy.train[1][0])  # the next image of the same class
-    strict = files.image_folder(str(tmp_path), image_size=4, test_split=0, on_bad_file="error")
+    strict = images.image_folder(str(tmp_path), image_size=4, test_split=0, on_bad_file="error")
     with pytest.raises(UserError, match="0.PNG"):
         strict.train[0]
 

@@ -26,15 +26,11 @@ import yaml
 from dltrain.data.base import ArraySplit
 from dltrain.data.loaders import EpochSampler, ResidentBatches, Shard, WorkerBatches
 from dltrain.distributed import World, backend_for, process_device, world_from_environment
-from dltrain.engine import (
-    _training_models,
-    build_setup,
-    evaluate_checkpoint,
-    per_process_batch_size,
-)
 from dltrain.errors import UserError
+from dltrain.evaluate import evaluate_checkpoint
 from dltrain.recipe import resolve
 from dltrain.run_folder import RunFolder
+from dltrain.setup import build_setup, per_process_batch_size, training_modules
 
 from runs import make_recipe, metric_rows, quiet, train, weights
 
@@ -348,4 +344,4 @@ def test_sync_batchnorm_is_refused_where_torch_cannot_run_it(tmp_path):
     recipe = make_recipe(tmp_path, PARITY, "sync", "distributed.sync_batchnorm=true")
     s = dataclasses.replace(build_setup(recipe), world=World(0, 2, 0, 2, launched=True))
     with pytest.raises(UserError, match="sync_batchnorm needs CUDA"):
-        _training_models(s)
+        training_modules(s)

@@ -25,11 +25,13 @@ from sklearn.metrics import (
 from dltrain import engine
 from dltrain.atomic import atomic_write, atomic_write_text
 from dltrain.checkpoint import load_checkpoint
-from dltrain.engine import build_setup, evaluate_checkpoint
 from dltrain.errors import RunFailure, UserError
+from dltrain.evaluate import evaluate_checkpoint
 from dltrain.progress import Progress
 from dltrain.recipe import Recipe
 from dltrain.run_folder import METRIC_COLUMNS, RunFolder
+from dltrain.setup import build_setup
+from dltrain.tasks import Evaluation
 
 from runs import (
     DIGITS,
@@ -374,7 +376,7 @@ def scripted_evaluate(monkeypatch, losses, accuracies):
             return result
         fake = torch.zeros_like(result.matrix)
         fake[0, 0], fake[1, 0] = round(accuracy * 100), 100 - round(accuracy * 100)
-        return engine.Evaluation(loss, fake)
+        return Evaluation(loss, fake)
 
     monkeypatch.setattr(engine, "evaluate", evaluate)
 

@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from dltrain.data.loaders import ResidentBatches
-from dltrain.engine import _batches, build_setup, evaluate_checkpoint
+from dltrain.evaluate import evaluate_checkpoint
 from dltrain.registry import OPTIMIZERS
+from dltrain.setup import build_setup, split_batches
 
 from runs import DIGITS, make_recipe, quiet, train
 
@@ -49,7 +50,7 @@ def test_defaults_on_cuda_are_resident_bf16_channels_last_and_fused(tmp_path):
     conv = next(m for m in s.model.modules() if isinstance(m, torch.nn.Conv2d))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
 
-    batches = _batches(s, "train", shuffle=True)
+    batches = split_batches(s, "train", shuffle=True)
     assert isinstance(batches, ResidentBatches)
     assert batches.x.device.type == "cuda" and batches.x.dtype == torch.uint8
     x, y = next(iter(batches.epoch(1)))
@@ -83,7 +84,7 @@ def test_each_default_can_be_turned_off(tmp_path):
     )
     s = build_setup(recipe)
     assert s.precision.name == "fp32" and not s.pipeline.channels_last
-    assert not isinstance(_batches(s, "train", shuffle=True), ResidentBatches)
+    assert not isinstance(split_batches(s, "train", shuffle=True), ResidentBatches)
     optimizer = OPTIMIZERS.build(recipe.optimizer, params=s.model.parameters(), device_type="cuda")
     assert not optimizer.defaults.get("fused")
 

@@ -89,7 +89,7 @@ def test_a_model_from_a_py_file_trains_and_its_checkpoint_evaluates_elsewhere(tm
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     checkpoint = run / "checkpoints" / "best.pt"
-    from dltrain.engine import evaluate_checkpoint
+    from dltrain.evaluate import evaluate_checkpoint
     from dltrain.progress import Progress
 
     report = evaluate_checkpoint(checkpoint, elsewhere / "eval", Progress(quiet=True))

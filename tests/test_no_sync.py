@@ -5,7 +5,7 @@ A host read of a device tensor (`.item()`, `if tensor:`, `float(t)`, `.cpu()`, b
 indexing...) makes the CPU wait until the GPU has finished everything queued so far; one per step
 leaves the GPU idle while Python prepares the next step. dltrain reads the running loss only when
 the display refreshes (progress.REFRESH_SECONDS), checks for NaN/inf only every
-engine.FINITE_CHECK_SECONDS, and syncs once at the end of an epoch. These tests set both
+step_policy.FINITE_CHECK_SECONDS, and syncs once at the end of an epoch. These tests set both
 intervals to infinity and watch the steps in between:
 
 - everywhere (CPU): the Python-level reads are counted by patching torch.Tensor's methods, and
@@ -31,7 +31,7 @@ from rich.console import Console
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dltrain import engine, progress
+from dltrain import engine, progress, setup, step_policy
 from dltrain.data.pipeline import BatchPipeline
 from dltrain.progress import Progress
 from dltrain.run_folder import RunFolder
@@ -181,9 +181,9 @@ class StepWindow:
 
 def watch_training_steps(monkeypatch, on_start, on_step_end, on_close, first: int = 0) -> None:
     """No refresh, no finite check between steps; wrap the training split's batches."""
-    monkeypatch.setattr(engine, "FINITE_CHECK_SECONDS", math.inf)
+    monkeypatch.setattr(step_policy, "FINITE_CHECK_SECONDS", math.inf)
     monkeypatch.setattr(progress, "REFRESH_SECONDS", math.inf)
-    make_batches = engine.make_batches
+    make_batches = setup.make_batches
 
     def wrapped(split, batch_size, device, *, shuffle, **kwargs):
         batches = make_batches(split, batch_size, device, shuffle=shuffle, **kwargs)
@@ -191,7 +191,7 @@ def watch_training_steps(monkeypatch, on_start, on_step_end, on_close, first: in
             return batches
         return StepWindow(batches, on_start, on_step_end, on_close, first)
 
-    monkeypatch.setattr(engine, "make_batches", wrapped)
+    monkeypatch.setattr(setup, "make_batches", wrapped)
 
 
 def terminal_progress() -> Progress:

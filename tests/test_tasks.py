@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from dltrain.engine import evaluate_checkpoint
 from dltrain.errors import UserError
+from dltrain.evaluate import evaluate_checkpoint
 
 from runs import metric_rows, quiet, train
 
@@ -110,3 +110,10 @@ def test_a_recipe_that_does_not_fit_the_task_is_a_user_error(tmp_path, base, ove
     with pytest.raises(UserError, match=message) as error:
         train(tmp_path, base, "wrong", *overrides)
     assert error.value.exit_code == 2
+
+
+def test_every_declared_task_has_its_own_task_object():
+    from dltrain.data.base import TASKS
+    from dltrain.tasks import task_for
+
+    assert [task_for(name, {}).name for name in TASKS] == list(TASKS)

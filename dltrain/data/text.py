@@ -17,8 +17,6 @@ Conventions (also what `encode_texts` reproduces from a checkpoint's data_meta):
 
 from __future__ import annotations
 
-import csv as csvlib
-import io
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -30,8 +28,14 @@ import torch
 from pydantic import Field
 
 from dltrain.data.base import ArraySplit, DatasetSplits
-from dltrain.data.files import _class_names, _encode_labels, _existing, _Table
 from dltrain.data.splits import stratified_split
+from dltrain.data.tables import (
+    QUOTE_THE_TEXTS,
+    CsvTable,
+    class_names,
+    encode_labels,
+    read_table,
+)
 from dltrain.errors import UserError
 from dltrain.registry import DATASETS
 
@@ -184,8 +188,8 @@ def text_csv(
         )
     main = _read_text_table(path or train, "data.path" if path else "data.train")
     texts, raw = _texts_and_labels(main, text_column, label_column)
-    classes, numeric = _class_names(raw)
-    y = _encode_labels(main, raw, classes, numeric)
+    classes, numeric = class_names(raw)
+    y = encode_labels(main, raw, classes, numeric)
     if path is not None:
         kept, carved = stratified_split(y, test_split, seed)
         train_texts, train_y = [texts[i] for i in kept], y[kept]
@@ -196,7 +200,7 @@ def text_csv(
         if test is not None:
             other = _read_text_table(test, "data.test")
             test_texts, test_raw = _texts_and_labels(other, text_column, label_column)
-            test_y = _encode_labels(other, test_raw, classes, numeric)
+            test_y = encode_labels(other, test_raw, classes, numeric)
 
     vocab = Vocabulary.build(train_texts, Tokenizer(tokenizer, lower), min_freq, max_size)
     train_ids = [vocab.encode(t, max_length) for t in train_texts]
@@ -224,53 +228,13 @@ def text_csv(
     )
 
 
-def _read_text_table(path: str, key: str) -> _Table:
-    """Parse a UTF-8 CSV file with a header; undecodable bytes are reported with their line."""
-    file = _existing(path, key)
-    data = file.read_bytes()
-    try:
-        content = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise UserError(
-            f"{key}: '{file}' line {line} is not valid UTF-8 (byte {data[exc.start]:#04x} at "
-            f"offset {exc.start}). Re-save the file as UTF-8."
-        ) from None
-    rows: list[list[str]] = []
-    lines: list[int] = []
-    reader = csvlib.reader(io.StringIO(content, newline=""))
-    try:
-        header = [name.strip() for name in next(reader, [])]
-        while True:
-            start = reader.line_num + 1  # a quoted text may span lines: report the first
-            row = next(reader, None)
-            if row is None:
-                break
-            if not any(cell.strip() for cell in row):
-                continue  # blank lines, often at the end of a file
-            if len(row) != len(header):
-                raise UserError(
-                    f"{key}: '{file}' line {start} has {len(row)} values but the "
-                    f"header has {len(header)} columns. Quote texts that contain commas or "
-                    'line breaks ("like, this"), or fix that row.'
-                )
-            rows.append(row)
-            lines.append(start)
-    except csvlib.Error as exc:
-        raise UserError(
-            f"{key}: cannot parse '{file}' as CSV near line {reader.line_num} ({exc}). Re-save "
-            "it as comma-separated values with a header row, texts quoted where needed."
-        ) from None
-    if not header or not rows:
-        raise UserError(
-            f"{key}: '{file}' has no {'header' if not header else 'data rows'}. Expected a "
-            "header row naming the columns (e.g. text,label), then one row per sample."
-        )
-    return _Table(file, key, header, rows, lines)
+def _read_text_table(path: str, key: str) -> CsvTable:
+    """A CSV file of texts and labels (texts may contain commas and span lines, quoted)."""
+    return read_table(path, key, QUOTE_THE_TEXTS, columns_example=" (e.g. text,label)")
 
 
 def _texts_and_labels(
-    table: _Table, text_column: str, label_column: str
+    table: CsvTable, text_column: str, label_column: str
 ) -> tuple[list[str], list[str]]:
     """The raw texts and stripped label strings; an empty label is a UserError."""
     text_at = table.column(text_column, "data.text_column")

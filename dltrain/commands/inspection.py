@@ -1,0 +1,169 @@
+"""Looking at things without training: `eval`, `devices`, `check`, `list` and `runs`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from dltrain.commands import choices
+from dltrain.commands.training import OVERRIDES_HELP
+
+Split = choices("Split", "test", "val", "train")
+# dltrain.registry.REGISTRIES' kinds (not imported: --help stays quick)
+Kind = choices("Kind", "models", "datasets", "losses", "optimizers", "schedulers", "augmentations")
+
+
+def evaluate(
+    checkpoint: Path = typer.Argument(
+        ..., help="A checkpoint written by dltrain fit.", show_default=False
+    ),
+    overrides: list[str] = typer.Argument(
+        None, help="Recipe overrides, e.g. data.root=/elsewhere.", show_default=False
+    ),
+    split: Split = typer.Option(None, "--split", help="Split to evaluate (default: test, or val)."),
+    output: Path = typer.Option(
+        None,
+        "--output",
+        "-o",
+        help="Folder for report.json/.md (default: eval-SPLIT beside the checkpoint).",
+    ),
+    device: str = typer.Option(None, "--device", help="Device to use (default: the recipe's)."),
+    as_json: bool = typer.Option(False, "--json", help="Print report.json to stdout."),
+) -> None:
+    """Evaluate a checkpoint: everything it needs (recipe, classes, normalisation) is inside it.
+
+    [bold]Examples[/]
+
+      dltrain eval runs/quickstart/checkpoints/best.pt
+
+      dltrain eval best.pt --split val --output reports/ --json
+    """
+    from dltrain.evaluate import evaluate_checkpoint
+    from dltrain.progress import Progress
+
+    console = Console(stderr=True) if as_json else Console()
+    report = evaluate_checkpoint(
+        checkpoint,
+        output,
+        Progress(console, quiet=as_json),
+        split=split.value if split else None,
+        device=device,
+        overrides=overrides or [],
+    )
+    if as_json:
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+    else:
+        folder = output or checkpoint.parent / f"eval-{report['split']}"
+        console.print(f"report written to {folder / 'report.json'}", markup=False)
+
+
+def devices(as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts.")) -> None:
+    """List every device torch can use here, and which one `device: auto` picks.
+
+    [bold]Example[/]
+
+      dltrain devices --json
+    """
+    from dltrain.devices import describe_devices
+    from dltrain.tables import devices_table
+
+    info = describe_devices()
+    if as_json:
+        sys.stdout.write(json.dumps(info, indent=2) + "\n")
+        return
+    console = Console()
+    console.print(devices_table(info))
+    for note in info["notes"]:
+        console.print(f"[dim]· {escape(note)}[/]", highlight=False)
+    console.print(f"device: auto → [bold]{info['auto']}[/]", highlight=False)
+
+
+def check(
+    recipe: Path = typer.Argument(..., help="The recipe YAML file.", show_default=False),
+    overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
+) -> None:
+    """Validate a recipe and print it fully resolved (all defaults filled in). Reads no data.
+
+    [bold]Example[/]
+
+      dltrain check recipes/quickstart.yaml optimizer.lr=0.01
+    """
+    from rich.syntax import Syntax
+
+    from dltrain.recipe import load_recipe, to_yaml
+
+    console = Console()
+    text = to_yaml(load_recipe(recipe, overrides or []))
+    if console.is_terminal:
+        console.print(Syntax(text, "yaml", background_color="default", word_wrap=True))
+    else:  # piped: the exact text, not cropped to a console width, so it stays valid YAML
+        sys.stdout.write(text)
+    Console(stderr=True).print(f"[green]✓[/] {recipe} is valid", highlight=False)
+
+
+def list_components(
+    kind: Kind = typer.Argument(None, help="What to list (default: everything)."),
+) -> None:
+    """List registered components with one-line descriptions and accepted arguments.
+
+    [bold]Examples[/]
+
+      dltrain list models
+
+      dltrain list optimizers
+    """
+    from dltrain.registry import REGISTRIES
+    from dltrain.tables import registry_table
+
+    console = Console()
+    for name in [kind.value] if kind else list(REGISTRIES):
+        console.print(registry_table(REGISTRIES[name]))
+
+
+def runs(
+    folder: Path = typer.Argument(
+        Path("runs"), help="Folder to search, at any depth (default: runs).", show_default=False
+    ),
+    sort: str = typer.Option(
+        "test_accuracy",
+        "--sort",
+        metavar="KEY",
+        help="name, model, dataset, epochs, best_val_loss, best_val_accuracy, test_accuracy, "
+        "f1_macro or modified (names and best_val_loss ascending, the rest largest first).",
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+) -> None:
+    """List the runs under a folder: model, dataset, epochs, best validation and test metrics.
+
+    A run is any folder with recipe.yaml and metrics.csv or report.json (fold-k folders of a
+    cross-validation included). Missing values show as —.
+
+    [bold]Examples[/]
+
+      dltrain runs
+
+      dltrain runs experiments/ --sort best_val_loss --json
+    """
+    from dltrain.runs_table import list_runs
+    from dltrain.tables import runs_table
+
+    console = Console()
+    if not console.is_terminal:  # piped: whole rows (the table is as wide as it needs), not 80
+        console = Console(width=240)
+    rows = list_runs(folder, sort)
+    if as_json:
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+    elif not rows:
+        console.print(
+            f"no runs in {escape(str(folder))} (a run folder holds recipe.yaml and "
+            "metrics.csv or report.json). Train one with: dltrain fit RECIPE",
+            highlight=False,
+            soft_wrap=True,
+        )
+    else:
+        console.print(runs_table(rows, str(folder)))

@@ -1,0 +1,276 @@
+"""`dltrain fit`: one run, data-parallel runs (--nproc) and k-fold cross-validation (--folds).
+
+The pre-run checks (recipe, run folder free and writable, the checkpoint to resume) are
+`plan_run`, used alike by a single run and by the launcher before it starts the processes.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+if TYPE_CHECKING:  # only for annotations: --help stays free of torch
+    from dltrain.recipe import Recipe
+    from dltrain.run_folder import RunFolder
+
+NPROC_VARIABLE = "DLTRAIN_NPROC"  # set by fit --nproc for the processes it starts
+OVERRIDES_HELP = "KEY=VALUE overrides with dotted keys, VALUE parsed as YAML (train.epochs=3)."
+
+
+def fit(
+    recipe: Path = typer.Argument(..., help="The recipe YAML file.", show_default=False),
+    overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
+    resume: str = typer.Option(
+        None,
+        "--resume",
+        metavar="PATH|auto",
+        help="Continue from a checkpoint; 'auto': this run's last.pt.",
+    ),
+    force: bool = typer.Option(
+        False, "--force", help="Replace a different run already in the run folder."
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only print errors and the result."),
+    folds: int = typer.Option(
+        None,
+        "--folds",
+        metavar="K",
+        help="K-fold cross-validation (K ≥ 2): K runs, each validating on another stratified "
+        "fold of the train split, in runs/NAME/fold-k/; summary in runs/NAME/cv_report.json.",
+        show_default=False,
+    ),
+    nproc: int = typer.Option(
+        None,
+        "--nproc",
+        metavar="N",
+        help="Train data-parallel in N processes on this machine (one per GPU; CPU: gloo). "
+        "Runs torchrun's launcher; for several machines use torchrun itself (README).",
+        show_default=False,
+    ),
+    max_restarts: int = typer.Option(
+        0,
+        "--max-restarts",
+        metavar="K",
+        help="With --nproc and --resume auto: restart all processes up to K times when one "
+        "fails, continuing from the last checkpoint.",
+    ),
+) -> None:
+    """Train a model from a recipe, then evaluate its best checkpoint on the test split.
+
+    Writes runs/NAME/: recipe.yaml, metrics.csv, checkpoints/{last,best}.pt, report.json/.md.
+
+    [bold]Examples[/]
+
+      dltrain fit recipes/quickstart.yaml
+
+      dltrain fit recipes/mnist_mlp.yaml data.name=npz data.path=mnist.npz train.epochs=3
+
+      dltrain fit recipes/quickstart.yaml --folds 5
+
+      dltrain fit recipes/cifar10_resnet18.yaml --nproc 4
+
+      torchrun --nproc-per-node 8 -m dltrain fit recipes/cifar10_resnet18.yaml
+    """
+    from dltrain.distributed import world_from_environment
+    from dltrain.errors import UserError
+
+    overrides = overrides or []
+    console = Console(stderr=True) if quiet else Console()
+    world = world_from_environment()
+    if nproc is not None or max_restarts:
+        _launch(recipe, overrides, nproc, max_restarts, resume, force, quiet, folds)
+    if folds is not None:
+        if world.launched:
+            raise UserError("--folds runs one process per fold; leave out torchrun/--nproc.")
+        _cross_validate(recipe, overrides, folds, resume, force, quiet, console)
+        return
+    if not world.is_main:  # rank 0 checks and writes the run folder; the rest stay silent
+        console, quiet = Console(file=io.StringIO()), True
+    plan = plan_run(recipe, overrides, resume, force, console, check_folder=world.is_main)
+    _train_one(plan, recipe, overrides, console, quiet, world.launched)
+
+
+@dataclass
+class RunPlan:
+    """A checked recipe, its run folder and the checkpoint to resume from (if any)."""
+
+    recipe: Recipe
+    run: RunFolder
+    checkpoint: Path | None
+
+
+def plan_run(
+    recipe_path: Path,
+    overrides: list[str],
+    resume: str | None,
+    force: bool,
+    console: Console | None,
+    check_folder: bool = True,
+) -> RunPlan:
+    """The checks before any work: load the recipe, find what to resume, and refuse (exit 2)
+    a run folder that holds a different run or cannot be written."""
+    from dltrain.recipe import load_recipe
+    from dltrain.run_folder import RunFolder
+
+    recipe = load_recipe(recipe_path, overrides)
+    run = RunFolder.for_recipe(recipe)
+    checkpoint = _resume_path(resume, run, console)
+    if check_folder:
+        run.check_free_for(recipe, force, resuming=checkpoint is not None)
+        run.ensure_writable()  # an unwritable output is wrong input (2), before training
+    return RunPlan(recipe, run, checkpoint)
+
+
+def _resume_path(resume: str | None, run: RunFolder, console: Console | None) -> Path | None:
+    if resume is None:
+        return None
+    if resume != "auto":
+        return Path(resume)
+    if run.last_path.exists():
+        return run.last_path
+    if console is not None:
+        console.print(f"no checkpoint at {run.last_path} yet: starting a new run", markup=False)
+    return None
+
+
+def _train_one(
+    plan: RunPlan,
+    recipe: Path,
+    overrides: list[str],
+    console: Console,
+    quiet: bool,
+    launched: bool,
+) -> None:
+    """Train the planned run with live progress; on a stop signal, say how to resume."""
+    from dltrain.engine import fit as run_fit
+    from dltrain.interrupts import Interrupted
+    from dltrain.progress import Progress
+    from dltrain.report import headline
+
+    progress = Progress(console, quiet=quiet)
+    try:
+        report = run_fit(plan.recipe, plan.run, progress, resume=plan.checkpoint)
+    except Interrupted as stop:
+        console.print(
+            f"[yellow]{escape(str(stop))}[/]\n" + escape(_resume_hint(recipe, overrides, launched)),
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(stop.exit_code) from None
+    finally:
+        progress.close()
+    label, value = headline(report)
+    console.print(
+        f"run folder: {escape(str(plan.run.root))} · {report['split']} {label} "
+        f"[bold]{value:.4f}[/]",
+        highlight=False,
+    )
+
+
+def _resume_hint(recipe: Path, overrides: list[str], launched: bool) -> str:
+    """The command that continues an interrupted run."""
+    command = ["dltrain", "fit", str(recipe), *overrides, "--resume", "auto"]
+    if not launched:
+        return f"resume with: {shlex.join(command)}"
+    nproc = os.environ.get(NPROC_VARIABLE)  # set when --nproc started this process
+    if nproc:
+        return f"resume with: {shlex.join([*command, '--nproc', nproc])}"
+    return f"resume with the same torchrun command, running: {shlex.join(command)}"
+
+
+def _launch(
+    recipe: Path,
+    overrides: list[str],
+    nproc: int | None,
+    max_restarts: int,
+    resume: str | None,
+    force: bool,
+    quiet: bool,
+    folds: int | None,
+) -> None:
+    """`fit --nproc N`: check the recipe here (errors once, not N times), then run torchrun's
+    launcher on this machine with the same fit command; exits with the processes' code."""
+    from dltrain.distributed import world_from_environment
+    from dltrain.errors import UserError
+    from dltrain.launch import launch_local
+
+    if nproc is None:
+        raise UserError("--max-restarts needs --nproc N (or torchrun's own --max-restarts).")
+    if nproc < 1:
+        raise UserError(f"--nproc must be at least 1 (got {nproc}).")
+    if world_from_environment().launched:
+        raise UserError("--nproc starts torchrun itself; under torchrun, leave it out.")
+    if folds is not None:
+        raise UserError("--nproc does not combine with --folds; train the folds one by one.")
+    if max_restarts and resume != "auto":
+        raise UserError(
+            "--max-restarts needs --resume auto, so that restarted processes continue from the "
+            "last checkpoint instead of starting over."
+        )
+    plan_run(recipe, overrides, resume, force, console=None)  # rank 0 says what it resumes
+    args = ["fit", str(recipe), *overrides]
+    args += ["--resume", resume] if resume else []
+    args += ["--force"] if force else []
+    args += ["--quiet"] if quiet else []
+    os.environ[NPROC_VARIABLE] = str(nproc)
+    raise typer.Exit(launch_local(nproc, args, max_restarts))
+
+
+def _cross_validate(
+    recipe: Path,
+    overrides: list[str],
+    folds: int,
+    resume: str | None,
+    force: bool,
+    quiet: bool,
+    console: Console,
+) -> None:
+    """`fit --folds K`: one run per stratified fold of the train split, then cv_report.json."""
+    from dltrain.errors import UserError
+
+    if folds < 2:
+        raise UserError(f"--folds must be at least 2 (got {folds}); leave it out to train once.")
+    if resume is not None:
+        raise UserError(
+            "--resume does not combine with --folds. Run the same --folds command again instead "
+            "(finished folds are kept and an interrupted fold continues from its last.pt), or "
+            "resume one fold: dltrain fit OUTPUT/NAME/fold-K/recipe.yaml --resume auto."
+        )
+    from dltrain.crossval import CV_REPORT, cv_root, run_cross_validation
+    from dltrain.interrupts import Interrupted
+    from dltrain.progress import Progress
+    from dltrain.recipe import load_recipe
+    from dltrain.tables import cv_table
+
+    loaded = load_recipe(recipe, overrides)
+    progress = Progress(console, quiet=quiet)
+    try:
+        cv_report = run_cross_validation(loaded, folds, progress, force)
+    except Interrupted as stop:
+        command = shlex.join(["dltrain", "fit", str(recipe), *overrides, "--folds", str(folds)])
+        console.print(
+            f"[yellow]{escape(str(stop))}[/]\ncontinue with: {escape(command)} (finished folds "
+            "are kept; the interrupted fold resumes from its last.pt)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(stop.exit_code) from None
+    finally:
+        progress.close()
+    console.print(cv_table(cv_report))
+    accuracy = cv_report["metrics"].get("accuracy")
+    summary = ""
+    if accuracy:
+        summary = f" · accuracy [bold]{accuracy['mean']:.4f} ± {accuracy['std']:.4f}[/]"
+    console.print(
+        f"cross-validation report: {escape(str(cv_root(loaded) / CV_REPORT))}{summary}",
+        highlight=False,
+        soft_wrap=True,
+    )

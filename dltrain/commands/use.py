@@ -1,0 +1,171 @@
+"""Using a trained model from its checkpoint alone: `predict`, `export` and `explain`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from dltrain.commands import choices
+
+ExportFormat = choices("ExportFormat", "onnx", "torchscript")
+ExplainMethod = choices("ExplainMethod", "gradxinput", "gradcam", "both")
+
+
+def predict(
+    checkpoint: Path = typer.Argument(
+        ..., help="A checkpoint written by dltrain fit.", show_default=False
+    ),
+    inputs: list[Path] = typer.Argument(
+        None,
+        help="Image files (png/jpg/jpeg/bmp/gif/webp) or .npy arrays for image models; .csv "
+        "tables or .npy arrays for tabular models; .npy arrays for sequence models; .txt files "
+        "(one text per line) or .csv tables (the text column) for text models.",
+        show_default=False,
+    ),
+    texts: list[str] = typer.Option(
+        None,
+        "--text",
+        "-t",
+        metavar="TEXT",
+        help="A text to predict, for text models (repeatable; predicted after the files).",
+        show_default=False,
+    ),
+    top_k: int = typer.Option(
+        None,
+        "--top-k",
+        "-k",
+        min=1,
+        help="Classes to show per input (default: 5, or all if fewer). Classification only.",
+    ),
+    device: str = typer.Option("cpu", "--device", help="Device to run the model on."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON array to stdout."),
+) -> None:
+    """Predict from files or texts, prepared as in training, from the checkpoint alone.
+
+    Images of any size: converted to the model's channels, resized (bilinear) to its input.
+    .npy arrays: one sample or a batch; uint8 = pixels (scaled by 1/255), floats as they are.
+    .csv tables (tabular models): one sample per row; a label column is ignored.
+    Text models: --text "..." or .txt/.csv files, encoded with the checkpoint's vocabulary.
+    Classifiers print the top classes, regression models the value, seq2seq models the
+    decoded output sequence.
+
+    [bold]Examples[/]
+
+      dltrain predict runs/quickstart/checkpoints/best.pt digit.png other.jpg
+
+      dltrain predict best.pt batch.npy --top-k 3 --json
+
+      dltrain predict runs/sms/checkpoints/best.pt --text "free prize, call now" messages.txt
+
+      dltrain predict runs/reverse/checkpoints/best.pt --text 3071
+    """
+    from dltrain.inference import load_for_inference
+    from dltrain.memory import out_of_memory_is_a_run_failure
+    from dltrain.predict import predict_files
+    from dltrain.tables import outputs_table, predictions_table
+
+    console = Console(stderr=True) if as_json else Console()
+    with out_of_memory_is_a_run_failure(device):
+        predictor = load_for_inference(checkpoint, device)
+        results = predict_files(predictor, inputs or [], top_k, texts or [])
+    if as_json:
+        sys.stdout.write(json.dumps(results, indent=2) + "\n")
+    elif predictor.task == "regression":
+        target = predictor.classes[0] if predictor.classes else "value"
+        console.print(outputs_table(results, "prediction", f"predicted {target}"))
+    elif predictor.task == "seq2seq":
+        console.print(outputs_table(results, "output", "output"))
+    else:
+        for result in results:
+            console.print(predictions_table(result))
+
+
+def export(
+    checkpoint: Path = typer.Argument(
+        ..., help="A checkpoint written by dltrain fit.", show_default=False
+    ),
+    format: ExportFormat = typer.Option(
+        ..., "--format", "-f", help="onnx or torchscript.", show_default=False
+    ),
+    output: Path = typer.Option(
+        None,
+        "--output",
+        "-o",
+        help="File to write (default: beside the checkpoint: best.onnx, best.torchscript.pt).",
+    ),
+) -> None:
+    """Export a checkpoint's model to ONNX or TorchScript, for use without dltrain.
+
+    The file maps a preprocessed float32 batch (N × input shape) to logits (regression: the
+    predicted values). Preprocessing is not in the graph; the file's metadata (dltrain.json)
+    says it: x = uint8/255 for images, then (x - mean) / std per channel or feature.
+    Text models take int64 token ids; the metadata holds the vocabulary and tokenizer.
+    It also holds the class names and the input shape.
+    Seq2seq models decode step by step and are not exported (use dltrain predict); recurrent
+    models over token ids export to TorchScript only.
+    ONNX export needs: pip install onnx onnxscript
+
+    [bold]Examples[/]
+
+      dltrain export runs/quickstart/checkpoints/best.pt --format onnx
+
+      dltrain export best.pt --format torchscript --output model.pt
+    """
+    from dltrain.export import export_checkpoint, summary
+
+    written, predictor = export_checkpoint(checkpoint, format.value, output)
+    Console().print(
+        f"exported {format.value} to {escape(str(written))} · {escape(summary(predictor))}",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+def explain(
+    checkpoint: Path = typer.Argument(
+        ..., help="A checkpoint of an image model.", show_default=False
+    ),
+    image: Path = typer.Argument(
+        ..., help="An image file (or a one-sample .npy array).", show_default=False
+    ),
+    output: Path = typer.Option(
+        None, "--output", "-o", help="PNG to write (default: ./explain-<image stem>.png)."
+    ),
+    method: ExplainMethod = typer.Option(
+        ExplainMethod("both"),
+        "--method",
+        help="gradxinput: |gradient × input|; gradcam: Grad-CAM at the last conv layer.",
+    ),
+) -> None:
+    """Show which pixels drove the predicted class: saliency maps over the image (PNG).
+
+    Grad-CAM needs a convolutional model; with --method both, a model without a conv layer
+    gets gradient × input only.
+
+    [bold]Examples[/]
+
+      dltrain explain runs/quickstart/checkpoints/best.pt digit.png
+
+      dltrain explain best.pt cat.jpg --method gradcam --output cat-gradcam.png
+    """
+    from dltrain.explain import default_output, explain_file, write_png
+    from dltrain.inference import load_for_inference
+
+    console = Console()
+    predictor = load_for_inference(checkpoint)
+    result = explain_file(predictor, image, method.value)
+    target = output or default_output(image)
+    write_png(result, image.name, target)
+    for note in result.notes:
+        console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
+    console.print(
+        f"predicted [bold]{escape(result.predicted)}[/] ({result.probability:.3f}) · "
+        f"saliency map written to {escape(str(target))}",
+        highlight=False,
+        soft_wrap=True,
+    )

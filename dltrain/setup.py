@@ -1,0 +1,222 @@
+"""A run built from a recipe, apart from running it: device, data, model, loss, numerics,
+batches, learning-rate schedule and the modules that train and evaluate.
+
+`dltrain fit` builds a Setup and hands it to the loop (engine.py); `dltrain eval` builds one to
+evaluate a checkpoint; `predict`, `export` and `explain` rebuild only the model (build_model),
+exactly as training built it.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from dltrain.amp import MixedPrecision
+from dltrain.data.loaders import Batches, Shard, make_batches
+from dltrain.data.pipeline import BatchPipeline
+from dltrain.data.prepare import PreparedData, prepare_data
+from dltrain.devices import resolve_device, step_marker
+from dltrain.distributed import World
+from dltrain.errors import UserError
+from dltrain.host import tune_for_training
+from dltrain.optim import LrSchedule, constant_schedule
+from dltrain.recipe import Recipe
+from dltrain.registry import LOSSES, MODELS, SCHEDULERS
+from dltrain.tasks import Classification, Regression, Seq2Seq, task_for
+
+
+@dataclass
+class Setup:
+    """Everything built from a recipe that a run needs."""
+
+    recipe: Recipe
+    device: torch.device
+    data: PreparedData
+    model: torch.nn.Module
+    loss_fn: torch.nn.Module
+    precision: MixedPrecision
+    pipeline: BatchPipeline
+    task: Classification | Regression | Seq2Seq
+    world: World = field(default_factory=World)
+    sync: Any = None  # ends a step on lazy devices (torch_xla.sync); None elsewhere
+
+    def end_step(self) -> None:
+        """Mark the end of a step: on XLA this compiles and runs the step's graph."""
+        if self.sync is not None:
+            self.sync()
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices) so CPU runs repeat exactly."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_setup(
+    recipe: Recipe,
+    device: str | torch.device | None = None,
+    meta: dict | None = None,
+    world: World | None = None,
+) -> Setup:
+    """Resolve the device, load the data, build model, loss, numerics and batch pipeline.
+
+    Every process of a distributed run builds the same model from the same seed (DDP then
+    checks that they agree); the first process of each node prepares the data first, so a
+    download happens once per node.
+    """
+    world = world or World()
+    seed_everything(recipe.seed)
+    dev = device if isinstance(device, torch.device) else resolve_device(device or recipe.device)
+    tune_for_training(dev, recipe.train.cudnn_benchmark, recipe.train.tf32)
+    if world.local_rank != 0:
+        world.barrier()
+    data = prepare_data(recipe.data, recipe.seed, meta)
+    if world.local_rank == 0:
+        world.barrier()
+    model = build_model(recipe.model, data)
+    channels_last = use_channels_last(recipe.train.channels_last, dev, data.model_kind)
+    model = model.to(dev, memory_format=torch.channels_last if channels_last else None)
+    loss_fn = LOSSES.build(
+        recipe.loss,
+        num_classes=data.num_classes,
+        class_counts=data.class_counts(),
+        task=data.task,
+    ).to(dev)
+    pipeline = BatchPipeline(
+        data.kind, data.mean, data.std, dev, recipe.data.augment, channels_last, data.as_sequence
+    )
+    return Setup(
+        recipe,
+        dev,
+        data,
+        model,
+        loss_fn,
+        MixedPrecision(recipe.train.precision, dev),
+        pipeline,
+        task_for(data.task, data.extra),
+        world,
+        step_marker(dev),
+    )
+
+
+def build_model(section: dict[str, Any], data: PreparedData) -> torch.nn.Module:
+    """A model section built for the data: dltrain supplies every run-time argument."""
+    return MODELS.build(
+        section,
+        input_shape=data.model_input_shape,
+        num_classes=data.num_classes,
+        input_kind=data.model_kind,
+        vocab_size=data.vocab_size,
+        task=data.task,
+        data_meta=data.meta(),
+    )
+
+
+def use_channels_last(choice: str | bool, device: torch.device, kind: str) -> bool:
+    """Whether images train in NHWC memory layout (`train.channels_last`, auto: on CUDA)."""
+    # NHWC lets cuDNN use tensor-core convolution kernels; on CPU it mostly costs copies.
+    return kind == "image" and (device.type == "cuda" if choice == "auto" else bool(choice))
+
+
+# -- batches and schedule ---------------------------------------------------------------------
+
+
+def split_batches(s: Setup, split: str, shuffle: bool) -> Batches:
+    """A split's batches for this process: its block of every global batch when training, its
+    contiguous shard when evaluating (all of it in a single process)."""
+    data, world = s.recipe.data, s.world
+    train = split == "train"
+    per_process = per_process_batch_size(data, world.size, s.recipe.train.accumulate)
+    batch_size = per_process if train else (data.eval_batch_size or 2 * per_process)
+    part = s.data.splits[split]
+    if train and world.launched and len(part) < per_process * world.size:
+        raise UserError(
+            f"the train split has {len(part)} samples, fewer than one global batch "
+            f"({world.size} processes × data.batch_size {per_process}); lower data.batch_size."
+        )
+    return make_batches(
+        part,
+        batch_size,
+        s.device,
+        loader=data.loader,
+        shuffle=shuffle,
+        # every process must take the same number of equal steps under DDP
+        drop_last=train and (world.launched or len(part) > batch_size),
+        seed=s.recipe.seed,
+        num_workers=data.num_workers,
+        shard=Shard(world.rank, world.size, world.local_size),
+        pad_last=not train and s.device.type == "xla",  # one static shape: one compiled graph
+    )
+
+
+def per_process_batch_size(data, processes: int, accumulate: int) -> int:
+    """data.batch_size, or data.global_batch_size shared out over processes and accumulation."""
+    if data.global_batch_size is None:
+        return data.batch_size
+    share = processes * accumulate
+    if data.global_batch_size % share:
+        raise UserError(
+            f"data.global_batch_size={data.global_batch_size} does not split evenly over "
+            f"{processes} process(es) × train.accumulate={accumulate}; use a multiple of {share}."
+        )
+    return data.global_batch_size // share
+
+
+def build_schedule(recipe: Recipe, optimizer, batches_per_epoch: int) -> LrSchedule:
+    """The recipe's learning-rate schedule, stepping once per optimizer step (constant: none)."""
+    if not recipe.scheduler:
+        return constant_schedule(optimizer)
+    return SCHEDULERS.build(
+        recipe.scheduler,
+        optimizer=optimizer,
+        epochs=recipe.train.epochs,
+        steps_per_epoch=math.ceil(batches_per_epoch / recipe.train.accumulate),
+    )
+
+
+# -- the modules that train and evaluate ------------------------------------------------------
+
+
+def training_modules(s: Setup) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The module that trains (DDP under torchrun, compiled on request) and the one that
+    evaluates. Evaluation bypasses DDP: each process evaluates its own shard, and DDP's
+    forward would wait for the others' (shards may differ by a batch)."""
+    model = s.model
+    if s.world.launched:
+        section = s.recipe.distributed
+        if section.sync_batchnorm:
+            _use_sync_batchnorm(s)
+        if s.pipeline.channels_last:
+            # A channels_last weight with a size-1 dim (a first conv on 1-channel images) has
+            # strides that differ from its gradient's without any difference in memory
+            # layout; DDP's reducer warns about that once, needlessly.
+            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view")
+        model = torch.nn.parallel.DistributedDataParallel(
+            s.model,
+            device_ids=[s.device.index] if s.device.type == "cuda" else None,
+            find_unused_parameters=section.find_unused_parameters,
+            static_graph=section.static_graph,
+            gradient_as_bucket_view=True,  # gradients live in the buckets: no copy per step
+        )
+    if not s.recipe.train.compile:
+        return model, s.model
+    compiled = torch.compile(model)
+    return compiled, compiled if model is s.model else s.model
+
+
+def _use_sync_batchnorm(s: Setup) -> None:
+    """Batch norm over the whole global batch: SyncBatchNorm in place of BatchNorm (same
+    parameters and buffers, so the optimizer and the checkpoints are unchanged)."""
+    if s.device.type != "cuda":
+        raise UserError(
+            f"distributed.sync_batchnorm needs CUDA GPUs (torch's SyncBatchNorm runs only there), "
+            f"but this run is on {s.device.type}. Set it to false."
+        )
+    torch.nn.SyncBatchNorm.convert_sync_batchnorm(s.model)
