@@ -9,6 +9,7 @@ This module owns the checkpoint's state in and out: what a training run saves
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 import random
 import re
@@ -28,14 +29,57 @@ if TYPE_CHECKING:
     from dltrain.optim import LrSchedule
     from dltrain.setup import Setup
 
-FORMAT = 1
+FORMAT = 2  # 2: carries a digest of its contents
 REQUIRED_KEYS = ("format", "recipe", "model", "data_meta", "classes")
+DIGEST = "digest"
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write a checkpoint atomically; adds the format and version keys."""
-    payload = {"format": FORMAT, "dltrain_version": __version__, **state}
-    atomic_write(Path(path), lambda f: torch.save(payload, f))
+    """Write a checkpoint atomically; adds the format and version keys and the digest of the
+    whole contents (tensors as CPU copies: what torch.save writes anyway)."""
+    payload = {"format": FORMAT, "dltrain_version": __version__, **on_cpu(state)}
+    payload[DIGEST] = contents_digest(payload)
+    atomic_write(Path(path), lambda f: torch.save(payload, f), size_hint=_tensor_bytes(payload))
+
+
+def contents_digest(state: dict[str, Any]) -> str:
+    """SHA-256 over every tensor's dtype, shape and bytes and every other value, in order.
+
+    torch.load does not check the zip's CRCs, so flipped bytes in tensor data would load as
+    other weights; this digest is what catches them.
+    """
+    digest = hashlib.sha256()
+    _feed(digest, {k: v for k, v in state.items() if k != DIGEST})
+    return "sha256:" + digest.hexdigest()
+
+
+def _tensor_bytes(value: Any) -> int:
+    """About what torch.save will write: the bytes of every tensor."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
+
+
+def _feed(digest, value: Any) -> None:
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu().contiguous()
+        digest.update(f"T{tensor.dtype}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(value, dict):
+        digest.update(f"D{len(value)}".encode())
+        for key, item in value.items():
+            _feed(digest, key)
+            _feed(digest, item)
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"{type(value).__name__[0]}{len(value)}".encode())
+        for item in value:
+            _feed(digest, item)
+    else:  # int, float, str, bool, None: repr is exact (floats round-trip)
+        digest.update(f"S{type(value).__name__}:{value!r};".encode())
 
 
 def load_checkpoint(path: Path | str) -> dict[str, Any]:
@@ -49,8 +93,14 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
     )
     # torch.save writes a zip archive; anything else (empty, truncated, random bytes) would reach
     # torch's legacy unpickler and fail with whatever error its first bytes happen to cause.
-    if not zipfile.is_zipfile(path):
+    kind = _archive_kind(path)
+    if kind is None:
         raise UserError(unreadable.format(""))
+    if kind == "torchscript":  # torch.load would hand it to torch.jit.load, which runs its code
+        raise UserError(
+            f"{path} is a TorchScript export, not a dltrain checkpoint. Use the checkpoint it "
+            "was exported from (runs/<name>/checkpoints/best.pt)."
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -60,8 +110,44 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
             f"{f' ({found.group(1)})' if found else ''}. dltrain only loads data-only checkpoints."
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError) as exc:
-        raise UserError(unreadable.format(f" ({str(exc).splitlines()[0]})")) from None
+        raise UserError(unreadable.format(_reason(exc))) from None
     return _checked(state, path)
+
+
+def refuse_replacing_a_checkpoint(output: Path, source: Path, force: bool) -> None:
+    """An output path that is the checkpoint being read, or another checkpoint, is refused
+    (exit 2) unless --force: an export or a picture must never replace trained weights."""
+    output = Path(output)
+    if force or not output.is_file():
+        return
+    if output.resolve() == Path(source).resolve():
+        what = "the checkpoint being read"
+    elif _archive_kind(output) == "checkpoint":
+        what = "a checkpoint"
+    else:
+        return
+    raise UserError(
+        f"--output {output} is {what}; writing there would replace its weights. Choose "
+        "another file, or add --force to replace it."
+    )
+
+
+def _archive_kind(path: Path) -> str | None:
+    """'checkpoint' for a torch.save zip, 'torchscript' for a TorchScript archive (it holds
+    code/), None for anything that is not a zip."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return None
+    return "torchscript" if any("/code/" in name for name in names) else "checkpoint"
+
+
+def _reason(exc: BaseException) -> str:
+    """' (torch's first line)' for a message, unless it is torch's advice to load with
+    weights_only=False: dltrain never passes that on (it would let a file run code)."""
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return "" if "weights_only" in first or "weights only" in first.lower() else f" ({first})"
 
 
 def _checked(state: Any, path: Path) -> dict[str, Any]:
@@ -71,6 +157,13 @@ def _checked(state: Any, path: Path) -> dict[str, Any]:
         raise UserError(
             f"{path} has checkpoint format {state['format']}, newer than this dltrain reads "
             f"({FORMAT}); upgrade dltrain (it was written by {state.get('dltrain_version')})."
+        )
+    if state["format"] >= 2 and state.get(DIGEST) != contents_digest(state):
+        what = "has no digest" if DIGEST not in state else "does not match its digest"
+        raise UserError(
+            f"{path} is corrupted: its contents {what} (saved with it when it was written), "
+            "so its weights cannot be trusted. Use another checkpoint (last.pt or best.pt), or "
+            "copy it again from where it came from."
         )
     return state
 
@@ -119,8 +212,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def checkpoint_state(
     s: Setup, optimizer: torch.optim.Optimizer, schedule: LrSchedule, state: TrainState
 ) -> dict[str, Any]:
-    """What last.pt/best.pt hold. Tensors on an XLA device are copied to the CPU first (torch
-    cannot serialise lazy tensors; the copy also makes the file load anywhere)."""
+    """What last.pt/best.pt hold (save_checkpoint copies the tensors to the CPU: torch cannot
+    serialise XLA's lazy tensors, and the copy makes the file load anywhere)."""
     checkpoint = {
         "recipe": s.recipe.to_dict(),
         "model": s.model.state_dict(),
@@ -135,7 +228,7 @@ def checkpoint_state(
         "classes": list(s.data.classes),
         "data_meta": s.data.meta(),
     }
-    return on_cpu(checkpoint) if s.device.type == "xla" else checkpoint
+    return checkpoint
 
 
 def on_cpu(value: Any) -> Any:

@@ -19,6 +19,7 @@ from rich.markup import escape
 
 from dltrain.commands import inspection, training, use
 from dltrain.errors import DltrainError
+from dltrain.interrupts import STARTUP, exit_at_once_on_signals
 
 app = typer.Typer(
     name="dltrain",
@@ -62,11 +63,14 @@ def user_facing_errors() -> Iterator[None]:
                 f"[bold red]{who}error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True
             )
         raise typer.Exit(exc.exit_code) from None
-    except KeyboardInterrupt:
-        console.print(
-            "[yellow]interrupted[/] (files are intact: last.pt holds the last saved progress)"
+    except KeyboardInterrupt as stop:  # a second signal (StopNow), or one outside dltrain's
+        exit_at_once_on_signals()
+        console.print(  # handlers: true whenever it comes, since every write is atomic
+            f"[yellow]{escape(str(stop) or 'interrupted')}[/] (every file dltrain wrote is "
+            "whole: the last complete save is on disk)",
+            highlight=False,
         )
-        raise typer.Exit(130) from None
+        raise typer.Exit(getattr(stop, "exit_code", 130)) from None
     except Exception as exc:
         if debug:
             raise
@@ -85,6 +89,8 @@ def _behind_the_boundary(command: Callable[..., None]) -> Callable[..., None]:
     @functools.wraps(command)
     def run(*args, **kwargs) -> None:
         with user_facing_errors():
+            STARTUP.check(None, "while starting")  # a Ctrl-C while Python was importing
+            STARTUP.end()  # the default handlers again; `fit` installs its own at once
             command(*args, **kwargs)
 
     return run

@@ -168,6 +168,20 @@ def _mps_device(spec: str) -> torch.device:
     return torch.device("mps")
 
 
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free for new tensors on `device` (None where it cannot be told)."""
+    with contextlib.suppress(Exception):  # a probe: any failure means "unknown"
+        if device.type == "cuda":
+            return torch.cuda.mem_get_info(device)[0]
+        if device.type == "cpu":
+            with open("/proc/meminfo") as meminfo:
+                for line in meminfo:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return None
+
+
 def step_marker(device: torch.device) -> Callable[[], None] | None:
     """What ends a step on a lazy device: torch_xla.sync() cuts and runs the step's graph (so
     every step compiles to the same graph); None on eager devices."""

@@ -32,7 +32,7 @@ from dltrain.devices import resolve_device
 from dltrain.distributed import World, process_device, process_group, world_from_environment
 from dltrain.errors import DltrainError
 from dltrain.evaluate import evaluate, report_on_split
-from dltrain.interrupts import GracefulStop, Interrupted
+from dltrain.interrupts import LAUNCHER_ECHO_SECONDS, GracefulStop, Interrupted
 from dltrain.memory import out_of_memory_is_a_run_failure
 from dltrain.optim import LrSchedule
 from dltrain.progress import Progress
@@ -40,12 +40,11 @@ from dltrain.recipe import Recipe
 from dltrain.registry import OPTIMIZERS
 from dltrain.report import headline_key
 from dltrain.run_folder import RunFolder
+from dltrain.run_lock import holding
 from dltrain.run_log import RunLog
 from dltrain.setup import Setup, build_schedule, build_setup, split_batches, training_modules
 from dltrain.step_policy import StepPolicy, check_weights_finite
-from dltrain.train_state import TrainState
-
-LAUNCHER_ECHO_SECONDS = 2.0  # see GracefulStop
+from dltrain.train_state import TrainState, fallback_note
 
 
 @dataclass
@@ -81,16 +80,28 @@ class Training:
         return checkpoint_state(self.s, self.optimizer, self.schedule, self.state)
 
 
-def fit(recipe: Recipe, run: RunFolder, progress: Progress, resume: Path | None = None) -> dict:
+def fit(
+    recipe: Recipe,
+    run: RunFolder,
+    progress: Progress,
+    resume: Path | None = None,
+    stop: GracefulStop | None = None,
+) -> dict:
     """Train as the recipe says, write the run folder, and return the test report.
 
-    Under torchrun this joins the process group first; see the module docstring.
+    Under torchrun this joins the process group first; see the module docstring. SIGINT and
+    SIGTERM are stop requests (`stop`, or one of its own) from start to end.
     """
     world = world_from_environment()
     device = resolve_device(process_device(recipe.device, world))
-    with process_group(world, device, recipe.distributed):
+    stop = stop or GracefulStop(echo_seconds=LAUNCHER_ECHO_SECONDS if world.launched else 0.0)
+    # rank 0 writes the run folder: it holds its lock (`dltrain fit` took it already)
+    owner = holding(run.root, "training") if world.is_main else contextlib.nullcontext()
+    with owner, stop, process_group(world, device, recipe.distributed):
+        if world.is_main:
+            run.recover()  # a save that a crash cut short: finished or undone before reading
         t, train_batches, val_batches = _start_training(
-            recipe, run, progress, resume, world, device
+            recipe, run, progress, resume, world, device, stop
         )
         return _train_and_report(t, train_batches, val_batches, resume)
 
@@ -101,7 +112,6 @@ def _train_and_report(
     """The epochs (train, evaluate, record, checkpoint), then the report on the best model."""
     s, state, recipe, run, world = t.s, t.state, t.s.recipe, t.run, t.s.world
     with (
-        t.stop,
         _logged_failures(t.log),
         out_of_memory_is_a_run_failure(s.device, recipe, s.precision.name, saved=run.last_path),
     ):
@@ -124,10 +134,21 @@ def _train_and_report(
             if world.any(t.stop.requested, s.device):
                 raise Interrupted(t.stop.signum or signal.SIGTERM, str(run.last_path))
 
-    # final evaluation of the best model on the test split (val when there is none)
+    # final evaluation of the best model on the test split (val when there is none); a stop
+    # request ends it at the next batch (one process: under DDP all would have to agree)
+    def between_batches() -> None:
+        t.stop.check(str(run.last_path), "during the final evaluation")
+
     with _logged_failures(t.log):
         final = _final_checkpoint(s, run, resume)
-        report = report_on_split(s, final, run.root, t.progress, history=state.history)
+        report = report_on_split(
+            s,
+            final,
+            run.root,
+            t.progress,
+            history=state.history,
+            between_batches=None if world.launched else between_batches,
+        )
     key = headline_key(report)
     t.log.event(
         "end",
@@ -147,6 +168,7 @@ def _start_training(
     resume: Path | None,
     world: World,
     device: torch.device,
+    stop: GracefulStop,
 ) -> tuple[Training, Batches, Batches | None]:
     """Build the run, restore a resumed one, open the run folder and the log, say what runs."""
     started = time.perf_counter()
@@ -165,6 +187,10 @@ def _start_training(
         )
         state = restore(checkpoint, resume, s, optimizer, schedule)
         state.keep_totals_on_main(world.is_main)
+    if world.any(stop.requested, s.device):  # Ctrl-C while the data and model were prepared
+        raise Interrupted(
+            stop.signum or signal.SIGTERM, str(resume) if resume else None, "while starting"
+        )
     log = RunLog(run.root, tensorboard=recipe.logging.tensorboard, enabled=world.is_main)
     if world.is_main:
         run.start(recipe)
@@ -180,10 +206,14 @@ def _start_training(
         step=state.step,
     )
     progress.start(recipe, s.device, s.precision.name, train_batches.path, s.model, s.data)
+    stopping = recipe.train.early_stopping
+    monitors = [recipe.train.monitor] + ([stopping.monitor] if stopping else [])
+    note = fallback_note(monitors, has_validation=val_batches is not None)
+    if note:
+        progress.note(note)
     if world.launched:
         progress.data_parallel(world.size, train_batches.batch_size, recipe.train.accumulate)
     model, eval_model = training_modules(s)
-    stop = GracefulStop(echo_seconds=LAUNCHER_ECHO_SECONDS if world.launched else 0.0)
     training = Training(
         s, model, eval_model, optimizer, schedule, run, progress, log, stop, state, started
     )
@@ -209,10 +239,7 @@ def _save_epoch(t: Training, row: dict[str, Any], improved: bool) -> None:
     run, state, epoch = t.run, t.state, row["epoch"]
     checkpoint = t.checkpoint(epoch)
     if t.s.world.is_main:
-        run.write_metrics(state.history)
-        run.save_last(checkpoint)
-        if improved:
-            run.save_best(checkpoint)
+        run.save_epoch(state.history, checkpoint, improved)
     t.log.epoch(row)
     best = str(run.best_path) if improved else None
     t.log.event("checkpoint", epoch=epoch, last=str(run.last_path), best=best)

@@ -7,6 +7,7 @@ is `dltrain eval`: a setup rebuilt from the checkpoint alone, then the same repo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,15 +18,23 @@ from dltrain.data.loaders import Batches
 from dltrain.errors import UserError
 from dltrain.memory import out_of_memory_is_a_run_failure
 from dltrain.progress import Progress
-from dltrain.recipe import resolve_with_context
+from dltrain.recipe import import_for_checkpoint, resolve_with_context
+from dltrain.run_folder import RunFolder
+from dltrain.run_lock import holding_enclosing_run
 from dltrain.setup import Setup, build_setup, split_batches
 from dltrain.tasks import Evaluation
 
 
-def evaluate(model, batches: Batches, s: Setup, keep_scores: bool = False) -> Evaluation:
+def evaluate(
+    model,
+    batches: Batches,
+    s: Setup,
+    keep_scores: bool = False,
+    between_batches: Callable[[], None] | None = None,
+) -> Evaluation:
     """Loss and the task's measures over a split, every sample counted once (over all processes
     under DDP); class scores on request (for AUROC, average precision, top-k: the final report,
-    not every epoch)."""
+    not every epoch). `between_batches` runs after each batch (e.g. a stop request's check)."""
     model.eval()
     accumulator = s.task.evaluator(s.data.num_classes, s.device, keep_scores)
     # torch_xla's lazy tensors do not support inference mode; no_grad is its equivalent there
@@ -34,6 +43,8 @@ def evaluate(model, batches: Batches, s: Setup, keep_scores: bool = False) -> Ev
             with s.precision.autocast():
                 accumulator.update(model, s.pipeline.eval(x), y, s.loss_fn, batches.real_rows(i))
             s.end_step()
+            if between_batches is not None:
+                between_batches()
         return accumulator.result(s.world)
 
 
@@ -44,16 +55,23 @@ def evaluate_checkpoint(
     split: str | None = None,
     device: str | None = None,
     overrides: list[str] = (),
+    imports: list[str] = (),
+    force: bool = False,
 ) -> dict:
     """Rebuild the checkpoint's setup, load its weights, and report on a split.
 
     The report goes to `output` (default: eval-SPLIT beside the checkpoint), with
-    confusion_matrix.png.
+    confusion_matrix.png. The user's own components come from `imports` (the command line),
+    never from the checkpoint. An `output` folder that holds a training run is refused unless
+    `force` (its report would be replaced).
     """
+    if output is not None:
+        _refuse_replacing_a_run(Path(output), force)
     checkpoint = load_checkpoint(checkpoint_path)
-    recipe = resolve_with_context(
-        dict(checkpoint["recipe"]), list(overrides), f"checkpoint {checkpoint_path}"
-    )
+    source = f"checkpoint {checkpoint_path}"
+    saved = dict(checkpoint["recipe"])
+    saved["imports"] = import_for_checkpoint(saved, list(imports), source)
+    recipe = resolve_with_context(saved, list(overrides), source)
     setup = build_setup(recipe, device, meta=checkpoint["data_meta"])
     load_weights(setup.model, checkpoint, checkpoint_path, built_from=recipe.model)
     return report_on_split(setup, checkpoint_path, output, progress, split)
@@ -66,6 +84,7 @@ def report_on_split(
     progress: Progress,
     split: str | None = None,
     history: list[dict[str, Any]] | None = None,
+    between_batches: Callable[[], None] | None = None,
 ) -> dict:
     """Evaluate s.model on a split and (rank 0) write report.json/.md and the plots; curves.png
     too when the training `history` is given."""
@@ -82,7 +101,7 @@ def report_on_split(
     with out_of_memory_is_a_run_failure(
         s.device, s.recipe, s.precision.name, eval_batch_size=batches.batch_size
     ):
-        result = evaluate(s.model, batches, s, keep_scores=True)
+        result = evaluate(s.model, batches, s, keep_scores=True, between_batches=between_batches)
     report = {
         "split": split,
         "checkpoint": _relative(checkpoint_path, output),
@@ -91,9 +110,21 @@ def report_on_split(
         **s.task.report(result, s.data.classes),
     }
     if s.world.is_main:
-        write_report(output, report, history=history, title=s.recipe.name)
+        with holding_enclosing_run(output, "writing a report"):
+            write_report(output, report, history=history, title=s.recipe.name)
     progress.report(report)
     return report
+
+
+def _refuse_replacing_a_run(output: Path, force: bool) -> None:
+    if output.exists() and not output.is_dir():
+        raise UserError(f"--output {output} is a file; give a folder for report.json/.md.")
+    if RunFolder(output).holds_a_run() and not force:
+        raise UserError(
+            f"--output {output} holds a training run: this evaluation would replace its "
+            "report.json and plots. Choose another folder (by default the report goes to "
+            "eval-SPLIT beside the checkpoint), or add --force."
+        )
 
 
 def _relative(path: Path, base: Path) -> str:

@@ -32,6 +32,7 @@ from dltrain.atomic import atomic_write
 from dltrain.errors import UserError
 from dltrain.inference import Predictor
 from dltrain.predict import read_input
+from dltrain.run_lock import holding_enclosing_run
 
 METHODS = ("gradxinput", "gradcam", "both")
 TITLES = {"gradxinput": "gradient × input", "gradcam": "Grad-CAM"}
@@ -198,7 +199,8 @@ def render_png(explanation: Explanation, source: str) -> bytes:
 def write_png(explanation: Explanation, source: str, output: Path) -> None:
     """Render and write the PNG atomically."""
     png = render_png(explanation, source)
-    atomic_write(Path(output), lambda f: f.write(png))
+    with holding_enclosing_run(output, "writing a saliency map"):
+        atomic_write(Path(output), lambda f: f.write(png))
 
 
 def _scaled(x: torch.Tensor) -> torch.Tensor:

@@ -42,8 +42,10 @@ from torch import nn
 
 from dltrain import __version__
 from dltrain.atomic import atomic_write
+from dltrain.checkpoint import refuse_replacing_a_checkpoint
 from dltrain.errors import RunFailure, UserError
 from dltrain.inference import Predictor, load_for_inference
+from dltrain.run_lock import holding_enclosing_run
 
 FORMATS = ("onnx", "torchscript")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
@@ -64,19 +66,29 @@ def default_output(checkpoint: Path, fmt: str) -> Path:
 
 
 def export_checkpoint(
-    checkpoint: Path, fmt: str, output: Path | None = None
+    checkpoint: Path,
+    fmt: str,
+    output: Path | None = None,
+    imports: list[str] = (),
+    force: bool = False,
 ) -> tuple[Path, Predictor]:
-    """Export a checkpoint's model; returns where it was written and the loaded predictor."""
+    """Export a checkpoint's model; returns where it was written and the loaded predictor.
+
+    The user's own components come from `imports`, never from the checkpoint; an output that
+    is a checkpoint is refused unless `force`.
+    """
     if fmt not in FORMATS:
         raise UserError(f"unknown export format '{fmt}'; use one of: {', '.join(FORMATS)}.")
     if fmt == "onnx":
         check_onnx_available()  # before loading anything: the fix is an install
-    predictor = load_for_inference(checkpoint)
-    check_exportable(predictor, fmt)
     output = Path(output) if output is not None else default_output(checkpoint, fmt)
     if output.is_dir():
         raise UserError(f"--output {output} is a folder; give a file name, e.g. {output / 'm'}.")
-    (export_torchscript if fmt == "torchscript" else export_onnx)(predictor, output)
+    refuse_replacing_a_checkpoint(output, checkpoint, force)
+    predictor = load_for_inference(checkpoint, imports=imports)
+    check_exportable(predictor, fmt)
+    with holding_enclosing_run(output, "exporting"):
+        (export_torchscript if fmt == "torchscript" else export_onnx)(predictor, output)
     return output, predictor
 
 

@@ -89,15 +89,18 @@ class Predictor:
             return self.model.generate(self.preprocess(batch)).cpu()
 
 
-def load_for_inference(checkpoint_path: Path | str, device: str = "cpu") -> Predictor:
+def load_for_inference(
+    checkpoint_path: Path | str, device: str = "cpu", imports: list[str] = ()
+) -> Predictor:
     """Rebuild a checkpoint's model with its weights, in eval mode, on `device`.
 
     The model is built exactly as `dltrain fit` built it (setup.build_model): the same run-time
     arguments, derived from the checkpoint's data_meta. Every way the checkpoint can be unusable
-    (missing, not a checkpoint, weights that do not fit the model it names, a user module under
-    `imports:` that is gone) is a UserError (exit 2).
+    (missing, not a checkpoint, weights that do not fit the model it names, a component of the
+    user's own that `imports` does not provide) is a UserError (exit 2). Nothing the checkpoint
+    names is ever imported.
     """
-    from dltrain.recipe import import_user_modules
+    from dltrain.recipe import import_for_checkpoint
 
     path = Path(checkpoint_path)
     checkpoint = load_checkpoint(path)
@@ -106,10 +109,9 @@ def load_for_inference(checkpoint_path: Path | str, device: str = "cpu") -> Pred
     section = recipe.get("model")
     if not isinstance(section, dict) or not isinstance(section.get("name"), str):
         raise UserError(f"checkpoint {path} has no model section in its recipe.")
+    import_for_checkpoint(recipe, list(imports), f"checkpoint {path}", needed=("model",))
     offline = _without_pretrained_weights(section)
     try:
-        # The user's own components (`imports:` in the recipe) must register before the build.
-        import_user_modules(recipe)
         model = _build_model(offline, meta)
         if offline is not section and not _fits(model, checkpoint["model"]):
             model = _build_model(section, meta)  # the pretrained form differs: build it as trained

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import re
+import stat
 import sys
 import traceback
 from pathlib import Path
@@ -166,21 +167,53 @@ class Recipe(BaseModel):
         return data
 
 
+# The recipe sections that name a registered component, and the registry of each
+COMPONENT_SECTIONS = {
+    "data": "datasets",
+    "model": "models",
+    "loss": "losses",
+    "optimizer": "optimizers",
+    "scheduler": "schedulers",
+}
+
+
 # -- loading ----------------------------------------------------------------------------------
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     """Read, override and validate a recipe file. Raises UserError with file:line context."""
     path = Path(path)
+    text = _read_recipe_text(path)
+    raw = parse_yaml(text, str(path))
+    raw.setdefault("name", path.stem)
+    return resolve_with_context(raw, overrides, str(path), text, base_dir=path.parent)
+
+
+MAX_RECIPE_BYTES = 4 * 1024**2  # a recipe is a few kB; anything this large is not one
+MAX_YAML_VALUES = 100_000  # values after expanding &anchors/*aliases (a recipe has hundreds)
+
+
+def _read_recipe_text(path: Path) -> str:
+    """The recipe file's text: a regular UTF-8 file of sane size, refused fast otherwise (a
+    device such as /dev/zero, a folder, a huge file would be read until memory runs out)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            raise UserError(f"{path} is not a regular file; give the recipe's .yaml file.")
+        if info.st_size > MAX_RECIPE_BYTES:
+            raise UserError(
+                f"{path} is {info.st_size / 1024**2:.0f} MB; a recipe is a small YAML file (at "
+                f"most {MAX_RECIPE_BYTES // 1024**2} MB). Check the path."
+            )
+        with open(path, "rb") as f:
+            data = f.read(MAX_RECIPE_BYTES + 1)  # the file may have grown since stat()
+        if len(data) > MAX_RECIPE_BYTES:
+            raise UserError(f"{path} is larger than {MAX_RECIPE_BYTES // 1024**2} MB.")
+        return data.decode("utf-8")
     except FileNotFoundError:
         raise UserError(f"recipe file not found: {path}. Check the path.") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"cannot read recipe {path}: {exc}") from None
-    raw = parse_yaml(text, str(path))
-    raw.setdefault("name", path.stem)
-    return resolve_with_context(raw, overrides, str(path), text, base_dir=path.parent)
 
 
 class _RecipeLoader(yaml.SafeLoader):
@@ -203,11 +236,52 @@ class _RecipeLoader(yaml.SafeLoader):
             first_line[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep)
 
+    def get_single_node(self):
+        """The document's node graph, refused when aliases would expand it past
+        MAX_YAML_VALUES (a 'billion laughs' document is small as text but not as data)."""
+        node = super().get_single_node()
+        if node is not None and _expanded_size(node, {}, set()) > MAX_YAML_VALUES:
+            raise _TooLarge(
+                f"the YAML expands to more than {MAX_YAML_VALUES:,} values through &anchors "
+                "and *aliases (a recipe has a few hundred). Write the values out."
+            )
+        return node
+
+
+class _TooLarge(yaml.YAMLError):
+    """A document whose aliases expand beyond MAX_YAML_VALUES."""
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_nodes: set[int]) -> int:
+    """How many values `node` stands for once every alias is expanded (a cycle: unbounded)."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_nodes:
+        return MAX_YAML_VALUES + 1  # a recursive structure never ends
+    open_nodes.add(key)
+    total = 1
+    if isinstance(node, yaml.SequenceNode):
+        for child in node.value:
+            total += _expanded_size(child, sizes, open_nodes)
+            if total > MAX_YAML_VALUES:
+                break
+    elif isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            total += _expanded_size(k, sizes, open_nodes) + _expanded_size(v, sizes, open_nodes)
+            if total > MAX_YAML_VALUES:
+                break
+    open_nodes.discard(key)
+    sizes[key] = total
+    return total
+
 
 def parse_yaml(text: str, source: str) -> dict[str, Any]:
     """Parse YAML safely into a mapping; syntax errors name the line and column."""
     try:
         data = yaml.load(text, Loader=_RecipeLoader)  # a SafeLoader: builds plain data only
+    except _TooLarge as exc:
+        raise UserError(f"{source}: {exc}") from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
@@ -401,6 +475,47 @@ def import_user_modules(raw: dict[str, Any], base_dir: Path | None = None) -> di
     return {**raw, "imports": normalised}
 
 
+def import_for_checkpoint(
+    saved: dict[str, Any],
+    imports: list[str],
+    source: str,
+    needed: tuple[str, ...] = tuple(COMPONENT_SECTIONS),
+) -> list[str]:
+    """Import the modules the user names for a checkpoint (`--imports`), never the ones the
+    checkpoint's recipe lists: a checkpoint is data, and whoever wrote it must not choose what
+    code runs here. Returns the imports as normalised (absolute .py paths). A component of the
+    `needed` sections that is still unknown is a UserError saying which modules to pass."""
+    try:
+        normalised = import_user_modules({"imports": list(imports)})["imports"]
+    except RecipeError as exc:
+        raise UserError(f"--imports: {exc.problem}") from exc.__cause__
+    missing = _unknown_components(saved, needed)
+    if missing:
+        listed = saved.get("imports") if isinstance(saved.get("imports"), list) else []
+        written_with = f" (the run that wrote it imported {', '.join(map(str, listed))})"
+        example = listed[0] if listed else "my_components.py"
+        raise UserError(
+            f"{source} uses {', '.join(missing)}, which dltrain does not have"
+            f"{written_with if listed else ''}. A checkpoint never runs code: name the module "
+            f"yourself, e.g. --imports {example}."
+        )
+    return normalised
+
+
+def _unknown_components(saved: dict[str, Any], sections: tuple[str, ...]) -> list[str]:
+    """'model my_net' for each section of a saved recipe naming an unregistered component."""
+    from dltrain.registry import REGISTRIES
+
+    unknown = []
+    for section in sections:
+        kind = COMPONENT_SECTIONS[section]
+        body = saved.get(section)
+        name = body.get("name") if isinstance(body, dict) else None
+        if isinstance(name, str) and name not in REGISTRIES[kind]:
+            unknown.append(f"{section} '{name}'")
+    return unknown
+
+
 def _import_module(name: str, base: Path, where: str) -> None:
     """Import a dotted module; `base` joins the end of sys.path for this import only, so it
     never shadows an installed module."""
@@ -494,7 +609,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
             f"override '{text}': expected KEY=VALUE with a dotted key, e.g. train.epochs=3."
         )
     try:
-        parsed = yaml.safe_load(value) if value.strip() else None
+        parsed = yaml.load(value, Loader=_RecipeLoader) if value.strip() else None
     except (yaml.YAMLError, ValueError, RecursionError):
         # Not YAML (e.g. an unbalanced bracket), or beyond PyYAML (an integer over int()'s
         # digit limit, very deep nesting): take it as a plain string.
@@ -534,16 +649,9 @@ def _drop_replaced_arguments(raw: dict[str, Any], overridden: dict[str, str]) ->
     Arguments given as overrides are kept (and still checked)."""
     from dltrain.registry import REGISTRIES
 
-    sections = {
-        "data": "datasets",
-        "model": "models",
-        "loss": "losses",
-        "optimizer": "optimizers",
-        "scheduler": "schedulers",
-    }
     for key in overridden:
         section, _, leaf = key.partition(".")
-        registry = REGISTRIES.get(sections.get(section, ""))
+        registry = REGISTRIES.get(COMPONENT_SECTIONS.get(section, ""))
         body = raw.get(section)
         if leaf != "name" or registry is None or not isinstance(body, dict):
             continue

@@ -274,7 +274,9 @@ SCHEDULERS = Registry(
     modules=("dltrain.optim",),
 )
 AUGMENTATIONS = Registry(
-    "augmentations", runtime_args=("input_kind",), modules=("dltrain.data.augment",)
+    "augmentations",
+    runtime_args=("input_kind", "input_shape"),
+    modules=("dltrain.data.augment",),
 )
 
 REGISTRIES = {r.kind: r for r in (MODELS, DATASETS, LOSSES, OPTIMIZERS, SCHEDULERS, AUGMENTATIONS)}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import warnings
 from collections.abc import Callable, Sequence
@@ -10,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from dltrain.atomic import atomic_write_text
+from dltrain.transaction import Transaction, recover, transaction
 
 CONFUSION_MATRIX_PNG = "confusion_matrix.png"
 CURVES_PNG = "curves.png"
@@ -21,7 +21,7 @@ def write_report(
     history: Sequence[dict[str, Any]] | None = None,
     title: str | None = None,
 ) -> None:
-    """Write report.json, the plots and report.md into `folder`, each atomically.
+    """Write report.json, the plots and report.md into `folder`, all together (one transaction).
 
     confusion_matrix.png is always drawn, curves.png when the training `history` (the rows of
     metrics.csv) is given; `title` names the run in the plots (default: the folder's name).
@@ -30,38 +30,42 @@ def write_report(
     """
     folder = Path(folder)
     title = title or folder.resolve().name
-    atomic_write_text(folder / "report.json", json.dumps(report, indent=2) + "\n")
+    recover(folder)  # a report cut short before: finish or drop it first
+    with transaction(folder) as tx:
+        atomic_write_text(tx.staged(folder / "report.json"), json.dumps(report, indent=2) + "\n")
+        drawn = _draw_plots(tx, folder, report, history, title)
+        embedded = (("training curves", CURVES_PNG), ("confusion matrix", CONFUSION_MATRIX_PNG))
+        images = [(alt, name) for alt, name in embedded if name in drawn]
+        atomic_write_text(tx.staged(folder / "report.md"), report_markdown(report, images))
 
-    failures: list[str] = []
 
-    def plot(name: str, draw: Callable[[Path], Any]) -> None:
+def _draw_plots(
+    tx: Transaction,
+    folder: Path,
+    report: dict[str, Any],
+    history: Sequence[dict[str, Any]] | None,
+    title: str,
+) -> list[str]:
+    """Stage the report's plots; returns the names drawn. A plot that fails is skipped with a
+    warning, and an older image of that name is removed with the commit."""
+    from dltrain.plots import write_confusion_matrix, write_curves
+
+    plots: list[tuple[str, Callable[[Path], Any]]] = []
+    if "confusion_matrix" in report:  # classification
+        plots.append((CONFUSION_MATRIX_PNG, lambda p: write_confusion_matrix(p, report, title)))
+    if history:
+        plots.append((CURVES_PNG, lambda p: write_curves(p, history, title)))
+    drawn, failures = [], []
+    for name, draw in plots:
         try:
-            draw(folder / name)
+            draw(tx.staged(folder / name))
+            drawn.append(name)
         except Exception as exc:  # plots are extras: no failure of theirs may break a run
             failures.append(f"{name}: {type(exc).__name__}: {exc}")
-            with contextlib.suppress(OSError):
-                (folder / name).unlink(missing_ok=True)
-
-    def confusion_matrix(path: Path) -> None:
-        from dltrain.plots import write_confusion_matrix
-
-        write_confusion_matrix(path, report, title)
-
-    def curves(path: Path) -> None:
-        from dltrain.plots import write_curves
-
-        write_curves(path, history, title)
-
-    if "confusion_matrix" in report:  # classification
-        plot(CONFUSION_MATRIX_PNG, confusion_matrix)
-    if history:
-        plot(CURVES_PNG, curves)
+            tx.remove(folder / name)
     if failures:
-        warnings.warn("plots skipped: " + "; ".join(failures), stacklevel=2)
-
-    embedded = (("training curves", CURVES_PNG), ("confusion matrix", CONFUSION_MATRIX_PNG))
-    images = [(alt, name) for alt, name in embedded if (folder / name).is_file()]
-    atomic_write_text(folder / "report.md", report_markdown(report, images))
+        warnings.warn("plots skipped: " + "; ".join(failures), stacklevel=3)
+    return drawn
 
 
 def report_markdown(report: dict[str, Any], images: Sequence[tuple[str, str]] = ()) -> str:

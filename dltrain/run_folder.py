@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ from dltrain.atomic import atomic_write_text
 from dltrain.checkpoint import save_checkpoint
 from dltrain.errors import UserError
 from dltrain.recipe import Recipe, to_yaml
+from dltrain.transaction import recover, transaction
 
 METRIC_COLUMNS = [
     "epoch",
@@ -39,6 +42,14 @@ class RunFolder:
     @classmethod
     def for_recipe(cls, recipe: Recipe) -> RunFolder:
         return cls(Path(recipe.output) / recipe.name)
+
+    def holds_a_run(self) -> bool:
+        """Whether a training run was started here (its recipe and checkpoints folder)."""
+        return self.recipe_path.is_file() and self.checkpoints.is_dir()
+
+    def unfinished(self) -> bool:
+        """A run that saved progress (last.pt) but never wrote its final report."""
+        return self.last_path.is_file() and not (self.root / "report.json").is_file()
 
     def check_free_for(self, recipe: Recipe, force: bool, resuming: bool) -> None:
         """Refuse to mix two different runs in one folder, unless --force or --resume."""
@@ -77,20 +88,53 @@ class RunFolder:
         """Create the folder and write the resolved recipe."""
         atomic_write_text(self.recipe_path, to_yaml(recipe))
 
-    def write_metrics(self, history: list[dict[str, Any]]) -> None:
-        """Rewrite metrics.csv with one row per finished epoch (small; atomic each time)."""
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, METRIC_COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        for row in history:
-            writer.writerow({k: _csv_value(row.get(k)) for k in METRIC_COLUMNS})
-        atomic_write_text(self.metrics_path, buffer.getvalue())
+    def recover(self) -> None:
+        """Finish or undo a save that a crash cut short (see transaction.py)."""
+        recover(self.root)
+
+    def save_epoch(
+        self, history: list[dict[str, Any]], state: dict[str, Any], improved: bool
+    ) -> None:
+        """An epoch's end as one transaction: metrics.csv, last.pt and (when the monitored
+        metric improved) best.pt are all replaced, or none is."""
+        with transaction(self.root) as tx:
+            save_checkpoint(tx.staged(self.last_path), state)
+            if improved:
+                save_checkpoint(tx.staged(self.best_path), state)
+            atomic_write_text(tx.staged(self.metrics_path), metrics_csv(history))
 
     def save_last(self, state: dict[str, Any]) -> None:
+        """A mid-epoch save: last.pt alone (metrics.csv and best.pt change at epoch ends)."""
         save_checkpoint(self.last_path, state)
 
-    def save_best(self, state: dict[str, Any]) -> None:
-        save_checkpoint(self.best_path, state)
+    def set_aside(self) -> Path | None:
+        """--force: move the run folder aside (to .NAME.replaced) so that the new run starts
+        in an empty folder; `settle_replacement` decides its fate when the new run ends."""
+        if not self.root.exists():
+            return None
+        aside = self.root.with_name(f".{self.root.name}.replaced")
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(self.root, aside)
+        return aside
+
+    def settle_replacement(self, aside: Path) -> None:
+        """After a --force run: the replaced run is deleted once the new one has saved
+        progress; a new run that saved nothing gives the folder back to the replaced one."""
+        if self.last_path.is_file():
+            shutil.rmtree(aside, ignore_errors=True)
+            return
+        shutil.rmtree(self.root, ignore_errors=True)
+        os.replace(aside, self.root)
+
+
+def metrics_csv(history: list[dict[str, Any]]) -> str:
+    """metrics.csv: one row per finished epoch."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, METRIC_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: _csv_value(row.get(k)) for k in METRIC_COLUMNS})
+    return buffer.getvalue()
 
 
 def _csv_value(value: Any) -> Any:

@@ -21,7 +21,7 @@ from dltrain.amp import MixedPrecision
 from dltrain.data.loaders import Batches, Shard, make_batches
 from dltrain.data.pipeline import BatchPipeline
 from dltrain.data.prepare import PreparedData, prepare_data
-from dltrain.devices import resolve_device, step_marker
+from dltrain.devices import free_memory, resolve_device, step_marker
 from dltrain.distributed import World
 from dltrain.errors import UserError
 from dltrain.host import tune_for_training
@@ -80,6 +80,7 @@ def build_setup(
     data = prepare_data(recipe.data, recipe.seed, meta)
     if world.local_rank == 0:
         world.barrier()
+    check_model_fits(recipe.model, data, dev)
     model = build_model(recipe.model, data)
     channels_last = use_channels_last(recipe.train.channels_last, dev, data.model_kind)
     model = model.to(dev, memory_format=torch.channels_last if channels_last else None)
@@ -90,7 +91,14 @@ def build_setup(
         task=data.task,
     ).to(dev)
     pipeline = BatchPipeline(
-        data.kind, data.mean, data.std, dev, recipe.data.augment, channels_last, data.as_sequence
+        data.kind,
+        data.mean,
+        data.std,
+        dev,
+        recipe.data.augment,
+        channels_last,
+        data.as_sequence,
+        data.input_shape,
     )
     return Setup(
         recipe,
@@ -117,6 +125,38 @@ def build_model(section: dict[str, Any], data: PreparedData) -> torch.nn.Module:
         task=data.task,
         data_meta=data.meta(),
     )
+
+
+def check_model_fits(section: dict[str, Any], data: PreparedData, device: torch.device) -> None:
+    """Refuse (exit 2) a model whose weights alone exceed the device's free memory, before
+    allocating them: built first on the meta device, which allocates nothing."""
+    try:
+        with torch.device("meta"):
+            probe = build_model(section, data)
+    except Exception:  # a factory that needs real tensors to build: nothing to tell here
+        return
+    weights = sum(p.numel() * p.element_size() for p in probe.parameters())
+    free = free_memory(device)
+    if free is None or weights <= free:
+        return
+    count = sum(p.numel() for p in probe.parameters())
+    raise UserError(
+        f"model {section['name']} has {count:,} parameters: its weights alone need "
+        f"{weights / 1e9:.1f} GB (training needs about 4× that: gradients and optimizer state), "
+        f"but {device} has {free / 1e9:.1f} GB free. Make the model smaller "
+        f"({_size_keys(section)})."
+    )
+
+
+def _size_keys(section: dict[str, Any]) -> str:
+    """The model section's size settings as they are now, e.g. 'model.hidden=[1000000000]'."""
+    sizes = [f"model.{k}={v}" for k, v in section.items() if k != "name" and _looks_like_size(v)]
+    return ", ".join(sizes) or "see `dltrain list models` for its arguments"
+
+
+def _looks_like_size(value: Any) -> bool:
+    values = value if isinstance(value, list) else [value]
+    return bool(values) and all(isinstance(v, int) and not isinstance(v, bool) for v in values)
 
 
 def use_channels_last(choice: str | bool, device: torch.device, kind: str) -> bool:

@@ -71,16 +71,15 @@ class TrainState:
         self.history.append(row)
         if early_stopping is not None:
             self._count_epochs_without_improvement(row, early_stopping)
-        value = _monitored(row, monitor)
-        if not math.isfinite(value) or not improves(value, self.best, direction(monitor)):
+        value, mode = monitored(row, monitor)
+        if not math.isfinite(value) or not improves(value, self.best, mode):
             return False
         self.best, self.best_epoch = value, row["epoch"]
         return True
 
     def _count_epochs_without_improvement(self, row: dict[str, Any], rule) -> None:
         """Early stopping: mark the run stopped after `patience` epochs without improvement."""
-        value = _monitored(row, rule.monitor)
-        mode = direction(rule.monitor, rule.mode)
+        value, mode = monitored(row, rule.monitor, rule.mode)
         if math.isfinite(value) and improves(value, self.early_best, mode, rule.min_delta):
             self.early_best, self.epochs_without_improvement = value, 0
         else:
@@ -88,9 +87,24 @@ class TrainState:
         self.stopped_early = self.epochs_without_improvement >= rule.patience
 
 
-def _monitored(row: dict[str, Any], monitor: str) -> float:
-    # without a validation split, val_* fall back to the training loss
-    return row[monitor] if row[monitor] is not None else row["train_loss"]
+def monitored(row: dict[str, Any], monitor: str, mode: str = "auto") -> tuple[float, str]:
+    """The value an epoch is judged by, and its direction (min/max). Without a validation
+    split, val_* fall back to the training loss, judged as a loss (lower is better)."""
+    if row[monitor] is None:
+        return row["train_loss"], "min"
+    return row[monitor], direction(monitor, mode)
+
+
+def fallback_note(monitors: list[str], has_validation: bool) -> str | None:
+    """The one line saying that val_* monitors fall back to train_loss (no validation split)."""
+    missing = sorted({m for m in monitors if m.startswith("val_")}) if not has_validation else []
+    if not missing:
+        return None
+    verb = "falls" if len(missing) == 1 else "fall"
+    return (
+        f"no validation split: {' and '.join(missing)} {verb} back to train_loss (lower is "
+        "better) for best.pt and early stopping; set data.val_split > 0 to monitor it"
+    )
 
 
 def check_resumable(saved: dict[str, Any], wanted: dict[str, Any], source: str) -> None:

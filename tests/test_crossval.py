@@ -271,7 +271,10 @@ def cross_validation(tmp_path_factory) -> tuple[Path, subprocess.CompletedProces
 def test_folds_write_fold_runs_and_a_cv_report_of_their_metrics(cross_validation):
     root, result = cross_validation
     names = [f"fold-{k}" for k in range(1, K + 1)]
-    assert sorted(p.name for p in root.iterdir()) == sorted([*names, "cv_report.json"])
+    # (beside each fold: its lock file, .fold-k.lock, which stays, as OS lock files do)
+    shown = [p.name for p in root.iterdir() if not p.name.startswith(".")]
+    assert sorted(shown) == sorted([*names, "cv_report.json"])
+    assert sorted(p.name for p in root.glob(".*")) == sorted(f".{n}.lock" for n in names)
     cv = json.loads((root / "cv_report.json").read_text())
     assert cv["folds"] == K and cv["runs"] == names and cv["split"] == "test"
     reports = [json.loads((root / n / "report.json").read_text()) for n in names]

@@ -390,13 +390,14 @@ def test_best_checkpoint_is_replaced_only_when_the_monitor_improves(
 ):
     scripted_evaluate(monkeypatch, [0.9, 0.5, 0.7, 0.4, 0.6], [0.5, 0.5, 0.8, 0.7, 0.8])
     saved = []
-    real_save_best = RunFolder.save_best
+    real_save_epoch = RunFolder.save_epoch
 
-    def save_best(self, state):
-        saved.append(state["epoch"])
-        real_save_best(self, state)
+    def save_epoch(self, history, state, improved):
+        if improved:  # best.pt is written with this epoch's save
+            saved.append(state["epoch"])
+        real_save_epoch(self, history, state, improved)
 
-    monkeypatch.setattr(RunFolder, "save_best", save_best)
+    monkeypatch.setattr(RunFolder, "save_epoch", save_epoch)
     run, report = train(tmp_path, DIGITS, "best", "train.epochs=5", f"train.monitor={monitor}")
     assert saved == best_epochs
     best, last = load_checkpoint(run.best_path), load_checkpoint(run.last_path)
@@ -533,3 +534,23 @@ def test_unusable_checkpoints_are_user_errors(tmp_path, content, message):
     assert error.value.exit_code == 2
     if content == "object":
         assert "NotData" in str(error.value) and "weights_only=False" not in str(error.value)
+
+
+def test_without_a_validation_split_val_accuracy_falls_back_to_train_loss_as_a_loss(tmp_path):
+    console = io.StringIO()
+    progress = Progress(Console(file=console, width=200))
+    run, _ = train(
+        tmp_path,
+        TABULAR,
+        "fallback",
+        "train.epochs=4",
+        "train.monitor=val_accuracy",
+        "train.early_stopping={monitor: val_accuracy, patience: 1}",
+        progress=progress,
+    )
+    losses = [float(row["train_loss"]) for row in metric_rows(run)]
+    assert len(losses) == 4  # early stopping did not fire while the loss fell
+    assert losses == sorted(losses, reverse=True)
+    assert load_checkpoint(run.best_path)["epoch"] == 4  # the lowest loss, not the highest
+    said = console.getvalue()
+    assert said.count("val_accuracy falls back to train_loss (lower is better)") == 1

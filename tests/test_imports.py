@@ -85,24 +85,32 @@ def test_a_model_from_a_py_file_trains_and_its_checkpoint_evaluates_elsewhere(tm
     assert saved["imports"] == [str(module.resolve())]  # absolute: found again from anywhere
     assert saved["model"]["name"] == model
 
-    # `eval` imports the module again from the checkpoint's recipe, here in this process.
+    # `eval` never imports what the checkpoint names: it says which module to pass.
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     checkpoint = run / "checkpoints" / "best.pt"
+    refused = dltrain("eval", checkpoint, cwd=elsewhere)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    message = words(refused.stderr)
+    assert f"model '{model}'" in message and f"--imports {module.resolve()}" in message
+
+    # Named by the user with --imports, the module is imported (here in this process).
     from dltrain.evaluate import evaluate_checkpoint
     from dltrain.progress import Progress
 
-    report = evaluate_checkpoint(checkpoint, elsewhere / "eval", Progress(quiet=True))
+    report = evaluate_checkpoint(
+        checkpoint, elsewhere / "eval", Progress(quiet=True), imports=[str(module)]
+    )
     assert report["num_samples"] > 0
     assert model in MODELS
 
     # A module that has gone away is named in a clear error, not a traceback.
     module.rename(module.with_suffix(".moved"))
-    other = dltrain("eval", checkpoint, cwd=elsewhere)
+    other = dltrain("eval", checkpoint, "--imports", module, cwd=elsewhere)
     assert other.returncode == 2, other.stdout + other.stderr
     message = words(other.stderr)
     assert "Traceback" not in other.stdout + other.stderr
-    assert "imports[0]" in message and "file not found" in message and module.name in message
+    assert "--imports" in message and "file not found" in message and module.name in message
 
 
 def test_a_dotted_module_is_found_beside_the_recipe_and_kept_by_name(tmp_path):

@@ -22,6 +22,7 @@ from PIL import Image
 from test_cli_errors import HELP_PROBE, dltrain
 from typer.testing import CliRunner
 
+from dltrain.checkpoint import save_checkpoint
 from dltrain.cli import app
 from dltrain.data.digits import digits
 from dltrain.errors import UserError
@@ -273,7 +274,7 @@ def test_an_image_for_a_tabular_model_says_what_it_takes(tabular_checkpoint, inv
 def test_weights_that_do_not_fit_the_model_are_a_user_error(digits_checkpoint, tmp_path):
     checkpoint = torch.load(digits_checkpoint, weights_only=True)
     checkpoint["recipe"]["model"] = {"name": "mlp", "hidden": [8]}
-    torch.save(checkpoint, tmp_path / "other.pt")
+    save_checkpoint(tmp_path / "other.pt", checkpoint)  # a whole checkpoint (its digest)
     with pytest.raises(UserError, match="do not fit the model"):
         load_for_inference(tmp_path / "other.pt")
 

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from dltrain.checkpoint import save_checkpoint
 from dltrain.cli import app
 from dltrain.data.digits import digits
 from dltrain.data.text import encode_texts
@@ -289,7 +290,8 @@ def test_a_checkpoint_from_before_tasks_is_a_classifier(text_checkpoint, tmp_pat
     checkpoint = torch.load(text_checkpoint, weights_only=True)
     for key in ("task", "as_sequence"):
         del checkpoint["data_meta"][key]
-    torch.save(checkpoint, tmp_path / "old.pt")
+    del checkpoint["digest"]  # as written then: the first format, without a digest
+    torch.save({**checkpoint, "format": 1}, tmp_path / "old.pt")
     predictor = load_for_inference(tmp_path / "old.pt")
     assert predictor.task == "classification" and predictor.kind == "tokens"
     x = encode_texts(["free prize"], predictor.meta)
@@ -300,7 +302,7 @@ def test_unknown_input_kinds_and_tasks_ask_for_a_newer_dltrain(text_checkpoint, 
     for key, value in (("kind", "graph"), ("task", "detection")):
         checkpoint = torch.load(text_checkpoint, weights_only=True)
         checkpoint["data_meta"][key] = value
-        torch.save(checkpoint, tmp_path / "future.pt")
+        save_checkpoint(tmp_path / "future.pt", checkpoint)  # a whole checkpoint (its digest)
         with pytest.raises(UserError, match=f"{value}.*Upgrade dltrain"):
             load_for_inference(tmp_path / "future.pt")
 

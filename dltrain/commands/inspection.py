@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from dltrain.commands import choices
+from dltrain.commands import choices, imports_option
 from dltrain.commands.training import OVERRIDES_HELP
 
 Split = choices("Split", "test", "val", "train")
@@ -34,6 +34,10 @@ def evaluate(
     ),
     device: str = typer.Option(None, "--device", help="Device to use (default: the recipe's)."),
     as_json: bool = typer.Option(False, "--json", help="Print report.json to stdout."),
+    imports: list[str] = imports_option(),
+    force: bool = typer.Option(
+        False, "--force", help="Write the report even into a folder that holds a run."
+    ),
 ) -> None:
     """Evaluate a checkpoint: everything it needs (recipe, classes, normalisation) is inside it.
 
@@ -54,6 +58,8 @@ def evaluate(
         split=split.value if split else None,
         device=device,
         overrides=overrides or [],
+        imports=imports or [],
+        force=force,
     )
     if as_json:
         sys.stdout.write(json.dumps(report, indent=2) + "\n")

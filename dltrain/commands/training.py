@@ -1,14 +1,17 @@
 """`dltrain fit`: one run, data-parallel runs (--nproc) and k-fold cross-validation (--folds).
 
 The pre-run checks (recipe, run folder free and writable, the checkpoint to resume) are
-`plan_run`, used alike by a single run and by the launcher before it starts the processes.
+`planned_run`, used alike by a single run (under the run folder's lock) and by the launcher
+before it starts the processes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shlex
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,6 +21,7 @@ from rich.console import Console
 from rich.markup import escape
 
 if TYPE_CHECKING:  # only for annotations: --help stays free of torch
+    from dltrain.interrupts import GracefulStop
     from dltrain.recipe import Recipe
     from dltrain.run_folder import RunFolder
 
@@ -78,12 +82,17 @@ def fit(
 
       torchrun --nproc-per-node 8 -m dltrain fit recipes/cifar10_resnet18.yaml
     """
-    from dltrain.distributed import world_from_environment
-    from dltrain.errors import UserError
+    from dltrain.interrupts import LAUNCHER_ECHO_SECONDS, GracefulStop
 
+    stop = GracefulStop()
+    with stop:  # from here on a Ctrl-C is a request, never a KeyboardInterrupt inside torch's C++
+        from dltrain.distributed import world_from_environment
+        from dltrain.errors import UserError
+
+        world = world_from_environment()
+    stop.check(None, "while starting")
     overrides = overrides or []
     console = Console(stderr=True) if quiet else Console()
-    world = world_from_environment()
     if nproc is not None or max_restarts:
         _launch(recipe, overrides, nproc, max_restarts, resume, force, quiet, folds)
     if folds is not None:
@@ -93,8 +102,16 @@ def fit(
         return
     if not world.is_main:  # rank 0 checks and writes the run folder; the rest stay silent
         console, quiet = Console(file=io.StringIO()), True
-    plan = plan_run(recipe, overrides, resume, force, console, check_folder=world.is_main)
-    _train_one(plan, recipe, overrides, console, quiet, world.launched)
+    again = _resume_command(recipe, overrides, world.launched)
+    writer = world.is_main  # rank 0 alone checks, locks and writes the run folder
+    stop.echo_seconds = LAUNCHER_ECHO_SECONDS if world.launched else 0.0
+    with (
+        stop,
+        planned_run(
+            recipe, overrides, resume, force, console, again, check=writer, lock=writer
+        ) as plan,
+    ):
+        _train_one(plan, again, console, quiet, stop)
 
 
 @dataclass
@@ -106,26 +123,50 @@ class RunPlan:
     checkpoint: Path | None
 
 
-def plan_run(
+@contextlib.contextmanager
+def planned_run(
     recipe_path: Path,
     overrides: list[str],
     resume: str | None,
     force: bool,
     console: Console | None,
-    check_folder: bool = True,
-) -> RunPlan:
-    """The checks before any work: load the recipe, find what to resume, and refuse (exit 2)
-    a run folder that holds a different run or cannot be written."""
+    resume_command: str,
+    check: bool = True,
+    lock: bool = True,
+) -> Iterator[RunPlan]:
+    """The checks before any work, under the run folder's lock when `lock` (held until the
+    block ends): load the recipe, find what to resume, and refuse (exit 2) a run folder that
+    holds a different run or an unfinished one (unless resumed or --force), or that cannot be
+    written."""
+    from dltrain.errors import UserError
     from dltrain.recipe import load_recipe
     from dltrain.run_folder import RunFolder
+    from dltrain.run_lock import holding
 
     recipe = load_recipe(recipe_path, overrides)
     run = RunFolder.for_recipe(recipe)
-    checkpoint = _resume_path(resume, run, console)
-    if check_folder:
-        run.check_free_for(recipe, force, resuming=checkpoint is not None)
-        run.ensure_writable()  # an unwritable output is wrong input (2), before training
-    return RunPlan(recipe, run, checkpoint)
+    owner = holding(run.root, "training") if lock else contextlib.nullcontext()
+    with owner:
+        if lock:
+            run.recover()  # a save that a crash cut short: finished or undone first
+        checkpoint = _resume_path(resume, run, console)
+        aside = None
+        if check:
+            run.check_free_for(recipe, force, resuming=checkpoint is not None)
+            if not force and checkpoint is None and run.unfinished():
+                raise UserError(
+                    f"{run.root} holds an unfinished run of this recipe ({run.last_path} is "
+                    f"saved, no report yet); starting over would overwrite it. Continue it: "
+                    f"{resume_command} — or replace it with --force."
+                )
+            run.ensure_writable()  # an unwritable output is wrong input (2), before training
+            if force and lock and checkpoint is None:
+                aside = run.set_aside()  # the new run starts in an empty folder
+        try:
+            yield RunPlan(recipe, run, checkpoint)
+        finally:
+            if aside is not None:
+                run.settle_replacement(aside)
 
 
 def _resume_path(resume: str | None, run: RunFolder, console: Console | None) -> Path | None:
@@ -141,29 +182,23 @@ def _resume_path(resume: str | None, run: RunFolder, console: Console | None) ->
 
 
 def _train_one(
-    plan: RunPlan,
-    recipe: Path,
-    overrides: list[str],
-    console: Console,
-    quiet: bool,
-    launched: bool,
+    plan: RunPlan, resume_command: str, console: Console, quiet: bool, stop: GracefulStop
 ) -> None:
     """Train the planned run with live progress; on a stop signal, say how to resume."""
     from dltrain.engine import fit as run_fit
-    from dltrain.interrupts import Interrupted
+    from dltrain.interrupts import Interrupted, exit_at_once_on_signals
     from dltrain.progress import Progress
     from dltrain.report import headline
 
     progress = Progress(console, quiet=quiet)
     try:
-        report = run_fit(plan.recipe, plan.run, progress, resume=plan.checkpoint)
-    except Interrupted as stop:
-        console.print(
-            f"[yellow]{escape(str(stop))}[/]\n" + escape(_resume_hint(recipe, overrides, launched)),
-            highlight=False,
-            soft_wrap=True,
-        )
-        raise typer.Exit(stop.exit_code) from None
+        stop.check(str(plan.checkpoint) if plan.checkpoint else None, "before training started")
+        report = run_fit(plan.recipe, plan.run, progress, resume=plan.checkpoint, stop=stop)
+    except Interrupted as stopped:
+        exit_at_once_on_signals()  # the command is ending: another signal must not kill it
+        hint = f"\nresume with: {escape(resume_command)}" if stopped.checkpoint else ""
+        console.print(f"[yellow]{escape(str(stopped))}[/]{hint}", highlight=False, soft_wrap=True)
+        raise typer.Exit(stopped.exit_code) from None
     finally:
         progress.close()
     label, value = headline(report)
@@ -174,15 +209,13 @@ def _train_one(
     )
 
 
-def _resume_hint(recipe: Path, overrides: list[str], launched: bool) -> str:
-    """The command that continues an interrupted run."""
+def _resume_command(recipe: Path, overrides: list[str], launched: bool) -> str:
+    """The command that continues this run (under torchrun: what each process must run)."""
     command = ["dltrain", "fit", str(recipe), *overrides, "--resume", "auto"]
-    if not launched:
-        return f"resume with: {shlex.join(command)}"
-    nproc = os.environ.get(NPROC_VARIABLE)  # set when --nproc started this process
-    if nproc:
-        return f"resume with: {shlex.join([*command, '--nproc', nproc])}"
-    return f"resume with the same torchrun command, running: {shlex.join(command)}"
+    nproc = os.environ.get(NPROC_VARIABLE) if launched else None  # set by fit --nproc
+    if launched and not nproc:
+        return f"the same torchrun command, running {shlex.join(command)}"
+    return shlex.join([*command, "--nproc", nproc] if nproc else command)
 
 
 def _launch(
@@ -214,7 +247,10 @@ def _launch(
             "--max-restarts needs --resume auto, so that restarted processes continue from the "
             "last checkpoint instead of starting over."
         )
-    plan_run(recipe, overrides, resume, force, console=None)  # rank 0 says what it resumes
+    # the checks, once, here; rank 0 takes the lock and says what it resumes
+    again = _resume_command(recipe, overrides, launched=False) + f" --nproc {nproc}"
+    with planned_run(recipe, overrides, resume, force, None, again, check=True, lock=False):
+        pass
     args = ["fit", str(recipe), *overrides]
     args += ["--resume", resume] if resume else []
     args += ["--force"] if force else []

@@ -10,7 +10,13 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from dltrain.commands import choices
+from dltrain.commands import choices, imports_option
+
+
+def force_option():
+    """--force: let an output replace a checkpoint."""
+    return typer.Option(False, "--force", help="Replace --output even if it is a checkpoint.")
+
 
 ExportFormat = choices("ExportFormat", "onnx", "torchscript")
 ExplainMethod = choices("ExplainMethod", "gradxinput", "gradcam", "both")
@@ -44,6 +50,7 @@ def predict(
     ),
     device: str = typer.Option("cpu", "--device", help="Device to run the model on."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON array to stdout."),
+    imports: list[str] = imports_option(),
 ) -> None:
     """Predict from files or texts, prepared as in training, from the checkpoint alone.
 
@@ -71,7 +78,7 @@ def predict(
 
     console = Console(stderr=True) if as_json else Console()
     with out_of_memory_is_a_run_failure(device):
-        predictor = load_for_inference(checkpoint, device)
+        predictor = load_for_inference(checkpoint, device, imports or [])
         results = predict_files(predictor, inputs or [], top_k, texts or [])
     if as_json:
         sys.stdout.write(json.dumps(results, indent=2) + "\n")
@@ -98,6 +105,8 @@ def export(
         "-o",
         help="File to write (default: beside the checkpoint: best.onnx, best.torchscript.pt).",
     ),
+    imports: list[str] = imports_option(),
+    force: bool = force_option(),
 ) -> None:
     """Export a checkpoint's model to ONNX or TorchScript, for use without dltrain.
 
@@ -118,7 +127,7 @@ def export(
     """
     from dltrain.export import export_checkpoint, summary
 
-    written, predictor = export_checkpoint(checkpoint, format.value, output)
+    written, predictor = export_checkpoint(checkpoint, format.value, output, imports or [], force)
     Console().print(
         f"exported {format.value} to {escape(str(written))} · {escape(summary(predictor))}",
         highlight=False,
@@ -141,6 +150,8 @@ def explain(
         "--method",
         help="gradxinput: |gradient × input|; gradcam: Grad-CAM at the last conv layer.",
     ),
+    imports: list[str] = imports_option(),
+    force: bool = force_option(),
 ) -> None:
     """Show which pixels drove the predicted class: saliency maps over the image (PNG).
 
@@ -153,13 +164,15 @@ def explain(
 
       dltrain explain best.pt cat.jpg --method gradcam --output cat-gradcam.png
     """
+    from dltrain.checkpoint import refuse_replacing_a_checkpoint
     from dltrain.explain import default_output, explain_file, write_png
     from dltrain.inference import load_for_inference
 
     console = Console()
-    predictor = load_for_inference(checkpoint)
-    result = explain_file(predictor, image, method.value)
     target = output or default_output(image)
+    refuse_replacing_a_checkpoint(target, checkpoint, force)
+    predictor = load_for_inference(checkpoint, imports=imports or [])
+    result = explain_file(predictor, image, method.value)
     write_png(result, image.name, target)
     for note in result.notes:
         console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)

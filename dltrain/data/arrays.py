@@ -132,6 +132,8 @@ def _npz_y(y: np.ndarray, key: str, file: Path) -> np.ndarray:
         problem = f"has dtype {y.dtype} with non-integer values"
     elif y.size and y.min() < 0:
         problem = f"has negative label {y.min()}"
+    elif y.size and y.max() >= 2**31:
+        problem = f"has label {y.max():.0f}, far beyond any number of classes"
     if problem:
         raise UserError(
             f"data.path: '{key}' in '{file}' {problem}. Labels must be integer class indices "
@@ -164,6 +166,13 @@ def _npz_classes(names: np.ndarray | None, ys: dict[str, np.ndarray], file: Path
     """Class names from the `classes` array or '0'..'max label'; every label must index one."""
     top = max((int(y.max()) for y in ys.values() if y.size), default=0)
     if names is None:
+        samples = sum(y.size for y in ys.values())
+        if top + 1 > max(samples, 2):  # checked before a name is made for every class
+            raise UserError(
+                f"data.path: label {top} in '{file}' would make {top + 1:,} classes for "
+                f"{samples:,} samples; labels are class indices 0..K-1. Renumber them (e.g. "
+                "np.unique(y, return_inverse=True)) or save a 'classes' array naming them."
+            )
         return [str(i) for i in range(top + 1)]
     if names.ndim != 1 or names.dtype.kind not in "USiu":
         raise UserError(

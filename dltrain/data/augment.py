@@ -60,9 +60,18 @@ def vflip(input_kind: str, p: Probability = 0.5) -> Augment:
 
 
 @AUGMENTATIONS.register()
-def random_crop(input_kind: str, padding: Annotated[int, Field(ge=1)] = 4) -> Augment:
+def random_crop(
+    input_kind: str, padding: Annotated[int, Field(ge=1)] = 4, input_shape: tuple[int, ...] = ()
+) -> Augment:
     """Pad each image by `padding` black pixels, then crop back to its size at a random offset."""
     _needs_images("random_crop", input_kind)
+    side = max(input_shape[-2:], default=0)
+    if side and padding > side:  # the padded batch alone would be (2·padding)² per channel
+        raise UserError(
+            f"data.augment: random_crop padding {padding} is larger than the images "
+            f"({'×'.join(map(str, input_shape[-2:]))}); use at most {side} (an eighth of the "
+            f"side, here {max(1, side // 8)}, is usual)."
+        )
 
     def apply(x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape

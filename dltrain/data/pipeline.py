@@ -25,13 +25,14 @@ class BatchPipeline:
         augment: list[dict[str, dict[str, Any]]] = (),
         channels_last: bool = False,
         as_sequence: str | None = None,
+        input_shape: tuple[int, ...] = (),
     ):
         self.kind = kind
         shape = _STAT_SHAPES.get(kind, (1, -1))
         self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(shape)
         self.std = torch.tensor(std, dtype=torch.float32, device=device).view(shape)
         self.augments: list[Augment] = [
-            AUGMENTATIONS.build({"name": name, **kwargs}, input_kind=kind)
+            AUGMENTATIONS.build({"name": name, **kwargs}, input_kind=kind, input_shape=input_shape)
             for entry in augment
             for name, kwargs in entry.items()
         ]
