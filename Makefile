@@ -19,8 +19,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)  ## train the offline quickstart recipe
 	$(BIN)/dltrain fit recipes/quickstart.yaml
 
+# one worker per core; each test file stays in one worker, in order (pytest-xdist)
+PARALLEL := -n auto --dist loadfile
+
 test: $(STAMP)  ## the whole test suite
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(PARALLEL)
 
 $(XLA_STAMP): pyproject.toml
 	test -x $(XLA_VENV)/bin/python || $(PYTHON) -m venv $(XLA_VENV)
@@ -33,7 +36,7 @@ test-xla: $(XLA_STAMP)  ## the XLA tests: torch_xla on the CPU (PJRT_DEVICE=CPU)
 	PJRT_DEVICE=CPU $(XLA_VENV)/bin/python -m pytest -m xla tests/test_xla.py
 
 test-fast: $(STAMP)  ## skip the slow tests
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest $(PARALLEL) -m "not slow"
 
 lint: $(STAMP)  ## ruff check + format check
 	$(BIN)/ruff check dltrain tests bench

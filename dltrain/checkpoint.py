@@ -10,6 +10,7 @@ This module owns the checkpoint's state in and out: what a training run saves
 from __future__ import annotations
 
 import hashlib
+import math
 import pickle
 import random
 import re
@@ -146,8 +147,12 @@ def _archive_kind(path: Path) -> str | None:
 def _reason(exc: BaseException) -> str:
     """' (torch's first line)' for a message, unless it is torch's advice to load with
     weights_only=False: dltrain never passes that on (it would let a file run code)."""
-    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    first = _first_line(exc)
     return "" if "weights_only" in first or "weights only" in first.lower() else f" ({first})"
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def _checked(state: Any, path: Path) -> dict[str, Any]:
@@ -165,7 +170,90 @@ def _checked(state: Any, path: Path) -> dict[str, Any]:
             "so its weights cannot be trusted. Use another checkpoint (last.pt or best.pt), or "
             "copy it again from where it came from."
         )
+    for key, kind in _FIELD_TYPES.items():
+        if key in state and not isinstance(state[key], kind):
+            raise UserError(
+                f"{path} is damaged: its '{key}' is a {type(state[key]).__name__}, not a "
+                f"{kind.__name__}. Use another checkpoint (last.pt or best.pt)."
+            )
+    if not all(isinstance(v, torch.Tensor) for v in state["model"].values()):
+        raise UserError(f"{path} is damaged: its 'model' holds values that are not tensors.")
+    bad = [k for k, v in state["model"].items() if v.is_floating_point() and not v.isfinite().all()]
+    if bad:  # dltrain never saves such weights (the run stops first)
+        raise UserError(
+            f"{path} holds non-finite (NaN/inf) weights in {', '.join(bad[:3])}; such a model "
+            "predicts nothing. Use another checkpoint (an earlier last.pt or best.pt)."
+        )
+    _check_data_meta(state["data_meta"], path)
     return state
+
+
+def _check_data_meta(meta: dict[str, Any], path: Path) -> None:
+    """What every use of a checkpoint reads from data_meta: present, and of the right kind."""
+    missing = [k for k in _META_KINDS if k not in meta]
+    if missing:
+        raise UserError(
+            f"checkpoint {path} has no {', '.join(missing)} in its data_meta, so its input cannot "
+            "be prepared; it was not written by a compatible dltrain fit. Use another checkpoint."
+        )
+    for key, (kind, item) in _META_KINDS.items():
+        value = meta[key]
+        if not isinstance(value, kind) or (
+            item is not None and not all(isinstance(v, item) and v is not True for v in value)
+        ):
+            raise UserError(
+                f"checkpoint {path} is damaged: its data_meta {key} is {value!r}. Use another "
+                "checkpoint."
+            )
+    stats_ok = all(math.isfinite(v) for v in meta["mean"] + meta["std"])
+    if not stats_ok or not all(v > 0 for v in meta["std"]):
+        raise UserError(
+            f"checkpoint {path} is damaged: its data_meta mean/std ({meta['mean']}, "
+            f"{meta['std']}) are not finite numbers with std > 0. Use another checkpoint."
+        )
+    width = _stat_width(meta)
+    if meta["kind"] in ("image", "tabular", "sequence") and not (
+        len(meta["mean"]) == len(meta["std"]) and len(meta["mean"]) in (1, width)
+    ):
+        raise UserError(
+            f"checkpoint {path} is damaged: its data_meta mean/std have {len(meta['mean'])}/"
+            f"{len(meta['std'])} values for {width} input channels or features. Use another "
+            "checkpoint."
+        )
+
+
+def _stat_width(meta: dict[str, Any]) -> int:
+    """How many mean/std values the input takes: one per image channel or feature."""
+    shape = meta["input_shape"]
+    if not shape:
+        return 0
+    return shape[0] if meta["kind"] == "image" else shape[-1]
+
+
+# data_meta's keys that every use reads: (type, type of each item)
+_META_KINDS = {
+    "kind": (str, None),
+    "classes": (list, str),
+    "input_shape": (list, int),
+    "mean": (list, (int, float)),
+    "std": (list, (int, float)),
+}
+
+# What each field of a checkpoint must be (the optional ones are checked when present)
+_FIELD_TYPES = {
+    "recipe": dict,
+    "model": dict,
+    "data_meta": dict,
+    "classes": list,
+    "optimizer": dict,
+    "scheduler": dict,
+    "scaler": dict,
+    "rng": dict,
+    "metrics": dict,
+    "train_state": dict,
+    "epoch": int,
+    "step": int,
+}
 
 
 def rng_state() -> dict[str, Any]:
@@ -249,14 +337,57 @@ def restore(
     optimizer: torch.optim.Optimizer,
     schedule: LrSchedule,
 ) -> TrainState:
-    """Load a checkpoint's training state into freshly built objects (resume)."""
+    """Load a checkpoint's training state into freshly built objects (resume); a part that
+    is missing or does not fit this run is a UserError naming it."""
     check_resumable(checkpoint["recipe"], s.recipe.to_dict(), str(path))
     load_weights(s.model, checkpoint, path, s.recipe.model)
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    schedule.load_state_dict(checkpoint["scheduler"])
-    s.precision.scaler.load_state_dict(checkpoint["scaler"])
-    set_rng_state(checkpoint["rng"])
-    return TrainState.from_dict(checkpoint["train_state"])
+    parts = (
+        ("optimizer", lambda state: _load_optimizer(optimizer, state)),
+        ("scheduler", schedule.load_state_dict),
+        ("scaler", s.precision.scaler.load_state_dict),
+        ("rng", set_rng_state),
+        ("train_state", TrainState.from_dict),
+    )
+    restored = {}
+    for name, load in parts:
+        try:
+            restored[name] = load(checkpoint[name])
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as exc:
+            reason = "it is missing" if name not in checkpoint else _first_line(exc)
+            raise UserError(
+                f"cannot resume from {path}: its {name} state does not fit this run ({reason}). "
+                "Resume from another checkpoint, or start a new run."
+            ) from None
+    return restored["train_state"]
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """load_state_dict, then the check it leaves out: each per-parameter tensor (Adam's
+    moments, momentum) has its parameter's shape, else the first step would fail."""
+    fresh = [dict(group) for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for built, loaded in zip(fresh, optimizer.param_groups, strict=True):
+        for key, value in built.items():  # settings as this run built them: same kinds only
+            if key != "params" and not _same_kind(value, loaded.get(key)):
+                raise ValueError(f"its {key} is {loaded.get(key)!r}, not like {value!r}")
+    for param, values in optimizer.state.items():
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor) and value.dim() and value.shape != param.shape:
+                raise ValueError(
+                    f"'{key}' has shape {tuple(value.shape)} for a parameter of shape "
+                    f"{tuple(param.shape)}"
+                )
+
+
+def _same_kind(built: Any, loaded: Any) -> bool:
+    """Whether a saved optimizer setting can stand where this run built `built`."""
+    if isinstance(built, bool) or built is None:
+        return type(loaded) is type(built)
+    if isinstance(built, (int, float)):
+        return isinstance(loaded, (int, float)) and not isinstance(loaded, bool)
+    if isinstance(built, (tuple, list)):
+        return isinstance(loaded, (tuple, list)) and len(loaded) == len(built)
+    return isinstance(loaded, type(built))
 
 
 def load_weights(

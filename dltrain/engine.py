@@ -30,7 +30,7 @@ from dltrain.checkpoint import checkpoint_state, load_checkpoint, load_weights, 
 from dltrain.data.loaders import Batches
 from dltrain.devices import resolve_device
 from dltrain.distributed import World, process_device, process_group, world_from_environment
-from dltrain.errors import DltrainError
+from dltrain.errors import DltrainError, UserError
 from dltrain.evaluate import evaluate, report_on_split
 from dltrain.interrupts import LAUNCHER_ECHO_SECONDS, GracefulStop, Interrupted
 from dltrain.memory import out_of_memory_is_a_run_failure
@@ -63,6 +63,7 @@ class Training:
     state: TrainState
     started: float = field(default_factory=time.perf_counter)  # for the time to first step
     stepped: bool = False  # has this process taken an optimizer step yet
+    resumed_from: Path | None = None
 
     @property
     def ddp(self) -> torch.nn.parallel.DistributedDataParallel | None:
@@ -217,6 +218,7 @@ def _start_training(
     training = Training(
         s, model, eval_model, optimizer, schedule, run, progress, log, stop, state, started
     )
+    training.resumed_from = resume
     return training, train_batches, val_batches
 
 
@@ -335,10 +337,38 @@ def train_step(
         loss_sum += loss.detach().float() * len(y)
         t.state.epoch_seen += len(y)
     if steps_now:
-        s.precision.step(t.optimizer, s.model.parameters(), train.grad_clip)
+        with _first_step_after_resume(t):
+            s.precision.step(t.optimizer, s.model.parameters(), train.grad_clip)
         t.optimizer.zero_grad(set_to_none=True)
         t.schedule.step_batch()
     s.end_step()
+
+
+@contextlib.contextmanager
+def _first_step_after_resume(t: Training) -> Iterator[None]:
+    """A resumed optimizer state that loads but cannot step (a damaged checkpoint) fails on
+    the first step: that is the checkpoint's fault, said so (exit 2), not an internal error."""
+    if t.stepped or t.resumed_from is None:
+        yield
+        return
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise
+    except (
+        KeyError,
+        TypeError,
+        ValueError,
+        IndexError,
+        AttributeError,
+        RuntimeError,
+        AssertionError,
+    ) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(
+            f"cannot resume from {t.resumed_from}: its optimizer state fails on the first step "
+            f"({type(exc).__name__}: {first}). Resume from another checkpoint, or start a new run."
+        ) from None
 
 
 def _gradient_sync(t: Training, steps_now: bool) -> contextlib.AbstractContextManager:

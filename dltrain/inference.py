@@ -21,6 +21,7 @@ from dltrain.data.pipeline import BatchPipeline
 from dltrain.data.prepare import PreparedData
 from dltrain.devices import resolve_device
 from dltrain.errors import RecipeError, UserError
+from dltrain.registry import MODELS
 
 
 @dataclass
@@ -110,8 +111,9 @@ def load_for_inference(
     if not isinstance(section, dict) or not isinstance(section.get("name"), str):
         raise UserError(f"checkpoint {path} has no model section in its recipe.")
     import_for_checkpoint(recipe, list(imports), f"checkpoint {path}", needed=("model",))
-    offline = _without_pretrained_weights(section)
     try:
+        section = MODELS.validate(section, "model")  # the checkpoint's section is data: check it
+        offline = _without_pretrained_weights(section)
         model = _build_model(offline, meta)
         if offline is not section and not _fits(model, checkpoint["model"]):
             model = _build_model(section, meta)  # the pretrained form differs: build it as trained
@@ -130,12 +132,6 @@ _OWN_KEYS = ("kind", "task", "as_sequence", "classes", "input_shape", "mean", "s
 
 
 def _check_meta(meta: dict[str, Any], path: Path) -> None:
-    missing = [k for k in ("kind", "classes", "input_shape", "mean", "std") if k not in meta]
-    if missing:
-        raise UserError(
-            f"checkpoint {path} has no {', '.join(missing)} in its data_meta, so its input cannot "
-            "be prepared; it was not written by a compatible dltrain fit. Use another checkpoint."
-        )
     task = meta.get("task") or "classification"  # checkpoints from before tasks: classification
     if meta["kind"] not in INPUT_KINDS or task not in TASKS:
         what = f"'{meta['kind']}' input" if meta["kind"] not in INPUT_KINDS else f"a {task} task"

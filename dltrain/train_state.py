@@ -51,8 +51,17 @@ class TrainState:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainState:
+        """The state a checkpoint saved; a field of the wrong type is a TypeError naming it."""
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        return cls(**{**known, "history": list(known.get("history", []))})
+        state = cls(**known)
+        for name, kinds in _FIELD_KINDS.items():
+            value = getattr(state, name)
+            if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+                raise TypeError(f"its {name} is {value!r}")
+        if not all(isinstance(row, dict) for row in state.history):
+            raise TypeError("its history holds rows that are not mappings")
+        state.history = list(state.history)
+        return state
 
     def start_epoch(self) -> None:
         """Reset the partial-epoch totals (at an epoch boundary)."""
@@ -105,6 +114,23 @@ def fallback_note(monitors: list[str], has_validation: bool) -> str | None:
         f"no validation split: {' and '.join(missing)} {verb} back to train_loss (lower is "
         "better) for best.pt and early stopping; set data.val_split > 0 to monitor it"
     )
+
+
+_NUMBER = (int, float)
+_FIELD_KINDS: dict[str, tuple[type, ...]] = {
+    "epoch": (int,),
+    "batch": (int,),
+    "step": (int,),
+    "epoch_loss_sum": _NUMBER,
+    "epoch_seen": (int,),
+    "epoch_seconds": _NUMBER,
+    "best": (*_NUMBER, type(None)),
+    "best_epoch": (int, type(None)),
+    "early_best": (*_NUMBER, type(None)),
+    "epochs_without_improvement": (int,),
+    "stopped_early": (bool,),
+    "history": (list,),
+}
 
 
 def check_resumable(saved: dict[str, Any], wanted: dict[str, Any], source: str) -> None:

@@ -153,7 +153,13 @@ def _minimal_state(epoch: int) -> dict:
     return {
         "recipe": {},
         "model": {"w": torch.ones(3)},
-        "data_meta": {},
+        "data_meta": {
+            "kind": "tabular",
+            "classes": [],
+            "input_shape": [3],
+            "mean": [0.0],
+            "std": [1.0],
+        },
         "classes": [],
         "epoch": epoch,
     }

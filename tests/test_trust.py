@@ -280,3 +280,36 @@ def test_random_crop_padding_larger_than_the_images_is_refused(tmp_path):
     )
     with pytest.raises(UserError, match="padding 100000 is larger than the images"):
         build_setup(recipe)
+
+
+# -- no internal error for input ----------------------------------------------------------------
+
+
+def test_nan_features_and_an_empty_test_split_are_named(tmp_path):
+    from dltrain.setup import build_setup
+
+    x = np.random.default_rng(0).normal(size=(40, 4)).astype(np.float32)
+    y = np.arange(40) % 2
+    test_x = x[:6].copy()
+    test_x[3, 1] = np.nan
+    np.savez(tmp_path / "nan.npz", train_x=x, train_y=y, test_x=test_x, test_y=y[:6])
+    np.savez(tmp_path / "empty.npz", train_x=x, train_y=y, test_x=x[:0], test_y=y[:0])
+    for file, expected in (
+        ("nan.npz", r"test split .* NaN or infinite input values in 1 sample\(s\) \(rows \[3\]"),
+        ("empty.npz", "the test split of dataset 'npz' is empty"),
+    ):
+        recipe = make_recipe(
+            tmp_path, TABULAR, "bad", "data.name=npz", f"data.path={tmp_path / file}"
+        )
+        with pytest.raises(UserError, match=expected):
+            build_setup(recipe)
+
+
+def test_a_resumed_optimizer_state_of_the_wrong_shape_is_refused(checkpoint, tmp_path):
+    state = load_checkpoint(checkpoint)
+    moments = state["optimizer"]["state"][0]
+    key = next(k for k, v in moments.items() if isinstance(v, torch.Tensor) and v.dim())
+    moments[key] = torch.zeros(3, 3)
+    save_checkpoint(tmp_path / "bad.pt", {k: v for k, v in state.items() if k != "digest"})
+    with pytest.raises(UserError, match=f"its optimizer state does not fit this run .*'{key}'"):
+        train(tmp_path, TABULAR, "resumed", "train.epochs=2", resume=tmp_path / "bad.pt")

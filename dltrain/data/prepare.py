@@ -104,6 +104,7 @@ def prepare_data(data: DataSection, seed: int, meta: dict[str, Any] | None = Non
         splits["train"], splits["val"] = _carve(loaded.train, data.val_split, seed, task)
     if loaded.test is not None:
         splits["test"] = loaded.test
+    _check_splits(data.name, splits)
     input_shape = tuple(_first_input(loaded.train).shape)
     if meta is not None:
         _check_compatible(meta, loaded, input_shape)
@@ -121,6 +122,26 @@ def prepare_data(data: DataSection, seed: int, meta: dict[str, Any] | None = Non
         dict(loaded.meta),
         data.as_sequence,
     )
+
+
+def _check_splits(name: str, splits: dict[str, Split]) -> None:
+    """Every split has samples, and float inputs held in memory are finite (a NaN feature
+    would only surface later, as a NaN loss or a metric that cannot be computed)."""
+    for split_name, split in splits.items():
+        if len(split) == 0:
+            raise UserError(
+                f"the {split_name} split of dataset '{name}' is empty; give it samples (or, for "
+                "validation, set data.val_split=0)."
+            )
+        if isinstance(split, ArraySplit) and split.x.is_floating_point():
+            bad = (~torch.isfinite(split.x)).reshape(len(split), -1).any(dim=1)
+            if bool(bad.any()):
+                rows = torch.nonzero(bad).flatten()[:5].tolist()
+                raise UserError(
+                    f"the {split_name} split of dataset '{name}' has NaN or infinite input "
+                    f"values in {int(bad.sum())} sample(s) (rows {rows}…, counted from 0). "
+                    "Fill or drop them before training."
+                )
 
 
 def _task(data: DataSection, loaded: DatasetSplits) -> str:
