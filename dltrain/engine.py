@@ -337,22 +337,20 @@ def train_step(
         loss_sum += loss.detach().float() * len(y)
         t.state.epoch_seen += len(y)
     if steps_now:
-        with _first_step_after_resume(t):
+        if t.stepped or t.resumed_from is None:
             s.precision.step(t.optimizer, s.model.parameters(), train.grad_clip)
+        else:
+            _first_step_after_resume(t)
         t.optimizer.zero_grad(set_to_none=True)
         t.schedule.step_batch()
     s.end_step()
 
 
-@contextlib.contextmanager
-def _first_step_after_resume(t: Training) -> Iterator[None]:
-    """A resumed optimizer state that loads but cannot step (a damaged checkpoint) fails on
-    the first step: that is the checkpoint's fault, said so (exit 2), not an internal error."""
-    if t.stepped or t.resumed_from is None:
-        yield
-        return
+def _first_step_after_resume(t: Training) -> None:
+    """The optimizer step, the first time after a resume: a saved optimizer state that loads
+    but cannot step (a damaged checkpoint) is the checkpoint's fault, said so (exit 2)."""
     try:
-        yield
+        t.s.precision.step(t.optimizer, t.s.model.parameters(), t.s.recipe.train.grad_clip)
     except torch.OutOfMemoryError:
         raise
     except (
