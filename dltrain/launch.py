@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import tempfile
 
 from rich.console import Console
 
@@ -26,22 +27,26 @@ def launch_local(nproc: int, fit_args: list[str], max_restarts: int = 0) -> int:
 
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, usable_cores() // nproc)))
     _quiet_launcher_logs()
-    args = get_args_parser().parse_args(
-        [
-            "--standalone",
-            f"--nproc-per-node={nproc}",
-            f"--max-restarts={max_restarts}",
-            "--module",
-            "dltrain",
-            *fit_args,
-        ]
-    )
-    try:
-        run(args)
-    except ChildFailedError as failed:
-        return _report_failure(failed)
-    except SignalException as stopped:  # Ctrl-C / SIGTERM: forwarded to the processes, which save
-        return 128 + int(stopped.sigval)
+    # torchrun makes a log folder per run in the system temp folder and leaves it there; its
+    # files hold nothing the processes do not print, so it goes when the launch ends
+    with tempfile.TemporaryDirectory(prefix="dltrain-torchrun-") as logs:
+        args = get_args_parser().parse_args(
+            [
+                "--standalone",
+                f"--nproc-per-node={nproc}",
+                f"--max-restarts={max_restarts}",
+                f"--log-dir={logs}",
+                "--module",
+                "dltrain",
+                *fit_args,
+            ]
+        )
+        try:
+            run(args)
+        except ChildFailedError as failed:
+            return _report_failure(failed)
+        except SignalException as stopped:  # Ctrl-C / SIGTERM: forwarded; the processes save
+            return 128 + int(stopped.sigval)
     return 0
 
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from dltrain.data import prepare as prepare_module
 from dltrain.data.base import ArraySplit
-from dltrain.data.loaders import ResidentBatches, WorkerBatches, make_batches
+from dltrain.data.loaders import ResidentBatches, WorkerBatches, epoch_permutation, make_batches
 from dltrain.data.pipeline import BatchPipeline
 from dltrain.data.prepare import prepare_data
 from dltrain.errors import UserError
@@ -91,6 +91,17 @@ def test_each_epoch_visits_every_sample_once_in_a_new_order(loaders):
     assert [i for b in ids(loaders["resident"], 2) for i in b] == orders[1]
     other_seed = ResidentBatches(id_split(N), BATCH, CPU, shuffle=True, drop_last=False, seed=8)
     assert [i for b in ids(other_seed, 2) for i in b] != orders[1]
+
+
+def test_every_seed_and_epoch_pair_has_its_own_order():
+    # (seed 3, epoch 2) and (seed 4, epoch 1) must differ: a derivation such as seed + epoch
+    # would make runs of neighbouring seeds replay each other's epochs
+    orders = {
+        (seed, epoch): tuple(epoch_permutation(50, seed, epoch).tolist())
+        for seed in range(8)
+        for epoch in range(8)
+    }
+    assert len(set(orders.values())) == len(orders)
 
 
 def test_loading_batches_leaves_the_global_rng_alone(loaders):

@@ -57,7 +57,8 @@ def write_recipe(folder: Path, name: str, base: dict = PARITY, **sections) -> Pa
 
 
 def dltrain(*args: str, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    # the processes' temp folder is the test's own: what torchrun leaves there is checked
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TMPDIR": str(cwd)}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR"):
         env.pop(key, None)
     return subprocess.run(
@@ -179,9 +180,12 @@ def test_a_dead_process_ends_the_run_with_a_message(tmp_path):
     recipe = crashing_recipe(tmp_path, "crash", at_step=30)
     started = time.monotonic()
     done = dltrain("dltrain", "fit", str(recipe), "--nproc", "2", cwd=tmp_path, timeout=120)
-    assert done.returncode != 0
+    assert done.returncode == 3, done.stderr[-2000:]  # the code of the process that died
     assert time.monotonic() - started < 100  # no hang
     assert "Traceback" not in done.stderr
+    said = " ".join(done.stderr.split())
+    assert "process rank 1 exited with code 3; the other processes were stopped" in said
+    assert not list(tmp_path.glob("*torch*")), "the launcher left its log folder behind"
     last = tmp_path / "runs" / "crash" / "checkpoints" / "last.pt"
     assert torch.load(last, weights_only=True)["epoch"] == 1  # the good checkpoint is intact
     assert not (tmp_path / "runs" / "crash" / "report.json").exists()
