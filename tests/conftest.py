@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 
 @pytest.fixture(autouse=True)
@@ -14,3 +15,21 @@ def one_cpu_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def invoke(tmp_path, monkeypatch):
+    """Run the CLI in-process (typer's CliRunner) with tmp_path as the working directory."""
+    from dltrain.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DLTRAIN_DEBUG", raising=False)
+    runner = CliRunner(env={"COLUMNS": "100"})  # a fixed console width, whatever the terminal
+
+    def run(*args: str):
+        result = runner.invoke(app, list(args), prog_name="dltrain")
+        # Only SystemExit may end a command: anything else would be a traceback for a user.
+        assert result.exception is None or isinstance(result.exception, SystemExit), result.exc_info
+        return result
+
+    return run

@@ -21,9 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_cli_errors import invoke  # noqa: F401  (a fixture: the CLI in-process, in tmp_path)
-from test_datasets_files import _flat_folder
-from test_fit_cli import QUICKSTART, dltrain, one_epoch_fit, words
+from as_user import QUICKSTART, dltrain, flat_image_folder, one_epoch_fit, words
 
 from dltrain.atomic import atomic_write_text
 from dltrain.checkpoint import FORMAT
@@ -169,7 +167,7 @@ def test_an_npz_with_wrong_shapes(fit_over, trained, tmp_path):
 
 
 def test_an_image_folder_with_an_undecodable_file(fit_over, invoke, trained, tmp_path):  # noqa: F811
-    images = _flat_folder(tmp_path / "images")
+    images = flat_image_folder(tmp_path / "images")
     broken = images / "cat" / "broken.png"
     broken.write_bytes(b"\x89PNG but not really")
     data = ["data.name=image_folder", f"data.path={images}", "data.image_size=8"]

@@ -12,58 +12,14 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
-from typer.testing import CliRunner
+from as_user import HELP_PROBE, QUICKSTART, assert_user_error, dltrain
 
-from dltrain.cli import app
 from dltrain.recipe import load_recipe, resolve
 
-QUICKSTART = Path(__file__).resolve().parent.parent / "recipes" / "quickstart.yaml"
 COMMANDS = ["fit", "eval", "devices", "check", "list"]
-
-
-def dltrain(*args: str, cwd: Path, debug: bool = False) -> subprocess.CompletedProcess:
-    """Run `python -m dltrain ARGS` as a user would, in `cwd`."""
-    env = {k: v for k, v in os.environ.items() if k not in ("DLTRAIN_DEBUG", "FORCE_COLOR")}
-    env["NO_COLOR"] = "1"
-    if debug:
-        env["DLTRAIN_DEBUG"] = "1"
-    return subprocess.run(
-        [sys.executable, "-m", "dltrain", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
-def assert_user_error(proc: subprocess.CompletedProcess, *expected: str) -> None:
-    """Exit 2, the expected words in one message on stderr, no traceback anywhere."""
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 2, output
-    assert "Traceback" not in output
-    for text in expected:
-        assert text in proc.stderr, proc.stderr
-
-
-@pytest.fixture
-def invoke(tmp_path, monkeypatch):
-    """Run the CLI in-process (typer's CliRunner) with tmp_path as the working directory."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("DLTRAIN_DEBUG", raising=False)
-    runner = CliRunner(env={"COLUMNS": "100"})  # a fixed console width, whatever the terminal
-
-    def run(*args: str):
-        result = runner.invoke(app, list(args), prog_name="dltrain")
-        # Only SystemExit may end a command: anything else would be a traceback for a user.
-        assert result.exception is None or isinstance(result.exception, SystemExit), result.exc_info
-        return result
-
-    return run
 
 
 # -- wrong input: exit 2, one message, no traceback -------------------------------------------
@@ -228,17 +184,6 @@ def test_devices_json_is_valid_json_with_auto(invoke):
 
 
 # -- help: works, fast, shows examples ------------------------------------------------------
-
-HELP_PROBE = """
-import sys
-from dltrain.cli import app
-try:
-    app(sys.argv[1:] + ["--help"], prog_name="dltrain")
-except SystemExit as exc:
-    code = exc.code or 0
-print("TORCH_IMPORTED=" + str("torch" in sys.modules), file=sys.stderr)
-sys.exit(code)
-"""
 
 
 @pytest.mark.parametrize("command", [None, *COMMANDS])

@@ -12,6 +12,7 @@ from urllib.error import URLError
 import numpy as np
 import pytest
 import torch
+from as_user import flat_image_folder, png
 from PIL import Image
 from torchvision import datasets as tv_datasets
 
@@ -291,23 +292,10 @@ def test_csv_path_and_train_are_exclusive(tmp_path):
 # -- image_folder ---------------------------------------------------------------------------
 
 
-def _png(path: Path, size: tuple[int, int], value: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pixels = np.full((size[1], size[0], 3), value, dtype=np.uint8)
-    pixels[0, 0] = (255 - value, value, 0)
-    Image.fromarray(pixels).save(path)
-
-
-def _flat_folder(root: Path) -> Path:
-    for c, name in enumerate(["cat", "dog"]):
-        for i in range(5):
-            _png(root / name / f"{i}.PNG", (6 + i, 9 - i), 40 * c + i)
-    (root / "dog" / "notes.txt").write_text("ignored: not an image")
-    return root
-
-
 def test_image_folder_flat_layout_carves_test_split(tmp_path):
-    loaded = images.image_folder(str(_flat_folder(tmp_path)), image_size=8, test_split=0.2, seed=0)
+    loaded = images.image_folder(
+        str(flat_image_folder(tmp_path)), image_size=8, test_split=0.2, seed=0
+    )
     assert loaded.kind == "image" and loaded.classes == ["cat", "dog"]
     assert isinstance(loaded.train, ArraySplit)  # small: decoded once, resident
     assert loaded.train.x.dtype == torch.uint8 and tuple(loaded.train.x.shape) == (8, 3, 8, 8)
@@ -322,7 +310,7 @@ def test_image_folder_split_layout_and_grayscale(tmp_path):
     for split, n in (("train", 3), ("val", 1), ("test", 2)):
         for name in ("a", "b", "c"):
             for i in range(n):
-                _png(tmp_path / split / name / f"{i}.png", (5, 3), 10 * i)
+                png(tmp_path / split / name / f"{i}.png", (5, 3), 10 * i)
     loaded = images.image_folder(str(tmp_path), image_size=(4, 6), grayscale=True)
     assert loaded.classes == ["a", "b", "c"]
     assert tuple(loaded.train.x.shape) == (9, 1, 4, 6)
@@ -331,8 +319,8 @@ def test_image_folder_split_layout_and_grayscale(tmp_path):
 
 
 def test_image_folder_unknown_class_in_val(tmp_path):
-    _png(tmp_path / "train" / "a" / "0.png", (4, 4), 0)
-    _png(tmp_path / "val" / "zebra" / "0.png", (4, 4), 0)
+    png(tmp_path / "train" / "a" / "0.png", (4, 4), 0)
+    png(tmp_path / "val" / "zebra" / "0.png", (4, 4), 0)
     with pytest.raises(UserError, match="zebra"):
         images.image_folder(str(tmp_path))
 
@@ -345,7 +333,7 @@ def test_image_folder_empty_folder_explains_layout(tmp_path):
 
 
 def test_image_folder_corrupt_file_skip_or_error(tmp_path):
-    _flat_folder(tmp_path)
+    flat_image_folder(tmp_path)
     bad = tmp_path / "cat" / "broken.png"
     bad.write_bytes(b"\x89PNG not really")
     with pytest.warns(UserWarning, match="skipping undecodable image .*broken.png"):
@@ -357,7 +345,7 @@ def test_image_folder_corrupt_file_skip_or_error(tmp_path):
 
 
 def test_image_folder_lazy_split_matches_resident(tmp_path, monkeypatch):
-    _flat_folder(tmp_path)
+    flat_image_folder(tmp_path)
     (tmp_path / "dog" / "broken.png").write_bytes(b"junk")
     with pytest.warns(UserWarning):
         resident = images.image_folder(str(tmp_path), image_size=(5, 7), seed=1)
@@ -374,7 +362,7 @@ def test_image_folder_lazy_split_matches_resident(tmp_path, monkeypatch):
 
 
 def test_lazy_split_replaces_truncated_image(tmp_path, monkeypatch):
-    _flat_folder(tmp_path)
+    flat_image_folder(tmp_path)
     noise = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     Image.fromarray(noise).save(tmp_path / "cat" / "0.PNG")
     whole = (tmp_path / "cat" / "0.PNG").read_bytes()
@@ -473,7 +461,7 @@ def test_validate_fills_defaults_and_suggests_keys():
 
 
 def test_build_passes_seed_and_image_size_tuple(tmp_path):
-    _flat_folder(tmp_path)
+    flat_image_folder(tmp_path)
     section = DATASETS.validate(
         {"name": "image_folder", "path": str(tmp_path), "image_size": [4, 6]}, "data"
     )

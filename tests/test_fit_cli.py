@@ -9,19 +9,16 @@ from __future__ import annotations
 
 import csv
 import json
-import os
+import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from as_user import QUICKSTART, dltrain, one_epoch_fit, words
 
 from dltrain.recipe import load_recipe, to_yaml
-
-REPO = Path(__file__).resolve().parents[1]
-QUICKSTART = REPO / "recipes" / "quickstart.yaml"
 
 METRICS_HEADER = "epoch,train_loss,val_loss,val_accuracy,lr,seconds,samples_per_s"
 REPORT_KEYS = {
@@ -54,27 +51,6 @@ CHECKPOINT_KEYS = {
 }
 
 
-def dltrain(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess:
-    """Run `python -m dltrain ARGS` and capture its output."""
-    env = {k: v for k, v in os.environ.items() if k != "DLTRAIN_DEBUG"}
-    # One intra-op thread: on a small machine busy with other work, OpenMP threads spinning
-    # while they wait make tiny CPU runs many times slower (results are the same).
-    env["OMP_NUM_THREADS"] = "1"
-    return subprocess.run(
-        [sys.executable, "-m", "dltrain", *map(str, args)],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-
-
-def words(text: str) -> str:
-    """Whitespace-normalised text: the console may wrap long lines when piped."""
-    return " ".join(text.split())
-
-
 @pytest.fixture(scope="module")
 def quickstart(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     """The shipped quickstart recipe, trained in full into a temporary output folder."""
@@ -82,6 +58,12 @@ def quickstart(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     result = dltrain("fit", QUICKSTART, f"output={out}", cwd=out)
     assert result.returncode == 0, result.stdout + result.stderr
     return out / "quickstart", result
+
+
+def own_copy(run: Path, tmp_path: Path) -> Path:
+    """A test's own copy of the shared run, for a command that writes beside its checkpoints:
+    the shared folder stays as fit left it, whatever order the tests run in."""
+    return Path(shutil.copytree(run, tmp_path / run.name))
 
 
 # -- the quickstart run folder ----------------------------------------------------------------
@@ -169,20 +151,22 @@ def test_eval_reproduces_the_fit_report(quickstart, tmp_path):
 def test_eval_json_prints_only_json_and_defaults_to_eval_test_beside_the_checkpoint(
     quickstart, tmp_path
 ):
-    run, _ = quickstart
-    result = dltrain("eval", run / "checkpoints" / "best.pt", "--json", cwd=tmp_path)
+    run = own_copy(quickstart[0], tmp_path)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    result = dltrain("eval", run / "checkpoints" / "best.pt", "--json", cwd=cwd)
     assert result.returncode == 0, result.stdout + result.stderr
     printed = json.loads(result.stdout)  # stdout holds the JSON and nothing else
     written = run / "checkpoints" / "eval-test" / "report.json"
     assert printed == json.loads(written.read_text())
     assert printed["split"] == "test" and printed.keys() >= REPORT_KEYS
     assert printed["accuracy"] == json.loads((run / "report.json").read_text())["accuracy"]
-    assert list(tmp_path.iterdir()) == []  # nothing written in the working directory
+    assert list(cwd.iterdir()) == []  # nothing written in the working directory
 
 
 @pytest.mark.slow
 def test_eval_split_val(quickstart, tmp_path):
-    run, _ = quickstart
+    run = own_copy(quickstart[0], tmp_path)
     result = dltrain(
         "eval", run / "checkpoints" / "best.pt", "--split", "val", "--json", cwd=tmp_path
     )
@@ -200,12 +184,6 @@ def test_eval_split_val(quickstart, tmp_path):
 
 
 # -- one run folder, one recipe ---------------------------------------------------------------
-
-
-def one_epoch_fit(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
-    """A 1-epoch quickstart into tmp_path/quickstart."""
-    args = ["fit", QUICKSTART, f"output={tmp_path}", "train.epochs=1", "--quiet", *extra]
-    return dltrain(*args, cwd=tmp_path)
 
 
 def test_a_different_recipe_is_refused_in_a_used_run_folder(tmp_path):

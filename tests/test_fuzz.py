@@ -18,7 +18,6 @@ import torch
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_cli_errors import invoke  # noqa: F401  (a fixture: the CLI in-process, in tmp_path)
 
 from dltrain.checkpoint import load_checkpoint, save_checkpoint
 

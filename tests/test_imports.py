@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_cli_errors import invoke  # noqa: F401  (a fixture: the CLI in-process)
-from test_fit_cli import dltrain, words
+from as_user import dltrain, words
 
 from dltrain.errors import UserError
 from dltrain.recipe import load_recipe, resolve, to_yaml

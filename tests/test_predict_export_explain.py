@@ -10,6 +10,7 @@ in-process through typer's CliRunner (exit code and stderr as in a real process)
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +19,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from as_user import HELP_PROBE, dltrain
 from PIL import Image
-from test_cli_errors import HELP_PROBE, dltrain
 from typer.testing import CliRunner
 
 from dltrain.checkpoint import save_checkpoint
@@ -297,7 +298,9 @@ def _real_batch(predictor: Predictor, n: int = 7) -> torch.Tensor:
     return predictor.preprocess(digits().test.x[:n])
 
 
-def test_export_torchscript_matches_the_pytorch_model(digits_checkpoint, invoke):
+def test_export_torchscript_matches_the_pytorch_model(digits_checkpoint, invoke, tmp_path):
+    # a copy: the default output lies beside the checkpoint, and the shared one stays untouched
+    digits_checkpoint = Path(shutil.copy(digits_checkpoint, tmp_path / "best.pt"))
     result = invoke("export", str(digits_checkpoint), "--format", "torchscript")
     assert result.exit_code == 0, result.stderr
     path = digits_checkpoint.with_name("best.torchscript.pt")

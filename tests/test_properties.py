@@ -17,7 +17,6 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
-from test_cli_errors import invoke  # noqa: F401  (a fixture: the CLI in-process)
 
 from dltrain.errors import UserError
 from dltrain.recipe import (

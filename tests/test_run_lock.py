@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_cli_errors import invoke  # noqa: F401  (a fixture: the CLI in-process, in tmp_path)
-from test_fit_cli import dltrain, words
+from as_user import dltrain, words
 
 from dltrain.errors import UserError
 from dltrain.run_folder import RunFolder

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_cli_errors import invoke  # noqa: F401  (a fixture: the CLI in-process, in tmp_path)
 
 from dltrain.checkpoint import load_checkpoint
 from dltrain.run_folder import RunFolder

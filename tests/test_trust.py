@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_cli_errors import invoke  # noqa: F401  (a fixture: the CLI in-process, in tmp_path)
 
 from dltrain.checkpoint import contents_digest, load_checkpoint, save_checkpoint
 from dltrain.errors import UserError
