@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from as_user import QUICKSTART
 from typer.testing import CliRunner
 
 from dltrain import crossval
@@ -33,8 +34,6 @@ from dltrain.runs_table import best_val_metrics, read_metrics
 
 from runs import DIGITS, TABULAR, make_recipe, quiet
 
-REPO = Path(__file__).resolve().parents[1]
-QUICKSTART = REPO / "recipes" / "quickstart.yaml"
 K = 5
 
 

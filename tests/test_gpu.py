@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from as_user import QUICKSTART
 
 from dltrain.data.loaders import ResidentBatches
 from dltrain.evaluate import evaluate_checkpoint
@@ -90,8 +91,6 @@ def test_each_default_can_be_turned_off(tmp_path):
 
 
 # -- data parallel on a GPU -----------------------------------------------------------------------
-
-QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
 
 
 def fit_quickstart(tmp_path: Path, name: str, launcher: list[str]) -> dict:

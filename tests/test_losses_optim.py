@@ -330,3 +330,26 @@ def test_loading_another_schedule_is_a_user_error():
     state = make_schedule(sgd(), name="cosine").state_dict()
     with pytest.raises(UserError, match="checkpoint's lr schedule is 'cosine'"):
         constant_schedule(sgd()).load_state_dict(state)
+
+
+# -- the update's numerics ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_clipping_acts_on_the_true_gradient_whatever_the_loss_scale(precision):
+    # fp16 scales the loss by 2**16: clipping before unscaling would clip the scaled gradient
+    # and leave an update 65536 times too small. The gradient of sum(w)/2 is 0.5 per weight
+    # (32768 once scaled: still finite in fp16, so the scaler takes the step; the halving is
+    # done in fp32, as autocast does for a real loss, else the scale itself would overflow).
+    from dltrain.amp import MixedPrecision
+
+    layer = torch.nn.Linear(4, 1, bias=False)
+    torch.nn.init.zeros_(layer.weight)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=1.0)
+    numerics = MixedPrecision(precision, torch.device("cpu"))
+    with numerics.autocast():
+        loss = layer(torch.ones(1, 4)).float().sum() / 2
+    numerics.backward(loss)
+    numerics.step(optimizer, layer.parameters(), grad_clip=0.25)
+    # the gradient (0.5, 0.5, 0.5, 0.5) has norm 1; clipped to norm 0.25, SGD with lr 1 moves by it
+    assert torch.allclose(layer.weight.detach(), torch.full((1, 4), -0.125), rtol=1e-3)

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from as_user import HELP_PROBE, dltrain
+from as_user import HELP_PROBE, QUICKSTART, dltrain
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -32,7 +32,6 @@ from dltrain.inference import Predictor, load_for_inference
 
 from runs import train
 
-QUICKSTART = Path(__file__).resolve().parent.parent / "recipes" / "quickstart.yaml"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # TorchScript is deprecated upstream (in favour of torch.export) but still loads everywhere.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")

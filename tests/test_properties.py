@@ -10,11 +10,11 @@ accepted must also survive its own resolved form (recipe.yaml, the checkpoint's 
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from as_user import QUICKSTART
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
@@ -32,7 +32,6 @@ from dltrain.recipe import (
 )
 from dltrain.registry import REGISTRIES
 
-QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
 QUICKSTART_RAW = parse_yaml(QUICKSTART.read_text(encoding="utf-8"), str(QUICKSTART))
 
 # No deadline: the first example imports the component registries, and CI machines vary.

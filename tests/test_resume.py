@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from as_user import QUICKSTART
 from rich.console import Console
 
 from dltrain.checkpoint import load_checkpoint, save_checkpoint
@@ -22,9 +23,6 @@ from dltrain.progress import Progress
 from dltrain.run_folder import RunFolder
 
 from runs import DIGITS, assert_same_tensors, metric_rows, train, weights
-
-ROOT = Path(__file__).resolve().parent.parent
-QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
 
 
 class SignalAt(Progress):
@@ -225,3 +223,29 @@ def test_signal_to_a_running_fit_saves_and_prints_the_resume_command(tmp_path, s
     assert "--resume auto" in out and "dltrain fit" in out
     state = load_checkpoint(last)
     assert 1 <= state["epoch"] < 500
+
+
+# -- fp16 with a GradScaler, on the CPU ----------------------------------------------------------
+
+FP16 = ["train.epochs=2", "train.precision=fp16", "train.grad_clip=1.0"]
+
+
+def test_fp16_with_a_grad_scaler_resumes_exactly(tmp_path, sigint_as_in_a_terminal):
+    # The path CUDA runs by default on older GPUs: autocast to fp16, scaled loss, unscale, clip.
+    straight, straight_report = train(tmp_path, DIGITS, "straight", *FP16)
+    with pytest.raises(Interrupted):
+        train(tmp_path, DIGITS, "resumed", *FP16, progress=SignalAt(2, 7))
+    run = RunFolder(tmp_path / "resumed")
+    scaler = load_checkpoint(run.last_path)["scaler"]
+    # the scaler's own state travels: its scale, and the clean steps counted towards growing it
+    assert scaler["scale"] == 2.0**16 and scaler["_growth_tracker"] == 20 + 7
+    resumed, resumed_report = train(tmp_path, DIGITS, "resumed", *FP16, resume=run.last_path)
+    assert_same_tensors(weights(straight.last_path), weights(resumed.last_path))
+    assert (
+        load_checkpoint(straight.last_path)["scaler"]
+        == load_checkpoint(resumed.last_path)["scaler"]
+    )
+    assert metric_rows(straight) == metric_rows(resumed)
+    assert straight_report == resumed_report
+    losses = [float(row["train_loss"]) for row in metric_rows(straight)]
+    assert losses[1] < losses[0]  # and it learns

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from as_user import QUICKSTART
 from rich.console import Console
 
 from dltrain.engine import fit
@@ -21,7 +22,6 @@ from dltrain.run_folder import RunFolder
 
 from runs import DIGITS, make_recipe
 
-QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 

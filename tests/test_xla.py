@@ -16,9 +16,7 @@ from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
+from as_user import QUICKSTART
 
 pytestmark = [
     pytest.mark.xla,
