@@ -31,7 +31,7 @@ from dltrain.data.loaders import Batches
 from dltrain.devices import resolve_device
 from dltrain.distributed import World, process_device, process_group, world_from_environment
 from dltrain.errors import DltrainError, UserError
-from dltrain.evaluate import evaluate, report_on_split
+from dltrain.evaluate import evaluate, report_on_split, report_split
 from dltrain.interrupts import LAUNCHER_ECHO_SECONDS, GracefulStop, Interrupted
 from dltrain.memory import out_of_memory_is_a_run_failure
 from dltrain.optim import LrSchedule
@@ -212,6 +212,11 @@ def _start_training(
     note = fallback_note(monitors, has_validation=val_batches is not None)
     if note:
         progress.note(note)
+    if report_split(s.data.splits) == "train":
+        progress.note(
+            "no test or validation split: the final report is on the training data, which says "
+            "little about new data; give data.test or set data.val_split > 0 to hold data out"
+        )
     if world.launched:
         progress.data_parallel(world.size, train_batches.batch_size, recipe.train.accumulate)
     model, eval_model = training_modules(s)

@@ -7,7 +7,7 @@ is `dltrain eval`: a setup rebuilt from the checkpoint alone, then the same repo
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +77,12 @@ def evaluate_checkpoint(
     return report_on_split(setup, checkpoint_path, output, progress, split)
 
 
+def report_split(splits: Collection[str]) -> str:
+    """The split a report is on by default: test; else val; else (data with neither, e.g. a
+    final model trained on everything) the training data itself, labelled as such."""
+    return next(name for name in ("test", "val", "train") if name in splits)
+
+
 def report_on_split(
     s: Setup,
     checkpoint_path: Path,
@@ -90,7 +96,7 @@ def report_on_split(
     too when the training `history` is given."""
     from dltrain.report import write_report
 
-    split = split or ("test" if "test" in s.data.splits else "val")
+    split = split or report_split(s.data.splits)
     if split not in s.data.splits:
         raise UserError(
             f"this dataset has no '{split}' split; choose one of: {', '.join(s.data.splits)}."

@@ -5,6 +5,7 @@ Every test builds its tiny data under tmp_path; nothing is downloaded.
 
 from __future__ import annotations
 
+import json
 import struct
 from pathlib import Path
 from urllib.error import URLError
@@ -12,6 +13,7 @@ from urllib.error import URLError
 import numpy as np
 import pytest
 import torch
+import yaml
 from as_user import flat_image_folder, png
 from PIL import Image
 from torchvision import datasets as tv_datasets
@@ -254,6 +256,31 @@ def test_csv_train_and_test_files_with_integer_labels(tmp_path):
     assert loaded.test.x.tolist() == [[1.5, 0.5], [1.0, 1.0]]  # columns matched by name
     assert loaded.test.y.tolist() == [0, 1]
     assert tables.csv(train=train).test is None
+
+
+def test_a_fit_on_a_train_file_alone_reports_on_the_training_data_and_says_so(tmp_path, invoke):
+    # no test file and no validation split: a final model trained on everything. It finishes
+    # with a report labelled as what it is, never an error after the training is done.
+    train = _species_csv(tmp_path)
+    recipe = tmp_path / "all.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "name": "all",
+                "output": str(tmp_path / "runs"),
+                "device": "cpu",
+                "data": {"name": "csv", "train": train, "label": "species", "val_split": 0},
+                "model": {"name": "mlp", "hidden": [8]},
+                "train": {"epochs": 2},
+            }
+        )
+    )
+    result = invoke("fit", str(recipe))
+    assert result.exit_code == 0, result.output
+    assert "the final report is on the training data" in " ".join(result.output.split())
+    report = json.loads((tmp_path / "runs" / "all" / "report.json").read_text())
+    assert report["split"] == "train" and report["num_samples"] == 30
+    assert "train accuracy" in result.output
 
 
 def test_csv_test_label_unseen_in_train(tmp_path):

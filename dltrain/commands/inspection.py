@@ -25,7 +25,9 @@ def evaluate(
     overrides: list[str] = typer.Argument(
         None, help="Recipe overrides, e.g. data.root=/elsewhere.", show_default=False
     ),
-    split: Split = typer.Option(None, "--split", help="Split to evaluate (default: test, or val)."),
+    split: Split = typer.Option(
+        None, "--split", help="Split to evaluate (default: test; else val; else train)."
+    ),
     output: Path = typer.Option(
         None,
         "--output",
