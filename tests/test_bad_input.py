@@ -64,7 +64,7 @@ def trained(tmp_path_factory) -> TrainedRun:
 
 
 @pytest.fixture
-def fit_over(invoke, trained):  # noqa: F811
+def fit_over(invoke, trained):
     """`dltrain fit RECIPE ARGS --force` into the trained run's folder, in-process."""
 
     def run(recipe: Path | str, *args: str):
@@ -132,7 +132,7 @@ def test_a_wrong_recipe_or_override(fit_over, trained, tmp_path, text, overrides
     trained.assert_unchanged()
 
 
-def test_a_folder_that_already_holds_a_different_run(invoke, trained):  # noqa: F811
+def test_a_folder_that_already_holds_a_different_run(invoke, trained):
     result = invoke("fit", str(QUICKSTART), f"output={trained.output}", "optimizer.lr=0.01")
     assert_refused(result, str(trained.root), "different recipe", "--resume", "--force")
     trained.assert_unchanged()
@@ -166,7 +166,7 @@ def test_an_npz_with_wrong_shapes(fit_over, trained, tmp_path):
     trained.assert_unchanged()
 
 
-def test_an_image_folder_with_an_undecodable_file(fit_over, invoke, trained, tmp_path):  # noqa: F811
+def test_an_image_folder_with_an_undecodable_file(fit_over, invoke, trained, tmp_path):
     images = flat_image_folder(tmp_path / "images")
     broken = images / "cat" / "broken.png"
     broken.write_bytes(b"\x89PNG but not really")
@@ -186,7 +186,7 @@ def test_an_image_folder_with_an_undecodable_file(fit_over, invoke, trained, tmp
     trained.assert_unchanged()
 
 
-def test_data_whose_classes_do_not_match_the_checkpoint(invoke, trained, tmp_path):  # noqa: F811
+def test_data_whose_classes_do_not_match_the_checkpoint(invoke, trained, tmp_path):
     other = ["data.name=synthetic", "data.num_classes=3", "data.shape=[1,8,8]"]
     result = invoke("eval", str(trained.best), *other, "--output", str(tmp_path / "eval"))
     assert_refused(result, "3 classes", "10 classes", "does not match the checkpoint")
@@ -262,7 +262,7 @@ def test_a_disk_that_fills_up_during_a_write(fit_over, trained, tmp_path, monkey
         ("newer-format", f"format {FORMAT + 1}, newer than this dltrain reads"),
     ],
 )
-def test_an_unusable_checkpoint(invoke, trained, tmp_path, damage, expected):  # noqa: F811
+def test_an_unusable_checkpoint(invoke, trained, tmp_path, damage, expected):
     path = tmp_path / "model.pt"
     good = trained.best.read_bytes()
     if damage == "truncated":

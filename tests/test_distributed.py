@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -205,6 +206,37 @@ def test_a_stuck_process_ends_the_run_after_the_timeout(tmp_path):
     assert elapsed < 90
     last = tmp_path / "runs" / "stuck" / "checkpoints" / "last.pt"
     assert torch.load(last, weights_only=True)["epoch"] == 1
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_fit_nproc_saves_once_and_prints_the_resume_command(tmp_path):
+    # A terminal's Ctrl-C reaches the whole foreground process group: `dltrain fit --nproc`,
+    # torchrun and both training processes at once; torchrun then forwards its own copy. That
+    # copy must not count as a second Ctrl-C: the processes agree to stop and rank 0 saves.
+    recipe = write_recipe(tmp_path, "stopped", train={"epochs": 500})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TMPDIR": str(tmp_path)}
+    launched = subprocess.Popen(
+        [sys.executable, "-m", "dltrain", "fit", str(recipe), "--nproc", "2"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal's foreground job
+    )
+    last = tmp_path / "runs" / "stopped" / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 120
+    while not last.exists() and launched.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert last.exists(), "training never saved an epoch"
+    os.killpg(launched.pid, signal.SIGINT)
+    output, _ = launched.communicate(timeout=120)
+    said = " ".join(output.split())
+    assert launched.returncode == 130, output[-3000:]
+    assert "Traceback" not in output
+    assert "--resume auto --nproc 2" in said and "stopped at once" not in said
+    saved = torch.load(last, weights_only=True)
+    assert 1 <= saved["epoch"] < 500  # a whole checkpoint of the stopped run
 
 
 @pytest.mark.slow

@@ -411,6 +411,15 @@ def test_best_checkpoint_is_replaced_only_when_the_monitor_improves(
     assert not any(torch.equal(v, last["model"][k]) for k, v in best["model"].items() if v.ndim)
 
 
+def test_a_non_finite_validation_loss_never_becomes_best(tmp_path, monkeypatch):
+    # NaN compares as neither better nor worse, and -inf as better than anything: neither counts
+    scripted_evaluate(monkeypatch, [math.nan, 0.9, -math.inf, 0.5, math.nan], [0.5] * 5)
+    run, _ = train(tmp_path, DIGITS, "nan-val", "train.epochs=5")
+    best, last = load_checkpoint(run.best_path), load_checkpoint(run.last_path)
+    assert best["epoch"] == last["metrics"]["best_epoch"] == 4
+    assert last["metrics"]["best"] == 0.5
+
+
 def test_real_run_best_checkpoint_is_the_lowest_val_loss(tmp_path):
     run, _ = train(tmp_path, DIGITS, "real", "train.epochs=4", "optimizer.lr=0.02")
     rows = metric_rows(run)
@@ -487,6 +496,14 @@ def test_run_folder_files(tmp_path):
     output = progress.console.file.getvalue()
     assert sum(line.startswith("epoch ") for line in output.splitlines()) == 3
     assert f"accuracy {report['accuracy']:.4f}" in output
+
+
+def test_an_event_log_that_cannot_be_written_is_a_run_failure_naming_it(tmp_path):
+    from dltrain.run_log import RunLog
+
+    (tmp_path / "events.jsonl").mkdir()  # unwritable as a file, whoever runs the test
+    with pytest.raises(RunFailure, match=r"cannot write .*events\.jsonl"):
+        RunLog(tmp_path).event("start")
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):

@@ -77,7 +77,7 @@ def mutate(state: dict, path: tuple, how: str) -> None:
 )
 @given(data=st.data())
 def test_any_damaged_checkpoint_is_used_or_refused_with_one_message(
-    invoke,  # noqa: F811
+    invoke,
     trained,
     data,
 ):

@@ -187,7 +187,7 @@ def test_malformed_imports_are_refused(tmp_path, imports, where, expected):
     assert f"{where}:" in message and expected in message
 
 
-def test_cli_reports_a_failing_import_in_one_line(invoke, tmp_path):  # noqa: F811
+def test_cli_reports_a_failing_import_in_one_line(invoke, tmp_path):
     path = recipe_file(tmp_path, ["no_such_pkg_xyz"], "mlp")
     result = invoke("check", str(path))
     assert result.exit_code == 2

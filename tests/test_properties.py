@@ -207,7 +207,7 @@ def test_any_overrides_of_the_quickstart_resolve_or_are_a_user_error(overrides):
     deadline=None, max_examples=15, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(st.lists(override_texts, max_size=3))
-def test_dltrain_check_exits_0_or_2_without_a_traceback(invoke, overrides):  # noqa: F811
+def test_dltrain_check_exits_0_or_2_without_a_traceback(invoke, overrides):
     # `invoke` fails the test if anything but SystemExit escapes the command.
     result = invoke("check", str(QUICKSTART), "--", *overrides)
     assert result.exit_code in (0, 2), result.output

@@ -128,7 +128,7 @@ def test_two_concurrent_fits_on_one_folder_the_second_is_refused_at_once(tmp_pat
 
 
 def test_eval_into_a_run_folder_another_process_writes_is_refused(
-    invoke,  # noqa: F811
+    invoke,
     tmp_path,
 ):
     run, _ = train(tmp_path, TABULAR, "busy", "train.epochs=1")
@@ -143,7 +143,7 @@ def test_eval_into_a_run_folder_another_process_writes_is_refused(
         holder.wait()
 
 
-def test_an_unfinished_run_is_never_silently_started_over(invoke, tmp_path):  # noqa: F811
+def test_an_unfinished_run_is_never_silently_started_over(invoke, tmp_path):
     recipe = tmp_path / "tab.yaml"
     recipe.write_text(yaml.safe_dump({**TABULAR, "name": "tab", "output": str(tmp_path / "r")}))
     assert invoke("fit", str(recipe), "-q").exit_code == 0
@@ -162,3 +162,22 @@ def test_an_unfinished_run_is_never_silently_started_over(invoke, tmp_path):  # 
     assert (run.root / "report.json").exists() and run.last_path.read_bytes() == saved
     forced = invoke("fit", str(recipe), "--force", "-q")  # finished: a new start is allowed
     assert forced.exit_code == 0, forced.output
+
+
+def test_resume_auto_starts_a_new_run_when_there_is_none_and_refuses_another_recipe(
+    invoke,
+    tmp_path,
+):
+    recipe = tmp_path / "tab.yaml"
+    recipe.write_text(yaml.safe_dump({**TABULAR, "name": "tab", "output": str(tmp_path / "r")}))
+    first = invoke("fit", str(recipe), "--resume", "auto", "-q")
+    assert first.exit_code == 0, first.output
+    assert "no checkpoint at" in words(first.output) and "starting a new run" in first.output
+    run = RunFolder(tmp_path / "r" / "tab")
+    saved = run.last_path.read_bytes()
+
+    # --resume does not skip the check that a run folder holds one recipe's run
+    other = invoke("fit", str(recipe), "optimizer.lr=0.5", "--resume", "auto")
+    assert other.exit_code == 2
+    assert "optimizer.lr" in words(other.stderr)
+    assert run.last_path.read_bytes() == saved

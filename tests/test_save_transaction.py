@@ -139,7 +139,7 @@ def run_files(run: RunFolder) -> tuple:
 
 @pytest.mark.slow
 def test_killed_at_any_write_boundary_a_resumed_run_ends_exactly_as_the_uninterrupted_one(
-    invoke,  # noqa: F811
+    invoke,
     tmp_path,
 ):
     recipe = small_recipe(tmp_path, "straight")
@@ -172,7 +172,7 @@ def test_killed_at_any_write_boundary_a_resumed_run_ends_exactly_as_the_uninterr
 
 
 def test_a_failed_force_run_gives_the_folder_back_to_the_run_it_was_to_replace(
-    invoke,  # noqa: F811
+    invoke,
     tmp_path,
 ):
     recipe = small_recipe(tmp_path, "kept")
@@ -189,7 +189,7 @@ def test_a_failed_force_run_gives_the_folder_back_to_the_run_it_was_to_replace(
 
 
 def test_force_starts_in_an_empty_folder_and_drops_the_old_run_once_the_new_one_saved(
-    invoke,  # noqa: F811
+    invoke,
     tmp_path,
 ):
     recipe = small_recipe(tmp_path, "fresh")

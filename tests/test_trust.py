@@ -59,7 +59,7 @@ def planted_checkpoint(checkpoint: Path, folder: Path, model: str = "mlp") -> tu
     return target, marker
 
 
-def test_no_command_imports_what_a_checkpoint_names(invoke, checkpoint, tmp_path):  # noqa: F811
+def test_no_command_imports_what_a_checkpoint_names(invoke, checkpoint, tmp_path):
     planted, marker = planted_checkpoint(checkpoint, tmp_path)
     np.save(tmp_path / "rows.npy", np.zeros((2, 8), dtype=np.float32))
     for args in (
@@ -73,7 +73,7 @@ def test_no_command_imports_what_a_checkpoint_names(invoke, checkpoint, tmp_path
 
 
 def test_a_checkpoint_whose_model_needs_user_code_says_to_pass_imports(
-    invoke,  # noqa: F811
+    invoke,
     checkpoint,
     tmp_path,
 ):
@@ -123,7 +123,7 @@ def flip_bytes_in_tensor_data(path: Path, count: int = 16) -> None:
     path.write_bytes(bytes(data))
 
 
-def test_flipped_bytes_in_the_weights_are_refused_as_corrupted(invoke, checkpoint, tmp_path):  # noqa: F811
+def test_flipped_bytes_in_the_weights_are_refused_as_corrupted(invoke, checkpoint, tmp_path):
     corrupted = copy_of(checkpoint, tmp_path)
     flip_bytes_in_tensor_data(corrupted)
     torch.load(corrupted, weights_only=True)  # torch itself does not notice
@@ -167,7 +167,7 @@ def test_the_digest_covers_dtype_shape_and_structure():
 # -- outputs never replace inputs ------------------------------------------------------------
 
 
-def test_export_and_explain_refuse_to_write_over_a_checkpoint(invoke, checkpoint, tmp_path):  # noqa: F811
+def test_export_and_explain_refuse_to_write_over_a_checkpoint(invoke, checkpoint, tmp_path):
     target = copy_of(checkpoint, tmp_path)
     other = copy_of(checkpoint, tmp_path, "other.pt")
     before = target.read_bytes()
@@ -189,7 +189,7 @@ def test_export_and_explain_refuse_to_write_over_a_checkpoint(invoke, checkpoint
     assert again.exit_code == 0, again.output
 
 
-def test_eval_refuses_to_write_its_report_into_a_run_folder(invoke, checkpoint, tmp_path):  # noqa: F811
+def test_eval_refuses_to_write_its_report_into_a_run_folder(invoke, checkpoint, tmp_path):
     run = checkpoint.parent.parent
     before = (run / "report.json").read_bytes()
     result = invoke("eval", str(checkpoint), "--output", str(run))
@@ -199,7 +199,7 @@ def test_eval_refuses_to_write_its_report_into_a_run_folder(invoke, checkpoint, 
 
 
 def test_torchs_advice_to_load_with_weights_only_false_is_never_passed_on(
-    invoke,  # noqa: F811
+    invoke,
     tmp_path,
 ):
     scripted = torch.jit.script(torch.nn.Linear(2, 2))
