@@ -10,6 +10,7 @@ count.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -145,35 +146,47 @@ class _ClassificationPass:
 
 class _RegressionPass:
     def __init__(self, device: torch.device):
-        # n, loss, Σe², Σ|e|, Σy, Σy² — float64 sums on the device
-        self.sums = torch.zeros(6, device=device, dtype=torch.float64)
+        # n, loss·n, Σe², Σ|e|: float64 sums on the device
+        self.sums = torch.zeros(4, device=device, dtype=torch.float64)
+        # the targets' count, mean and Σ(y − ȳ)², merged batch by batch (Chan et al.):
+        # Σy² − (Σy)²/n cancels catastrophically for targets far from 0 (prices, years)
+        self.spread = torch.zeros(3, device=device, dtype=torch.float64)
 
     def update(self, model, x, y, loss_fn, real: int | None = None) -> None:
         out, y = _real(model(x), y, real)
         prediction, target = out.float().squeeze(-1).double(), y.double()
         error = prediction - target
+        count = torch.tensor(float(len(y)), device=y.device, dtype=torch.float64)
         self.sums += torch.stack(
-            [
-                torch.tensor(float(len(y)), device=y.device, dtype=torch.float64),
-                loss_fn(out, y).double() * len(y),
-                error.square().sum(),
-                error.abs().sum(),
-                target.sum(),
-                target.square().sum(),
-            ]
+            [count, loss_fn(out, y).double() * len(y), error.square().sum(), error.abs().sum()]
         )
+        if len(y):
+            mean = target.mean()
+            self.spread = _merged(
+                self.spread, torch.stack([count, mean, (target - mean).square().sum()])
+            )
 
     def result(self, world: World = SINGLE) -> Evaluation:
-        n, loss, sse, sae, sum_y, sum_y2 = world.all_reduce_sum_(self.sums).tolist()
+        n, loss, sse, sae = world.all_reduce_sum_(self.sums).tolist()
+        spreads = world.gather_rows(self.spread[None])  # one (n, mean, M2) row per process
+        total = functools.reduce(_merged, spreads)[2].item()  # Σ(y − ȳ)² over the whole split
         n = max(n, 1.0)
-        total = sum_y2 - sum_y**2 / n  # Σ(y - ȳ)²
         metrics = {
             "num_samples": int(n),
             "mse": sse / n,
             "mae": sae / n,
-            "r2": 1.0 - sse / total if total > 0 else 0.0,
+            # as scikit-learn's r2_score: constant targets score 1 when predicted exactly, else 0
+            "r2": 1.0 - sse / total if total > 0 else float(sse == 0),
         }
         return Evaluation(loss / n, metrics=metrics)
+
+
+def _merged(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Two (count, mean, Σ(y − mean)²) summaries as one."""
+    count = a[0] + b[0]
+    delta = b[1] - a[1]
+    share = b[0] / count.clamp(min=1)
+    return torch.stack([count, a[1] + delta * share, a[2] + b[2] + delta.square() * a[0] * share])
 
 
 class _Seq2SeqPass:

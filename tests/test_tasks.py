@@ -5,9 +5,16 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
+from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
 
+from dltrain.checkpoint import load_checkpoint
 from dltrain.errors import UserError
 from dltrain.evaluate import evaluate_checkpoint
+from dltrain.losses import mse
+from dltrain.recipe import Recipe
+from dltrain.setup import build_setup
+from dltrain.tasks import Regression
 
 from runs import metric_rows, quiet, train
 
@@ -73,6 +80,68 @@ def test_regression_reports_mse_mae_r2_and_eval_reproduces_it(tmp_path):
     assert "mse" in (run.root / "report.md").read_text()
 
 
+def test_the_regression_report_equals_sklearn_on_the_models_predictions(tmp_path):
+    run, report = train(tmp_path, ADDING, "adding", "data.eval_batch_size=50")
+    checkpoint = load_checkpoint(run.best_path)
+    setup = build_setup(Recipe.model_validate(checkpoint["recipe"]), meta=checkpoint["data_meta"])
+    setup.model.load_state_dict(checkpoint["model"])
+    setup.model.eval()
+    test = setup.data.splits["test"]
+    with torch.no_grad():
+        predicted = setup.model(setup.pipeline.eval(test.x)).squeeze(-1).double().numpy()
+    truth = test.y.double().numpy()
+    assert report["num_samples"] == len(truth) == 128
+    assert report["mse"] == pytest.approx(mean_squared_error(truth, predicted), rel=1e-9)
+    assert report["mae"] == pytest.approx(mean_absolute_error(truth, predicted), rel=1e-9)
+    assert report["r2"] == pytest.approx(r2_score(truth, predicted), rel=1e-9)
+    assert report["mae"] != pytest.approx(report["mse"])  # two different numbers
+
+
+class Fixed(torch.nn.Module):
+    """A "model" that answers the prediction it was given for each row (x is the row index)."""
+
+    def __init__(self, answers: torch.Tensor):
+        super().__init__()
+        self.answers = answers
+
+    def forward(self, x):
+        return self.answers[x.long()].unsqueeze(-1)
+
+
+@pytest.mark.parametrize(
+    ("offset", "spread", "exact"),
+    [
+        (0.0, 1.0, False),
+        (1e8, 1.0, False),
+        (-3e6, 0.01, False),
+        (7.0, 0.0, False),
+        (7.0, 0.0, True),
+    ],
+    ids=["centred", "far-from-zero", "negative-narrow", "constant", "constant-exact"],
+)
+def test_regression_metrics_equal_sklearn_in_batches(offset, spread, exact):
+    # targets far from 0 (prices, years) and constant targets, evaluated in uneven batches
+    generator = torch.Generator().manual_seed(0)
+    truth = offset + spread * torch.randn(103, generator=generator, dtype=torch.float64)
+    noise = 0.0 if exact else torch.randn(103, generator=generator, dtype=torch.float64)
+    answers = (truth + 0.5 * noise).float()  # what a float32 model would answer
+    passing = Regression().evaluator(1, torch.device("cpu"), keep_scores=False)
+    loss = mse(task="regression")
+    rows = torch.arange(103)
+    for batch in rows.split(17):
+        passing.update(Fixed(answers), batch, truth[batch].float(), loss)
+    metrics = passing.result().metrics
+    target, predicted = truth.float().double().numpy(), answers.double().numpy()
+    assert metrics["num_samples"] == 103
+    assert metrics["mse"] == pytest.approx(
+        mean_squared_error(target, predicted), rel=1e-9, abs=1e-12
+    )
+    assert metrics["mae"] == pytest.approx(
+        mean_absolute_error(target, predicted), rel=1e-9, abs=1e-12
+    )
+    assert metrics["r2"] == pytest.approx(r2_score(target, predicted), rel=1e-6, abs=1e-9)
+
+
 def test_seq2seq_reports_exact_match_and_token_accuracy(tmp_path):
     run, report = train(tmp_path, REVERSE, "reverse")
     assert report["task"] == "seq2seq"
@@ -117,3 +186,29 @@ def test_every_declared_task_has_its_own_task_object():
     from dltrain.tasks import task_for
 
     assert [task_for(name, {}).name for name in TASKS] == list(TASKS)
+
+
+def test_regression_shards_merge_to_the_whole_splits_metrics():
+    # under data parallelism each process evaluates a shard; the result must be the whole split's
+    generator = torch.Generator().manual_seed(1)
+    truth = 5e5 + torch.randn(60, generator=generator)
+    answers = truth + torch.randn(60, generator=generator)
+    loss = mse(task="regression")
+
+    def evaluated(rows):
+        passing = Regression().evaluator(1, torch.device("cpu"), keep_scores=False)
+        passing.update(Fixed(answers), rows, truth[rows], loss)
+        return passing
+
+    shards = [evaluated(torch.arange(0, 37)), evaluated(torch.arange(37, 60))]
+
+    class TwoProcesses:  # what the collectives of a 2-process World return, done here in one
+        def all_reduce_sum_(self, tensor):
+            return sum(s.sums for s in shards)
+
+        def gather_rows(self, tensor):
+            return torch.stack([s.spread for s in shards])
+
+    merged = shards[0].result(TwoProcesses()).metrics
+    whole = evaluated(torch.arange(60)).result().metrics
+    assert merged == pytest.approx(whole, rel=1e-9)
