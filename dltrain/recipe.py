@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import re
 import stat
 import sys
@@ -318,6 +319,7 @@ def resolve_with_context(
         # Import first: `model.name=my_model` must find the user's component when overrides
         # switch components below.
         raw = import_user_modules(raw, base_dir)
+        raw = anchor_input_paths(raw, overridden, base_dir)
         return resolve(_drop_replaced_arguments(raw, overridden))
     except RecipeError as exc:
         # `from exc.__cause__`: None for most errors; for an import that failed, the user's own
@@ -641,6 +643,29 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> tuple[dict[str
         applied.pop(".".join(keys), None)  # keep `applied` in the order overrides took effect
         applied[".".join(keys)] = text
     return result, applied
+
+
+def anchor_input_paths(
+    raw: dict[str, Any], overridden: dict[str, str], base_dir: Path | None
+) -> dict[str, Any]:
+    """Make the dataset's input paths absolute: relative to the recipe file's folder when the
+    file says them, to the working folder when an override does (or there is no file). The
+    resolved recipe (recipe.yaml, checkpoints) then names the same files from anywhere."""
+    from dltrain.registry import DATASETS
+
+    data = raw.get("data")
+    name = data.get("name") if isinstance(data, dict) else None
+    if not isinstance(name, str) or name not in DATASETS:
+        return raw  # resolve() names the problem
+    anchored = dict(data)
+    for key in DATASETS.path_arguments(name):
+        value = data.get(key)
+        if not isinstance(value, str) or not value:
+            continue
+        from_file = base_dir is not None and not {"data", f"data.{key}"} & overridden.keys()
+        start = base_dir if from_file else Path.cwd()
+        anchored[key] = os.path.normpath(Path(start).absolute() / Path(value).expanduser())
+    return {**raw, "data": anchored}
 
 
 def _drop_replaced_arguments(raw: dict[str, Any], overridden: dict[str, str]) -> dict[str, Any]:

@@ -26,6 +26,26 @@ from dltrain.errors import RecipeError, did_you_mean
 from dltrain.validation import recipe_error
 
 
+class _InputPath:
+    """Marks a component argument that names a file or folder the user's run reads:
+    `Annotated[str, INPUT_PATH]`. Such values, written in a recipe file, are relative to the
+    recipe's folder; the run checks they exist before anything else."""
+
+    def __repr__(self) -> str:
+        return "INPUT_PATH"
+
+
+INPUT_PATH = _InputPath()
+
+
+def _marks_input_path(annotation: Any) -> bool:
+    if typing.get_origin(annotation) is typing.Annotated:
+        return any(m is INPUT_PATH for m in annotation.__metadata__) or _marks_input_path(
+            typing.get_args(annotation)[0]
+        )
+    return any(_marks_input_path(a) for a in typing.get_args(annotation))
+
+
 @dataclass(frozen=True)
 class Argument:
     """One user-settable argument of a factory, for `dltrain list` and docs."""
@@ -128,6 +148,14 @@ class Registry:
         return [
             Argument(p.name, _type_name(hints.get(p.name, Any)), p.default)
             for p in self._user_parameters(factory)
+        ]
+
+    def path_arguments(self, name: str) -> list[str]:
+        """The arguments of `name` that name files or folders to read (marked INPUT_PATH)."""
+        factory, _ = self._resolve(name, "")
+        hints = typing.get_type_hints(factory, include_extras=True)
+        return [
+            p.name for p in self._user_parameters(factory) if _marks_input_path(hints.get(p.name))
         ]
 
     def validate(self, section: dict[str, Any], where: str) -> dict[str, Any]:

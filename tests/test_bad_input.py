@@ -149,6 +149,17 @@ def test_a_missing_dataset_path(fit_over, trained, tmp_path, dataset):
     trained.assert_unchanged()
 
 
+def test_a_mistyped_data_path_is_reported_before_the_run_folder(invoke, trained, tmp_path):
+    # without --force, into a folder holding a different run: the input is what to fix first
+    missing = tmp_path / "no_such.npz"
+    result = invoke(
+        "fit", str(QUICKSTART), f"output={trained.output}", "data.name=npz", f"data.path={missing}"
+    )
+    assert_refused(result, "data.path", str(missing), "not found")
+    assert "different recipe" not in result.output
+    trained.assert_unchanged()
+
+
 def test_an_npz_with_wrong_keys(fit_over, trained, tmp_path):
     x, y = np.zeros((6, 8, 8), np.uint8), np.arange(6) % 2
     np.savez(tmp_path / "data.npz", train_x=x, train_y=y, x_test=x)

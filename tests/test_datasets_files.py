@@ -494,3 +494,32 @@ def test_build_passes_seed_and_image_size_tuple(tmp_path):
     )
     loaded = DATASETS.build(section, seed=5)
     assert tuple(loaded.train.x.shape[1:]) == (3, 4, 6)
+
+
+def test_a_recipe_beside_its_data_trains_from_any_folder_and_its_checkpoint_evaluates_anywhere(
+    tmp_path, monkeypatch, invoke
+):
+    project = tmp_path / "project"
+    project.mkdir()
+    _species_csv(project)  # project/iris.csv, beside the recipe
+    recipe = project / "iris.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "name": "iris",
+                "output": str(tmp_path / "runs"),
+                "device": "cpu",
+                "data": {"name": "csv", "path": "iris.csv", "label": "species", "val_split": 0},
+                "model": {"name": "mlp", "hidden": [8]},
+                "train": {"epochs": 2},
+            }
+        )
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert invoke("fit", str(recipe), "-q").exit_code == 0
+    monkeypatch.chdir(tmp_path)  # another folder again: the checkpoint names the file absolutely
+    best = tmp_path / "runs" / "iris" / "checkpoints" / "best.pt"
+    result = invoke("eval", str(best), "--output", str(tmp_path / "eval"), "--json")
+    assert result.exit_code == 0, result.output

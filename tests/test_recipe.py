@@ -381,3 +381,36 @@ def test_yaml_tags_never_run_code(tmp_path):
     with pytest.raises(UserError, match=r"evil.yaml:1:7"):
         load_recipe(path)
     assert not marker.exists()
+
+
+# -- where relative paths start ----------------------------------------------------------------
+
+
+def test_paths_in_a_recipe_file_start_at_its_folder_and_overrides_at_the_working_folder(
+    tmp_path, monkeypatch
+):
+    recipes, work = tmp_path / "recipes", tmp_path / "work"
+    recipes.mkdir()
+    work.mkdir()
+    recipe = recipes / "own.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "data": {"name": "csv", "train": "data/t.csv", "test": "/abs/x.csv"},
+                "model": {"name": "mlp"},
+            }
+        )
+    )
+    monkeypatch.chdir(work)
+    loaded = load_recipe(recipe)
+    assert loaded.data.model_extra["train"] == str(recipes / "data" / "t.csv")
+    assert loaded.data.model_extra["test"] == "/abs/x.csv"  # absolute: as written
+
+    overridden = load_recipe(recipe, ["data.train=../mine.csv", "data.path=~/all.csv"])
+    assert overridden.data.model_extra["train"] == str(tmp_path / "mine.csv")
+    assert overridden.data.model_extra["path"] == str(Path.home() / "all.csv")
+
+    switched = load_recipe(recipe, ["data={name: npz, path: arrays.npz}"])
+    assert switched.data.model_extra["path"] == str(work / "arrays.npz")
+    # recipe.yaml (and every checkpoint) names the file as seen from anywhere
+    assert f"train: {recipes / 'data' / 't.csv'}" in to_yaml(loaded)

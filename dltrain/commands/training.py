@@ -138,12 +138,14 @@ def planned_run(
     block ends): load the recipe, find what to resume, and refuse (exit 2) a run folder that
     holds a different run or an unfinished one (unless resumed or --force), or that cannot be
     written."""
+    from dltrain.data.paths import check_input_paths
     from dltrain.errors import UserError
     from dltrain.recipe import load_recipe
     from dltrain.run_folder import RunFolder
     from dltrain.run_lock import holding
 
     recipe = load_recipe(recipe_path, overrides)
+    check_input_paths(recipe.data.dataset_args)  # input problems first, then the run folder
     run = RunFolder.for_recipe(recipe)
     owner = holding(run.root, "training") if lock else contextlib.nullcontext()
     with owner:

@@ -9,14 +9,14 @@ from typing import Literal
 import numpy as np
 
 from dltrain.data.base import ArraySplit, DatasetSplits
-from dltrain.data.paths import existing_path
+from dltrain.data.paths import InputPath, existing_path
 from dltrain.data.tensors import to_tensor
 from dltrain.errors import UserError
 from dltrain.registry import DATASETS
 
 
 @DATASETS.register()
-def npz(path: str, layout: Literal["auto", "nchw", "nhwc"] = "auto") -> DatasetSplits:
+def npz(path: InputPath, layout: Literal["auto", "nchw", "nhwc"] = "auto") -> DatasetSplits:
     """Arrays in a NumPy .npz file: images (N×H×W, N×H×W×C, N×C×H×W) or features (N×F).
 
     Needs train_x, train_y, test_x, test_y; optional val_x/val_y and `classes` (strings; default

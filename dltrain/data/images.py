@@ -19,7 +19,7 @@ from PIL import Image
 from pydantic import Field
 
 from dltrain.data.base import ArraySplit, DatasetSplits
-from dltrain.data.paths import existing_path
+from dltrain.data.paths import InputPath, existing_path
 from dltrain.data.splits import stratified_split
 from dltrain.errors import UserError
 from dltrain.registry import DATASETS
@@ -40,7 +40,7 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError
 
 @DATASETS.register()
 def image_folder(
-    path: str,
+    path: InputPath,
     image_size: int | tuple[int, int] = 64,
     grayscale: bool = False,
     test_split: Annotated[float, Field(ge=0, lt=1)] = 0.2,

@@ -16,7 +16,7 @@ import numpy as np
 from pydantic import Field
 
 from dltrain.data.base import ArraySplit, DatasetSplits
-from dltrain.data.paths import existing_path
+from dltrain.data.paths import InputPath, existing_path
 from dltrain.data.splits import stratified_split
 from dltrain.data.tensors import to_tensor
 from dltrain.errors import UserError, did_you_mean
@@ -45,9 +45,9 @@ class CsvTable:
 
 @DATASETS.register()
 def csv(
-    path: str | None = None,
-    train: str | None = None,
-    test: str | None = None,
+    path: InputPath | None = None,
+    train: InputPath | None = None,
+    test: InputPath | None = None,
     label: str = "label",
     features: list[str] | None = None,
     test_split: Annotated[float, Field(gt=0, lt=1)] = 0.2,

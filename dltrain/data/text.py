@@ -28,6 +28,7 @@ import torch
 from pydantic import Field
 
 from dltrain.data.base import ArraySplit, DatasetSplits
+from dltrain.data.paths import InputPath
 from dltrain.data.splits import stratified_split
 from dltrain.data.tables import (
     QUOTE_THE_TEXTS,
@@ -153,9 +154,9 @@ def encode_texts(texts: list[str], meta: dict[str, Any]) -> torch.Tensor:
 
 @DATASETS.register()
 def text_csv(
-    path: str | None = None,
-    train: str | None = None,
-    test: str | None = None,
+    path: InputPath | None = None,
+    train: InputPath | None = None,
+    test: InputPath | None = None,
     text_column: str = "text",
     label_column: str = "label",
     tokenizer: Literal["char", "word"] = "word",
