@@ -28,9 +28,30 @@ app = typer.Typer(
     rich_markup_mode="rich",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def _print_version(asked: bool) -> None:
+    if asked:
+        from dltrain.devices import software_versions  # imports torch: only when asked
+
+        typer.echo(software_versions())
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(
+        False,
+        "--version",
+        callback=_print_version,
+        is_eager=True,
+        help="Print the versions of dltrain, torch (and its CUDA), torch_xla and Python.",
+    ),
+) -> None:
+    pass
 
 
 @contextlib.contextmanager

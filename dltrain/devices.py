@@ -67,6 +67,25 @@ def describe_devices() -> dict[str, Any]:
 # --- parsing and error messages -------------------------------------------------------------
 
 
+def software_versions() -> str:
+    """One line for `dltrain --version`: dltrain, torch (and the CUDA it was built for),
+    torch_xla when installed (read from its metadata: importing it starts the XLA runtime),
+    Python."""
+    from importlib import metadata
+
+    from dltrain import __version__
+
+    cuda = f"CUDA {torch.version.cuda}" if torch.version.cuda else "no CUDA"
+    try:
+        xla = f"torch_xla {metadata.version('torch_xla')}"
+    except metadata.PackageNotFoundError:
+        xla = "no torch_xla"
+    return (
+        f"dltrain {__version__} · torch {torch.__version__} ({cuda}) · {xla} · "
+        f"Python {platform.python_version()}"
+    )
+
+
 def parse_device_spec(spec: object) -> tuple[str, int | None]:
     """Split a device spec into (kind, index), or raise a UserError naming the valid forms."""
     text = spec.strip().lower() if isinstance(spec, str) else ""

@@ -208,3 +208,38 @@ def test_python_m_dltrain_help_lists_every_command(tmp_path):
     assert proc.returncode == 0, proc.stderr
     for command in COMMANDS:
         assert command in proc.stdout
+
+
+# -- conventions: --version, shell completion -------------------------------------------------
+
+
+def test_version_names_dltrain_torch_and_python(invoke):
+    import torch
+
+    from dltrain import __version__
+
+    result = invoke("--version")
+    assert result.exit_code == 0
+    assert result.stdout.startswith(f"dltrain {__version__} · torch {torch.__version__} (")
+    assert "Python 3." in result.stdout
+
+
+def test_shell_completion_completes_commands_and_options(tmp_path):
+    def complete(words: str) -> list[str]:
+        env = {**os.environ, "_DLTRAIN_COMPLETE": "complete_bash", "COMP_WORDS": words}
+        env["COMP_CWORD"] = str(len(words.split()) - 1)
+        proc = subprocess.run(
+            [sys.executable, "-m", "dltrain"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.split()
+
+    assert complete("dltrain e") == ["eval", "export", "explain"]
+    assert "--resume" in complete("dltrain fit --re")
+    shown = dltrain("--help", cwd=tmp_path).stdout
+    assert "--install-completion" in shown and "--version" in shown

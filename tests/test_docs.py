@@ -64,3 +64,94 @@ def test_every_named_test_exists():
 def test_the_claims_were_found():
     assert len(table_rows(RELIABILITY)) > 100 and len(CLAIMS) > 100
     assert sum(c.startswith("- ") for c in CLAIMS) >= 8  # the README's promises
+
+
+# -- every command and recipe a user is shown exists ---------------------------------------------
+
+RECIPE_NAMED = re.compile(r"recipes/[\w./-]+\.ya?ml")
+COMMAND_NAMED = re.compile(r"(?:^|[`$]\s?)dltrain ([a-z][\w-]*)")
+
+
+def shown_to_users() -> dict[str, str]:
+    """What a user reads: the README and docs, the recipes' headers, every command's --help."""
+    texts = {p.name: p.read_text(encoding="utf-8") for p in [REPO / "README.md"]}
+    texts |= {f"docs/{p.name}": p.read_text(encoding="utf-8") for p in REPO.glob("docs/*.md")}
+    for recipe in sorted(REPO.glob("recipes/*.yaml")):
+        header = [line for line in recipe.read_text().splitlines() if line.startswith("#")]
+        texts[f"recipes/{recipe.name}"] = "\n".join(h.lstrip("# ") for h in header)
+    for command in COMMANDS:
+        texts[f"dltrain {command} --help"] = "\n".join(
+            line.strip() for line in help_of(command).splitlines()
+        )
+    return texts
+
+
+def help_of(command: str) -> str:
+    from typer.testing import CliRunner
+
+    from dltrain.cli import app
+
+    result = CliRunner(env={"COLUMNS": "200"}).invoke(app, [command, "--help"])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def code_in(text: str) -> str:
+    """Inline code, fenced blocks and command lines: where commands are shown, not prose."""
+    fenced = re.findall(r"```.*?\n(.*?)```", text, re.S)
+    inline = re.findall(r"`([^`\n]+)`", text)
+    lines = [line for line in text.splitlines() if line.lstrip().startswith("dltrain ")]
+    return "\n".join([*fenced, *inline, *lines])
+
+
+COMMANDS = ["fit", "eval", "devices", "check", "list", "runs", "predict", "export", "explain"]
+
+
+def test_every_recipe_and_command_shown_to_users_exists():
+    from dltrain.cli import COMMANDS as REGISTERED
+
+    assert set(COMMANDS) == set(REGISTERED)
+    shown = shown_to_users()
+    missing_recipes = {
+        (where, path)
+        for where, text in shown.items()
+        for path in RECIPE_NAMED.findall(text)
+        if not (REPO / path).is_file()
+    }
+    assert not missing_recipes
+    unknown_commands = {
+        (where, name)
+        for where, text in shown.items()
+        for name in COMMAND_NAMED.findall(code_in(text))
+        if name not in REGISTERED
+    }
+    assert not unknown_commands
+    recipes_named = {p for text in shown.values() for p in RECIPE_NAMED.findall(text)}
+    assert len(recipes_named) >= 8  # the texts really were read
+
+
+@pytest.mark.slow
+def test_the_package_builds_without_deprecation_warnings(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    source = tmp_path / "source"
+    shutil.copytree(
+        REPO / "dltrain", source / "dltrain", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(tmp_path / "wheel"), "."],
+        cwd=source,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    output = build.stdout + build.stderr
+    assert build.returncode == 0, output[-3000:]
+    assert "deprecat" not in output.lower(), output[-3000:]
+    assert [p.name for p in (tmp_path / "wheel").iterdir()] == [
+        f"dltrain-{__import__('dltrain').__version__}-py3-none-any.whl"
+    ]
