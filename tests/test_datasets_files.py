@@ -523,3 +523,38 @@ def test_a_recipe_beside_its_data_trains_from_any_folder_and_its_checkpoint_eval
     best = tmp_path / "runs" / "iris" / "checkpoints" / "best.pt"
     result = invoke("eval", str(best), "--output", str(tmp_path / "eval"), "--json")
     assert result.exit_code == 0, result.output
+
+
+def test_a_validation_file_is_the_val_split_and_val_split_is_not_used(tmp_path, invoke):
+    train = _species_csv(tmp_path)
+    val = _write(tmp_path / "val.csv", "b,a,species\n0.5,1,virginica\n1.5,2,setosa\n")
+    loaded = tables.csv(train=train, val=val, label="species")
+    assert loaded.val.x.tolist() == [[1.0, 0.5], [2.0, 1.5]]  # columns matched by name
+    assert loaded.val.y.tolist() == [2, 0]  # the training file's classes
+    carved = tables.csv(path=train, val=val, label="species", test_split=0.2)
+    assert len(carved.val) == 2 and len(carved.test) == 6
+    with pytest.raises(UserError, match=r"data.val.*line 2 has label 'tulip'"):
+        tables.csv(
+            train=train,
+            val=_write(tmp_path / "bad.csv", "a,b,species\n1,2,tulip\n"),
+            label="species",
+        )
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "name": "with-val",
+                "output": str(tmp_path / "runs"),
+                "device": "cpu",
+                "data": {"name": "csv", "train": train, "val": val, "label": "species"},
+                "model": {"name": "mlp", "hidden": [8]},
+                "train": {"epochs": 1},
+            }
+        )
+    )
+    checked = invoke("check", str(recipe))
+    assert "val ← data.val" in checked.stderr and "data.val_split is not used" in checked.stderr
+    assert invoke("fit", str(recipe), "-q").exit_code == 0
+    history = json.loads((tmp_path / "runs" / "with-val" / "report.json").read_text())
+    assert history["split"] == "val" and history["num_samples"] == 2  # no test: the val file

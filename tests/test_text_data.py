@@ -273,3 +273,12 @@ def test_sms_spam_files_load():
     assert int(loaded.train.x.max()) < len(loaded.meta["vocab"])
     unknown = (loaded.test.x == 1).sum() / (loaded.test.x > 0).sum()
     assert unknown < 0.1  # most test words were seen in training
+
+
+def test_a_validation_file_of_texts_is_the_val_split(tmp_path):
+    train = _write(tmp_path / "train.csv", [("free prize now", "spam"), ("see you soon", "ham")])
+    val = _write(tmp_path / "val.csv", [("prize soon", "spam"), ("unheard words", "ham")])
+    loaded = text_csv(train=train, val=val)
+    assert loaded.val.y.tolist() == [1, 0]
+    assert loaded.val.x.shape[1] == loaded.train.x.shape[1]  # padded like the training texts
+    assert loaded.val.x[1, 0].item() == 1  # <unk>: the vocabulary is the training file's

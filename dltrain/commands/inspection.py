@@ -103,15 +103,19 @@ def check(
     """
     from rich.syntax import Syntax
 
+    from dltrain.data.prepare import split_sources
     from dltrain.recipe import load_recipe, to_yaml
 
     console = Console()
-    text = to_yaml(load_recipe(recipe, overrides or []))
+    resolved = load_recipe(recipe, overrides or [])
+    text = to_yaml(resolved)
     if console.is_terminal:
         console.print(Syntax(text, "yaml", background_color="default", word_wrap=True))
     else:  # piped: the exact text, not cropped to a console width, so it stays valid YAML
         sys.stdout.write(text)
-    Console(stderr=True).print(f"[green]✓[/] {recipe} is valid", highlight=False)
+    said = Console(stderr=True)
+    said.print(split_sources(resolved.data), highlight=False, markup=False, soft_wrap=True)
+    said.print(f"[green]✓[/] {recipe} is valid", highlight=False)
 
 
 def list_components(

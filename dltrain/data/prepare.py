@@ -272,3 +272,31 @@ def _check_compatible(meta: dict[str, Any], loaded: DatasetSplits, shape: tuple[
             f"checkpoint (input {meta['input_shape']}, {len(meta['classes'])} classes); point "
             "the data section at the dataset the model was trained on."
         )
+
+
+def split_sources(data: DataSection) -> str:
+    """Where each split comes from, as far as the recipe says (for `dltrain check`, which
+    reads no data: a dataset's own validation or test split shows as the dataset's)."""
+    args = data.dataset_args
+    named = f"the {data.name} dataset"
+    if args.get("train"):
+        train = f"data.train ({args['train']})"
+        test = f"data.test ({args['test']})" if args.get("test") else "none"
+    elif args.get("path"):
+        train = f"data.path ({args['path']})"
+        test = (
+            f"{args['test_split']:g} of data.path, carved with the seed"
+            if args.get("test_split")
+            else f"{named}'s own"
+        )
+    else:
+        train, test = named, f"{named}'s own, if it has one"
+    if data.fold is not None:
+        val = f"fold {data.fold.index} of {data.fold.of} of the training data"
+    elif args.get("val"):
+        val = f"data.val ({args['val']}); data.val_split is not used"
+    elif data.val_split > 0:
+        val = f"{named}'s own, if it has one; else {data.val_split:g} of train, carved"
+    else:
+        val = "none (data.val_split is 0)"
+    return f"splits: train ← {train} · val ← {val} · test ← {test}"

@@ -43,11 +43,23 @@ class CsvTable:
         return self.header.index(name)
 
 
+def check_file_choice(path: str | None, train: str | None, test: str | None) -> None:
+    """One file to carve a test split from, or a training file (with an optional test file);
+    a validation file (data.val) goes with either."""
+    if (path is None) == (train is None) or (test is not None and train is None):
+        raise UserError(
+            "data.path: set either data.path (one CSV file; a test split is carved from it) or "
+            "data.train (with an optional data.test), not both and not neither. A validation "
+            "file, data.val, goes with either."
+        )
+
+
 @DATASETS.register()
 def csv(
     path: InputPath | None = None,
     train: InputPath | None = None,
     test: InputPath | None = None,
+    val: InputPath | None = None,
     label: str = "label",
     features: list[str] | None = None,
     test_split: Annotated[float, Field(gt=0, lt=1)] = 0.2,
@@ -56,36 +68,41 @@ def csv(
     """Tabular classification from CSV files with a header row and numeric feature columns.
 
     Give `path` (one file; a stratified test split of `test_split` is carved with the run's
-    seed) or `train` with an optional `test` file. `label` names the class column (strings or
-    integers); `features` the input columns (default: every other column). Classes are the
-    sorted labels of the training file, numerically when all are integers.
+    seed) or `train` with an optional `test` file; `val` adds a validation file to either
+    (data.val_split is then not used). `label` names the class column (strings or integers);
+    `features` the input columns (default: every other column). Classes are the sorted labels
+    of the training file, numerically when all are integers.
     """
-    if (path is None) == (train is None) or (test is not None and train is None):
-        raise UserError(
-            "data.path: set either data.path (one CSV file; a test split is carved from it) or "
-            "data.train (with an optional data.test), not both and not neither."
-        )
+    check_file_choice(path, train, test)
     main = read_table(path or train, "data.path" if path else "data.train")
     names = _feature_names(main, label, features)
     x, raw = _table_arrays(main, names, label)
     classes, numeric = class_names(raw)
     y = encode_labels(main, raw, classes, numeric)
+
+    def labelled(file: str, key: str) -> tuple[np.ndarray, np.ndarray]:
+        """Another file of the same table: its columns matched by name, the same classes."""
+        other = read_table(file, key)
+        other_x, other_raw = _table_arrays(other, names, label)
+        return other_x, encode_labels(other, other_raw, classes, numeric)
+
     if path is not None:
         kept, carved = stratified_split(y, test_split, seed)
-        return _tabular(classes, (x[kept], y[kept]), (x[carved], y[carved]))
-    if test is None:
-        return _tabular(classes, (x, y), None)
-    other = read_table(test, "data.test")
-    test_x, test_raw = _table_arrays(other, names, label)
-    return _tabular(classes, (x, y), (test_x, encode_labels(other, test_raw, classes, numeric)))
+        train_part, test_part = (x[kept], y[kept]), (x[carved], y[carved])
+    else:
+        train_part, test_part = (x, y), labelled(test, "data.test") if test else None
+    val_part = labelled(val, "data.val") if val else None
+    return _tabular(classes, train_part, test_part, val_part)
 
 
 def _tabular(
     classes: list[str],
     train: tuple[np.ndarray, np.ndarray],
     test: tuple[np.ndarray, np.ndarray] | None,
+    val: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> DatasetSplits:
-    """DatasetSplits of float32 features; an empty carved test split becomes None."""
+    """DatasetSplits of float32 features; an empty carved test split becomes None (an empty
+    validation file stays, to be named as empty)."""
     test_split = (
         ArraySplit(to_tensor(test[0]), to_tensor(test[1])) if test and len(test[1]) else None
     )
@@ -94,6 +111,7 @@ def _tabular(
         classes=classes,
         train=ArraySplit(to_tensor(train[0]), to_tensor(train[1])),
         test=test_split,
+        val=ArraySplit(to_tensor(val[0]), to_tensor(val[1])) if val else None,
     )
 
 

@@ -33,6 +33,7 @@ from dltrain.data.splits import stratified_split
 from dltrain.data.tables import (
     QUOTE_THE_TEXTS,
     CsvTable,
+    check_file_choice,
     class_names,
     encode_labels,
     read_table,
@@ -157,6 +158,7 @@ def text_csv(
     path: InputPath | None = None,
     train: InputPath | None = None,
     test: InputPath | None = None,
+    val: InputPath | None = None,
     text_column: str = "text",
     label_column: str = "label",
     tokenizer: Literal["char", "word"] = "word",
@@ -170,18 +172,15 @@ def text_csv(
     """Text classification from CSV files: a text column and a label, as word or char tokens.
 
     Give `path` (one file; a stratified test split of `test_split` is carved with the run's
-    seed) or `train` with an optional `test` file; each needs a header row. UTF-8, quoted texts
+    seed) or `train` with an optional `test` file, and optionally a `val` file (data.val_split
+    is then not used); each needs a header row. UTF-8, quoted texts
     may span lines. Classes are the sorted training labels (numerically when all are integers).
     The vocabulary (`<pad>` 0, `<unk>` 1, then by frequency; `max_size` counts the specials;
     tokens seen fewer than `min_freq` times are `<unk>`) comes from the training split only.
     Texts become token ids padded with 0 at the end to L = min(max_length, longest training
     text); an empty text is one `<unk>`.
     """
-    if (path is None) == (train is None) or (test is not None and train is None):
-        raise UserError(
-            "data.path: set either data.path (one CSV file; a test split is carved from it) or "
-            "data.train (with an optional data.test), not both and not neither."
-        )
+    check_file_choice(path, train, test)
     if text_column == label_column:
         raise UserError(
             f"data.text_column: '{text_column}' is also data.label_column. The text and the "
@@ -191,17 +190,21 @@ def text_csv(
     texts, raw = _texts_and_labels(main, text_column, label_column)
     classes, numeric = class_names(raw)
     y = encode_labels(main, raw, classes, numeric)
+
+    def labelled(file: str, key: str) -> tuple[list[str], np.ndarray]:
+        """Another file's texts, and its labels as the training file's classes."""
+        other = _read_text_table(file, key)
+        other_texts, other_raw = _texts_and_labels(other, text_column, label_column)
+        return other_texts, encode_labels(other, other_raw, classes, numeric)
+
     if path is not None:
         kept, carved = stratified_split(y, test_split, seed)
         train_texts, train_y = [texts[i] for i in kept], y[kept]
         test_texts, test_y = [texts[i] for i in carved], y[carved]
     else:
         train_texts, train_y = texts, y
-        test_texts, test_y = [], y[:0]
-        if test is not None:
-            other = _read_text_table(test, "data.test")
-            test_texts, test_raw = _texts_and_labels(other, text_column, label_column)
-            test_y = encode_labels(other, test_raw, classes, numeric)
+        test_texts, test_y = labelled(test, "data.test") if test else ([], y[:0])
+    val_texts, val_y = labelled(val, "data.val") if val else (None, None)
 
     vocab = Vocabulary.build(train_texts, Tokenizer(tokenizer, lower), min_freq, max_size)
     train_ids = [vocab.encode(t, max_length) for t in train_texts]
@@ -214,12 +217,16 @@ def text_csv(
     test_part = None
     if test_texts:
         test_part = split([vocab.encode(t, length) for t in test_texts], test_y)
+    val_part = None
+    if val_texts is not None:
+        val_part = split([vocab.encode(t, length) for t in val_texts], val_y)
     return DatasetSplits(
         kind="tokens",
         task="classification",
         classes=classes,
         train=split(train_ids, train_y),
         test=test_part,
+        val=val_part,
         meta={
             **vocab.to_dict(),
             "max_length": length,
