@@ -390,6 +390,23 @@ def _same_kind(built: Any, loaded: Any) -> bool:
     return isinstance(loaded, type(built))
 
 
+def which_weights(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """What a report says of the weights it evaluates: their epoch and, when they are the
+    run's best, the value that chose them (`best_by`: the monitor, or train_loss when the
+    run had no validation split). Empty for a checkpoint that does not say."""
+    epoch, metrics = checkpoint.get("epoch"), checkpoint.get("metrics")
+    if not isinstance(epoch, int) or epoch < 1:
+        return {}
+    metrics = metrics if isinstance(metrics, dict) else {}
+    history, train = metrics.get("history"), checkpoint["recipe"].get("train")
+    monitor = train.get("monitor") if isinstance(train, dict) else None
+    known = isinstance(history, list) and len(history) >= epoch and isinstance(monitor, str)
+    row = history[epoch - 1] if known else None
+    if metrics.get("best_epoch") != epoch or not isinstance(row, dict):
+        return {"epoch": epoch}
+    return {"epoch": epoch, "best_by": monitor if row.get(monitor) is not None else "train_loss"}
+
+
 def load_weights(
     model: torch.nn.Module,
     checkpoint: dict[str, Any],

@@ -26,7 +26,13 @@ from typing import Any
 
 import torch
 
-from dltrain.checkpoint import checkpoint_state, load_checkpoint, load_weights, restore
+from dltrain.checkpoint import (
+    checkpoint_state,
+    load_checkpoint,
+    load_weights,
+    restore,
+    which_weights,
+)
 from dltrain.data.loaders import Batches
 from dltrain.devices import resolve_device
 from dltrain.distributed import World, process_device, process_group, world_from_environment
@@ -141,7 +147,7 @@ def _train_and_report(
         t.stop.check(str(run.last_path), "during the final evaluation")
 
     with _logged_failures(t.log):
-        final = _final_checkpoint(s, run, resume)
+        final, held = _final_checkpoint(s, run, resume)
         report = report_on_split(
             s,
             final,
@@ -149,6 +155,7 @@ def _train_and_report(
             t.progress,
             history=state.history,
             between_batches=None if world.launched else between_batches,
+            held=held,
         )
     key = headline_key(report)
     t.log.event(
@@ -256,17 +263,19 @@ def _save_epoch(t: Training, row: dict[str, Any], improved: bool) -> None:
         t.log.event("early_stop", epoch=epoch, best_epoch=state.best_epoch)
 
 
-def _final_checkpoint(s: Setup, run: RunFolder, resume: Path | None) -> Path:
+def _final_checkpoint(s: Setup, run: RunFolder, resume: Path | None) -> tuple[Path, dict[str, Any]]:
     """Load the weights to report on on every process: best.pt, else last.pt (a run resumed
     from another folder, or one whose val loss was never finite, may have no best.pt of its
-    own), else the checkpoint resumed from. Rank 0 reads the file and sends the weights, so
-    nodes need not share a disk."""
-    final = None
+    own), else the checkpoint resumed from. Returns its path and `which_weights` it holds.
+    Rank 0 reads the file and sends the weights, so nodes need not share a disk."""
+    final, held = None, {}
     if s.world.is_main:
         final = next(p for p in (run.best_path, run.last_path, resume) if p and Path(p).exists())
-        load_weights(s.model, load_checkpoint(final), final)
+        checkpoint = load_checkpoint(final)
+        load_weights(s.model, checkpoint, final)
+        held = which_weights(checkpoint)
     s.world.broadcast_weights_(s.model)
-    return s.world.broadcast_object(final, s.device)
+    return s.world.broadcast_object((final, held), s.device)
 
 
 def train_one_epoch(t: Training, batches: Batches, epoch: int) -> float:

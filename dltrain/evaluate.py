@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from dltrain.checkpoint import load_checkpoint, load_weights
+from dltrain.checkpoint import load_checkpoint, load_weights, which_weights
 from dltrain.data.loaders import Batches
 from dltrain.errors import UserError
 from dltrain.memory import out_of_memory_is_a_run_failure
@@ -74,7 +74,8 @@ def evaluate_checkpoint(
     recipe = resolve_with_context(saved, list(overrides), source)
     setup = build_setup(recipe, device, meta=checkpoint["data_meta"])
     load_weights(setup.model, checkpoint, checkpoint_path, built_from=recipe.model)
-    return report_on_split(setup, checkpoint_path, output, progress, split)
+    held = which_weights(checkpoint)
+    return report_on_split(setup, checkpoint_path, output, progress, split, held=held)
 
 
 def report_split(splits: Collection[str]) -> str:
@@ -91,9 +92,11 @@ def report_on_split(
     split: str | None = None,
     history: list[dict[str, Any]] | None = None,
     between_batches: Callable[[], None] | None = None,
+    held: dict[str, Any] | None = None,
 ) -> dict:
     """Evaluate s.model on a split and (rank 0) write report.json/.md and the plots; curves.png
-    too when the training `history` is given."""
+    too when the training `history` is given. `held` says which weights these are (their
+    epoch, and what made them the best: `which_weights`)."""
     from dltrain.report import write_report
 
     split = split or report_split(s.data.splits)
@@ -111,6 +114,7 @@ def report_on_split(
     report = {
         "split": split,
         "checkpoint": _relative(checkpoint_path, output),
+        **(held or {}),
         "task": s.task.name,
         "loss": result.loss,
         **s.task.report(result, s.data.classes),

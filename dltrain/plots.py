@@ -21,11 +21,18 @@ SMALL_MATRIX = 20  # up to this many classes, cells carry their counts
 MAX_LABEL_CHARS = 18  # longer class names are shortened with an ellipsis on the axes
 
 
-def write_curves(path: Path, history: Sequence[dict[str, Any]], title: str) -> Path:
+def write_curves(
+    path: Path,
+    history: Sequence[dict[str, Any]],
+    title: str,
+    best: tuple[int, str] | None = None,
+) -> Path:
     """Write training curves (loss, validation accuracy, learning rate per epoch) to a PNG.
 
     `history` holds the rows of metrics.csv (epoch, train_loss, val_loss, val_accuracy, lr, ...);
-    val_loss and val_accuracy may be None (a run without validation). Returns `path`.
+    val_loss and val_accuracy may be None (a run without validation). `best` is (epoch,
+    monitor) of the weights best.pt holds: that point is starred on the monitor's curve.
+    Returns `path`.
     """
     figure_class, canvas_class = _matplotlib()
     from matplotlib.ticker import FuncFormatter, MaxNLocator
@@ -67,31 +74,19 @@ def write_curves(path: Path, history: Sequence[dict[str, Any]], title: str) -> P
     a.set_title("loss" + ("" if has_val_loss else " (no validation split)"), fontsize=11)
     a.legend(loc="upper right", frameon=True)
 
-    # validation accuracy, 0..1 with the best epoch marked
+    # validation accuracy, 0..1
     if has_accuracy:
         a = ax["accuracy"]
         a.plot(epochs, val_accuracy, marker=marker, ms=4, lw=1.8, color="C2", label="val accuracy")
-        finite = [(v, e) for v, e in zip(val_accuracy, epochs) if math.isfinite(v)]
-        best, best_epoch = max(finite, key=lambda p: (p[0], -p[1]))
-        a.plot([best_epoch], [best], marker="*", ms=13, color="C3", ls="none", zorder=3)
-        # keep the label inside the panel: anchor it on the side away from the nearer edge
-        where = (best_epoch - epochs[0]) / max(epochs[-1] - epochs[0], 1)
-        a.annotate(
-            f"best {best:.4f} (epoch {best_epoch})",
-            (best_epoch, best),
-            xytext=(0, -16),
-            textcoords="offset points",
-            ha="right" if where > 0.7 else "left" if where < 0.3 else "center",
-            va="top",
-            fontsize=9,
-            color="C3",
-        )
-        low = min(v for v, _ in finite)
+        low = min(v for v in val_accuracy if math.isfinite(v))
         # the whole 0..1 range unless every value is high: then zoom in to see the differences
         bottom = 0.0 if low < 0.5 else max(0.0, math.floor(low * 10) / 10 - 0.1)
         a.set_ylim(bottom, 1.01)
         a.set_ylabel("val accuracy")
         a.set_title("validation accuracy", fontsize=11)
+
+    if best is not None:
+        _star_best(ax, rows, epochs, *best)
 
     # learning rate: log scale when it varies over more than 10x
     a = ax["lr"]
@@ -117,6 +112,28 @@ def write_curves(path: Path, history: Sequence[dict[str, Any]], title: str) -> P
     count = f"{len(epochs)} epoch" + ("" if len(epochs) == 1 else "s")
     fig.suptitle(f"{title}: training curves ({count})", fontsize=13)
     return _save(fig, path)
+
+
+def _star_best(ax: dict, rows: list[dict], epochs: list[int], epoch: int, monitor: str) -> None:
+    """Star the epoch best.pt holds on its monitor's curve, naming both."""
+    panel = "accuracy" if monitor == "val_accuracy" else "loss"
+    value = _floats(rows, monitor)[epochs.index(epoch)] if epoch in epochs else math.nan
+    if panel not in ax or not math.isfinite(value):
+        return
+    a = ax[panel]
+    a.plot([epoch], [value], marker="*", ms=14, color="C3", ls="none", zorder=3)
+    # keep the label inside the panel: anchor it on the side away from the nearer edge
+    where = (epoch - epochs[0]) / max(epochs[-1] - epochs[0], 1)
+    a.annotate(
+        f"best.pt: epoch {epoch} ({monitor} {value:.4f})",
+        (epoch, value),
+        xytext=(0, 14 if panel == "loss" else -16),
+        textcoords="offset points",
+        ha="right" if where > 0.7 else "left" if where < 0.3 else "center",
+        va="bottom" if panel == "loss" else "top",
+        fontsize=9,
+        color="C3",
+    )
 
 
 def write_confusion_matrix(path: Path, report: dict[str, Any], title: str) -> Path:

@@ -21,7 +21,7 @@ from rich.progress import (
 )
 from rich.progress import Progress as RichProgress
 
-from dltrain.report import scalar_metrics
+from dltrain.report import scalar_metrics, weights_label
 from dltrain.tables import confusion_table, report_table
 
 REFRESH_SECONDS = 0.25
@@ -142,8 +142,10 @@ class Progress:
             return
         if "confusion_matrix" not in report:  # regression, seq2seq: their few figures
             figures = " · ".join(f"{k} {v:.4f}" for k, v in scalar_metrics(report).items())
+            held = weights_label(report)
             self._print(
                 f"[bold]{report['split']}[/]: {figures} · {report['num_samples']:,} samples"
+                + (f" · {held}" if held else "")
             )
             return
         self.console.print(report_table(report))

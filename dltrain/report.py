@@ -54,7 +54,8 @@ def _draw_plots(
     if "confusion_matrix" in report:  # classification
         plots.append((CONFUSION_MATRIX_PNG, lambda p: write_confusion_matrix(p, report, title)))
     if history:
-        plots.append((CURVES_PNG, lambda p: write_curves(p, history, title)))
+        best = (report["epoch"], report["best_by"]) if "best_by" in report else None
+        plots.append((CURVES_PNG, lambda p: write_curves(p, history, title, best)))
     drawn, failures = [], []
     for name, draw in plots:
         try:
@@ -113,6 +114,14 @@ def report_markdown(report: dict[str, Any], images: Sequence[tuple[str, str]] = 
     return "\n".join(lines) + "\n"
 
 
+def weights_label(report: dict[str, Any]) -> str:
+    """Which weights a report is on: 'epoch 18, the best by val_loss', 'epoch 30', or ''."""
+    if "epoch" not in report:
+        return ""
+    best = f", the best by {report['best_by']}" if "best_by" in report else ""
+    return f"epoch {report['epoch']}{best}"
+
+
 def headline_key(report: dict[str, Any]) -> str:
     """The key of the one figure that sums a report up: accuracy, mse (regression) or
     exact_match (seq2seq)."""
@@ -146,6 +155,10 @@ def _cell(text: str) -> str:
     return str(text).replace("|", "\\|")
 
 
+def _in_parentheses(text: str) -> str:
+    return f" ({text})" if text else ""
+
+
 def _summary(
     report: dict[str, Any], task: str, figures: str, images: Sequence[tuple[str, str]]
 ) -> list[str]:
@@ -153,7 +166,8 @@ def _summary(
     lines = [
         f"# Evaluation on the {report['split']} split{task}",
         "",
-        f"Checkpoint `{report['checkpoint']}` · {report['num_samples']:,} samples · {figures}",
+        f"Checkpoint `{report['checkpoint']}`{_in_parentheses(weights_label(report))} · "
+        f"{report['num_samples']:,} samples · {figures}",
         "",
     ]
     for alt, file in images:

@@ -8,11 +8,15 @@ from rich.markup import escape
 from rich.table import Table
 
 from dltrain.registry import Registry
+from dltrain.report import weights_label
 
 
 def report_table(report: dict[str, Any]) -> Table:
     """Per-class precision/recall/F1/support and the macro/micro/weighted averages."""
-    title = f"{report['split']} split · {escape(report['checkpoint'])}"
+    held = weights_label(report)
+    title = f"{report['split']} split · {escape(report['checkpoint'])}" + (
+        f" ({held})" if held else ""
+    )
     table = Table(title=title, title_justify="left")
     for column in ("class", "precision", "recall", "f1", "support"):
         table.add_column(column, justify="left" if column == "class" else "right")

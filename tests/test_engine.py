@@ -409,6 +409,12 @@ def test_best_checkpoint_is_replaced_only_when_the_monitor_improves(
     )
     assert report["checkpoint"] == "checkpoints/best.pt"
     assert not any(torch.equal(v, last["model"][k]) for k, v in best["model"].items() if v.ndim)
+    # the report, report.md and the console say which epoch best.pt holds, and why
+    assert (report["epoch"], report["best_by"]) == (best_epochs[-1], monitor)
+    held = f"(epoch {best_epochs[-1]}, the best by {monitor})"
+    assert held in (run.root / "report.md").read_text()
+    from_last = evaluate_checkpoint(run.last_path, tmp_path / "last", quiet())
+    assert from_last["epoch"] == 5 and "best_by" not in from_last  # last.pt: not the best
 
 
 def test_a_non_finite_validation_loss_never_becomes_best(tmp_path, monkeypatch):
@@ -556,7 +562,7 @@ def test_unusable_checkpoints_are_user_errors(tmp_path, content, message):
 def test_without_a_validation_split_val_accuracy_falls_back_to_train_loss_as_a_loss(tmp_path):
     console = io.StringIO()
     progress = Progress(Console(file=console, width=200))
-    run, _ = train(
+    run, report = train(
         tmp_path,
         TABULAR,
         "fallback",
@@ -569,5 +575,6 @@ def test_without_a_validation_split_val_accuracy_falls_back_to_train_loss_as_a_l
     assert len(losses) == 4  # early stopping did not fire while the loss fell
     assert losses == sorted(losses, reverse=True)
     assert load_checkpoint(run.best_path)["epoch"] == 4  # the lowest loss, not the highest
+    assert (report["epoch"], report["best_by"]) == (4, "train_loss")  # what chose it, truly
     said = console.getvalue()
     assert said.count("val_accuracy falls back to train_loss (lower is better)") == 1

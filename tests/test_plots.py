@@ -89,6 +89,29 @@ def test_curves_png(tmp_path, epochs, validation):
     assert_png(path)
 
 
+@pytest.mark.parametrize(
+    ("monitor", "validation", "panel"),
+    [("val_loss", True, 0), ("val_accuracy", True, 1), ("train_loss", False, 0)],
+)
+def test_curves_star_the_epoch_best_pt_holds_on_its_monitors_curve(
+    tmp_path, monkeypatch, monitor, validation, panel
+):
+    starred = []
+    real = plots._star_best
+
+    def spy(ax, rows, epochs, epoch, name):
+        real(ax, rows, epochs, epoch, name)
+        axes = list(ax.values())
+        texts = [(axes.index(a), t.get_text()) for a in axes for t in a.texts]
+        starred.extend(texts)
+
+    monkeypatch.setattr(plots, "_star_best", spy)
+    history = make_history(6, validation)
+    assert_png(plots.write_curves(tmp_path / "c.png", history, "run", best=(4, monitor)))
+    value = history[3][monitor]
+    assert starred == [(panel, f"best.pt: epoch 4 ({monitor} {value:.4f})")]
+
+
 def test_curves_survive_odd_values(tmp_path):
     history = make_history(5)
     history[2]["val_loss"] = float("nan")
