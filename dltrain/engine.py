@@ -214,6 +214,8 @@ def _start_training(
         step=state.step,
     )
     progress.start(recipe, s.device, s.precision.name, train_batches.path, s.model, s.data)
+    if resume is not None:
+        progress.note(_resume_note(resume, state, recipe.train.epochs))
     stopping = recipe.train.early_stopping
     monitors = [recipe.train.monitor] + ([stopping.monitor] if stopping else [])
     note = fallback_note(monitors, has_validation=val_batches is not None)
@@ -232,6 +234,22 @@ def _start_training(
     )
     training.resumed_from = resume
     return training, train_batches, val_batches
+
+
+def _resume_note(resume: Path, state: TrainState, epochs: int) -> str:
+    """Where a resumed run continues from, or that there is nothing left to train."""
+    if state.stopped_early or (state.epoch >= epochs and state.batch == 0):
+        why = "stopped early" if state.stopped_early else f"all {epochs} epochs done"
+        return (
+            f"{resume} is of a finished run ({why}, best epoch {state.best_epoch}): nothing to "
+            "train, its report is written again. To train on, raise train.epochs (e.g. "
+            f"train.epochs={epochs + 10} --resume auto); to start over, --force."
+        )
+    where = f", batch {state.batch} of epoch {state.epoch + 1}" if state.batch else ""
+    return (
+        f"resumed from {resume}: epoch {state.epoch} done{where} (step {state.step}); "
+        f"continuing to epoch {epochs}"
+    )
 
 
 def _metrics_row(t: Training, epoch: int, train_loss: float, validation) -> dict[str, Any]:

@@ -55,7 +55,7 @@ class Progress:
         sizes = ", ".join(f"{name} {len(split):,}" for name, split in data.splits.items())
         self._print(
             f"[bold]{recipe.name}[/]: {escape(recipe.model['name'])} ({params:,} parameters) "
-            f"on {recipe.data.name} ({sizes}; {data.num_classes} classes) · device {device} · "
+            f"on {recipe.data.name} ({sizes}; {_learned(data)}) · device {device} · "
             f"{precision} · data path: {loader}"
         )
 
@@ -166,6 +166,15 @@ class Progress:
     def _print(self, text: str) -> None:
         if not self.quiet:
             self.console.print(text, highlight=False, soft_wrap=True)
+
+
+def _learned(data) -> str:
+    """What the model learns, by task: '10 classes', 'regression of sum', 'seq2seq, 14 tokens'."""
+    if data.task == "regression":
+        return f"regression of {data.classes[0] if data.classes else 'the target'}"
+    if data.task == "seq2seq":
+        return f"seq2seq, {len(data.classes)} target tokens"
+    return f"{data.num_classes} class" + ("" if data.num_classes == 1 else "es")
 
 
 def _si(value: float) -> str:

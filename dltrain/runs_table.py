@@ -30,9 +30,20 @@ COLUMNS = (
     "best_val_accuracy",
     "test_accuracy",
     "f1_macro",
+    "test_mse",  # regression
+    "test_r2",
+    "exact_match",  # seq2seq
     "modified",
 )
-ASCENDING = {"name", "model", "dataset", "best_val_loss"}  # the rest sort largest first
+ASCENDING = {"name", "model", "dataset", "best_val_loss", "test_mse"}  # the rest: largest first
+# Each task's figures from report.json (on the test split, else the split `report_split` names)
+REPORT_FIGURES = {
+    "test_accuracy": ("accuracy",),
+    "f1_macro": ("f1", "macro"),
+    "test_mse": ("mse",),
+    "test_r2": ("r2",),
+    "exact_match": ("exact_match",),
+}
 DEFAULT_SORT = "test_accuracy"
 SKIPPED_FOLDERS = {"checkpoints", "tensorboard"}  # never hold runs; can be large
 
@@ -72,8 +83,9 @@ def best_val_metrics(rows: list[dict[str, float | None]]) -> dict[str, float | N
 def summarize_run(run: Path, root: Path) -> dict[str, Any]:
     """One run folder as a row: the COLUMNS keys plus `path`, `epochs_planned`, `report_split`.
 
-    `test_accuracy` and `f1_macro` come from report.json, which evaluates the test split (or
-    the validation split when the dataset has no test split: `report_split` says which).
+    The task's figures (`test_accuracy`/`f1_macro`, `test_mse`/`test_r2`, `exact_match`) come
+    from report.json, which evaluates the test split (or the validation split when the dataset
+    has no test split: `report_split` says which).
     """
     recipe = _read_yaml(run / "recipe.yaml")
     rows = read_metrics(run / "metrics.csv")
@@ -88,8 +100,7 @@ def summarize_run(run: Path, root: Path) -> dict[str, Any]:
         "epochs": len(rows),
         "epochs_planned": train.get("epochs") if isinstance(train.get("epochs"), int) else None,
         **best_val_metrics(rows),
-        "test_accuracy": _finite(report.get("accuracy")),
-        "f1_macro": _finite(_section(report, "f1").get("macro")),
+        **{key: _finite(_figure(report, path)) for key, path in REPORT_FIGURES.items()},
         "report_split": _text(report.get("split")),
         "modified": _modified(run),
     }
@@ -151,6 +162,14 @@ def _read_json(path: Path) -> dict[str, Any]:
 def _section(data: dict[str, Any], key: str) -> dict[str, Any]:
     value = data.get(key)
     return value if isinstance(value, dict) else {}
+
+
+def _figure(report: dict[str, Any], path: tuple[str, ...]) -> Any:
+    """report["f1"]["macro"] for ("f1", "macro"); None where any level is missing."""
+    value: Any = report
+    for key in path:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
 
 
 def _number(text: str | None) -> float | None:

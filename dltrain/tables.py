@@ -118,43 +118,57 @@ def cv_table(cv_report: dict[str, Any]) -> Table:
     return table
 
 
+RUN_HEADERS = {
+    "name": "run",
+    "model": "model",
+    "dataset": "dataset",
+    "epochs": "epochs",
+    "best_val_loss": "best val_loss",
+    "best_val_accuracy": "best val_acc",
+    "test_accuracy": "test acc",
+    "f1_macro": "macro F1",
+    "test_mse": "test MSE",
+    "test_r2": "test R²",
+    "exact_match": "exact match",
+    "modified": "modified",
+}
+# shown only when a listed run has them: most listings are of one task
+TASK_COLUMNS = {"test_mse", "test_r2", "exact_match"}
+REPORT_COLUMNS = {"test_accuracy", "f1_macro", "test_mse", "test_r2", "exact_match"}
+
+
 def runs_table(rows: list[dict[str, Any]], folder: str) -> Table:
     """`dltrain runs`: one row per run folder (rows from dltrain.runs_table); '—' when missing."""
     table = Table(title=f"runs in {escape(folder)}", title_justify="left")
-    headers = {
-        "name": "run",
-        "model": "model",
-        "dataset": "dataset",
-        "epochs": "epochs",
-        "best_val_loss": "best val_loss",
-        "best_val_accuracy": "best val_acc",
-        "test_accuracy": "test acc",
-        "f1_macro": "macro F1",
-        "modified": "modified",
-    }
-    for key, header in headers.items():
+    keys = [
+        k for k in RUN_HEADERS if k not in TASK_COLUMNS or any(r.get(k) is not None for r in rows)
+    ]
+    for key in keys:
         left = key in ("name", "model", "dataset", "modified")
-        table.add_column(header, justify="left" if left else "right", no_wrap=key == "name")
-    for row in rows:
-        accuracy = _cell(row["test_accuracy"])
-        if row["test_accuracy"] is not None and row.get("report_split") not in (None, "test"):
-            accuracy += f" ({escape(row['report_split'])})"  # no test split: the report's split
-        epochs = str(row["epochs"])
-        if row.get("epochs_planned"):
-            epochs += f"/{row['epochs_planned']}"
-        modified = row["modified"].replace("T", " ")[:16] if row["modified"] else "—"
-        table.add_row(
-            escape(row["name"]),
-            escape(row["model"] or "—"),
-            escape(row["dataset"] or "—"),
-            epochs,
-            _cell(row["best_val_loss"]),
-            _cell(row["best_val_accuracy"]),
-            accuracy,
-            _cell(row["f1_macro"]),
-            modified,
+        table.add_column(
+            RUN_HEADERS[key], justify="left" if left else "right", no_wrap=key == "name"
         )
+    for row in rows:
+        table.add_row(*(_run_cell(row, key) for key in keys))
     return table
+
+
+def _run_cell(row: dict[str, Any], key: str) -> str:
+    if key in ("name", "model", "dataset"):
+        return escape(row[key] or "—")
+    if key == "epochs":
+        return (
+            f"{row['epochs']}/{row['epochs_planned']}"
+            if row.get("epochs_planned")
+            else str(row["epochs"])
+        )
+    if key == "modified":
+        return row["modified"].replace("T", " ")[:16] if row["modified"] else "—"
+    cell = _cell(row[key])
+    split = row.get("report_split")
+    if key in REPORT_COLUMNS and row[key] is not None and split not in (None, "test"):
+        cell += f" ({escape(split)})"  # no test split: the report's split
+    return cell
 
 
 def _cell(value: float | None) -> str:

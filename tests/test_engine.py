@@ -126,12 +126,32 @@ def test_resident_and_worker_paths_train_identically(tmp_path):
     assert_same_tensors(weights(resident.last_path), weights(workers.last_path))
 
 
-def test_resume_of_a_finished_run_only_reports(tmp_path):
+def said_by(console: io.StringIO) -> str:
+    return " ".join(console.getvalue().split())
+
+
+def test_resume_of_a_finished_run_only_reports_and_says_so(tmp_path):
     run, report = train(tmp_path, DIGITS, "done")
     before = run.last_path.stat().st_mtime_ns
-    _, again = train(tmp_path, DIGITS, "done", resume=run.last_path)
+    console = io.StringIO()
+    _, again = train(
+        tmp_path, DIGITS, "done", resume=run.last_path, progress=Progress(Console(file=console))
+    )
     assert run.last_path.stat().st_mtime_ns == before  # no epoch was trained again
     assert again == report
+    said = said_by(console)
+    assert "is of a finished run (all 2 epochs done" in said and "nothing to train" in said
+    assert "train.epochs=12 --resume auto" in said and "--force" in said
+
+
+def test_a_resumed_run_says_where_it_continues_from(tmp_path):
+    run, _ = train(tmp_path, DIGITS, "on", "train.epochs=1")
+    console = io.StringIO()
+    progress = Progress(Console(file=console))
+    train(tmp_path, DIGITS, "on", "train.epochs=2", resume=run.last_path, progress=progress)
+    said = said_by(console)
+    assert f"resumed from {run.last_path}: epoch 1 done (step 20); continuing to epoch 2" in said
+    assert "(train 1,295, val 143, test 359; 10 classes)" in said
 
 
 def test_resume_from_another_run_folder_reports_without_a_best_checkpoint_there(tmp_path):

@@ -166,3 +166,27 @@ def test_runs_wrong_input_exits_2(tmp_path, monkeypatch, args, expected):
     result = invoke("runs", *args)
     assert result.exit_code == 2
     assert expected in " ".join(result.output.split())
+
+
+def test_each_task_shows_its_own_headline(tmp_path):
+    # a regression and a seq2seq run beside a classification one: MSE/R² and exact match columns
+    # appear with values where they apply; a listing of one task keeps only its columns
+    reports = {
+        "regress": {"split": "test", "task": "regression", "mse": 0.25, "mae": 0.4, "r2": 0.81},
+        "seq": {"split": "val", "task": "seq2seq", "exact_match": 0.5, "token_accuracy": 0.9},
+    }
+    for name, report in reports.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "recipe.yaml").write_text(f"name: {name}\n")
+        (tmp_path / name / "report.json").write_text(json.dumps(report))
+    rows = {r["name"]: r for r in list_runs(tmp_path)}
+    assert (rows["regress"]["test_mse"], rows["regress"]["test_r2"]) == (0.25, 0.81)
+    assert rows["seq"]["exact_match"] == 0.5 and rows["seq"]["test_accuracy"] is None
+    shown = invoke("runs", str(tmp_path)).stdout
+    assert "test MSE" in shown and "test R²" in shown and "exact match" in shown
+    assert "0.8100" in shown and "0.5000 (val)" in shown  # the seq2seq report is on val
+
+
+def test_a_classification_listing_has_no_other_tasks_columns(runs_folder):
+    shown = invoke("runs", str(runs_folder)).stdout
+    assert "test acc" in shown and "test MSE" not in shown and "exact match" not in shown

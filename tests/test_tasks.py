@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
 import torch
+from rich.console import Console
 from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
 
 from dltrain.checkpoint import load_checkpoint
 from dltrain.errors import UserError
 from dltrain.evaluate import evaluate_checkpoint
 from dltrain.losses import mse
+from dltrain.progress import Progress
 from dltrain.recipe import Recipe
 from dltrain.setup import build_setup
 from dltrain.tasks import Regression
@@ -212,3 +215,10 @@ def test_regression_shards_merge_to_the_whole_splits_metrics():
     merged = shards[0].result(TwoProcesses()).metrics
     whole = evaluated(torch.arange(60)).result().metrics
     assert merged == pytest.approx(whole, rel=1e-9)
+
+
+def test_the_header_says_what_a_regression_learns(tmp_path):
+    console = io.StringIO()
+    train(tmp_path, ADDING, "adding", "train.epochs=1", progress=Progress(Console(file=console)))
+    header = " ".join(console.getvalue().split())
+    assert "test 128; regression of sum)" in header and "classes" not in header
