@@ -124,7 +124,12 @@ def exit_at_once_on_signals() -> None:
 
     for signum in SIGNAL_EXIT_CODES:
         if signal.getsignal(signum) is not signal.SIG_IGN:
-            signal.signal(signum, lambda signum, frame: _exit_now(signum))
+            signal.signal(signum, _exit_at_once)
+
+
+def _exit_at_once(signum: int, frame) -> None:
+    # the program is already ending after a first stop: this one is a second signal
+    _exit_now(signum, f"stopped at once by a second {signal.Signals(signum).name}")
 
 
 def _exit_now(signum: int, message: str = "") -> None:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import csv as csvlib
 import io
+import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -433,3 +434,53 @@ def _feature_columns(path: Path, header: list[str], predictor: Predictor, expect
             f"{want}. Expected {expected}."
         )
     return columns
+
+
+# -- predictions as a file ---------------------------------------------------------------------
+
+PREDICTION_FORMATS = (".csv", ".jsonl")
+
+
+def check_predictions_path(path: Path) -> None:
+    """A .csv or .jsonl file (checked before any work)."""
+    if Path(path).suffix.lower() not in PREDICTION_FORMATS:
+        raise UserError(
+            f"--output {path}: write predictions to a .csv or .jsonl file (one row or JSON "
+            "object per input)."
+        )
+
+
+def write_predictions(path: Path, results: list[dict[str, Any]]) -> None:
+    """Write the results to `path`: .csv (one row per input; for classifiers class_1,
+    probability_1, … best first) or .jsonl (one JSON object per input, as --json's)."""
+    from dltrain.atomic import atomic_write_text
+
+    check_predictions_path(path)
+    if Path(path).suffix.lower() == ".jsonl":
+        text = "".join(json.dumps(r) + "\n" for r in results)
+    else:
+        text = _csv_text(results)
+    atomic_write_text(Path(path), text)
+
+
+def _csv_text(results: list[dict[str, Any]]) -> str:
+    texts = any(r.get("text") is not None for r in results)
+    header = ["input"] + (["text"] if texts else [])
+    ranks = max((len(r.get("predictions", ())) for r in results), default=0)
+    for rank in range(1, ranks + 1):
+        header += [f"class_{rank}", f"probability_{rank}"]
+    value_key = next((k for k in ("prediction", "output") if results and k in results[0]), None)
+    if value_key:
+        header.append(value_key)
+    buffer = io.StringIO()
+    writer = csvlib.writer(buffer)
+    writer.writerow(header)
+    for r in results:
+        row = [r["input"]] + ([r.get("text") or ""] if texts else [])
+        for entry in r.get("predictions", ()):
+            row += [entry["class"], f"{entry['probability']:.6f}"]
+        row += [""] * (len(header) - len(row) - (1 if value_key else 0))
+        if value_key:
+            row.append(r[value_key])
+        writer.writerow(row)
+    return buffer.getvalue()

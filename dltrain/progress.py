@@ -6,6 +6,8 @@ is read (a host sync) only when the display is due to refresh, a few times per s
 
 from __future__ import annotations
 
+import math
+import os
 import time
 from typing import Any
 
@@ -25,14 +27,21 @@ from dltrain.report import scalar_metrics, weights_label
 from dltrain.tables import confusion_table, report_table
 
 REFRESH_SECONDS = 0.25
+LOG_EVERY_VARIABLE = "DLTRAIN_LOG_EVERY"
 
 
 class Progress:
     """Live training display: a bar per epoch with loss, samples/s and ETA, then a summary line."""
 
-    def __init__(self, console: Console | None = None, quiet: bool = False):
+    def __init__(
+        self, console: Console | None = None, quiet: bool = False, log_every: float | None = None
+    ):
         self.console = console or Console()
         self.quiet = quiet
+        # seconds between plain progress lines without a terminal: `fit --log-every` sets the
+        # variable, so the processes of --nproc and --folds runs see it too
+        self.log_every = log_every or _seconds(os.environ.get(LOG_EVERY_VARIABLE), 30.0)
+        self._plain: _PlainLines | None = None
         self._bar: RichProgress | None = None
         self._task = None
         self._epoch_started = 0.0
@@ -69,9 +78,13 @@ class Progress:
         )
 
     def epoch_start(self, epoch: int, epochs: int, steps: int, done: int = 0) -> None:
-        """Open the epoch's bar (at `done` batches when a resumed epoch continues)."""
+        """Open the epoch's bar (at `done` batches when a resumed epoch continues). Without a
+        terminal (a pipe, a batch job's log) a plain line comes every `log_every` seconds."""
         self._epochs = epochs
-        if self.quiet or not self.console.is_terminal:  # pipes and CI get the summary lines only
+        if self.quiet:
+            return
+        if not self.console.is_terminal:
+            self._plain = _PlainLines(epoch, epochs, steps, done, self.log_every)
             return
         self._bar = RichProgress(
             TextColumn(f"epoch {epoch}/{epochs}"),
@@ -93,6 +106,11 @@ class Progress:
 
     def step(self, done: int, seen: int, loss_sum: torch.Tensor, count: int) -> None:
         """Called every step; touches the device tensor only when a refresh is due."""
+        if self._plain is not None:
+            line = self._plain.line_due(done, seen, loss_sum, count)
+            if line:
+                self._print(line)
+            return
         if self._bar is None:
             return
         now = time.perf_counter()
@@ -106,6 +124,7 @@ class Progress:
 
     def epoch_end(self, row: dict[str, Any], improved: bool) -> None:
         """Replace the bar with one summary line for the epoch."""
+        self._plain = None
         if self._bar is not None:
             self._bar.stop()
             self._bar = None
@@ -166,6 +185,48 @@ class Progress:
     def _print(self, text: str) -> None:
         if not self.quiet:
             self.console.print(text, highlight=False, soft_wrap=True)
+
+
+class _PlainLines:
+    """Progress as plain timestamped lines, one every `every` seconds: what a batch job's log
+    (SLURM, CI, `> train.log`) shows between epoch lines, with how long the epoch and the run
+    have left."""
+
+    def __init__(self, epoch: int, epochs: int, steps: int, done: int, every: float):
+        self.epoch, self.epochs, self.steps, self.every = epoch, epochs, steps, every
+        self.started, self.done_at_start = time.perf_counter(), done
+        self.next_line = self.started + every
+
+    def line_due(self, done: int, seen: int, loss_sum: torch.Tensor, count: int) -> str | None:
+        now = time.perf_counter()
+        if now < self.next_line or done <= self.done_at_start:
+            return None
+        self.next_line = now + self.every
+        elapsed = now - self.started
+        per_step = elapsed / (done - self.done_at_start)
+        epoch_left = per_step * (self.steps - done)
+        run_left = epoch_left + per_step * self.steps * (self.epochs - self.epoch)
+        loss = loss_sum.item() / max(count, 1)  # one sync per line
+        return (
+            f"{time.strftime('%Y-%m-%d %H:%M:%S')}  epoch {self.epoch}/{self.epochs}  "
+            f"batch {done}/{self.steps} ({100 * done // max(self.steps, 1)}%)  loss {loss:.4f}  "
+            f"{_si(seen / max(elapsed, 1e-9))} samples/s  epoch ends in {_duration(epoch_left)}  "
+            f"run ends in ~{_duration(run_left)}"
+        )
+
+
+def _seconds(text: str | None, default: float) -> float:
+    try:
+        value = float(text) if text else default
+    except ValueError:
+        return default
+    return value if value > 0 and math.isfinite(value) else default
+
+
+def _duration(seconds: float) -> str:
+    """3725 → '1:02:05'."""
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 def _learned(data) -> str:

@@ -199,6 +199,31 @@ def predictions_table(prediction: dict[str, Any]) -> Table:
     return table
 
 
+def top_classes_table(results: list[dict[str, Any]]) -> Table:
+    """Many inputs of a classifier at a glance: one row each, the top class and its
+    probability, then the next ones (compact)."""
+    table = Table(title_justify="left")
+    table.add_column("input")
+    texts = any(r.get("text") is not None and r["text"] != r["input"] for r in results)
+    if texts:
+        table.add_column("text")
+    table.add_column("class")
+    table.add_column("probability", justify="right")
+    table.add_column("next")
+    for result in results:
+        first, *rest = result["predictions"]
+        cells = [escape(result["input"])]
+        if texts:
+            cells.append(escape(_shortened(result.get("text") or "")))
+        cells += [
+            f"[bold]{escape(first['class'])}[/]",
+            f"{first['probability']:.4f}",
+            " · ".join(f"{escape(e['class'])} {e['probability']:.3f}" for e in rest[:3]),
+        ]
+        table.add_row(*cells)
+    return table
+
+
 def outputs_table(results: list[dict[str, Any]], key: str, header: str) -> Table:
     """One row per input for regression (`key` 'prediction') and seq2seq ('output'); a text
     column when inputs were read from files of texts."""

@@ -9,6 +9,7 @@ in-process through typer's CliRunner (exit code and stderr as in a real process)
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import subprocess
@@ -175,6 +176,32 @@ def test_predict_prints_a_table_of_the_top_5_by_default(digits_checkpoint, invok
     assert all(word in result.stdout for word in ("rank", "class", "probability"))
     ranks = [line.split()[1] for line in lines if line.startswith("│")]
     assert ranks == ["1", "2", "3", "4", "5"]
+
+
+def test_predict_over_many_inputs_prints_one_table_and_writes_csv_or_jsonl(
+    digits_checkpoint, invoke, tmp_path
+):
+    np.save(tmp_path / "batch.npy", digits().test.x[:30].numpy())  # 30 samples
+    shown = invoke("predict", str(digits_checkpoint), "batch.npy", "-o", "p.csv")
+    assert shown.exit_code == 0, shown.stderr
+    rows = [line for line in shown.stdout.splitlines() if line.startswith("│")]
+    assert len(rows) == 30 and shown.stdout.count("probability") == 1  # one table, a row each
+    assert "wrote 30 predictions to p.csv" in shown.stderr
+    table = list(csv.DictReader((tmp_path / "p.csv").open()))
+    as_json = json.loads(invoke("predict", str(digits_checkpoint), "batch.npy", "--json").stdout)
+    assert [r["input"] for r in table] == [p["input"] for p in as_json]
+    assert [r["class_1"] for r in table] == [p["predictions"][0]["class"] for p in as_json]
+    assert float(table[0]["probability_1"]) == pytest.approx(
+        as_json[0]["predictions"][0]["probability"], abs=1e-6
+    )
+    assert invoke("predict", str(digits_checkpoint), "batch.npy", "-o", "p.jsonl").exit_code == 0
+    lines = (tmp_path / "p.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == as_json
+
+    wrong = invoke("predict", str(digits_checkpoint), "batch.npy", "-o", "p.txt")
+    assert wrong.exit_code == 2 and ".csv or .jsonl" in wrong.stderr
+    over = invoke("predict", str(digits_checkpoint), "batch.npy", "-o", str(digits_checkpoint))
+    assert over.exit_code == 2  # never over a checkpoint
 
 
 def test_predict_reads_npy_samples_and_batches_like_training(digits_checkpoint, invoke, tmp_path):

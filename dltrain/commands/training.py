@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # only for annotations: --help stays free of torch
     from dltrain.run_folder import RunFolder
 
 NPROC_VARIABLE = "DLTRAIN_NPROC"  # set by fit --nproc for the processes it starts
+LOG_EVERY_VARIABLE = "DLTRAIN_LOG_EVERY"  # progress.py reads it (not imported: --help is fast)
 OVERRIDES_HELP = "KEY=VALUE overrides with dotted keys, VALUE parsed as YAML (train.epochs=3)."
 
 
@@ -42,6 +43,15 @@ def fit(
         False, "--force", help="Replace a different run already in the run folder."
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only print errors and the result."),
+    log_every: float = typer.Option(
+        None,
+        "--log-every",
+        metavar="SECONDS",
+        min=1,
+        help="Without a terminal (a batch job's log): a progress line with ETA this often "
+        "(default 30).",
+        show_default=False,
+    ),
     folds: int = typer.Option(
         None,
         "--folds",
@@ -91,6 +101,8 @@ def fit(
 
         world = world_from_environment()
     stop.check(None, "while starting")
+    if log_every is not None:  # read by every Progress, in this process and those it starts
+        os.environ[LOG_EVERY_VARIABLE] = str(log_every)
     overrides = overrides or []
     console = Console(stderr=True) if quiet else Console()
     if nproc is not None or max_restarts:

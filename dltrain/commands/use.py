@@ -50,6 +50,14 @@ def predict(
     ),
     device: str = typer.Option("cpu", "--device", help="Device to run the model on."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON array to stdout."),
+    output: Path = typer.Option(
+        None,
+        "--output",
+        "-o",
+        help="Also write the predictions to a .csv (one row per input) or .jsonl file.",
+        show_default=False,
+    ),
+    force: bool = typer.Option(False, "--force", help="Let --output replace a checkpoint."),
     imports: list[str] = imports_option(),
 ) -> None:
     """Predict from files or texts, prepared as in training, from the checkpoint alone.
@@ -67,19 +75,28 @@ def predict(
 
       dltrain predict best.pt batch.npy --top-k 3 --json
 
+      dltrain predict best.pt photos/*.jpg --output predictions.csv
+
       dltrain predict runs/sms/checkpoints/best.pt --text "free prize, call now" messages.txt
 
       dltrain predict runs/reverse/checkpoints/best.pt --text 3071
     """
+    from dltrain.checkpoint import refuse_replacing_a_checkpoint
     from dltrain.inference import load_for_inference
     from dltrain.memory import out_of_memory_is_a_run_failure
-    from dltrain.predict import predict_files
-    from dltrain.tables import outputs_table, predictions_table
+    from dltrain.predict import check_predictions_path, predict_files, write_predictions
+    from dltrain.tables import outputs_table, predictions_table, top_classes_table
 
     console = Console(stderr=True) if as_json else Console()
+    if output is not None:
+        check_predictions_path(output)
+        refuse_replacing_a_checkpoint(output, checkpoint, force)
     with out_of_memory_is_a_run_failure(device):
         predictor = load_for_inference(checkpoint, device, imports or [])
         results = predict_files(predictor, inputs or [], top_k, texts or [])
+    if output is not None:
+        write_predictions(output, results)
+        Console(stderr=True).print(f"wrote {len(results):,} predictions to {output}", markup=False)
     if as_json:
         sys.stdout.write(json.dumps(results, indent=2) + "\n")
     elif predictor.task == "regression":
@@ -87,9 +104,10 @@ def predict(
         console.print(outputs_table(results, "prediction", f"predicted {target}"))
     elif predictor.task == "seq2seq":
         console.print(outputs_table(results, "output", "output"))
-    else:
-        for result in results:
-            console.print(predictions_table(result))
+    elif len(results) == 1:
+        console.print(predictions_table(results[0]))
+    else:  # many inputs: one table, a row each
+        console.print(top_classes_table(results))
 
 
 def export(
