@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from typer.testing import CliRunner
+
+
+@pytest.fixture(scope="session", autouse=True)
+def decode_cache_in_the_tests_own_folder(tmp_path_factory):
+    # decoded image folders are cached (dltrain/data/decode_cache.py): never in the user's
+    # ~/.cache from a test; the CLI processes tests start inherit the variable
+    os.environ["DLTRAIN_CACHE"] = str(tmp_path_factory.mktemp("decode-cache"))
 
 
 @pytest.fixture(autouse=True)

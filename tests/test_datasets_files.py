@@ -558,3 +558,64 @@ def test_a_validation_file_is_the_val_split_and_val_split_is_not_used(tmp_path, 
     assert invoke("fit", str(recipe), "-q").exit_code == 0
     history = json.loads((tmp_path / "runs" / "with-val" / "report.json").read_text())
     assert history["split"] == "val" and history["num_samples"] == 2  # no test: the val file
+
+
+# -- image_size: auto, and the cache of decoded folders -------------------------------------------
+
+
+def _folder_of_sizes(root: Path, sizes: list[tuple[int, int]]) -> Path:
+    for i, (width, height) in enumerate(sizes):
+        png(root / ["cat", "dog"][i % 2] / f"{i}.png", (width, height), 20 * i)
+    return root
+
+
+def test_image_size_auto_keeps_the_images_own_size(tmp_path):
+    root = _folder_of_sizes(tmp_path / "same", [(12, 10)] * 6)
+    loaded = images.image_folder(str(root), test_split=0)
+    assert loaded.train.x.shape == (6, 3, 10, 12)  # N×C×H×W: height 10, width 12
+
+
+def test_image_size_auto_takes_the_most_common_size_and_says_so(tmp_path):
+    root = _folder_of_sizes(tmp_path / "mixed", [(8, 8)] * 5 + [(16, 4)] * 2 + [(5, 5)])
+    with pytest.warns(UserWarning, match=r"found 3 image sizes; using the most common, 8×8 \(5 of"):
+        loaded = images.image_folder(str(root), test_split=0)
+    assert loaded.train.x.shape[1:] == (3, 8, 8)
+
+
+def test_a_decoded_folder_is_cached_and_a_changed_file_is_decoded_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("DLTRAIN_CACHE", str(tmp_path / "cache"))
+    root = _folder_of_sizes(tmp_path / "imgs", [(6, 6)] * 8)
+    (root / "dog" / "broken.png").write_bytes(b"not an image")
+    decoded = []
+    real = images.decode_image
+    monkeypatch.setattr(images, "decode_image", lambda *a: decoded.append(a[0]) or real(*a))
+
+    with pytest.warns(UserWarning, match="skipping undecodable image .*broken.png"):
+        first = images.image_folder(str(root), test_split=0.25, seed=1)
+    assert len(decoded) == 9 and list((tmp_path / "cache" / "images").glob("*.npz"))
+    decoded.clear()
+    with pytest.warns(UserWarning, match="broken.png"):  # said again, from the cache
+        again = images.image_folder(str(root), test_split=0.25, seed=1)
+    assert decoded == []  # nothing decoded: every split came from the cache
+    for split in ("train", "test"):
+        assert torch.equal(getattr(first, split).x, getattr(again, split).x)
+        assert torch.equal(getattr(first, split).y, getattr(again, split).y)
+
+    png(root / "cat" / "0.png", (6, 6), 200)  # the same name, new pixels (and mtime)
+    with pytest.warns(UserWarning):
+        changed = images.image_folder(str(root), test_split=0.25, seed=1)
+    assert decoded  # that split was decoded again: a stale entry is never read
+    assert not torch.equal(changed.train.x, first.train.x) or not torch.equal(
+        changed.test.x, first.test.x
+    )
+
+
+def test_the_cache_can_be_off_and_a_cache_that_cannot_be_written_only_warns(tmp_path, monkeypatch):
+    root = _folder_of_sizes(tmp_path / "imgs", [(6, 6)] * 4)
+    monkeypatch.setenv("DLTRAIN_CACHE", "off")
+    assert len(images.image_folder(str(root), test_split=0).train) == 4
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    monkeypatch.setenv("DLTRAIN_CACHE", str(blocked))  # cannot hold a folder
+    with pytest.warns(UserWarning, match="could not cache the decoded images"):
+        assert len(images.image_folder(str(root), test_split=0).train) == 4

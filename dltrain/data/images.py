@@ -6,9 +6,11 @@ given for prediction are decoded exactly as the training images were.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Literal
@@ -17,7 +19,11 @@ import numpy as np
 import torch
 from PIL import Image
 from pydantic import Field
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+from rich.progress import Progress as RichProgress
 
+from dltrain.data import decode_cache
 from dltrain.data.base import ArraySplit, DatasetSplits
 from dltrain.data.paths import InputPath, existing_path
 from dltrain.data.splits import stratified_split
@@ -26,6 +32,7 @@ from dltrain.registry import DATASETS
 
 # An image folder whose decoded uint8 pixels fit in this many bytes is decoded once up front.
 RESIDENT_LIMIT_BYTES = 256 * 1024**2
+BAR_FROM_IMAGES = 2000  # decoding fewer takes about a second: no bar
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"})
 
 _LAYOUT_HELP = (
@@ -41,7 +48,7 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError
 @DATASETS.register()
 def image_folder(
     path: InputPath,
-    image_size: int | tuple[int, int] = 64,
+    image_size: int | tuple[int, int] | Literal["auto"] = "auto",
     grayscale: bool = False,
     test_split: Annotated[float, Field(ge=0, lt=1)] = 0.2,
     on_bad_file: Literal["skip", "error"] = "skip",
@@ -50,27 +57,71 @@ def image_folder(
     """Images sorted into one folder per class (path/<class>/ or path/train|val|test/<class>/).
 
     Images are decoded with PIL as RGB (or L with `grayscale`) and resized to `image_size`
-    (an int for square, or [height, width]). Without a train/ folder, a stratified test split
-    of `test_split` is carved with the run's seed (0 carves none). `on_bad_file` skips
-    undecodable files with a warning, or stops with an error.
+    (an int for square, or [height, width]); `auto` keeps their own size when all share it, else
+    takes the most common one and says so. Without a train/ folder, a stratified test split of
+    `test_split` is carved with the run's seed (0 carves none). `on_bad_file` skips undecodable
+    files with a warning, or stops with an error.
 
     A folder whose decoded pixels fit in RESIDENT_LIMIT_BYTES (256 MiB as uint8) is decoded
-    once into ArraySplits, so training uses the fast resident-tensor path (no per-epoch decoding
-    or DataLoader workers); larger folders become lazy ImageFileSplits decoded per sample.
+    once, in parallel, into ArraySplits (the fast resident-tensor path: no per-epoch decoding),
+    and the decoded arrays are cached (decode_cache.py), so the next run starts in seconds;
+    larger folders become lazy ImageFileSplits decoded per sample.
     """
     root = existing_path(path, "data.path", want_dir=True)
-    size = _image_size(image_size)
     classes, found = _find_images(root, test_split, seed)
+    everything = [f for files, _ in found.values() for f in files]
+    stamps = decode_cache.file_stamps(everything)
+    size = _chosen_size(image_size, stamps, everything, grayscale)
     channels = 1 if grayscale else 3
-    total = sum(len(files) for files, _ in found.values()) * channels * size[0] * size[1]
-    resident = total <= RESIDENT_LIMIT_BYTES
+    total = len(everything) * channels * size[0] * size[1]
+    lazy = total > RESIDENT_LIMIT_BYTES
     splits = {
-        name: (_decode_all if resident else ImageFileSplit)(
-            files, labels, size, grayscale, on_bad_file
-        )
+        name: ImageFileSplit(files, labels, size, grayscale, on_bad_file)
+        if lazy
+        else _decoded(stamps, files, labels, size, grayscale, on_bad_file)
         for name, (files, labels) in found.items()
     }
     return DatasetSplits(kind="image", classes=classes, **splits)
+
+
+def _chosen_size(
+    image_size: int | tuple[int, int] | list[int] | str,
+    stamps: dict[Path, str],
+    files: list[Path],
+    grayscale: bool,
+) -> tuple[int, int]:
+    if image_size != "auto":
+        return _image_size(image_size)
+    key = decode_cache.entry_key(stamps, files, [0] * len(files), (0, 0), grayscale)
+    return decode_cache.remembered_size(key, lambda: _native_size(files))
+
+
+def _native_size(files: list[Path]) -> tuple[int, int]:
+    """`image_size: auto`: the images' own (height, width) when they all share it, else the
+    most common one, said in a warning (read from the headers only)."""
+    with ThreadPoolExecutor(_workers()) as pool:
+        sizes = Counter(s for s in pool.map(_header_size, files) if s is not None)
+    if not sizes:
+        return (64, 64)  # nothing decodable: the files are reported when decoded
+    (size, count), *others = sizes.most_common()
+    if others:
+        also = ", ".join(f"{h}×{w} ({n:,})" for (h, w), n in others[:3])
+        warnings.warn(
+            f"data.image_size: auto found {len(sizes)} image sizes; using the most common, "
+            f"{size[0]}×{size[1]} ({count:,} of {sum(sizes.values()):,} images; also {also}"
+            f"{', …' if len(others) > 3 else ''}). Set data.image_size to choose another.",
+            stacklevel=3,
+        )
+    return size
+
+
+def _header_size(file: Path) -> tuple[int, int] | None:
+    """(height, width) from the image's header, or None if PIL cannot read it."""
+    try:
+        with Image.open(file) as image:
+            return image.height, image.width
+    except _DECODE_ERRORS:
+        return None
 
 
 def _image_size(image_size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -129,26 +180,25 @@ def _list_images(folder: Path, classes: list[str], required: bool) -> tuple[list
     files: list[Path] = []
     labels: list[int] = []
     for index, name in enumerate(classes):
-        class_dir = folder / name
-        found = (
-            sorted(
-                p
-                for p in class_dir.rglob("*")
-                if p.suffix.lower() in IMAGE_EXTENSIONS
-                and not p.name.startswith(".")
-                and p.is_file()
-            )
-            if class_dir.is_dir()
-            else []
-        )
+        found = sorted(_image_files(folder / name))
         if required and not found:
             raise UserError(
-                f"data.path: class folder '{class_dir}' has no images. Add some or "
+                f"data.path: class folder '{folder / name}' has no images. Add some or "
                 "remove the folder. " + _LAYOUT_HELP
             )
         files += found
         labels += [index] * len(found)
     return files, labels
+
+
+def _image_files(folder: Path) -> Iterator[Path]:
+    """Visible image files under `folder`, at any depth (os.walk: no stat per file, which
+    matters at 50,000 files)."""
+    for here, dirs, names in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in names:
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                yield Path(here, name)
 
 
 def _pick(
@@ -167,9 +217,9 @@ def decode_image(file: Path | str, size: tuple[int, int], grayscale: bool) -> np
     return pixels[None] if grayscale else pixels.transpose(2, 0, 1)
 
 
-def _bad_file(file: Path | str, exc: BaseException, on_bad_file: str) -> None:
+def _bad_file(file: Path | str, exc: BaseException | str, on_bad_file: str) -> None:
     """Warn about an undecodable file, or raise a UserError when on_bad_file is 'error'."""
-    reason = str(exc) or type(exc).__name__
+    reason = exc if isinstance(exc, str) else str(exc) or type(exc).__name__
     if on_bad_file == "error":
         raise UserError(
             f"data.path: cannot decode image '{file}' ({reason}). Fix or delete the file, or set "
@@ -183,29 +233,70 @@ def _workers() -> int:
     return min(8, os.cpu_count() or 1)
 
 
-def _decode_all(
-    files: list[Path], labels: list[int], size: tuple[int, int], grayscale: bool, on_bad_file: str
+def _decoded(
+    stamps: dict[Path, str],
+    files: list[Path],
+    labels: list[int],
+    size: tuple[int, int],
+    grayscale: bool,
+    on_bad_file: str,
 ) -> ArraySplit:
-    """Decode every file into one N×C×H×W uint8 ArraySplit, leaving out undecodable files."""
+    """The split decoded into one N×C×H×W uint8 ArraySplit (undecodable files left out): from
+    the cache when these very files were decoded before, else decoded now and cached."""
+    key = decode_cache.entry_key(stamps, files, labels, size, grayscale)
+    cached = decode_cache.load(key)
+    if cached is None:
+        x, y, skipped = _decode_all(files, labels, size, grayscale)
+        decode_cache.save(key, x, y, skipped)
+    else:
+        x, y, skipped = cached
+    for file, reason in (s.split("\t", 1) for s in skipped):  # the same warnings, every run
+        _bad_file(file, reason, on_bad_file)
+    return ArraySplit(torch.from_numpy(x), torch.from_numpy(y))
+
+
+def _decode_all(
+    files: list[Path], labels: list[int], size: tuple[int, int], grayscale: bool
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Decode every file in parallel threads: pixels and labels of the decodable ones, and
+    'file<TAB>reason' for the others. A bar shows progress on a terminal for large folders."""
     x = np.empty((len(files), 1 if grayscale else 3, *size), dtype=np.uint8)
 
-    def fill(i: int) -> BaseException | None:
+    def fill(i: int) -> str | None:
         try:
             x[i] = decode_image(files[i], size, grayscale)
         except _DECODE_ERRORS as exc:
-            return exc
+            return str(exc) or type(exc).__name__
         return None
 
-    with ThreadPoolExecutor(_workers()) as pool:
-        failures = list(pool.map(fill, range(len(files))))
-    for file, exc in zip(files, failures, strict=True):
-        if exc is not None:
-            _bad_file(file, exc, on_bad_file)  # here, not in the threads: warnings in file order
-    ok = np.array([exc is None for exc in failures], dtype=bool)
+    with ThreadPoolExecutor(_workers()) as pool, _decoding_bar(len(files)) as advance:
+        failures = []
+        for failure in pool.map(fill, range(len(files))):
+            failures.append(failure)
+            advance()
+    ok = np.array([f is None for f in failures], dtype=bool)
     y = np.asarray(labels, dtype=np.int64)
-    if not ok.all():
-        x, y = x[ok], y[ok]
-    return ArraySplit(torch.from_numpy(x), torch.from_numpy(y))
+    skipped = [f"{file}\t{f}" for file, f in zip(files, failures, strict=True) if f is not None]
+    return (x, y, skipped) if ok.all() else (x[ok], y[ok], skipped)
+
+
+@contextlib.contextmanager
+def _decoding_bar(total: int) -> Iterator[Callable[[], None]]:
+    """advance() per decoded image; a transient bar on a terminal for folders worth watching."""
+    console = Console(stderr=True)
+    if total < BAR_FROM_IMAGES or not console.is_terminal:
+        yield lambda: None
+        return
+    with RichProgress(
+        TextColumn("decoding images"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("decode", total=total)
+        yield lambda: bar.advance(task)
 
 
 class ImageFileSplit:
