@@ -155,3 +155,12 @@ def test_the_package_builds_without_deprecation_warnings(tmp_path):
     assert [p.name for p in (tmp_path / "wheel").iterdir()] == [
         f"dltrain-{__import__('dltrain').__version__}-py3-none-any.whl"
     ]
+
+
+def test_every_recipe_header_says_what_to_expect_and_how_long_it_takes():
+    for recipe in sorted(REPO.glob("recipes/*.yaml")):
+        header = " ".join(
+            line.lstrip("# ") for line in recipe.read_text().splitlines() if line.startswith("#")
+        )
+        assert "dltrain fit recipes/" + recipe.name in header, recipe.name
+        assert re.search(r"\b(seconds?|minutes?|hours?|a minute)\b", header), recipe.name
