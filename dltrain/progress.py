@@ -61,9 +61,13 @@ class Progress:
     ) -> None:
         """One line on what is about to run."""
         params = sum(p.numel() for p in model.parameters())
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        counted = f"{params:,} parameters" + (
+            f", {trainable:,} trainable" if trainable != params else ""
+        )
         sizes = ", ".join(f"{name} {len(split):,}" for name, split in data.splits.items())
         self._print(
-            f"[bold]{recipe.name}[/]: {escape(recipe.model['name'])} ({params:,} parameters) "
+            f"[bold]{recipe.name}[/]: {escape(recipe.model['name'])} ({counted}) "
             f"on {recipe.data.name} ({sizes}; {_learned(data)}) · device {device} · "
             f"{precision} · data path: {loader}"
         )

@@ -77,7 +77,7 @@ def build_setup(
     tune_for_training(dev, recipe.train.cudnn_benchmark, recipe.train.tf32)
     if world.local_rank != 0:
         world.barrier()
-    data = prepare_data(recipe.data, recipe.seed, meta)
+    data = prepare_data(recipe.data, recipe.seed, meta, pretrained_on=recipe.model)
     if world.local_rank == 0:
         world.barrier()
     check_model_fits(recipe.model, data, dev)
@@ -130,9 +130,12 @@ def build_model(section: dict[str, Any], data: PreparedData) -> torch.nn.Module:
 def check_model_fits(section: dict[str, Any], data: PreparedData, device: torch.device) -> None:
     """Refuse (exit 2) a model whose weights alone exceed the device's free memory, before
     allocating them: built first on the meta device, which allocates nothing."""
+    shapes_only = section
+    if section["name"].startswith("torchvision:"):  # pretrained weights: the shapes of random
+        shapes_only = {**section, "weights": None, "freeze": "none"}  # ones, never fetched twice
     try:
         with torch.device("meta"):
-            probe = build_model(section, data)
+            probe = build_model(shapes_only, data)
     except Exception:  # a factory that needs real tensors to build: nothing to tell here
         return
     weights = sum(p.numel() * p.element_size() for p in probe.parameters())

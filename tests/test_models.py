@@ -238,3 +238,54 @@ def test_seed_cnn_loss_goes_down_on_patterns():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_fine_tuning_a_frozen_backbone_trains_only_the_head_on_the_weights_statistics(
+    monkeypatch, tmp_path
+):
+    import torchvision
+
+    from runs import train
+
+    imagenet = torchvision.models.mobilenet_v3_small().state_dict()
+    monkeypatch.setattr(
+        "torchvision.models._api.load_state_dict_from_url", lambda url, *a, **k: imagenet
+    )
+    base = {
+        "seed": 0,
+        "device": "cpu",
+        "data": {
+            "name": "synthetic",
+            "shape": [3, 32, 32],
+            "num_classes": 3,
+            "train_size": 64,
+            "test_size": 16,
+            "val_split": 0,
+            "batch_size": 16,
+        },
+        "model": {"name": "torchvision:mobilenet_v3_small", "weights": "DEFAULT"},
+        "optimizer": {"name": "adamw", "lr": 0.01, "weight_decay": 0.1},
+        "train": {"epochs": 1},
+    }
+    run, _ = train(tmp_path, base, "frozen", "model.freeze=backbone")
+    saved = torch.load(run.last_path, weights_only=True)
+    tuned = saved["model"]
+    head = "classifier.3"  # mobilenet_v3_small's last Linear: replaced for 3 classes
+    assert tuned[f"{head}.weight"].shape == (3, 1024)
+    statistics = ("running_", "num_batches_tracked")  # BatchNorm buffers: they still adapt
+    backbone = [
+        k for k in imagenet if not k.startswith(head) and not any(s in k for s in statistics)
+    ]
+    assert backbone and all(torch.equal(tuned[k], imagenet[k]) for k in backbone)
+    # normalize: auto means the weights' own statistics, not the dataset's
+    assert saved["data_meta"]["mean"] == pytest.approx([0.485, 0.456, 0.406])
+    assert saved["data_meta"]["std"] == pytest.approx([0.229, 0.224, 0.225])
+
+    run, _ = train(tmp_path, base, "all")  # freeze: none (the default) trains every layer
+    tuned = torch.load(run.last_path, weights_only=True)["model"]
+    assert not torch.equal(tuned["features.0.0.weight"], imagenet["features.0.0.weight"])
+
+
+def test_freezing_a_backbone_without_pretrained_weights_is_refused():
+    with pytest.raises(UserError, match="model.weights is null"):
+        build("torchvision:resnet18", CIFAR, freeze="backbone")

@@ -77,10 +77,17 @@ class PreparedData:
         return torch.bincount(_targets(self.splits["train"]), minlength=self.num_classes)
 
 
-def prepare_data(data: DataSection, seed: int, meta: dict[str, Any] | None = None) -> PreparedData:
+def prepare_data(
+    data: DataSection,
+    seed: int,
+    meta: dict[str, Any] | None = None,
+    pretrained_on: dict[str, Any] | None = None,
+) -> PreparedData:
     """Load the dataset, carve the validation split, and fix the normalisation.
 
     With `meta` (from a checkpoint) the stored normalisation is reused instead of recomputed.
+    With `pretrained_on` (the model section), `normalize: auto` for a pretrained torchvision
+    model is the statistics its weights were trained with, not the dataset's.
     With `data.fold` (cross-validation) the validation split is that fold of the dataset's train
     split; `val_split` and any validation split the dataset has are then not used.
     """
@@ -110,7 +117,7 @@ def prepare_data(data: DataSection, seed: int, meta: dict[str, Any] | None = Non
         _check_compatible(meta, loaded, input_shape)
         mean, std = meta["mean"], meta["std"]
     else:
-        mean, std = _normalisation(data, loaded.kind, splits["train"], input_shape)
+        mean, std = _normalisation(data, loaded.kind, splits["train"], input_shape, pretrained_on)
     return PreparedData(
         loaded.kind,
         loaded.classes,
@@ -217,12 +224,21 @@ def _first_input(split: Split) -> torch.Tensor:
 
 
 def _normalisation(
-    data: DataSection, kind: str, train: Split, input_shape: tuple[int, ...]
+    data: DataSection,
+    kind: str,
+    train: Split,
+    input_shape: tuple[int, ...],
+    model: dict[str, Any] | None = None,
 ) -> tuple[list[float], list[float]]:
-    """Mean/std per channel (images) or feature (tabular, sequence steps): given, none, or from
-    the train split. Token ids are never normalised."""
+    """Mean/std per channel (images) or feature (tabular, sequence steps): given, none, the
+    pretrained weights' own, or from the train split. Token ids are never normalised."""
+    from dltrain.models.torchvision_models import pretrained_statistics
+
     if kind == "tokens":
         return [], []
+    pretrained = pretrained_statistics(model or {}, input_shape[0]) if kind == "image" else None
+    if data.normalize == "auto" and pretrained is not None:
+        return pretrained
     width = input_shape[-1] if kind == "sequence" else input_shape[0]
     if data.normalize == "none":
         return [0.0] * width, [1.0] * width

@@ -7,7 +7,7 @@ fine-tuning. Pretrained weights expect 3-channel input normalized with the Image
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -43,10 +43,19 @@ def torchvision_model(
     input_shape: tuple[int, ...],
     num_classes: int,
     weights: str | None = None,
+    freeze: Literal["none", "backbone"] = "none",
     input_kind: str = "image",
 ) -> nn.Module:
-    """A torchvision classification model; weights: DEFAULT (or a name) loads pretrained ones."""
+    """A torchvision classification model; weights: DEFAULT (or a name) loads pretrained ones,
+    and then `data.normalize: auto` uses their statistics; freeze: backbone trains only the
+    classifier (its last linear layer)."""
     name = f"torchvision:{arch}"
+    if freeze == "backbone" and weights is None:
+        raise UserError(
+            f"model.freeze: backbone keeps the pretrained layers of '{name}' as they are, but "
+            "model.weights is null (random layers): set model.weights: DEFAULT to fine-tune, or "
+            "model.freeze: none to train everything"
+        )
     require_image(name, input_shape, alternative="mlp", input_kind=input_kind)
     channels = input_shape[0]
     if channels not in (1, 3):
@@ -59,7 +68,25 @@ def torchvision_model(
         model = _from_scratch(arch, num_classes)
     else:
         model = _pretrained(arch, weights, num_classes)
+    if freeze == "backbone":
+        head = _head(model, arch)[1]
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        head.requires_grad_(True)  # the optimizer steps only this; BatchNorm statistics still adapt
     return GrayToRGB(model) if channels == 1 else model
+
+
+def pretrained_statistics(section: dict[str, Any], channels: int) -> tuple[list, list] | None:
+    """The normalisation a `torchvision:<name>` model's pretrained weights were trained with
+    (mean, std per channel; averaged for 1-channel input), or None for any other model."""
+    name, weights = section.get("name", ""), section.get("weights")
+    if not name.startswith("torchvision:") or weights is None:
+        return None
+    transforms = _resolve_weights(name.partition(":")[2], weights).transforms()
+    mean, std = list(transforms.mean), list(transforms.std)
+    if channels == 1:
+        return [sum(mean) / 3], [sum(std) / 3]
+    return mean, std
 
 
 def _from_scratch(arch: str, num_classes: int) -> nn.Module:
@@ -105,15 +132,20 @@ def _resolve_weights(arch: str, weights: str) -> Any:
         ) from None
 
 
-def _replace_head(model: nn.Module, num_classes: int, arch: str) -> None:
-    """Swap the last nn.Linear (the classifier) for a fresh one when the class count differs."""
+def _head(model: nn.Module, arch: str) -> tuple[str, nn.Linear]:
+    """The classifier: the model's last nn.Linear, with its qualified name."""
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise UserError(
-            f"model 'torchvision:{arch}' has no linear classifier to resize to {num_classes} "
-            "classes; use weights: null, or another model"
+            f"model 'torchvision:{arch}' has no linear classifier to replace or train alone; use "
+            "weights: null (and freeze: none), or another model"
         )
-    qualname, old = linears[-1]
+    return linears[-1]
+
+
+def _replace_head(model: nn.Module, num_classes: int, arch: str) -> None:
+    """Swap the last nn.Linear (the classifier) for a fresh one when the class count differs."""
+    qualname, old = _head(model, arch)
     if old.out_features == num_classes:
         return
     parent_name, _, attr = qualname.rpartition(".")
