@@ -81,3 +81,17 @@ def assert_same_tensors(a: dict, b: dict) -> None:
 def metric_rows(run: RunFolder, drop=TIMING_COLUMNS) -> list[dict[str, str]]:
     with open(run.metrics_path, newline="") as f:
         return [{k: v for k, v in row.items() if k not in drop} for row in csv.DictReader(f)]
+
+
+def model_outputs(checkpoint_path: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A checkpoint's model, rebuilt from it alone, on a whole split: (outputs, targets)."""
+    from dltrain.checkpoint import load_checkpoint
+    from dltrain.setup import build_setup
+
+    checkpoint = load_checkpoint(checkpoint_path)
+    setup = build_setup(Recipe.model_validate(checkpoint["recipe"]), meta=checkpoint["data_meta"])
+    setup.model.load_state_dict(checkpoint["model"])
+    setup.model.eval()
+    data = setup.data.splits[split]
+    with torch.no_grad():
+        return setup.model(setup.pipeline.eval(data.x)), data.y

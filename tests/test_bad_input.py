@@ -21,11 +21,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from as_user import QUICKSTART, dltrain, flat_image_folder, one_epoch_fit, words
 
 from dltrain.atomic import atomic_write_text
 from dltrain.checkpoint import FORMAT
 from dltrain.errors import RunFailure
+
+from as_user import QUICKSTART, dltrain, flat_image_folder, one_epoch_fit, words
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

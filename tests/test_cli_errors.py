@@ -15,9 +15,10 @@ import sys
 
 import pytest
 import yaml
-from as_user import HELP_PROBE, QUICKSTART, assert_user_error, dltrain
 
 from dltrain.recipe import load_recipe, resolve
+
+from as_user import HELP_PROBE, QUICKSTART, assert_user_error, dltrain
 
 COMMANDS = ["fit", "eval", "devices", "check", "list"]
 

@@ -9,16 +9,13 @@ module, in a subprocess with one thread; everything is written under tmp_path.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
-from as_user import QUICKSTART
 from typer.testing import CliRunner
 
 from dltrain import crossval
@@ -32,23 +29,10 @@ from dltrain.recipe import load_recipe, resolve_with_context, to_yaml
 from dltrain.registry import DATASETS
 from dltrain.runs_table import best_val_metrics, read_metrics
 
+from as_user import QUICKSTART, dltrain
 from runs import DIGITS, TABULAR, make_recipe, quiet
 
 K = 5
-
-
-def dltrain(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess:
-    """Run `python -m dltrain ARGS` in a fresh process, one intra-op thread."""
-    env = {k: v for k, v in os.environ.items() if k not in ("DLTRAIN_DEBUG", "FORCE_COLOR")}
-    env.update(OMP_NUM_THREADS="1", NO_COLOR="1")
-    return subprocess.run(
-        [sys.executable, "-m", "dltrain", *map(str, args)],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
 
 
 def invoke(*args: str):

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from as_user import flat_image_folder, png
 from PIL import Image
 from torchvision import datasets as tv_datasets
 
@@ -23,6 +22,8 @@ from dltrain.data.base import ArraySplit
 from dltrain.data.splits import stratified_split
 from dltrain.errors import RecipeError, UserError
 from dltrain.registry import DATASETS
+
+from as_user import flat_image_folder, png
 
 SHARED_MNIST = Path(__file__).parents[2] / "shared/data/mnist.npz"
 
@@ -228,6 +229,23 @@ def _species_csv(tmp_path: Path, rows_per_class: int = 10) -> str:
     return _write(tmp_path / "iris.csv", "\n".join(lines) + "\n")
 
 
+def _csv_recipe(recipe: Path, output: Path, name: str, **data) -> Path:
+    """A recipe file: an MLP for 2 epochs on a csv dataset whose label column is species."""
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "name": name,
+                "output": str(output),
+                "device": "cpu",
+                "data": {"name": "csv", "label": "species", **data},
+                "model": {"name": "mlp", "hidden": [8]},
+                "train": {"epochs": 2},
+            }
+        )
+    )
+    return recipe
+
+
 def _rows(split: ArraySplit) -> set[tuple]:
     return {(*row.tolist(), int(y)) for row, y in zip(split.x, split.y, strict=True)}
 
@@ -262,19 +280,7 @@ def test_a_fit_on_a_train_file_alone_reports_on_the_training_data_and_says_so(tm
     # no test file and no validation split: a final model trained on everything. It finishes
     # with a report labelled as what it is, never an error after the training is done.
     train = _species_csv(tmp_path)
-    recipe = tmp_path / "all.yaml"
-    recipe.write_text(
-        yaml.safe_dump(
-            {
-                "name": "all",
-                "output": str(tmp_path / "runs"),
-                "device": "cpu",
-                "data": {"name": "csv", "train": train, "label": "species", "val_split": 0},
-                "model": {"name": "mlp", "hidden": [8]},
-                "train": {"epochs": 2},
-            }
-        )
-    )
+    recipe = _csv_recipe(tmp_path / "all.yaml", tmp_path / "runs", "all", train=train, val_split=0)
     result = invoke("fit", str(recipe))
     assert result.exit_code == 0, result.output
     assert "the final report is on the training data" in " ".join(result.output.split())
@@ -502,19 +508,7 @@ def test_a_recipe_beside_its_data_trains_from_any_folder_and_its_checkpoint_eval
     project = tmp_path / "project"
     project.mkdir()
     _species_csv(project)  # project/iris.csv, beside the recipe
-    recipe = project / "iris.yaml"
-    recipe.write_text(
-        yaml.safe_dump(
-            {
-                "name": "iris",
-                "output": str(tmp_path / "runs"),
-                "device": "cpu",
-                "data": {"name": "csv", "path": "iris.csv", "label": "species", "val_split": 0},
-                "model": {"name": "mlp", "hidden": [8]},
-                "train": {"epochs": 2},
-            }
-        )
-    )
+    recipe = _csv_recipe(project / "iris.yaml", tmp_path / "runs", "iris", path="iris.csv")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
@@ -540,19 +534,7 @@ def test_a_validation_file_is_the_val_split_and_val_split_is_not_used(tmp_path, 
             label="species",
         )
 
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(
-        yaml.safe_dump(
-            {
-                "name": "with-val",
-                "output": str(tmp_path / "runs"),
-                "device": "cpu",
-                "data": {"name": "csv", "train": train, "val": val, "label": "species"},
-                "model": {"name": "mlp", "hidden": [8]},
-                "train": {"epochs": 1},
-            }
-        )
-    )
+    recipe = _csv_recipe(tmp_path / "r.yaml", tmp_path / "runs", "with-val", train=train, val=val)
     checked = invoke("check", str(recipe))
     assert "val ← data.val" in checked.stderr and "data.val_split is not used" in checked.stderr
     assert invoke("fit", str(recipe), "-q").exit_code == 0

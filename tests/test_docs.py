@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 
 import pytest
+
 from as_user import REPO
 
 TEST_REFERENCE = re.compile(r"tests/(\w+\.py)::(\w+)")

@@ -28,7 +28,6 @@ from dltrain.checkpoint import load_checkpoint
 from dltrain.errors import RunFailure, UserError
 from dltrain.evaluate import evaluate_checkpoint
 from dltrain.progress import Progress
-from dltrain.recipe import Recipe
 from dltrain.run_folder import METRIC_COLUMNS, RunFolder
 from dltrain.setup import build_setup
 from dltrain.tasks import Evaluation
@@ -39,6 +38,7 @@ from runs import (
     assert_same_tensors,
     make_recipe,
     metric_rows,
+    model_outputs,
     quiet,
     train,
     weights,
@@ -459,14 +459,9 @@ def test_report_equals_sklearn_on_the_models_predictions(tmp_path):
     run, _ = train(tmp_path, DIGITS, "report", "train.epochs=2", "data.eval_batch_size=50")
     report = evaluate_checkpoint(run.best_path, tmp_path / "val-report", quiet(), split="val")
 
+    outputs, targets = model_outputs(run.best_path, "val")
+    predicted, truth = outputs.argmax(1).numpy(), targets.numpy()
     checkpoint = load_checkpoint(run.best_path)
-    setup = build_setup(Recipe.model_validate(checkpoint["recipe"]), meta=checkpoint["data_meta"])
-    setup.model.load_state_dict(checkpoint["model"])
-    setup.model.eval()
-    val = setup.data.splits["val"]
-    with torch.no_grad():
-        predicted = setup.model(setup.pipeline.eval(val.x)).argmax(1).numpy()
-    truth = val.y.numpy()
     labels = list(range(10))
 
     assert report["split"] == "val" and report["num_samples"] == len(truth) > 100

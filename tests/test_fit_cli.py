@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from as_user import QUICKSTART, dltrain, one_epoch_fit, words
 
 from dltrain.recipe import load_recipe, to_yaml
+
+from as_user import QUICKSTART, dltrain, one_epoch_fit, words
 
 METRICS_HEADER = "epoch,train_loss,val_loss,val_accuracy,lr,seconds,samples_per_s"
 REPORT_KEYS = {

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from as_user import QUICKSTART
 
 from dltrain.data.loaders import ResidentBatches
 from dltrain.evaluate import evaluate_checkpoint
 from dltrain.registry import OPTIMIZERS
 from dltrain.setup import build_setup, split_batches
 
+from as_user import QUICKSTART
 from runs import DIGITS, make_recipe, quiet, train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

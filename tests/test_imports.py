@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from as_user import dltrain, words
 
 from dltrain.errors import UserError
 from dltrain.recipe import load_recipe, resolve, to_yaml
 from dltrain.registry import MODELS
+
+from as_user import dltrain, words
 
 _unique = itertools.count()
 

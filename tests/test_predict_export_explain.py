@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from as_user import HELP_PROBE, QUICKSTART, dltrain
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -31,6 +30,7 @@ from dltrain.errors import UserError
 from dltrain.explain import explain, last_conv
 from dltrain.inference import Predictor, load_for_inference
 
+from as_user import HELP_PROBE, QUICKSTART, dltrain
 from runs import train
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

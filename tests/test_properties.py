@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 import yaml
-from as_user import QUICKSTART
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
@@ -31,6 +30,8 @@ from dltrain.recipe import (
     to_yaml,
 )
 from dltrain.registry import REGISTRIES
+
+from as_user import QUICKSTART
 
 QUICKSTART_RAW = parse_yaml(QUICKSTART.read_text(encoding="utf-8"), str(QUICKSTART))
 

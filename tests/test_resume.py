@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from as_user import QUICKSTART
 from rich.console import Console
 
 from dltrain.checkpoint import load_checkpoint, save_checkpoint
@@ -22,6 +21,7 @@ from dltrain.interrupts import GracefulStop, Interrupted
 from dltrain.progress import Progress
 from dltrain.run_folder import RunFolder
 
+from as_user import QUICKSTART
 from runs import DIGITS, assert_same_tensors, metric_rows, train, weights
 
 

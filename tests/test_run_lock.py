@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from as_user import dltrain, words
 
 from dltrain.errors import UserError
 from dltrain.run_folder import RunFolder
 from dltrain.run_lock import holding, lock_path
 
+from as_user import dltrain, words
 from runs import TABULAR, metric_rows, train
 
 HOLD = """

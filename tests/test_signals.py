@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-from as_user import QUICKSTART
 from rich.console import Console
 
 from dltrain.engine import fit
@@ -20,6 +19,7 @@ from dltrain.interrupts import Interrupted
 from dltrain.progress import Progress
 from dltrain.run_folder import RunFolder
 
+from as_user import QUICKSTART
 from runs import DIGITS, make_recipe
 
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}

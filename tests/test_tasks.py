@@ -10,16 +10,13 @@ import torch
 from rich.console import Console
 from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
 
-from dltrain.checkpoint import load_checkpoint
 from dltrain.errors import UserError
 from dltrain.evaluate import evaluate_checkpoint
 from dltrain.losses import mse
 from dltrain.progress import Progress
-from dltrain.recipe import Recipe
-from dltrain.setup import build_setup
 from dltrain.tasks import Regression
 
-from runs import metric_rows, quiet, train
+from runs import metric_rows, model_outputs, quiet, train
 
 ADDING = {
     "seed": 0,
@@ -85,14 +82,8 @@ def test_regression_reports_mse_mae_r2_and_eval_reproduces_it(tmp_path):
 
 def test_the_regression_report_equals_sklearn_on_the_models_predictions(tmp_path):
     run, report = train(tmp_path, ADDING, "adding", "data.eval_batch_size=50")
-    checkpoint = load_checkpoint(run.best_path)
-    setup = build_setup(Recipe.model_validate(checkpoint["recipe"]), meta=checkpoint["data_meta"])
-    setup.model.load_state_dict(checkpoint["model"])
-    setup.model.eval()
-    test = setup.data.splits["test"]
-    with torch.no_grad():
-        predicted = setup.model(setup.pipeline.eval(test.x)).squeeze(-1).double().numpy()
-    truth = test.y.double().numpy()
+    outputs, targets = model_outputs(run.best_path, "test")
+    predicted, truth = outputs.squeeze(-1).double().numpy(), targets.double().numpy()
     assert report["num_samples"] == len(truth) == 128
     assert report["mse"] == pytest.approx(mean_squared_error(truth, predicted), rel=1e-9)
     assert report["mae"] == pytest.approx(mean_absolute_error(truth, predicted), rel=1e-9)

@@ -16,6 +16,7 @@ from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
+
 from as_user import QUICKSTART
 
 pytestmark = [
