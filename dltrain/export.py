@@ -9,6 +9,11 @@ ONNX: metadata_props, `dltrain.json` holding all of it plus one entry per key):
     x = uint8 / 255                       (images stored as uint8)
     x = (x - mean) / std                  per channel (images) or feature (tabular, steps)
 
+Tables from csv files are first encoded column by column (imputation, one-hot categories,
+missing indicators): the metadata's `table` holds that encoding and `feature_names` the
+resulting features, so rows can be encoded without dltrain (dltrain.data.table_encoding).
+Regression models answer in the target's units (the target scaling is inside the graph).
+
 Text models take int64 token ids (N × max_length, 0 = <pad> at the end): the metadata holds the
 vocabulary, the tokenizer and max_length to encode texts with (as dltrain.data.text does).
 Images read row by row (data.as_sequence: rows) are exported with the row split inside the
@@ -43,6 +48,7 @@ from torch import nn
 from dltrain import __version__
 from dltrain.atomic import atomic_write
 from dltrain.checkpoint import refuse_replacing_a_checkpoint
+from dltrain.data.table_encoding import TableEncoding
 from dltrain.errors import RunFailure, UserError
 from dltrain.inference import Predictor, load_for_inference
 from dltrain.run_lock import holding_enclosing_run
@@ -55,6 +61,13 @@ TOKEN_ENCODING = (
     "(tokenizer.kind 'word': the regex \\w+|[^\\w\\s]; 'char': each character), map each "
     "token to its index in vocab (unknown: 1 = <unk>; a text without tokens: [1]), cut to "
     "max_length and pad with 0 at the end"
+)
+TABLE_ENCODING = (
+    "each column of table.columns in order becomes features (feature_names): numeric: the "
+    "value, an empty cell replaced by fill; categorical: one-hot over ['<unknown>', "
+    "*categories] (a value not in categories is '<unknown>'; an empty cell is fill); a column "
+    "with indicator true adds 1.0 for an empty cell, else 0.0. Then (x - mean) / std per "
+    "feature (mean 0 and std 1 leave one-hot and indicator features as they are)"
 )
 ONNX_INSTALL = "pip install onnx onnxscript"
 
@@ -159,6 +172,9 @@ def metadata(predictor: Predictor) -> dict[str, Any]:
     if predictor.kind == "tokens":
         keys = ("vocab", "tokenizer", "max_length", "text_column")
         info.update({key: meta[key] for key in keys if key in meta})
+    if "table" in meta:
+        info["table"] = meta["table"]
+        info["feature_names"] = TableEncoding.from_dict(meta["table"]).feature_names()
     return info
 
 
@@ -180,6 +196,8 @@ def _preprocessing(predictor: Predictor) -> str:
         return "x = (x - mean) / std per feature (the last axis)"
     if predictor.as_sequence == "rows":
         return PREPROCESSING + " (the graph then reads the image row by row itself)"
+    if "table" in predictor.meta:
+        return TABLE_ENCODING
     return PREPROCESSING
 
 

@@ -7,9 +7,11 @@ What an input may be depends on the checkpoint's input kind:
   channel count (1 → grayscale 'L', 3 → 'RGB') and resized to its H×W with bilinear
   resampling, as uint8 — exactly as `image_folder` decodes training images; or `.npy` arrays of
   one sample (C×H×W) or a batch (N×C×H×W);
-- tabular models: `.csv` tables with a header row, one sample per row (a `label` column, or
-  the column the recipe named as data.label, is ignored; the recipe's data.features are picked
-  by name when it lists them), or `.npy` arrays of one row (F) or a batch (N×F);
+- tabular models: `.csv` tables with a header row, one sample per row, encoded as the training
+  table was (`dltrain.data.table_encoding`, from the checkpoint alone: the feature columns
+  picked by name, empty cells imputed, categories one-hot, unseen ones as `<unknown>`; other
+  columns, such as the label, are ignored); models trained on arrays take the columns other
+  than `label`; or `.npy` arrays of already encoded rows (F) or a batch (N×F);
 - float sequence models (e.g. the adding problem): `.npy` arrays of one sequence (T×F) or a
   batch (N×T×F);
 - text models (token input): texts given on the command line (`--text`, repeatable), `.txt`
@@ -45,6 +47,7 @@ import numpy as np
 import torch
 
 from dltrain.data.images import IMAGE_EXTENSIONS, decode_image
+from dltrain.data.table_encoding import TableEncoding
 from dltrain.data.text import PAD_ID, Vocabulary, encode_texts
 from dltrain.errors import UserError
 from dltrain.inference import Predictor
@@ -378,6 +381,8 @@ def _read_text_column(
 
 
 def _read_csv(path: Path, predictor: Predictor, expected: str) -> Samples:
+    """A table's rows encoded as in training: the checkpoint's table encoding (imputation,
+    categories, indicators) picks its columns by name; other columns are ignored."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as handle:
             reader = csvlib.reader(handle)
@@ -390,50 +395,46 @@ def _read_csv(path: Path, predictor: Predictor, expected: str) -> Samples:
     if not header or not rows:
         missing = "header" if not header else "data rows"
         raise UserError(f"input {path} has no {missing}. Expected {expected}.")
-    columns = _feature_columns(path, header, predictor, expected)
-    values = np.empty((len(rows), len(columns)), dtype=np.float32)
-    for i, (line, row) in enumerate(rows):
+    encoding = _table_encoding(path, header, predictor, expected)
+    columns = [header.index(name) for name in encoding.names]
+    for line, row in rows:
         if len(row) != len(header):
             raise UserError(
                 f"input {path} line {line} has {len(row)} values but the header has "
                 f"{len(header)} columns. Fix that row."
             )
-        for j, column in enumerate(columns):
-            try:
-                values[i, j] = float(row[column])
-            except ValueError:
-                values[i, j] = np.nan
-            if not np.isfinite(values[i, j]):
-                raise UserError(
-                    f"input {path} line {line}: column '{header[column]}' holds "
-                    f"{row[column].strip()!r}, not a finite number. Feature values must be numbers."
-                ) from None
+    cells = [[row[c] for c in columns] for _, row in rows]
+    values = encoding.encode_cells(cells, [f"input {path} line {line}" for line, _ in rows])
     return Samples([f"{path}[{i}]" for i in range(len(rows))], torch.from_numpy(values))
 
 
-def _feature_columns(path: Path, header: list[str], predictor: Predictor, expected: str):
-    """Indices of the feature columns, in the order the model was trained on."""
-    data = predictor.recipe.get("data") or {}
-    features = data.get("features")
-    if features:  # trained on named columns of a CSV: pick them by name
-        missing = [name for name in features if name not in header]
-        if missing:
-            raise UserError(
-                f"input {path} has no column {', '.join(map(repr, missing))}; the model was "
-                f"trained on the columns {', '.join(features)}. Columns found: "
-                f"{', '.join(header)}."
-            )
-        return [header.index(name) for name in features]
-    ignored = {"label", data.get("label") if data.get("name") == "csv" else "label"}
-    columns = [i for i, name in enumerate(header) if name not in ignored]
-    want = predictor.input_shape[0]
-    if len(columns) != want:
-        names = ", ".join(header[i] for i in columns)
+def _table_encoding(
+    path: Path, header: list[str], predictor: Predictor, expected: str
+) -> TableEncoding:
+    """The checkpoint's table encoding; for a model trained on numeric arrays (or by an
+    older dltrain), plain numeric columns: the recipe's data.features, or every column but
+    the label."""
+    meta, data = predictor.meta, predictor.recipe.get("data") or {}
+    if "table" in meta:
+        encoding = TableEncoding.from_dict(meta["table"])
+        names = encoding.names
+    else:
+        names = data.get("features") or [
+            name for name in header if name not in ("label", data.get("label", "label"))
+        ]
+        encoding = TableEncoding.numeric(names)
+    missing = [name for name in names if name not in header]
+    if missing:
         raise UserError(
-            f"input {path} has {len(columns)} feature columns ({names}) but the model takes "
-            f"{want}. Expected {expected}."
+            f"input {path} has no column {', '.join(map(repr, missing))}; the model was "
+            f"trained on the columns {', '.join(names)}. Columns found: {', '.join(header)}."
         )
-    return columns
+    if "table" not in meta and len(names) != predictor.input_shape[0]:
+        raise UserError(
+            f"input {path} has {len(names)} feature columns ({', '.join(names)}) but the model "
+            f"takes {predictor.input_shape[0]}. Expected {expected}."
+        )
+    return encoding
 
 
 # -- predictions as a file ---------------------------------------------------------------------

@@ -275,7 +275,7 @@ MODELS = Registry(
 )
 DATASETS = Registry(
     "datasets",
-    runtime_args=("seed",),
+    runtime_args=("seed", "task"),  # task: data.task as the recipe asks for it (auto, ...)
     modules=tuple(
         f"dltrain.data.{m}"
         for m in (

@@ -135,11 +135,14 @@ def headline(report: dict[str, Any]) -> tuple[str, float]:
 
 
 def scalar_metrics(report: dict[str, Any]) -> dict[str, float]:
-    """A regression or seq2seq report's figures (everything numeric but the sample count)."""
+    """A regression or seq2seq report's figures (everything numeric but the sample count and
+    the epoch the weights are from)."""
     return {
         k: v
         for k, v in report.items()
-        if isinstance(v, int | float) and not isinstance(v, bool) and k != "num_samples"
+        if isinstance(v, int | float)
+        and not isinstance(v, bool)
+        and k not in ("num_samples", "epoch")
     }
 
 

@@ -28,7 +28,7 @@ from dltrain.host import tune_for_training
 from dltrain.optim import LrSchedule, constant_schedule
 from dltrain.recipe import Recipe
 from dltrain.registry import LOSSES, MODELS, SCHEDULERS
-from dltrain.tasks import Classification, Regression, Seq2Seq, task_for
+from dltrain.tasks import Classification, Regression, Seq2Seq, TargetScaled, task_for
 
 
 @dataclass
@@ -115,8 +115,9 @@ def build_setup(
 
 
 def build_model(section: dict[str, Any], data: PreparedData) -> torch.nn.Module:
-    """A model section built for the data: dltrain supplies every run-time argument."""
-    return MODELS.build(
+    """A model section built for the data: dltrain supplies every run-time argument. A
+    regression model with a target scale answers in the target's units (TargetScaled)."""
+    model = MODELS.build(
         section,
         input_shape=data.model_input_shape,
         num_classes=data.num_classes,
@@ -125,6 +126,8 @@ def build_model(section: dict[str, Any], data: PreparedData) -> torch.nn.Module:
         task=data.task,
         data_meta=data.meta(),
     )
+    scale = data.extra.get("target_scale") if data.task == "regression" else None
+    return TargetScaled(model, scale) if scale else model
 
 
 def check_model_fits(section: dict[str, Any], data: PreparedData, device: torch.device) -> None:

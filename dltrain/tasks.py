@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 
 from dltrain.data.base import Task
 from dltrain.distributed import World
@@ -61,15 +62,30 @@ class Classification:
 
 
 class Regression:
-    """One real-valued target: MSE, MAE and R²."""
+    """One real-valued target: MSE, MAE and R².
+
+    With a target scale (the training targets' mean and std, data_meta["target_scale"]) the
+    model answers in the target's units (`TargetScaled`) while the loss compares standardised
+    values, so that optimisation sees targets near 0 whatever their units; MSE, MAE and R²
+    are always in the target's units.
+    """
 
     name = "regression"
 
+    def __init__(self, scale: dict[str, float] | None = None):
+        self.mean, self.std = (scale["mean"], scale["std"]) if scale else (0.0, 1.0)
+
+    def standardised(self, values: torch.Tensor) -> torch.Tensor:
+        return (values - self.mean) / self.std
+
+    def loss(self, out: torch.Tensor, y: torch.Tensor, loss_fn) -> torch.Tensor:
+        return loss_fn(self.standardised(out), self.standardised(y))
+
     def training_loss(self, model, x, y, loss_fn) -> torch.Tensor:
-        return loss_fn(model(x), y)
+        return self.loss(model(x), y, loss_fn)
 
     def evaluator(self, num_classes: int, device: torch.device, keep_scores: bool):
-        return _RegressionPass(device)
+        return _RegressionPass(self, device)
 
     def report(self, result: Evaluation, classes: list[str]) -> dict[str, Any]:
         return {"target": classes[0] if classes else "target", **result.metrics}
@@ -103,7 +119,22 @@ def task_for(name: Task, meta: dict[str, Any]) -> Classification | Regression | 
     """The task object for a dataset's task name and data_meta."""
     if name == Seq2Seq.name:
         return Seq2Seq(meta.get("bos_id", 1), meta.get("eos_id", 2))
-    return Regression() if name == Regression.name else Classification()
+    if name == Regression.name:
+        return Regression(meta.get("target_scale"))
+    return Classification()
+
+
+class TargetScaled(nn.Module):
+    """A regression model that learns standardised targets and answers in their units:
+    model(x) · std + mean (the training targets' statistics, stored in the checkpoint)."""
+
+    def __init__(self, model: nn.Module, scale: dict[str, float]):
+        super().__init__()
+        self.model = model
+        self.mean, self.std = float(scale["mean"]), float(scale["std"])
+
+    def forward(self, *args: Any) -> torch.Tensor:
+        return self.model(*args) * self.std + self.mean
 
 
 # -- evaluation passes ------------------------------------------------------------------------
@@ -145,7 +176,8 @@ class _ClassificationPass:
 
 
 class _RegressionPass:
-    def __init__(self, device: torch.device):
+    def __init__(self, task: Regression, device: torch.device):
+        self.task = task
         # n, loss·n, Σe², Σ|e|: float64 sums on the device
         self.sums = torch.zeros(4, device=device, dtype=torch.float64)
         # the targets' count, mean and Σ(y − ȳ)², merged batch by batch (Chan et al.):
@@ -158,7 +190,12 @@ class _RegressionPass:
         error = prediction - target
         count = torch.tensor(float(len(y)), device=y.device, dtype=torch.float64)
         self.sums += torch.stack(
-            [count, loss_fn(out, y).double() * len(y), error.square().sum(), error.abs().sum()]
+            [
+                count,
+                self.task.loss(out, y, loss_fn).double() * len(y),
+                error.square().sum(),
+                error.abs().sum(),
+            ]
         )
         if len(y):
             mean = target.mean()

@@ -255,7 +255,7 @@ def test_csv_single_file_carves_stratified_test_split(tmp_path):
     loaded = tables.csv(path=path, label="species", test_split=0.2, seed=3)
     assert loaded.kind == "tabular"
     assert loaded.classes == ["setosa", "versicolor", "virginica"]
-    assert loaded.train.x.dtype == torch.float32 and loaded.train.x.shape == (24, 2)
+    assert loaded.train.x.dtype == torch.float64 and loaded.train.x.shape == (24, 2)  # raw layout
     assert torch.bincount(loaded.test.y).tolist() == [2, 2, 2]
     train_rows, test_rows = _rows(loaded.train), _rows(loaded.test)
     assert not train_rows & test_rows and len(train_rows | test_rows) == 30

@@ -278,7 +278,7 @@ def test_bad_image_inputs_exit_2_naming_the_file(
 @pytest.mark.parametrize(
     ("header", "row", "expected"),
     [
-        (["f0", "f1", "f2"], [1, 2, 3], "3 feature columns (f0, f1, f2) but the model takes 4"),
+        (["f0", "f1", "f2"], [1, 2, 3], "no column 'f3'; the model was trained on the columns"),
         (["f0", "f1", "f2", "f3"], [1, "x", 3, 4], "line 2: column 'f1' holds 'x'"),
     ],
 )

@@ -64,7 +64,8 @@ def predict(
 
     Images of any size: converted to the model's channels, resized (bilinear) to its input.
     .npy arrays: one sample or a batch; uint8 = pixels (scaled by 1/255), floats as they are.
-    .csv tables (tabular models): one sample per row; a label column is ignored.
+    .csv tables (tabular models): one sample per row, encoded as in training (empty cells and
+    categories never seen in training are fine); the label column is ignored.
     Text models: --text "..." or .txt/.csv files, encoded with the checkpoint's vocabulary.
     Classifiers print the top classes, regression models the value, seq2seq models the
     decoded output sequence.

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from dltrain.data.base import ArraySplit, DatasetSplits, Split
-from dltrain.data.splits import stratified_folds, stratified_split
+from dltrain.data.splits import random_split, stratified_folds, stratified_split
+from dltrain.data.table_encoding import RawColumn, TableEncoding, fit_encoding
 from dltrain.errors import UserError
 from dltrain.recipe import DataSection
 from dltrain.registry import DATASETS
@@ -91,7 +92,7 @@ def prepare_data(
     With `data.fold` (cross-validation) the validation split is that fold of the dataset's train
     split; `val_split` and any validation split the dataset has are then not used.
     """
-    loaded: DatasetSplits = DATASETS.build(data.dataset_args, seed=seed)
+    loaded: DatasetSplits = DATASETS.build(data.dataset_args, seed=seed, task=data.task)
     task = _task(data, loaded)
     if data.as_sequence and loaded.kind != "image":
         raise UserError(
@@ -111,13 +112,25 @@ def prepare_data(
         splits["train"], splits["val"] = _carve(loaded.train, data.val_split, seed, task)
     if loaded.test is not None:
         splits["test"] = loaded.test
+    extra = dict(loaded.meta)
+    layout = extra.pop("table_layout", None)
+    if layout is not None:  # a table: features encoded as learned from the train split
+        encoding = _table_encoding(layout, splits["train"], meta)
+        splits = {name: _encoded(split, encoding, layout) for name, split in splits.items()}
+        extra["table"] = encoding.to_dict()
     _check_splits(data.name, splits)
-    input_shape = tuple(_first_input(loaded.train).shape)
+    if task == "regression":
+        extra["target_scale"] = (
+            meta.get("target_scale") if meta is not None else _target_scale(splits["train"])
+        )
+    input_shape = tuple(_first_input(splits["train"]).shape)
     if meta is not None:
         _check_compatible(meta, loaded, input_shape)
         mean, std = meta["mean"], meta["std"]
     else:
         mean, std = _normalisation(data, loaded.kind, splits["train"], input_shape, pretrained_on)
+        if layout is not None and data.normalize == "auto":  # one-hot and indicators stay 0/1
+            mean, std = _only_scaled(mean, std, TableEncoding.from_dict(extra["table"]))
     return PreparedData(
         loaded.kind,
         loaded.classes,
@@ -126,9 +139,57 @@ def prepare_data(
         std,
         splits,
         task,
-        dict(loaded.meta),
+        extra,
         data.as_sequence,
     )
+
+
+def _table_encoding(
+    layout: dict[str, Any], train: ArraySplit, meta: dict[str, Any] | None
+) -> TableEncoding:
+    """The checkpoint's encoding (eval), or one learned from the training split's rows."""
+    columns = [RawColumn(**column) for column in layout["columns"]]
+    if meta is None:
+        return fit_encoding(train.x.double().numpy(), columns, layout["max_categories"])
+    if "table" not in meta:
+        raise UserError(
+            "the checkpoint was trained on numeric arrays, not a csv table; point the data "
+            "section at the dataset the model was trained on."
+        )
+    encoding = TableEncoding.from_dict(meta["table"])
+    if encoding.names != [column.name for column in columns]:
+        raise UserError(
+            f"the table's feature columns ({', '.join(c.name for c in columns)}) are not the "
+            f"ones the checkpoint was trained on ({', '.join(encoding.names)}); set "
+            "data.features to those columns."
+        )
+    return encoding
+
+
+def _encoded(split: ArraySplit, encoding: TableEncoding, layout: dict[str, Any]) -> ArraySplit:
+    columns = [RawColumn(**column) for column in layout["columns"]]
+    return ArraySplit(torch.from_numpy(encoding.encode(split.x.double().numpy(), columns)), split.y)
+
+
+def _only_scaled(
+    mean: list[float], std: list[float], encoding: TableEncoding
+) -> tuple[list[float], list[float]]:
+    """Mean/std for the numeric value features; 0/1 (left as they are) for the others."""
+    scaled = encoding.scaled_features()
+    return (
+        [m if s else 0.0 for m, s in zip(mean, scaled)],
+        [d if s else 1.0 for d, s in zip(std, scaled)],
+    )
+
+
+def _target_scale(train: Split) -> dict[str, float] | None:
+    """Regression targets' training mean and std: the model learns them standardised (so that
+    a price in the hundreds of thousands trains like a value near 0) and answers in their units."""
+    if not isinstance(train, ArraySplit):
+        return None
+    y = train.y.double()
+    std = float(y.std()) if len(y) > 1 else 1.0
+    return {"mean": float(y.mean()), "std": std if std > 1e-12 else 1.0}
 
 
 def _check_splits(name: str, splits: dict[str, Split]) -> None:
@@ -163,12 +224,8 @@ def _task(data: DataSection, loaded: DatasetSplits) -> str:
 
 def _carve(split: Split, fraction: float, seed: int, task: str) -> tuple[Split, Split]:
     """Split off a validation part (stratified by class for classification), reproducibly."""
-    if task == "classification":
-        keep, carved = stratified_split(_targets(split).numpy(), fraction, seed)
-    else:  # real-valued or sequence targets: a plain seeded random split
-        order = np.random.default_rng(seed).permutation(len(split))
-        cut = round(len(split) * fraction)
-        keep, carved = np.sort(order[cut:]), np.sort(order[:cut])
+    carve = stratified_split if task == "classification" else random_split
+    keep, carved = carve(_targets(split).numpy(), fraction, seed)
     if len(carved) == 0:
         raise UserError(
             f"data.val_split={fraction} leaves no validation samples from {len(keep)} training "

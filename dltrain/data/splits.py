@@ -1,4 +1,5 @@
-"""Carving one split out of another, class by class, reproducibly for a seed."""
+"""Carving one split out of another (class by class when there are classes), reproducibly
+for a seed."""
 
 from __future__ import annotations
 
@@ -35,6 +36,17 @@ def stratified_split(
     mask = np.ones(len(labels), dtype=bool)
     mask[carved_idx] = False
     return np.flatnonzero(mask).astype(np.int64), carved_idx.astype(np.int64)
+
+
+def random_split(targets: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split sample indices at random (real-valued or sequence targets have no classes to
+    stratify by): `round(fraction * n)` carved off, with `np.random.default_rng(seed)`.
+
+    Returns (kept, carved), each sorted ascending, as `stratified_split` does.
+    """
+    order = np.random.default_rng(seed).permutation(len(targets))
+    cut = round(len(targets) * fraction)
+    return np.sort(order[cut:]).astype(np.int64), np.sort(order[:cut]).astype(np.int64)
 
 
 def _carve_class(rng: np.random.Generator, indices: np.ndarray, fraction: float) -> np.ndarray:
