@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from dltrain.commands import inspection, training, use
+from dltrain.commands import experiments, inspection, training, use
 from dltrain.errors import DltrainError
 from dltrain.interrupts import STARTUP, exit_at_once_on_signals
 
@@ -127,6 +127,7 @@ COMMANDS = {
     "predict": use.predict,
     "export": use.export,
     "explain": use.explain,
+    "compare": experiments.compare,
 }
 for name, command in COMMANDS.items():
     app.command(name=name)(_behind_the_boundary(command))

@@ -6,8 +6,10 @@ import contextlib
 import csv
 import io
 import os
+import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,20 @@ class RunFolder:
     def unfinished(self) -> bool:
         """A run that saved progress (last.pt) but never wrote its final report."""
         return self.last_path.is_file() and not (self.root / "report.json").is_file()
+
+    def same_recipe(self, recipe: Recipe) -> bool:
+        """Whether the folder's recipe.yaml is this resolved recipe."""
+        try:
+            return self.recipe_path.read_text(encoding="utf-8") == to_yaml(recipe)
+        except OSError:
+            return False
+
+    def holds_nothing_of_another(self, recipe: Recipe) -> bool:
+        """No run here, or only this recipe's start with nothing saved: a new run may use it."""
+        if not self.recipe_path.exists():
+            return not (self.root / "report.json").exists()
+        saved = self.last_path.exists() or (self.root / "report.json").exists()
+        return not saved and self.same_recipe(recipe)
 
     def check_free_for(self, recipe: Recipe, force: bool, resuming: bool) -> None:
         """Refuse to mix two different runs in one folder, unless --force or --resume."""
@@ -125,6 +141,65 @@ class RunFolder:
             return
         shutil.rmtree(self.root, ignore_errors=True)
         os.replace(aside, self.root)
+
+
+class UnfinishedRun(UserError):
+    """A run folder holds an unfinished run of the recipe: starting over would lose it."""
+
+    def __init__(self, run: RunFolder, resume_command: str = "dltrain fit ... --resume auto"):
+        super().__init__(
+            f"{run.root} holds an unfinished run of this recipe ({run.last_path} is saved, no "
+            f"report yet); starting over would overwrite it. Continue it: {resume_command} — "
+            "or replace it with --force."
+        )
+        self.run = run
+
+
+def versions(base: Path) -> list[tuple[int, Path]]:
+    """The run folders of one name that exist, oldest first: (1, base), (2, base-2), ..."""
+    base = Path(base)
+    found = [(1, base)] if base.is_dir() else []
+    numbered = re.compile(re.escape(base.name) + r"-([1-9][0-9]*)")
+    if base.parent.is_dir():
+        for path in base.parent.iterdir():
+            match = numbered.fullmatch(path.name)
+            if match and int(match[1]) >= 2 and path.is_dir():
+                found.append((int(match[1]), path))
+    return sorted(found)
+
+
+def version_path(base: Path, number: int) -> Path:
+    return Path(base) if number == 1 else Path(base).with_name(f"{Path(base).name}-{number}")
+
+
+def choose_version(
+    base: Path, recipe: Recipe, taken: Callable[[Path], bool]
+) -> tuple[RunFolder, str | None]:
+    """Where a new run of `recipe` goes: `base` when it holds no run, else the first of
+    base-2, base-3, ... that holds none (or only this recipe's start, with nothing saved), else
+    the next number; with a note saying why when it is not `base`. `taken(path)`: another
+    process writes there.
+
+    The newest version holding an unfinished run of this recipe is refused (UnfinishedRun):
+    it is to be continued with --resume auto, or replaced with --force.
+    """
+    existing = versions(base)
+    for _, path in reversed(existing):
+        newest = RunFolder(path)
+        if newest.holds_a_run() and not taken(path):
+            if newest.unfinished() and newest.same_recipe(recipe):
+                raise UnfinishedRun(newest)
+            break
+    numbers = sorted({1, *(number for number, _ in existing)})
+    for number in [*numbers, numbers[-1] + 1]:
+        run = RunFolder(version_path(base, number))
+        if not taken(run.root) and run.holds_nothing_of_another(recipe):
+            if number == 1:
+                return run, None
+            held = RunFolder(base)
+            what = "a run of another recipe" if not held.same_recipe(recipe) else "a finished run"
+            return run, f"{base} holds {what}: this run goes to {run.root}"
+    raise AssertionError("the next number is always free")
 
 
 def metrics_csv(history: list[dict[str, Any]]) -> str:

@@ -24,6 +24,11 @@ import filelock
 
 from dltrain.errors import UserError
 
+
+class RunInUse(UserError):
+    """Another process holds the run folder's lock."""
+
+
 _held: dict[Path, int] = {}  # run folders this process holds, and how deeply
 
 
@@ -50,7 +55,7 @@ def holding(root: Path, doing: str) -> Iterator[None]:
         root.parent.mkdir(parents=True, exist_ok=True)
         lock.acquire()
     except filelock.Timeout:
-        raise UserError(
+        raise RunInUse(
             f"{root} is in use: {_describe(_holder(root))}. One process writes a run folder at "
             "a time: wait for it to end, or use another name (name=...)."
         ) from None
@@ -78,6 +83,24 @@ def holding(root: Path, doing: str) -> Iterator[None]:
         with contextlib.suppress(OSError):
             _note_path(root).unlink()
         lock.release()
+
+
+def in_use(root: Path) -> bool:
+    """Whether a process (this one or another) holds the run folder's lock now."""
+    root = Path(root).absolute()
+    if root in _held:
+        return True
+    if not lock_path(root).exists():
+        return False
+    lock = filelock.FileLock(lock_path(root), timeout=0)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        return True
+    except OSError:
+        return False  # cannot even lock it: the run's own checks say why
+    lock.release()
+    return False
 
 
 def holding_enclosing_run(path: Path, doing: str) -> contextlib.AbstractContextManager:

@@ -187,32 +187,37 @@ def test_eval_split_val(quickstart, tmp_path):
 # -- one run folder, one recipe ---------------------------------------------------------------
 
 
-def test_a_different_recipe_is_refused_in_a_used_run_folder(tmp_path):
+def test_a_rerun_goes_to_the_next_numbered_folder_and_force_replaces_the_first(tmp_path):
     run = tmp_path / "quickstart"
     first = one_epoch_fit(tmp_path)
     assert first.returncode == 0, first.stdout + first.stderr
-    assert "test accuracy" in words(first.stdout + first.stderr)
-    recipe_before = (run / "recipe.yaml").read_text()
-    checkpoint_before = (run / "checkpoints" / "last.pt").read_bytes()
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
 
-    refused = one_epoch_fit(tmp_path, "optimizer.lr=0.01")
-    assert refused.returncode == 2
-    message = words(refused.stdout + refused.stderr)
-    assert "different recipe" in message and "--force" in message
-    assert "Traceback" not in message
-    assert (run / "recipe.yaml").read_text() == recipe_before  # nothing touched
-    assert (run / "checkpoints" / "last.pt").read_bytes() == checkpoint_before
+    changed = one_epoch_fit(tmp_path, "train.epochs=2")  # another recipe: the next folder
+    assert changed.returncode == 0, changed.stdout + changed.stderr
+    said = words(changed.stdout + changed.stderr)
+    assert f"{run} holds a run of another recipe: this run goes to {run}-2" in said
+    assert (
+        yaml.safe_load((tmp_path / "quickstart-2/recipe.yaml").read_text())["train"]["epochs"] == 2
+    )
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # untouched
 
-
-@pytest.mark.slow
-def test_the_same_recipe_may_run_again_and_force_replaces_a_run(tmp_path):
-    run = tmp_path / "quickstart"
-    assert one_epoch_fit(tmp_path).returncode == 0
-    again = one_epoch_fit(tmp_path)  # the same recipe again: allowed
+    again = one_epoch_fit(tmp_path)  # the first recipe again, finished there: the next one
     assert again.returncode == 0, again.stdout + again.stderr
+    said = words(again.stdout + again.stderr)
+    assert f"{run} holds a finished run: this run goes to {run}-3" in said
+    runs = invoke_runs(tmp_path)
+    assert [r["name"] for r in runs] == ["quickstart", "quickstart-2", "quickstart-3"]
 
-    forced = one_epoch_fit(tmp_path, "optimizer.lr=0.01", "--force")
+    forced = one_epoch_fit(tmp_path, "optimizer.lr=0.01", "--force")  # replaces {name}
     assert forced.returncode == 0, forced.stdout + forced.stderr
     assert yaml.safe_load((run / "recipe.yaml").read_text())["optimizer"]["lr"] == 0.01
+    assert not (tmp_path / "quickstart-4").exists()
     last = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert last["recipe"]["optimizer"]["lr"] == 0.01
+
+
+def invoke_runs(folder: Path) -> list[dict]:
+    listed = dltrain("runs", folder, "--json", "--sort", "name", cwd=folder)
+    assert listed.returncode == 0, listed.stderr
+    return json.loads(listed.stdout)

@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 from dltrain.errors import UserError
-from dltrain.run_folder import RunFolder
+from dltrain.recipe import Recipe, to_yaml
+from dltrain.run_folder import RunFolder, choose_version
 from dltrain.run_lock import holding, lock_path
 
 from as_user import dltrain, words
@@ -162,6 +163,66 @@ def test_an_unfinished_run_is_never_silently_started_over(invoke, tmp_path):
     assert (run.root / "report.json").exists() and run.last_path.read_bytes() == saved
     forced = invoke("fit", str(recipe), "--force", "-q")  # finished: a new start is allowed
     assert forced.exit_code == 0, forced.output
+
+
+def _fake_run(root: Path, recipe: Recipe, saved: str = "") -> Path:
+    """A run folder holding `recipe`, with 'last' (last.pt) and/or 'report' saved."""
+    (root / "checkpoints").mkdir(parents=True)
+    (root / "recipe.yaml").write_text(to_yaml(recipe))
+    if "last" in saved:
+        (root / "checkpoints" / "last.pt").write_bytes(b"x")
+    if "report" in saved:
+        (root / "report.json").write_text("{}")
+    return root
+
+
+def test_a_new_run_takes_the_first_free_number(tmp_path):
+    mine = Recipe.model_validate({**TABULAR, "name": "tab"})
+    other = Recipe.model_validate({**TABULAR, "name": "tab", "seed": 1})
+    base = tmp_path / "tab"
+    never = lambda path: False  # noqa: E731 - no other process holds anything
+
+    run, note = choose_version(base, mine, never)
+    assert (run.root, note) == (base, None)
+    _fake_run(base, mine, "last report")
+    run, note = choose_version(base, mine, never)
+    assert (
+        run.root == tmp_path / "tab-2"
+        and note == f"{base} holds a finished run: this run goes to {run.root}"
+    )
+    _fake_run(tmp_path / "tab-3", other, "last report")  # numbers go on after the highest
+    assert choose_version(base, mine, never)[0].root == tmp_path / "tab-4"
+    _fake_run(tmp_path / "tab-4", mine)  # a start that saved nothing: used again
+    assert choose_version(base, mine, never)[0].root == tmp_path / "tab-4"
+    (tmp_path / "tab-4/checkpoints/last.pt").write_bytes(b"x")  # now it is unfinished
+    with pytest.raises(UserError, match="tab-4 holds an unfinished run of this recipe"):
+        choose_version(base, mine, never)
+    # ... unless another process is training it: then it is not ours to continue
+    busy = lambda path: path == tmp_path / "tab-4"  # noqa: E731
+    assert choose_version(base, mine, busy)[0].root == tmp_path / "tab-5"
+    # another recipe's unfinished run is left alone: the next number
+    assert choose_version(base, other, never)[0].root == tmp_path / "tab-5"
+
+
+def test_a_fit_beside_a_running_one_takes_the_next_number_and_resume_auto_the_newest(
+    invoke, tmp_path
+):
+    recipe = tmp_path / "tab.yaml"
+    recipe.write_text(yaml.safe_dump({**TABULAR, "name": "tab", "output": str(tmp_path / "r")}))
+    holder = hold_in_another_process(tmp_path / "r" / "tab")  # a fit of tab, running
+    try:
+        beside = invoke("fit", str(recipe), "-q")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert beside.exit_code == 0, beside.output
+    second = RunFolder(tmp_path / "r" / "tab-2")
+    assert (second.root / "report.json").exists()
+    (second.root / "report.json").unlink()  # as if stopped before its end
+    resumed = invoke("fit", str(recipe), "--resume", "auto", "-q")
+    assert resumed.exit_code == 0, resumed.output
+    assert (second.root / "report.json").exists()  # tab-2, the newest, was continued
+    assert not (tmp_path / "r" / "tab" / "checkpoints").exists()
 
 
 def test_resume_auto_starts_a_new_run_when_there_is_none_and_refuses_another_recipe(

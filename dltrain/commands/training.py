@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # only for annotations: --help stays free of torch
     from dltrain.run_folder import RunFolder
 
 NPROC_VARIABLE = "DLTRAIN_NPROC"  # set by fit --nproc for the processes it starts
+RUN_DIR_VARIABLE = "DLTRAIN_RUN_DIR"  # the run folder fit --nproc chose for its processes
 LOG_EVERY_VARIABLE = "DLTRAIN_LOG_EVERY"  # progress.py reads it (not imported: --help is fast)
 OVERRIDES_HELP = "KEY=VALUE overrides with dotted keys, VALUE parsed as YAML (train.epochs=3)."
 
@@ -147,32 +148,38 @@ def planned_run(
     lock: bool = True,
 ) -> Iterator[RunPlan]:
     """The checks before any work, under the run folder's lock when `lock` (held until the
-    block ends): load the recipe, find what to resume, and refuse (exit 2) a run folder that
-    holds a different run or an unfinished one (unless resumed or --force), or that cannot be
-    written."""
+    block ends): load the recipe, choose the run folder and what to resume, and refuse (exit 2)
+    what would lose work or cannot be written.
+
+    A new run goes to {output}/{name}, or to the next {name}-N when that holds another run
+    (`choose_version`); --resume continues a version of the name (auto: the newest with a
+    last.pt); --force replaces {name}. Processes started by `fit --nproc` use the folder their
+    launcher chose; under torchrun started by hand (no launcher to choose for all processes)
+    the folder is {name} itself, refused when it holds a different run.
+    """
     from dltrain.data.paths import check_input_paths
-    from dltrain.errors import UserError
     from dltrain.recipe import load_recipe
-    from dltrain.run_folder import RunFolder
-    from dltrain.run_lock import holding
+    from dltrain.run_folder import RunFolder, UnfinishedRun
 
     recipe = load_recipe(recipe_path, overrides)
     check_input_paths(recipe.data.dataset_args)  # input problems first, then the run folder
-    run = RunFolder.for_recipe(recipe)
-    owner = holding(run.root, "training") if lock else contextlib.nullcontext()
-    with owner:
-        if lock:
-            run.recover()  # a save that a crash cut short: finished or undone first
-        checkpoint = _resume_path(resume, run, console)
+    chosen = os.environ.get(RUN_DIR_VARIABLE)
+    base = RunFolder(Path(chosen)) if chosen else RunFolder.for_recipe(recipe)
+    versioned = not chosen and not force and check and not _launched()
+    with contextlib.ExitStack() as held:
+        try:
+            if versioned:
+                run, checkpoint = _claim_version(held, base, recipe, resume, console, lock)
+            else:
+                run, checkpoint = _claim_named(
+                    held, base, recipe, resume, force, console, check, lock
+                )
+                if check and not checkpoint and not force and run.unfinished():
+                    raise UnfinishedRun(run)
+        except UnfinishedRun as unfinished:  # say how to continue it, with this command
+            raise UnfinishedRun(unfinished.run, resume_command) from None
         aside = None
         if check:
-            run.check_free_for(recipe, force, resuming=checkpoint is not None)
-            if not force and checkpoint is None and run.unfinished():
-                raise UserError(
-                    f"{run.root} holds an unfinished run of this recipe ({run.last_path} is "
-                    f"saved, no report yet); starting over would overwrite it. Continue it: "
-                    f"{resume_command} — or replace it with --force."
-                )
             run.ensure_writable()  # an unwritable output is wrong input (2), before training
             if force and lock and checkpoint is None:
                 aside = run.set_aside()  # the new run starts in an empty folder
@@ -183,15 +190,98 @@ def planned_run(
                 run.settle_replacement(aside)
 
 
-def _resume_path(resume: str | None, run: RunFolder, console: Console | None) -> Path | None:
+def _launched() -> bool:
+    from dltrain.distributed import world_from_environment
+
+    return world_from_environment().launched
+
+
+def _claim_named(
+    held: contextlib.ExitStack,
+    run: RunFolder,
+    recipe: Recipe,
+    resume: str | None,
+    force: bool,
+    console: Console | None,
+    check: bool,
+    lock: bool,
+) -> tuple[RunFolder, Path | None]:
+    """{name} itself (--force, torchrun by hand, a launcher's choice): locked, recovered, and
+    refused when it holds a different run (unless --force or resuming)."""
+    if lock:
+        _lock(held, run)
+    checkpoint = _resume_path(resume, [run], console)
+    if check:
+        run.check_free_for(recipe, force, resuming=checkpoint is not None)
+    return run, checkpoint
+
+
+def _claim_version(
+    held: contextlib.ExitStack,
+    base: RunFolder,
+    recipe: Recipe,
+    resume: str | None,
+    console: Console | None,
+    lock: bool,
+) -> tuple[RunFolder, Path | None]:
+    """The version of the name to resume (--resume), or a free one for a new run, locked
+    when `lock`. Two fits of one name started together each get their own: a folder another
+    process locked first is skipped."""
+    from dltrain.run_folder import RunFolder, choose_version, versions
+    from dltrain.run_lock import RunInUse, in_use
+
+    if resume is not None:
+        candidates = [RunFolder(path) for _, path in reversed(versions(base.root))]
+        checkpoint = _resume_path(resume, candidates or [base], console)
+        if checkpoint is not None:
+            run = _version_holding(checkpoint, candidates) or base
+            if lock:
+                _lock(held, run)
+            return run, checkpoint
+    skipped: set[Path] = set()
+    while True:
+        run, note = choose_version(base.root, recipe, lambda p: p in skipped or in_use(p))
+        try:
+            if lock:
+                _lock(held, run)
+        except RunInUse:  # another fit took it between the choice and the lock
+            skipped.add(run.root)
+            continue
+        if note and console is not None:
+            console.print(note, markup=False, highlight=False, soft_wrap=True)
+        return run, None
+
+
+def _lock(held: contextlib.ExitStack, run: RunFolder) -> None:
+    """Hold the run folder's lock until `held` closes; finish or undo a save a crash cut short."""
+    from dltrain.run_lock import holding
+
+    held.enter_context(holding(run.root, "training"))
+    run.recover()
+
+
+def _version_holding(checkpoint: Path, candidates: list[RunFolder]) -> RunFolder | None:
+    """The run folder among `candidates` that a checkpoint lies in (checkpoints/*.pt)."""
+    folder = Path(checkpoint).absolute().parent.parent
+    return next((run for run in candidates if run.root.absolute() == folder), None)
+
+
+def _resume_path(
+    resume: str | None, candidates: list[RunFolder], console: Console | None
+) -> Path | None:
+    """The checkpoint to resume: a given path, or for 'auto' the last.pt of the first
+    candidate that has one (the newest version of the name)."""
     if resume is None:
         return None
     if resume != "auto":
         return Path(resume)
-    if run.last_path.exists():
-        return run.last_path
+    for run in candidates:
+        if run.last_path.exists():
+            return run.last_path
     if console is not None:
-        console.print(f"no checkpoint at {run.last_path} yet: starting a new run", markup=False)
+        console.print(
+            f"no checkpoint at {candidates[0].last_path} yet: starting a new run", markup=False
+        )
     return None
 
 
@@ -263,8 +353,8 @@ def _launch(
         )
     # the checks, once, here; rank 0 takes the lock and says what it resumes
     again = _resume_command(recipe, overrides, launched=False) + f" --nproc {nproc}"
-    with planned_run(recipe, overrides, resume, force, None, again, check=True, lock=False):
-        pass
+    with planned_run(recipe, overrides, resume, force, None, again, check=True, lock=False) as plan:
+        os.environ[RUN_DIR_VARIABLE] = str(plan.run.root.absolute())
     args = ["fit", str(recipe), *overrides]
     args += ["--resume", resume] if resume else []
     args += ["--force"] if force else []
