@@ -128,6 +128,8 @@ COMMANDS = {
     "export": use.export,
     "explain": use.explain,
     "compare": experiments.compare,
+    "sweep": experiments.sweep,
+    "lr-find": experiments.lr_find,
 }
 for name, command in COMMANDS.items():
     app.command(name=name)(_behind_the_boundary(command))

@@ -68,14 +68,19 @@ def fold_recipes(recipe: Recipe, folds: int) -> list[Recipe]:
 
 
 def run_cross_validation(
-    recipe: Recipe, folds: int, progress: Progress, force: bool = False
+    recipe: Recipe,
+    folds: int,
+    progress: Progress,
+    force: bool = False,
+    report_on: str | None = None,
 ) -> dict[str, Any]:
     """Train one run per fold, then write and return cv_report.json.
 
     Every fold folder is checked before any training (a different run there is refused unless
     `force`). Running the same command again after an interruption keeps the folds that
     finished (same recipe.yaml and a report.json), continues an unfinished fold from its
-    last.pt, and trains the rest; `force` trains every fold afresh.
+    last.pt, and trains the rest; `force` trains every fold afresh. `report_on` ('val' in a
+    sweep, which must never look at the test split) is the split of each fold's final report.
     """
     recipes = fold_recipes(recipe, folds)
     root = cv_root(recipe)
@@ -114,7 +119,7 @@ def run_cross_validation(
             f"[bold]fold {k}/{folds}[/]: validating on fold {k}, training on the other "
             f"{folds - 1}" + (f" · continuing from {resume}" if resume else ""),
         )
-        returned = fit(fold_recipe, run, progress, resume=resume)
+        returned = fit(fold_recipe, run, progress, resume=resume, report_on=report_on)
         # report.json as written (what `eval` reproduces); fit's own dict if it is no mapping
         reports.append(_read_report(report_path) or returned)
 

@@ -19,7 +19,7 @@ import contextlib
 import functools
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,11 +93,16 @@ def fit(
     progress: Progress,
     resume: Path | None = None,
     stop: GracefulStop | None = None,
+    report_on: str | None = None,
+    after_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict:
     """Train as the recipe says, write the run folder, and return the test report.
 
     Under torchrun this joins the process group first; see the module docstring. SIGINT and
-    SIGTERM are stop requests (`stop`, or one of its own) from start to end.
+    SIGTERM are stop requests (`stop`, or one of its own) from start to end. `report_on`
+    names the split of the final report (default: test, else val); `after_epoch` sees each
+    epoch's metrics row once it is saved (a sweep reports it to its pruner, and may raise to
+    end the run there: the folder then holds that epoch's consistent state).
     """
     world = world_from_environment()
     device = resolve_device(process_device(recipe.device, world))
@@ -110,11 +115,16 @@ def fit(
         t, train_batches, val_batches = _start_training(
             recipe, run, progress, resume, world, device, stop
         )
-        return _train_and_report(t, train_batches, val_batches, resume)
+        return _train_and_report(t, train_batches, val_batches, resume, report_on, after_epoch)
 
 
 def _train_and_report(
-    t: Training, train_batches: Batches, val_batches: Batches | None, resume: Path | None
+    t: Training,
+    train_batches: Batches,
+    val_batches: Batches | None,
+    resume: Path | None,
+    report_on: str | None = None,
+    after_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict:
     """The epochs (train, evaluate, record, checkpoint), then the report on the best model."""
     s, state, recipe, run, world = t.s, t.state, t.s.recipe, t.run, t.s.world
@@ -140,6 +150,8 @@ def _train_and_report(
             _save_epoch(t, row, improved)
             if world.any(t.stop.requested, s.device):
                 raise Interrupted(t.stop.signum or signal.SIGTERM, str(run.last_path))
+            if after_epoch is not None:
+                after_epoch(row)
 
     # final evaluation of the best model on the test split (val when there is none); a stop
     # request ends it at the next batch (one process: under DDP all would have to agree)
@@ -153,6 +165,7 @@ def _train_and_report(
             final,
             run.root,
             t.progress,
+            split=report_on,
             history=state.history,
             between_batches=None if world.launched else between_batches,
             held=held,
@@ -357,9 +370,8 @@ def train_step(
     loss to `loss_sum` on the device; nothing here waits for the device, unless
     train.on_nonfinite=skip_step must look at each loss."""
     s, train = t.s, t.s.recipe.train
-    with _gradient_sync(t, steps_now), s.precision.autocast():
-        loss = s.task.training_loss(t.model, s.pipeline.train(x), y, s.loss_fn)
-        objective = loss + train.l1 * _l1_norm(t.penalised) if train.l1 else loss
+    with _gradient_sync(t, steps_now):
+        loss, objective = loss_and_objective(s, t.model, x, y, t.penalised)
     skip = train.on_nonfinite == "skip_step" and s.world.any(not bool(loss.isfinite()), s.device)
     if skip:
         t.progress.skipped(*where)
@@ -376,6 +388,17 @@ def train_step(
         t.optimizer.zero_grad(set_to_none=True)
         t.schedule.step_batch()
     s.end_step()
+
+
+def loss_and_objective(
+    s: Setup, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, penalised: list
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A micro-batch's training loss (the task's, under the run's precision) and the objective
+    that is differentiated: the loss plus the train.l1 penalty on the `penalised` weights."""
+    l1 = s.recipe.train.l1
+    with s.precision.autocast():
+        loss = s.task.training_loss(model, s.pipeline.train(x), y, s.loss_fn)
+        return loss, loss + l1 * _l1_norm(penalised) if l1 else loss
 
 
 def _first_step_after_resume(t: Training) -> None:

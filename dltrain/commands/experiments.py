@@ -54,3 +54,125 @@ def compare(
     else:
         console.print(compare_table(loaded))
     console.print(f"curves: {escape(str(written))}", highlight=False, soft_wrap=True)
+
+
+def sweep(
+    recipe: Path = typer.Argument(..., help="The recipe YAML file.", show_default=False),
+    space: Path = typer.Argument(
+        ...,
+        help="The search space YAML file (metric, sampler, pruner, params).",
+        show_default=False,
+    ),
+    overrides: list[str] = typer.Argument(
+        None, help="KEY=VALUE recipe overrides for every trial.", show_default=False
+    ),
+    trials: int = typer.Option(
+        ..., "--trials", metavar="N", help="Trials in all: a rerun continues the study to N."
+    ),
+    storage: str = typer.Option(
+        None,
+        "--storage",
+        metavar="URL",
+        help="An Optuna database URL (default: sqlite study.db in the sweep folder); "
+        "processes on several machines sharing one (PostgreSQL, MySQL) run one study.",
+    ),
+    study: str = typer.Option(
+        None, "--study", metavar="NAME", help="The study's name (default: the recipe's name)."
+    ),
+) -> None:
+    """Search hyperparameters with Optuna: each trial is a run folder in OUTPUT/NAME/trials/.
+
+    Trials are judged on validation only; the best one is then evaluated on the test split.
+    Writes OUTPUT/NAME/sweep_report.json and .md with plots. Ctrl-C stops after saving the
+    running trial; the same command continues the study.
+
+    [bold]Examples[/]
+
+      dltrain sweep recipes/quickstart.yaml recipes/quickstart_space.yaml --trials 20
+
+      dltrain sweep recipe.yaml space.yaml --trials 50 --storage postgresql://host/db
+    """
+    from dltrain.interrupts import GracefulStop, Interrupted, exit_at_once_on_signals
+    from dltrain.progress import Progress
+    from dltrain.sweep import open_sweep, run_sweep
+    from dltrain.sweep_report import REPORT_JSON
+
+    console = Console()
+    stop = GracefulStop()
+    with stop:
+        opened = open_sweep(recipe, space, overrides or [], trials, storage, study)
+        say = lambda text: console.print(text, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
+        say(
+            f"sweep {opened.study.study_name}: {trials} trials, {opened.metric} "
+            f"({'higher' if opened.metric.endswith('accuracy') else 'lower'} is better) · "
+            f"{opened.root}"
+        )
+        progress = Progress(Console(stderr=True), quiet=True)
+        try:
+            summary = run_sweep(opened, progress, stop, say)
+        except Interrupted as stopped:
+            exit_at_once_on_signals()
+            ended, _ = opened.ended()
+            console.print(
+                f"[yellow]{escape(str(stopped))}[/]\n{ended} of {trials} trials ended; the "
+                "same command continues the study (the interrupted trial is tried again).",
+                highlight=False,
+                soft_wrap=True,
+            )
+            raise typer.Exit(stopped.exit_code) from None
+        finally:
+            progress.close()
+    if summary["best_trial"] is None:
+        say(f"no trial completed; see {opened.root / REPORT_JSON}")
+        return
+    test = summary.get("best_test") or {}
+    tested = f" · test accuracy {test['accuracy']:.4f}" if "accuracy" in test else ""
+    console.print(
+        f"best: trial {summary['best_trial']} · {opened.metric} "
+        f"[bold]{summary['best_value']:.4f}[/]{tested} · {escape(str(opened.root / REPORT_JSON))}",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+def lr_find(
+    recipe: Path = typer.Argument(..., help="The recipe YAML file.", show_default=False),
+    overrides: list[str] = typer.Argument(
+        None, help="KEY=VALUE recipe overrides.", show_default=False
+    ),
+    output: Path = typer.Option(
+        Path("."), "--output", "-o", help="Folder for lr_find.png and lr_find.json."
+    ),
+    steps: int = typer.Option(100, "--steps", min=10, help="Optimizer steps of the ramp."),
+    start_lr: float = typer.Option(1e-7, "--start-lr", help="The ramp's first learning rate."),
+    end_lr: float = typer.Option(10.0, "--end-lr", help="The ramp's last learning rate."),
+) -> None:
+    """Find a learning rate: the range test (an exponential lr ramp, stopped when the loss
+    diverges) on the recipe's own model, data and optimizer. Leaves no run folder.
+
+    [bold]Examples[/]
+
+      dltrain lr-find recipes/quickstart.yaml
+
+      dltrain lr-find recipes/sms_spam_transformer.yaml --steps 200 --output lr/
+    """
+    from dltrain.lr_find import find_lr, write_lr_find
+    from dltrain.recipe import load_recipe
+
+    loaded = load_recipe(recipe, overrides or [])
+    console = Console()
+    with console.status("lr-find: ramping the learning rate"):
+        result = find_lr(loaded, start_lr=start_lr, end_lr=end_lr, steps=steps)
+    _, png = write_lr_find(result, output)
+    ended = "stopped at divergence" if result.stopped_early else "ramp finished"
+    console.print(
+        f"lr-find: {len(result.lrs)} steps from {result.lrs[0]:.1e} to {result.lrs[-1]:.1e} "
+        f"({ended}) · suggested lr [bold]{result.suggested_lr:.3g}[/] · {escape(str(png))}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    console.print(
+        f"use it: dltrain fit {escape(str(recipe))} optimizer.lr={result.suggested_lr:.3g}",
+        highlight=False,
+        soft_wrap=True,
+    )
