@@ -95,6 +95,7 @@ def fit(
     stop: GracefulStop | None = None,
     report_on: str | None = None,
     after_epoch: Callable[[dict[str, Any]], None] | None = None,
+    sample_limit: int | None = None,
 ) -> dict:
     """Train as the recipe says, write the run folder, and return the test report.
 
@@ -102,7 +103,8 @@ def fit(
     SIGTERM are stop requests (`stop`, or one of its own) from start to end. `report_on`
     names the split of the final report (default: test, else val); `after_epoch` sees each
     epoch's metrics row once it is saved (a sweep reports it to its pruner, and may raise to
-    end the run there: the folder then holds that epoch's consistent state).
+    end the run there: the folder then holds that epoch's consistent state). `sample_limit`
+    keeps that many samples of each split (`fit --smoke`: one batch each).
     """
     world = world_from_environment()
     device = resolve_device(process_device(recipe.device, world))
@@ -113,7 +115,7 @@ def fit(
         if world.is_main:
             run.recover()  # a save that a crash cut short: finished or undone before reading
         t, train_batches, val_batches = _start_training(
-            recipe, run, progress, resume, world, device, stop
+            recipe, run, progress, resume, world, device, stop, sample_limit
         )
         return _train_and_report(t, train_batches, val_batches, resume, report_on, after_epoch)
 
@@ -171,6 +173,7 @@ def _train_and_report(
             held=held,
         )
     key = headline_key(report)
+    t.log.report(report)
     t.log.event(
         "end",
         split=report["split"],
@@ -190,10 +193,11 @@ def _start_training(
     world: World,
     device: torch.device,
     stop: GracefulStop,
+    sample_limit: int | None = None,
 ) -> tuple[Training, Batches, Batches | None]:
     """Build the run, restore a resumed one, open the run folder and the log, say what runs."""
     started = time.perf_counter()
-    s = build_setup(recipe, device, world=world)
+    s = build_setup(recipe, device, world=world, sample_limit=sample_limit)
     train_batches = split_batches(s, "train", shuffle=True)
     val_batches = split_batches(s, "val", shuffle=False) if "val" in s.data.splits else None
     optimizer = OPTIMIZERS.build(
@@ -212,7 +216,7 @@ def _start_training(
         raise Interrupted(
             stop.signum or signal.SIGTERM, str(resume) if resume else None, "while starting"
         )
-    log = RunLog(run.root, tensorboard=recipe.logging.tensorboard, enabled=world.is_main)
+    log = RunLog(run.root, recipe, str(s.device), enabled=world.is_main)
     if world.is_main:
         run.start(recipe)
     log.event(
@@ -466,10 +470,13 @@ def _logged_failures(log: RunLog) -> Iterator[None]:
         yield
     except Interrupted as stop:
         log.event("interrupted", signal=stop.signum, checkpoint=stop.checkpoint)
+        log.close("KILLED")
         raise
     except DltrainError as error:
         log.event("error", message=str(error), exit_code=error.exit_code)
+        log.close("FAILED")
         raise
     except BaseException as error:
         log.event("error", message=f"{type(error).__name__}: {error}")
+        log.close("FAILED")
         raise

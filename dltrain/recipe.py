@@ -124,11 +124,21 @@ class DistributedSection(BaseModel):
     sync_batchnorm: bool = False  # batch-norm statistics over all processes' blocks (CUDA)
 
 
+class MlflowSettings(BaseModel):
+    """`logging.mlflow:` where an MLflow run goes (see dltrain.tracking)."""
+
+    model_config = ConfigDict(extra="forbid")
+    tracking_uri: str | None = None  # default: sqlite:///{output}/mlflow.db
+    experiment: str | None = None  # default: the recipe's name
+    log_checkpoints: bool = False  # also upload checkpoints/ as artifacts
+
+
 class LoggingSection(BaseModel):
     """`logging:` where a run's metrics go besides metrics.csv and events.jsonl (always)."""
 
     model_config = ConfigDict(extra="forbid")
     tensorboard: bool = False  # event files in {run}/tensorboard (needs `pip install tensorboard`)
+    mlflow: bool | MlflowSettings = False  # true: MLflow's local store in the output folder
 
 
 class Recipe(BaseModel):

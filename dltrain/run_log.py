@@ -1,4 +1,5 @@
-"""The run's log: events.jsonl always (for scripts), TensorBoard event files when asked.
+"""The run's log: events.jsonl always (for scripts), TensorBoard event files and an MLflow run
+(dltrain.tracking) when the recipe's logging section asks.
 
 events.jsonl has one JSON object per line with at least `event` and `time` (Unix seconds):
 start, first_step, epoch, checkpoint, early_stop, interrupted, error, end. Lines are appended
@@ -13,17 +14,29 @@ from pathlib import Path
 from typing import Any
 
 from dltrain.errors import RunFailure, UserError
+from dltrain.recipe import MlflowSettings, Recipe, to_yaml
 
 
 class RunLog:
     """Writes a run's events; one instance per fit."""
 
-    def __init__(self, folder: Path, tensorboard: bool = False, enabled: bool = True):
+    def __init__(
+        self, folder: Path, recipe: Recipe | None = None, device: str = "", enabled: bool = True
+    ):
         self.path = Path(folder) / "events.jsonl"
         self.enabled = enabled  # False in the processes of a DDP run other than rank 0
+        logging = recipe.logging if recipe is not None and enabled else None
         self._tensorboard = (
-            _tensorboard_writer(Path(folder) / "tensorboard") if tensorboard and enabled else None
+            _tensorboard_writer(Path(folder) / "tensorboard", recipe)
+            if logging and logging.tensorboard
+            else None
         )
+        self._mlflow = None
+        if logging and logging.mlflow:
+            from dltrain.tracking import MlflowRun
+
+            settings = logging.mlflow if logging.mlflow is not True else MlflowSettings()
+            self._mlflow = MlflowRun(settings, recipe.model_dump(mode="json"), folder, device)
 
     def event(self, event: str, **fields: Any) -> None:
         """Append one event line (flushed at once)."""
@@ -38,8 +51,10 @@ class RunLog:
             raise RunFailure(f"cannot write {self.path}: {exc.strerror or exc}.") from None
 
     def epoch(self, row: dict[str, Any]) -> None:
-        """An epoch's metrics row: to the event log and, when enabled, to TensorBoard."""
+        """An epoch's metrics row: to the event log and, when enabled, TensorBoard and MLflow."""
         self.event("epoch", **row)
+        if self._mlflow is not None:
+            self._mlflow.log_epoch(row)
         if self._tensorboard is None:
             return
         for key, value in row.items():
@@ -47,12 +62,23 @@ class RunLog:
                 self._tensorboard.add_scalar(key, value, global_step=row["epoch"])
         self._tensorboard.flush()
 
-    def close(self) -> None:
+    def report(self, report: dict[str, Any]) -> None:
+        """The final report's figures (MLflow metrics; events.jsonl's `end` has the headline)."""
+        if self._mlflow is not None:
+            self._mlflow.log_report(report)
+
+    def close(self, status: str = "FINISHED") -> None:
+        """End the log: FINISHED, or FAILED / KILLED for a run that failed or was stopped."""
         if self._tensorboard is not None:
             self._tensorboard.close()
+            self._tensorboard = None
+        if self._mlflow is not None:
+            self._mlflow.finish(status)
+            self._mlflow = None
 
 
-def _tensorboard_writer(folder: Path):
+def _tensorboard_writer(folder: Path, recipe: Recipe):
+    """A SummaryWriter; the recipe goes in as text (TensorBoard's 'text' tab)."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
@@ -60,4 +86,6 @@ def _tensorboard_writer(folder: Path):
             "logging.tensorboard: true needs the tensorboard package: pip install tensorboard "
             "(or set logging.tensorboard=false)."
         ) from None
-    return SummaryWriter(log_dir=str(folder))
+    writer = SummaryWriter(log_dir=str(folder))
+    writer.add_text("recipe", "```\n" + to_yaml(recipe) + "```")
+    return writer

@@ -20,7 +20,7 @@ import torch
 from dltrain.amp import MixedPrecision
 from dltrain.data.loaders import Batches, Shard, make_batches
 from dltrain.data.pipeline import BatchPipeline
-from dltrain.data.prepare import PreparedData, prepare_data
+from dltrain.data.prepare import PreparedData, first_samples, prepare_data
 from dltrain.devices import free_memory, resolve_device, step_marker
 from dltrain.distributed import World
 from dltrain.errors import UserError
@@ -64,12 +64,13 @@ def build_setup(
     device: str | torch.device | None = None,
     meta: dict | None = None,
     world: World | None = None,
+    sample_limit: int | None = None,
 ) -> Setup:
     """Resolve the device, load the data, build model, loss, numerics and batch pipeline.
 
     Every process of a distributed run builds the same model from the same seed (DDP then
     checks that they agree); the first process of each node prepares the data first, so a
-    download happens once per node.
+    download happens once per node. `sample_limit` keeps the first samples of each split.
     """
     world = world or World()
     seed_everything(recipe.seed)
@@ -78,6 +79,10 @@ def build_setup(
     if world.local_rank != 0:
         world.barrier()
     data = prepare_data(recipe.data, recipe.seed, meta, pretrained_on=recipe.model)
+    if sample_limit is not None:  # fit --smoke: the first samples of each split only
+        data.splits = {
+            name: first_samples(split, sample_limit) for name, split in data.splits.items()
+        }
     if world.local_rank == 0:
         world.barrier()
     check_model_fits(recipe.model, data, dev)

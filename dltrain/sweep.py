@@ -24,6 +24,7 @@ with `folds: K`) and the report (`sweep_report.json` / `.md`, plots: dltrain.swe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -451,12 +452,30 @@ def run_sweep(sweep: Sweep, progress: Any, stop: Any, say: Callable[[str], None]
     def train(recipe: Recipe, after_epoch: Callable[[dict[str, Any]], None] | None):
         return _train_trial(sweep, recipe, after_epoch, progress, stop)
 
-    run_trials(sweep, train, say)
+    with _tracked(sweep):
+        run_trials(sweep, train, say)
     ended, running = sweep.ended()
     best_test = None
     if ended >= sweep.trials and running == 0:
         best_test = _evaluate_best(sweep, progress, say)
     return write_sweep_report(sweep, best_test)
+
+
+def _tracked(sweep: Sweep) -> contextlib.AbstractContextManager:
+    """With logging.mlflow: the sweep's parent MLflow run, its trials nested under it."""
+    settings = sweep.recipe.logging.mlflow
+    if not settings:
+        return contextlib.nullcontext()
+    from dltrain.recipe import MlflowSettings
+    from dltrain.tracking import sweep_run
+
+    space = {f"space.{k}": v.model_dump() for k, v in sweep.space.params.items()}
+    return sweep_run(
+        settings if settings is not True else MlflowSettings(),
+        sweep.recipe.model_dump(mode="json"),
+        f"sweep {sweep.study.study_name}",
+        {"metric": sweep.metric, "trials": sweep.trials, **space},
+    )
 
 
 def _train_trial(

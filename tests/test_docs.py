@@ -105,7 +105,20 @@ def code_in(text: str) -> str:
     return "\n".join([*fenced, *inline, *lines])
 
 
-COMMANDS = ["fit", "eval", "devices", "check", "list", "runs", "predict", "export", "explain"]
+COMMANDS = [
+    "fit",
+    "eval",
+    "devices",
+    "check",
+    "list",
+    "runs",
+    "predict",
+    "export",
+    "explain",
+    "sweep",
+    "lr-find",
+    "compare",
+]
 
 
 def test_every_recipe_and_command_shown_to_users_exists():

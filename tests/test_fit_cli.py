@@ -221,3 +221,14 @@ def invoke_runs(folder: Path) -> list[dict]:
     listed = dltrain("runs", folder, "--json", "--sort", "name", cwd=folder)
     assert listed.returncode == 0, listed.stderr
     return json.loads(listed.stdout)
+
+
+def test_smoke_runs_the_whole_path_on_one_batch_and_leaves_nothing(tmp_path):
+    result = dltrain("fit", QUICKSTART, f"output={tmp_path / 'runs'}", "--smoke", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    said = words(result.stdout)
+    assert said.startswith("smoke test passed in") and "round-trips its checkpoint" in said
+    assert len(result.stdout.strip().splitlines()) <= 2  # one line (wrapped at most once)
+    assert not (tmp_path / "runs").exists()
+    wrong = dltrain("fit", QUICKSTART, "model.name=transformer", "--smoke", cwd=tmp_path)
+    assert wrong.returncode == 2 and "takes token ids or float sequences" in words(wrong.stderr)

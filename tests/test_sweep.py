@@ -146,3 +146,13 @@ def test_two_processes_share_one_study_without_duplicate_trials(tmp_path):
     assert runs == [f"{n:03d}" for n in numbers]  # a run folder each, none shared
     both = [o for o in outputs if "trial" in o]
     assert len(both) == 2  # each process ran trials
+
+
+def test_every_shipped_search_space_fits_its_recipe():
+    from dltrain.sweep import check_space, load_space
+
+    root = Path(__file__).resolve().parents[1] / "recipes"
+    spaces = sorted((root / "spaces").glob("*.yaml"))
+    assert spaces
+    for space in spaces:  # spaces/NAME.yaml searches recipes/NAME.yaml
+        check_space(load_space(space), root / space.name, [])

@@ -88,7 +88,7 @@ def sweep(
 
     [bold]Examples[/]
 
-      dltrain sweep recipes/quickstart.yaml recipes/quickstart_space.yaml --trials 20
+      dltrain sweep recipes/quickstart.yaml space.yaml --trials 20
 
       dltrain sweep recipe.yaml space.yaml --trials 50 --storage postgresql://host/db
     """

@@ -53,6 +53,12 @@ def fit(
         "(default 30).",
         show_default=False,
     ),
+    smoke: bool = typer.Option(
+        False,
+        "--smoke",
+        help="One batch of each split through the whole path (train step, evaluation, report, "
+        "checkpoint round trip) in a temporary folder: catches mistakes in seconds.",
+    ),
     folds: int = typer.Option(
         None,
         "--folds",
@@ -106,6 +112,11 @@ def fit(
         os.environ[LOG_EVERY_VARIABLE] = str(log_every)
     overrides = overrides or []
     console = Console(stderr=True) if quiet else Console()
+    if smoke:
+        if nproc is not None or folds is not None or resume is not None or world.launched:
+            raise UserError("--smoke runs one process once: leave out --nproc, --folds, --resume.")
+        _smoke(recipe, overrides, console, stop)
+        return
     if nproc is not None or max_restarts:
         _launch(recipe, overrides, nproc, max_restarts, resume, force, quiet, folds)
     if folds is not None:
@@ -310,6 +321,46 @@ def _train_one(
         f"run folder: {escape(str(plan.run.root))} · {report['split']} {label} "
         f"[bold]{value:.4f}[/]",
         highlight=False,
+    )
+
+
+def _smoke(recipe_path: Path, overrides: list[str], console: Console, stop: GracefulStop) -> None:
+    """`fit --smoke`: the recipe as given, one epoch of one batch per split, in a temporary
+    folder (trackers off), then the best checkpoint loaded back for inference."""
+    import tempfile
+    import time
+
+    from dltrain.data.paths import check_input_paths
+    from dltrain.engine import fit as run_fit
+    from dltrain.inference import load_for_inference
+    from dltrain.progress import Progress
+    from dltrain.recipe import load_recipe
+    from dltrain.run_folder import RunFolder
+    from dltrain.setup import per_process_batch_size
+
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="dltrain-smoke-") as folder:
+        smoke = [
+            f"output={folder}",
+            "train.epochs=1",
+            "logging.tensorboard=false",
+            "logging.mlflow=false",
+        ]
+        recipe = load_recipe(recipe_path, [*overrides, *smoke])
+        check_input_paths(recipe.data.dataset_args)
+        run = RunFolder.for_recipe(recipe)
+        batch = per_process_batch_size(recipe.data, 1, recipe.train.accumulate)
+        with stop:
+            report = run_fit(
+                recipe, run, Progress(console, quiet=True), stop=stop, sample_limit=batch
+            )
+        predictor = load_for_inference(run.best_path, device=str(recipe.device))
+    console.print(
+        f"smoke test passed in {time.perf_counter() - started:.1f} s: {recipe.name} builds, "
+        f"takes a training step, evaluates, reports on {report['split']} and round-trips its "
+        f"checkpoint ({predictor.kind} input {list(predictor.input_shape)}, {predictor.task})",
+        highlight=False,
+        soft_wrap=True,
     )
 
 

@@ -248,6 +248,11 @@ def _fold(split: Split, index: int, of: int, seed: int) -> tuple[Split, Split]:
     return _subset(split, train), _subset(split, validate)
 
 
+def first_samples(split: Split, count: int) -> Split:
+    """The first `count` samples of a split (all of a smaller one)."""
+    return _subset(split, np.arange(min(count, len(split))))
+
+
 def _subset(split: Split, indices: np.ndarray) -> Split:
     index = torch.from_numpy(np.asarray(indices, dtype=np.int64))
     if isinstance(split, ArraySplit):
