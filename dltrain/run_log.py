@@ -25,6 +25,7 @@ class RunLog:
     ):
         self.path = Path(folder) / "events.jsonl"
         self.enabled = enabled  # False in the processes of a DDP run other than rank 0
+        self._recipe = recipe
         logging = recipe.logging if recipe is not None and enabled else None
         self._tensorboard = (
             _tensorboard_writer(Path(folder) / "tensorboard", recipe)
@@ -63,9 +64,22 @@ class RunLog:
         self._tensorboard.flush()
 
     def report(self, report: dict[str, Any]) -> None:
-        """The final report's figures (MLflow metrics; events.jsonl's `end` has the headline)."""
+        """The final report's figures: MLflow metrics, and TensorBoard's hparams table (the
+        recipe's settings beside them); events.jsonl's `end` has the headline."""
         if self._mlflow is not None:
             self._mlflow.log_report(report)
+        if self._tensorboard is not None and self._recipe is not None:
+            from dltrain.crossval import report_scalars
+            from dltrain.tracking import flatten
+
+            settings = flatten(self._recipe.model_dump(mode="json"))
+            hparams = {
+                k: v if isinstance(v, int | float | str | bool) else str(v)
+                for k, v in settings.items()
+            }
+            split = report.get("split", "test")
+            figures = {f"hparam/{split}_{k}": v for k, v in report_scalars(report).items()}
+            self._tensorboard.add_hparams(hparams, figures, run_name=".")
 
     def close(self, status: str = "FINISHED") -> None:
         """End the log: FINISHED, or FAILED / KILLED for a run that failed or was stopped."""

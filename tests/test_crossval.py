@@ -332,9 +332,9 @@ def test_running_again_keeps_finished_folds_and_continues_an_unfinished_one(
     calls = []
     real_fit = crossval.fit
 
-    def recording_fit(fold_recipe, run, progress, resume=None):
+    def recording_fit(fold_recipe, run, progress, resume=None, **options):
         calls.append((fold_recipe.name, resume))
-        return real_fit(fold_recipe, run, progress, resume=resume)
+        return real_fit(fold_recipe, run, progress, resume=resume, **options)
 
     monkeypatch.setattr(crossval, "fit", recording_fit)
     after = run_cross_validation(recipe, K, quiet())

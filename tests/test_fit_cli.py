@@ -19,7 +19,7 @@ import yaml
 
 from dltrain.recipe import load_recipe, to_yaml
 
-from as_user import QUICKSTART, dltrain, one_epoch_fit, words
+from as_user import QUICKSTART, dltrain, words
 
 METRICS_HEADER = "epoch,train_loss,val_loss,val_accuracy,lr,seconds,samples_per_s"
 REPORT_KEYS = {
@@ -187,48 +187,42 @@ def test_eval_split_val(quickstart, tmp_path):
 # -- one run folder, one recipe ---------------------------------------------------------------
 
 
-def test_a_rerun_goes_to_the_next_numbered_folder_and_force_replaces_the_first(tmp_path):
+def test_a_rerun_goes_to_the_next_numbered_folder_and_force_replaces_the_first(tmp_path, invoke):
     run = tmp_path / "quickstart"
-    first = one_epoch_fit(tmp_path)
-    assert first.returncode == 0, first.stdout + first.stderr
-    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
 
-    changed = one_epoch_fit(tmp_path, "train.epochs=2")  # another recipe: the next folder
-    assert changed.returncode == 0, changed.stdout + changed.stderr
-    said = words(changed.stdout + changed.stderr)
+    def fit(*extra: str):
+        result = invoke("fit", str(QUICKSTART), f"output={tmp_path}", "train.epochs=1", *extra)
+        assert result.exit_code == 0, result.output
+        return words(result.output)
+
+    fit()
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    said = fit("train.epochs=2")  # another recipe: the next folder
     assert f"{run} holds a run of another recipe: this run goes to {run}-2" in said
     assert (
         yaml.safe_load((tmp_path / "quickstart-2/recipe.yaml").read_text())["train"]["epochs"] == 2
     )
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # untouched
 
-    again = one_epoch_fit(tmp_path)  # the first recipe again, finished there: the next one
-    assert again.returncode == 0, again.stdout + again.stderr
-    said = words(again.stdout + again.stderr)
+    said = fit()  # the first recipe again, finished there: the next number
     assert f"{run} holds a finished run: this run goes to {run}-3" in said
-    runs = invoke_runs(tmp_path)
-    assert [r["name"] for r in runs] == ["quickstart", "quickstart-2", "quickstart-3"]
+    listed = invoke("runs", str(tmp_path), "--json", "--sort", "name")
+    names = [r["name"] for r in json.loads(listed.stdout)]
+    assert names == ["quickstart", "quickstart-2", "quickstart-3"]
 
-    forced = one_epoch_fit(tmp_path, "optimizer.lr=0.01", "--force")  # replaces {name}
-    assert forced.returncode == 0, forced.stdout + forced.stderr
+    fit("optimizer.lr=0.01", "--force")  # replaces {name}
     assert yaml.safe_load((run / "recipe.yaml").read_text())["optimizer"]["lr"] == 0.01
     assert not (tmp_path / "quickstart-4").exists()
     last = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert last["recipe"]["optimizer"]["lr"] == 0.01
 
 
-def invoke_runs(folder: Path) -> list[dict]:
-    listed = dltrain("runs", folder, "--json", "--sort", "name", cwd=folder)
-    assert listed.returncode == 0, listed.stderr
-    return json.loads(listed.stdout)
-
-
-def test_smoke_runs_the_whole_path_on_one_batch_and_leaves_nothing(tmp_path):
-    result = dltrain("fit", QUICKSTART, f"output={tmp_path / 'runs'}", "--smoke", cwd=tmp_path)
-    assert result.returncode == 0, result.stdout + result.stderr
+def test_smoke_runs_the_whole_path_on_one_batch_and_leaves_nothing(tmp_path, invoke):
+    result = invoke("fit", str(QUICKSTART), f"output={tmp_path / 'runs'}", "--smoke")
+    assert result.exit_code == 0, result.output
     said = words(result.stdout)
     assert said.startswith("smoke test passed in") and "round-trips its checkpoint" in said
     assert len(result.stdout.strip().splitlines()) <= 2  # one line (wrapped at most once)
     assert not (tmp_path / "runs").exists()
-    wrong = dltrain("fit", QUICKSTART, "model.name=transformer", "--smoke", cwd=tmp_path)
-    assert wrong.returncode == 2 and "takes token ids or float sequences" in words(wrong.stderr)
+    wrong = invoke("fit", str(QUICKSTART), "model.name=transformer", "--smoke")
+    assert wrong.exit_code == 2 and "takes token ids or float sequences" in words(wrong.stderr)

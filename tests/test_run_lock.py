@@ -80,7 +80,7 @@ def test_holding_is_reentrant_within_a_process(tmp_path):
         pass
 
 
-def slow_recipe(folder: Path, epochs: int) -> Path:
+def slow_recipe(folder: Path, epochs: int, train_size: int = 4096) -> Path:
     path = folder / "slow.yaml"
     recipe = {
         "name": "slow",
@@ -90,7 +90,7 @@ def slow_recipe(folder: Path, epochs: int) -> Path:
             "name": "synthetic",
             "shape": [3, 16, 16],
             "num_classes": 4,
-            "train_size": 4096,
+            "train_size": train_size,
             "test_size": 64,
             "batch_size": 32,
         },
@@ -103,7 +103,7 @@ def slow_recipe(folder: Path, epochs: int) -> Path:
 
 @pytest.mark.slow
 def test_two_concurrent_fits_on_one_folder_the_second_is_refused_at_once(tmp_path):
-    recipe = slow_recipe(tmp_path, epochs=12)  # long enough to be running when the second starts
+    recipe = slow_recipe(tmp_path, epochs=10, train_size=2048)  # running when the second starts
     first = subprocess.Popen(
         [sys.executable, "-m", "dltrain", "fit", str(recipe), "-q"],
         cwd=tmp_path,
@@ -125,7 +125,7 @@ def test_two_concurrent_fits_on_one_folder_the_second_is_refused_at_once(tmp_pat
     out, err = first.communicate(timeout=600)
     assert first.returncode == 0, out + err
     run = RunFolder(tmp_path / "runs" / "slow")
-    assert len(metric_rows(run)) == 12 and (run.root / "report.json").exists()
+    assert len(metric_rows(run)) == 10 and (run.root / "report.json").exists()
 
 
 def test_eval_into_a_run_folder_another_process_writes_is_refused(

@@ -15,7 +15,7 @@ import optuna
 import pytest
 import yaml
 
-from as_user import assert_user_error, dltrain, words
+from as_user import dltrain, words
 from runs import TABULAR
 
 SPACE = {
@@ -56,18 +56,20 @@ def report(tmp_path: Path) -> dict:
         ({"model.hidden": {"type": "categorical", "choices": [[0]]}}, "model.hidden"),
     ],
 )
-def test_the_space_is_checked_against_the_recipe_before_any_trial(tmp_path, params, expected):
+def test_the_space_is_checked_against_the_recipe_before_any_trial(
+    tmp_path, invoke, params, expected
+):
     recipe, space = write(tmp_path, params=params)
-    result = dltrain("sweep", recipe, space, "--trials", "3", cwd=tmp_path)
-    assert_user_error(result)
+    result = invoke("sweep", str(recipe), str(space), "--trials", "3")
+    assert result.exit_code == 2 and "Traceback" not in result.output
     assert expected in words(result.stderr), result.stderr
     assert not (tmp_path / "runs/search/trials").exists()  # no trial ran
 
 
-def test_a_sweep_judges_trials_on_validation_and_tests_only_the_best(tmp_path):
+def test_a_sweep_judges_trials_on_validation_and_tests_only_the_best(tmp_path, invoke):
     recipe, space = write(tmp_path)
-    first = dltrain("sweep", recipe, space, "--trials", "3", cwd=tmp_path)
-    assert first.returncode == 0, first.stdout + first.stderr
+    first = invoke("sweep", str(recipe), str(space), "--trials", "3")
+    assert first.exit_code == 0, first.output
     summary = report(tmp_path)
     trials = summary["trials"]
     assert [t["number"] for t in trials] == [0, 1, 2]
@@ -88,13 +90,14 @@ def test_a_sweep_judges_trials_on_validation_and_tests_only_the_best(tmp_path):
     assert "test accuracy" in first.stdout
 
     # --trials is the total: the same command with 4 continues the study by one trial
-    again = dltrain("sweep", recipe, space, "--trials", "4", cwd=tmp_path)
-    assert again.returncode == 0, again.stdout + again.stderr
+    again = invoke("sweep", str(recipe), str(space), "--trials", "4")
+    assert again.exit_code == 0, again.output
     assert [t["number"] for t in report(tmp_path)["trials"]] == [0, 1, 2, 3]
     changed = dict(SPACE, metric="val_loss")
     (tmp_path / "space.yaml").write_text(yaml.safe_dump(changed))
-    refused = dltrain("sweep", recipe, space, "--trials", "5", cwd=tmp_path)
-    assert_user_error(refused, "another search space or metric", "--study NAME")
+    refused = invoke("sweep", str(recipe), str(space), "--trials", "5")
+    assert refused.exit_code == 2
+    assert "another search space or metric" in refused.stderr and "--study NAME" in refused.stderr
 
 
 def test_ctrl_c_stops_after_the_running_trial_and_a_rerun_completes_the_count(tmp_path):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from as_user import assert_user_error, dltrain
+from as_user import dltrain
 from runs import TABULAR
 
 mlflow = pytest.importorskip("mlflow")
@@ -35,7 +35,7 @@ def client(tmp_path: Path):
 
 def test_a_fit_is_readable_with_mlflows_own_client(tmp_path):
     recipe = write_recipe(tmp_path)
-    result = dltrain("fit", recipe, "-q", cwd=tmp_path)
+    result = dltrain("fit", recipe, "-q", cwd=tmp_path)  # a real process: its own logging
     assert result.returncode == 0, result.stdout + result.stderr
     assert "mlflow" not in result.stderr.lower()  # MLflow's own INFO lines stay out
 
@@ -58,7 +58,7 @@ def test_a_fit_is_readable_with_mlflows_own_client(tmp_path):
     assert (tmp_path / "runs/mlartifacts").is_dir() and not (tmp_path / "mlruns").exists()
 
 
-def test_a_sweeps_trials_are_nested_runs(tmp_path):
+def test_a_sweeps_trials_are_nested_runs(tmp_path, invoke):
     recipe = write_recipe(tmp_path)
     space = tmp_path / "space.yaml"
     space.write_text(
@@ -70,8 +70,8 @@ def test_a_sweeps_trials_are_nested_runs(tmp_path):
             }
         )
     )
-    result = dltrain("sweep", recipe, space, "--trials", "2", "train.epochs=1", cwd=tmp_path)
-    assert result.returncode == 0, result.stdout + result.stderr
+    result = invoke("sweep", str(recipe), str(space), "--trials", "2", "train.epochs=1")
+    assert result.exit_code == 0, result.output
     tracking = client(tmp_path)
     experiment = tracking.get_experiment_by_name("tracked")
     runs = tracking.search_runs([experiment.experiment_id])
@@ -82,7 +82,8 @@ def test_a_sweeps_trials_are_nested_runs(tmp_path):
     assert all("val_loss" in r.data.metrics for r in children)
 
 
-def test_a_tracking_uri_mlflow_cannot_use_is_the_users_error(tmp_path):
+def test_a_tracking_uri_mlflow_cannot_use_is_the_users_error(tmp_path, invoke):
     recipe = write_recipe(tmp_path, tracking_uri="nosuchscheme://nowhere")
-    result = dltrain("fit", recipe, cwd=tmp_path)
-    assert_user_error(result, "logging.mlflow: cannot log to nosuchscheme://nowhere")
+    result = invoke("fit", str(recipe))
+    assert result.exit_code == 2, result.output
+    assert "logging.mlflow: cannot log to nosuchscheme://nowhere" in result.stderr

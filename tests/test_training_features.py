@@ -92,6 +92,13 @@ def test_tensorboard_event_files_when_asked(tmp_path):
     run, _ = train(tmp_path, TABULAR, "tb", "logging.tensorboard=true")
     files = list((run.root / "tensorboard").glob("events.out.tfevents.*"))
     assert files and files[0].stat().st_size > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run.root / "tensorboard")).Reload()
+    assert [e.step for e in events.Scalars("train_loss")] == [1, 2]
+    assert "recipe/text_summary" in events.Tags()["tensors"]  # the resolved recipe, as text
+    hparams = EventAccumulator(str(run.root / "tensorboard")).Reload().summary_metadata
+    assert any("_hparams_" in tag for tag in hparams)  # the settings beside the test figures
 
 
 def test_tensorboard_missing_is_a_clear_user_error(tmp_path, monkeypatch):
