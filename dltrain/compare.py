@@ -26,20 +26,11 @@ from rich.table import Table
 
 from dltrain.errors import UserError
 from dltrain.report import headline, headline_key
-from dltrain.runs_table import best_val_metrics
+from dltrain.runs_table import METRIC_COLUMNS, best_val_metrics
 
 DEFAULT_OUTPUT = Path("compare.png")
 # Recipe keys that differ between any two runs and say nothing about them
 IGNORED_KEYS = frozenset({"name", "output"})
-METRIC_COLUMNS = (
-    "epoch",
-    "train_loss",
-    "val_loss",
-    "val_accuracy",
-    "lr",
-    "seconds",
-    "samples_per_s",
-)  # as run_folder.METRIC_COLUMNS (not imported: run_folder imports torch)
 MISSING = "—"
 SHOWN_CHILD_RUNS = 4  # a folder of runs names this many of them in its message
 

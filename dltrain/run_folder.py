@@ -17,17 +17,8 @@ from dltrain.atomic import atomic_write_text
 from dltrain.checkpoint import save_checkpoint
 from dltrain.errors import UserError
 from dltrain.recipe import Recipe, to_yaml
+from dltrain.runs_table import METRIC_COLUMNS
 from dltrain.transaction import recover, transaction
-
-METRIC_COLUMNS = [
-    "epoch",
-    "train_loss",
-    "val_loss",
-    "val_accuracy",
-    "lr",
-    "seconds",
-    "samples_per_s",
-]
 
 
 class RunFolder:

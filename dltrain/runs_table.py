@@ -20,6 +20,17 @@ import yaml
 
 from dltrain.errors import UserError, did_you_mean
 
+# metrics.csv's columns, in order (run_folder writes it; runs, compare and crossval read it)
+METRIC_COLUMNS = (
+    "epoch",
+    "train_loss",
+    "val_loss",
+    "val_accuracy",
+    "lr",
+    "seconds",
+    "samples_per_s",
+)
+
 # The keys of a summary row, in table order; each is a valid --sort key.
 COLUMNS = (
     "name",

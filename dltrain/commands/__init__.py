@@ -9,6 +9,8 @@ what it needs when it runs.
 from enum import Enum
 
 import typer
+from rich.console import Console
+from rich.markup import escape
 
 
 def choices(name: str, *values: str) -> type[Enum]:
@@ -25,3 +27,17 @@ def imports_option():
         help="The user's own component modules the model needs (a .py file or a dotted "
         "module; repeatable). Never taken from the checkpoint: a checkpoint runs no code.",
     )
+
+
+def exit_stopped(console: Console, stopped: Exception, then: str = "") -> None:
+    """A command stopped by a signal (dltrain.interrupts.Interrupted): say so truthfully, and
+    what to do next (`then`, a line), then exit with the signal's code (130/143)."""
+    from dltrain.interrupts import exit_at_once_on_signals
+
+    exit_at_once_on_signals()  # the command is ending: another signal must not kill it
+    console.print(
+        f"[yellow]{escape(str(stopped))}[/]" + (f"\n{escape(then)}" if then else ""),
+        highlight=False,
+        soft_wrap=True,
+    )
+    raise typer.Exit(stopped.exit_code) from None

@@ -11,6 +11,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from dltrain.commands import exit_stopped
+
 WIDE_TABLE_KEYS = 6  # more differing keys than this: one row per key instead of per run
 
 
@@ -92,7 +94,7 @@ def sweep(
 
       dltrain sweep recipe.yaml space.yaml --trials 50 --storage postgresql://host/db
     """
-    from dltrain.interrupts import GracefulStop, Interrupted, exit_at_once_on_signals
+    from dltrain.interrupts import GracefulStop, Interrupted
     from dltrain.progress import Progress
     from dltrain.sweep import open_sweep, run_sweep
     from dltrain.sweep_report import REPORT_JSON
@@ -111,15 +113,13 @@ def sweep(
         try:
             summary = run_sweep(opened, progress, stop, say)
         except Interrupted as stopped:
-            exit_at_once_on_signals()
             ended, _ = opened.ended()
-            console.print(
-                f"[yellow]{escape(str(stopped))}[/]\n{ended} of {trials} trials ended; the "
-                "same command continues the study (the interrupted trial is tried again).",
-                highlight=False,
-                soft_wrap=True,
+            exit_stopped(
+                console,
+                stopped,
+                f"{ended} of {trials} trials ended; the same command continues the study (the "
+                "interrupted trial is tried again).",
             )
-            raise typer.Exit(stopped.exit_code) from None
         finally:
             progress.close()
     if summary["best_trial"] is None:

@@ -20,6 +20,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from dltrain.commands import exit_stopped
+
 if TYPE_CHECKING:  # only for annotations: --help stays free of torch
     from dltrain.interrupts import GracefulStop
     from dltrain.recipe import Recipe
@@ -301,7 +303,7 @@ def _train_one(
 ) -> None:
     """Train the planned run with live progress; on a stop signal, say how to resume."""
     from dltrain.engine import fit as run_fit
-    from dltrain.interrupts import Interrupted, exit_at_once_on_signals
+    from dltrain.interrupts import Interrupted
     from dltrain.progress import Progress
     from dltrain.report import headline
 
@@ -310,10 +312,9 @@ def _train_one(
         stop.check(str(plan.checkpoint) if plan.checkpoint else None, "before training started")
         report = run_fit(plan.recipe, plan.run, progress, resume=plan.checkpoint, stop=stop)
     except Interrupted as stopped:
-        exit_at_once_on_signals()  # the command is ending: another signal must not kill it
-        hint = f"\nresume with: {escape(resume_command)}" if stopped.checkpoint else ""
-        console.print(f"[yellow]{escape(str(stopped))}[/]{hint}", highlight=False, soft_wrap=True)
-        raise typer.Exit(stopped.exit_code) from None
+        exit_stopped(
+            console, stopped, f"resume with: {resume_command}" if stopped.checkpoint else ""
+        )
     finally:
         progress.close()
     label, value = headline(report)
@@ -446,13 +447,12 @@ def _cross_validate(
         cv_report = run_cross_validation(loaded, folds, progress, force)
     except Interrupted as stop:
         command = shlex.join(["dltrain", "fit", str(recipe), *overrides, "--folds", str(folds)])
-        console.print(
-            f"[yellow]{escape(str(stop))}[/]\ncontinue with: {escape(command)} (finished folds "
-            "are kept; the interrupted fold resumes from its last.pt)",
-            highlight=False,
-            soft_wrap=True,
+        exit_stopped(
+            console,
+            stop,
+            f"continue with: {command} (finished folds are kept; the interrupted fold resumes "
+            "from its last.pt)",
         )
-        raise typer.Exit(stop.exit_code) from None
     finally:
         progress.close()
     console.print(cv_table(cv_report))
