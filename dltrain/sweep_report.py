@@ -94,6 +94,8 @@ def _importances(sweep: Sweep) -> dict[str, float] | None:
 
 def _history(trials: list[dict], metric: str, direction: str, path: Path) -> Path:
     figure_class, canvas_class = _matplotlib()
+    from matplotlib.ticker import MaxNLocator
+
     fig = figure_class(figsize=(7, 4))
     canvas_class(fig)
     ax = fig.add_subplot()
@@ -104,6 +106,7 @@ def _history(trials: list[dict], metric: str, direction: str, path: Path) -> Pat
     ax.scatter(numbers, values, label="trial", zorder=3)
     ax.step(numbers, best_so_far, where="post", color="tab:red", label="best so far")
     ax.set(xlabel="trial", ylabel=metric, title="optimisation history")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # trial numbers
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -114,6 +117,8 @@ def _slices(trials: list[dict], sweep: Sweep, path: Path) -> Path:
     """One panel per parameter: the metric against the parameter's values."""
     keys = list(sweep.space.params)
     figure_class, canvas_class = _matplotlib()
+    from matplotlib.ticker import NullFormatter
+
     fig = figure_class(figsize=(3.2 * len(keys), 3.2))
     canvas_class(fig)
     values = [t["value"] for t in trials]
@@ -123,8 +128,9 @@ def _slices(trials: list[dict], sweep: Sweep, path: Path) -> Path:
         xs = [t["params"].get(key) for t in trials]
         if isinstance(param, FloatParam | IntParam):
             ax.scatter(xs, values, c=[t["number"] for t in trials], cmap="viridis")
-            if param.log:
+            if param.log:  # major ticks labelled only: minor labels overlap in a decade
                 ax.set_xscale("log")
+                ax.xaxis.set_minor_formatter(NullFormatter())
         else:
             labels = sorted({str(x) for x in xs})
             ax.scatter([labels.index(str(x)) for x in xs], values)
