@@ -31,7 +31,8 @@ from dltrain.run_folder import RunFolder
 from dltrain.runs_table import best_val_metrics, read_metrics
 
 CV_REPORT = "cv_report.json"
-NOT_METRICS = {"num_samples"}  # numeric report.json scalars that are counts, not metrics
+# numeric report.json scalars that are not metrics: a count, and the epoch the weights are from
+NOT_METRICS = {"num_samples", "epoch"}
 FIRST = ("accuracy", "f1_macro", "precision_macro", "recall_macro", "loss")  # table order
 
 

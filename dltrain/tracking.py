@@ -75,7 +75,7 @@ class MlflowRun:
         from dltrain.crossval import report_scalars
 
         split = report.get("split", "test")
-        scalars = {f"{split}_{k}": v for k, v in report_scalars(report).items() if k != "epoch"}
+        scalars = {f"{split}_{k}": v for k, v in report_scalars(report).items()}
         self._log_metrics(scalars, step=0)
 
     def _log_metrics(self, values: dict[str, Any], step: int) -> None:

@@ -260,6 +260,7 @@ def test_folds_write_fold_runs_and_a_cv_report_of_their_metrics(cross_validation
     assert sorted(p.name for p in root.glob(".*")) == sorted(f".{n}.lock" for n in names)
     cv = json.loads((root / "cv_report.json").read_text())
     assert cv["folds"] == K and cv["runs"] == names and cv["split"] == "test"
+    assert "epoch" not in cv["metrics"] and "num_samples" not in cv["metrics"]  # not metrics
     reports = [json.loads((root / n / "report.json").read_text()) for n in names]
     metrics = [best_val_metrics(read_metrics(root / n / "metrics.csv")) for n in names]
     expected = {

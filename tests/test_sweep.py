@@ -85,6 +85,7 @@ def test_a_sweep_judges_trials_on_validation_and_tests_only_the_best(tmp_path, i
     assert summary["best_trial"] == best["number"] and summary["best_value"] == best["value"]
     tested = json.loads((tmp_path / "runs/search/best-test/report.json").read_text())
     assert tested["split"] == "test" and summary["best_test"]["accuracy"] == tested["accuracy"]
+    assert "epoch" not in summary["best_test"]
     folder = tmp_path / "runs/search"
     assert all((folder / name).stat().st_size > 5000 for name in ("history.png", "slices.png"))
     assert "test accuracy" in first.stdout
