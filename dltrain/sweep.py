@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import filelock
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -254,15 +255,18 @@ def open_sweep(
         )
     root.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # dltrain says what happens
-    study = optuna.create_study(
-        storage=_storage(storage, root),
-        study_name=study_name or recipe.name,
-        direction=direction_of(metric),
-        sampler=_sampler(space, recipe.seed),
-        pruner=_pruner(space, recipe.train.epochs),
-        load_if_exists=True,
-    )
-    _check_same_search(study, space, metric, recipe_path)
+    # Processes starting together would race to create the database's tables and the study:
+    # on one machine they take turns (a file lock in the sweep folder).
+    with filelock.FileLock(root / ".study.lock"):
+        study = optuna.create_study(
+            storage=_storage(storage, root),
+            study_name=study_name or recipe.name,
+            direction=direction_of(metric),
+            sampler=_sampler(space, recipe.seed),
+            pruner=_pruner(space, recipe.train.epochs),
+            load_if_exists=True,
+        )
+        _check_same_search(study, space, metric, recipe_path)
     return Sweep(recipe_path, list(overrides), space, recipe, metric, root, study, trials)
 
 

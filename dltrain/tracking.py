@@ -47,7 +47,7 @@ class MlflowRun:
         self.log_checkpoints = settings.log_checkpoints
         parent = mlflow.active_run()  # a sweep's run: its trials are its children, in its store
         uri = mlflow.get_tracking_uri() if parent else tracking_uri(settings, recipe)
-        with _reported(uri):
+        with _reported(uri, Path(recipe["output"]).absolute()):
             self.client = mlflow.MlflowClient(uri)
             if parent is not None:
                 experiment_id = parent.info.experiment_id
@@ -129,7 +129,7 @@ def sweep_run(settings: Any, recipe: dict[str, Any], name: str, params: dict[str
     """A sweep's parent MLflow run, active while its trials run (they nest under it)."""
     mlflow = _mlflow()
     uri = tracking_uri(settings, recipe)
-    with _reported(uri):
+    with _reported(uri, Path(recipe["output"]).absolute()):
         mlflow.set_tracking_uri(uri)
         experiment_id = ensure_experiment(mlflow.MlflowClient(uri), settings, recipe)
         run = mlflow.start_run(experiment_id=experiment_id, run_name=name)
@@ -143,11 +143,17 @@ def sweep_run(settings: Any, recipe: dict[str, Any], name: str, params: dict[str
 
 
 @contextlib.contextmanager
-def _reported(uri: str):
-    """MLflow's errors (an unreachable server, a bad URI) as the user's, naming the URI."""
+def _reported(uri: str, output: Path):
+    """MLflow's errors (an unreachable server, a bad URI) as the user's, naming the URI. Runs
+    starting together on one machine take turns (a file lock in the output folder): they would
+    race to create the store's tables and the experiment."""
+    import filelock
+
     mlflow = _mlflow()
+    output.mkdir(parents=True, exist_ok=True)
     try:
-        yield
+        with filelock.FileLock(output / ".mlflow.lock"):
+            yield
     except mlflow.exceptions.MlflowException as exc:
         raise UserError(
             f"logging.mlflow: cannot log to {uri} ({_first_line(exc)}). Check "
