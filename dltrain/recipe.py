@@ -100,7 +100,11 @@ class TrainSection(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     epochs: PositiveInt = 10
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    compile: bool = False
+    # torch.compile: true (its default mode) or a mode: reduce-overhead (CUDA graphs: for short,
+    # host-bound steps), max-autotune, max-autotune-no-cudagraphs
+    compile: (
+        bool | Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+    ) = False
     grad_clip: Annotated[float, Field(gt=0)] | None = None
     accumulate: PositiveInt = 1
     monitor: Literal["val_loss", "val_accuracy", "train_loss"] = "val_loss"  # picks best.pt

@@ -256,9 +256,10 @@ def training_modules(s: Setup) -> tuple[torch.nn.Module, torch.nn.Module]:
             static_graph=section.static_graph,
             gradient_as_bucket_view=True,  # gradients live in the buckets: no copy per step
         )
-    if not s.recipe.train.compile:
+    choice = s.recipe.train.compile
+    if not choice:
         return model, s.model
-    compiled = torch.compile(model)
+    compiled = torch.compile(model, mode=None if choice in (True, "default") else choice)
     return compiled, compiled if model is s.model else s.model
 
 

@@ -108,6 +108,7 @@ def test_component_shorthand_can_be_overridden_inside(tmp_path):
         ("scheduler=null", lambda r: r.scheduler, None),
         ("optimizer.lr=1e-2", lambda r: r.optimizer["lr"], 0.01),  # YAML reads 1e-2 as text
         ("train.compile=true", lambda r: r.train.compile, True),
+        ("train.compile=reduce-overhead", lambda r: r.train.compile, "reduce-overhead"),
         ("train.grad_clip=1.5", lambda r: r.train.grad_clip, 1.5),
         ("data.val_split=0", lambda r: r.data.val_split, 0.0),
         ("seed=7", lambda r: r.seed, 7),

@@ -123,3 +123,24 @@ def test_report_has_ranking_metrics(tmp_path):
     assert 0.5 < report["auroc"]["macro"] <= 1 and len(report["auroc"]["per_class"]) == 10
     assert 0 < report["average_precision"]["macro"] <= 1
     assert torch.isfinite(torch.tensor(report["loss"]))
+
+
+@pytest.mark.slow
+def test_train_compile_takes_torch_compiles_modes(tmp_path, monkeypatch):
+    # reduce-overhead (CUDA graphs on a GPU) reaches torch.compile as its mode; the compiled
+    # run trains to the same weights as eager within float tolerance
+    modes = []
+    real_compile = torch.compile
+
+    def recording_compile(model, **options):
+        modes.append(options.get("mode"))
+        return real_compile(model, **options)
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    compiled, _ = train(tmp_path, TABULAR, "compiled", "train.compile=reduce-overhead")
+    eager, _ = train(tmp_path, TABULAR, "eager")
+    assert modes == ["reduce-overhead"]
+    for name, value in weights(eager.best_path).items():
+        assert torch.allclose(weights(compiled.best_path)[name], value, atol=1e-4), name
+    with pytest.raises(UserError, match="train.compile"):
+        train(tmp_path, TABULAR, "bad", "train.compile=fastest")
