@@ -23,6 +23,7 @@ from dltrain.run_folder import RunFolder
 from dltrain.run_lock import holding_enclosing_run
 from dltrain.setup import Setup, build_setup, split_batches
 from dltrain.tasks import Evaluation
+from dltrain.tta import with_tta
 
 
 def evaluate(
@@ -94,9 +95,9 @@ def report_on_split(
     between_batches: Callable[[], None] | None = None,
     held: dict[str, Any] | None = None,
 ) -> dict:
-    """Evaluate s.model on a split and (rank 0) write report.json/.md and the plots; curves.png
-    too when the training `history` is given. `held` says which weights these are (their
-    epoch, and what made them the best: `which_weights`)."""
+    """Evaluate s.model (with eval.tta's views, if any) on a split and (rank 0) write
+    report.json/.md and the plots; curves.png too when the training `history` is given. `held`
+    says which weights these are (their epoch, and what made them the best: `which_weights`)."""
     from dltrain.report import write_report
 
     split = split or report_split(s.data.splits)
@@ -110,7 +111,8 @@ def report_on_split(
     with out_of_memory_is_a_run_failure(
         s.device, s.recipe, s.precision.name, eval_batch_size=batches.batch_size
     ):
-        result = evaluate(s.model, batches, s, keep_scores=True, between_batches=between_batches)
+        model = with_tta(s.model, s.recipe.eval.tta, s.data.model_kind)
+        result = evaluate(model, batches, s, keep_scores=True, between_batches=between_batches)
     report = {
         "split": split,
         "checkpoint": _relative(checkpoint_path, output),

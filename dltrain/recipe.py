@@ -117,6 +117,14 @@ class TrainSection(BaseModel):
     on_nonfinite: Literal["stop", "skip_step"] = "stop"  # skip_step costs a sync per step
 
 
+class EvalSection(BaseModel):
+    """`eval:` how the final report (and `dltrain eval`) evaluates."""
+
+    model_config = ConfigDict(extra="forbid")
+    # test-time augmentation: outputs averaged over these views of each image (dltrain.tta)
+    tta: list[Literal["hflip", "translate"]] = []
+
+
 class DistributedSection(BaseModel):
     """`distributed:` how processes started by torchrun train together (DDP)."""
 
@@ -161,6 +169,7 @@ class Recipe(BaseModel):
     optimizer: dict[str, Any] = {"name": "adam"}
     scheduler: dict[str, Any] | None = None
     train: TrainSection = TrainSection()
+    eval: EvalSection = EvalSection()
     distributed: DistributedSection = DistributedSection()
     logging: LoggingSection = LoggingSection()
 

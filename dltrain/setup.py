@@ -29,6 +29,7 @@ from dltrain.optim import LrSchedule, constant_schedule
 from dltrain.recipe import Recipe
 from dltrain.registry import LOSSES, MODELS, SCHEDULERS
 from dltrain.tasks import Classification, Regression, Seq2Seq, TargetScaled, task_for
+from dltrain.tta import check_tta
 
 
 @dataclass
@@ -85,6 +86,7 @@ def build_setup(
         }
     if world.local_rank == 0:
         world.barrier()
+    check_tta(recipe.eval.tta, data.model_kind)  # now, not after training
     check_model_fits(recipe.model, data, dev)
     model = build_model(recipe.model, data)
     channels_last = use_channels_last(recipe.train.channels_last, dev, data.model_kind)
