@@ -177,8 +177,9 @@ class Recipe(BaseModel):
         """The resolved recipe as plain data (what recipe.yaml and checkpoints store).
 
         Sections and keys that are unset and newer than the first recipes (`imports`,
-        `data.fold`, `data.global_batch_size`, `distributed`) are left out, so recipes that use
-        none of them read as before.
+        `data.fold`, `data.global_batch_size`, `distributed`, `eval`, `logging.mlflow`) are
+        left out, so recipes that use none of them read as before (and a run folder of such a
+        recipe still holds "this recipe").
         """
         data = self.model_dump(mode="json")
         if not data["imports"]:
@@ -186,8 +187,11 @@ class Recipe(BaseModel):
         for key in ("fold", "global_batch_size"):
             if data["data"].get(key) is None:
                 data["data"].pop(key, None)
-        if data["distributed"] == DistributedSection().model_dump(mode="json"):
-            del data["distributed"]
+        for section, default in (("distributed", DistributedSection()), ("eval", EvalSection())):
+            if data[section] == default.model_dump(mode="json"):
+                del data[section]
+        if data["logging"].get("mlflow") is False:
+            del data["logging"]["mlflow"]
         return data
 
 
