@@ -1,5 +1,13 @@
 """Optimizers (registered in OPTIMIZERS) and learning-rate schedules (in SCHEDULERS).
 
+`build_optimizer` builds the recipe's optimizer over the model's trainable parameters. Every
+optimizer section also accepts `norms_and_biases: {lr_scale, weight_decay}`: the parameters with
+fewer than 2 dimensions (biases, norm layers' weights and biases) then form a second param group
+with lr × lr_scale and their own weight decay (no decay on them, as timm does; a higher lr, as
+fast CIFAR trainers give batch-norm biases). Schedules keep each group's ratio to the first
+(main) group's lr: they multiply every group's lr by one factor, and their absolute settings
+(cosine's and plateau's min_lr, onecycle's max_lr) are the main group's, scaled for the others.
+
 Every scheduler factory returns an `LrSchedule`, the one object the engine drives: `step_batch()`
 after each optimizer step and `step_epoch(val_loss)` after each epoch's validation. Step, multistep
 and cosine schedules are per-step LambdaLR multipliers computed from the step count alone, so they
@@ -18,7 +26,7 @@ from functools import partial
 from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR, ReduceLROnPlateau
 
@@ -205,6 +213,60 @@ def adagrad(
     )
 
 
+# -- param groups (any optimizer) --------------------------------------------------------------
+
+
+class NormsAndBiases(BaseModel):
+    """`optimizer.norms_and_biases`: the settings of the parameters with fewer than 2 dims."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    lr_scale: Positive = 1.0  # their lr is the optimizer's lr times this
+    weight_decay: NonNegative | None = None  # None: the optimizer's weight_decay
+
+
+OPTIMIZERS.add_common_argument("norms_and_biases", NormsAndBiases)
+
+
+def param_groups(model: torch.nn.Module, split: bool) -> list[dict[str, Any]]:
+    """The model's parameters in model.parameters() order: all in one group (frozen ones too,
+    as checkpoints written before norms_and_biases hold them), or with `split` the trainable
+    ones in two, those with >= 2 dims then those with fewer. The layout depends on the model
+    alone, so a resumed run's optimizer state loads into it."""
+    if not split:
+        return [{"params": list(model.parameters())}]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in trainable if p.ndim >= 2]},
+        {"params": [p for p in trainable if p.ndim < 2]},  # may be empty: the layout stays
+    ]
+
+
+def build_optimizer(section: dict[str, Any], model: torch.nn.Module, device_type: str) -> Optimizer:
+    """The optimizer of a validated `optimizer:` section over the model's parameters, with
+    `norms_and_biases` as a second param group (frozen parameters left out then)."""
+    settings = section.get("norms_and_biases")
+    groups = param_groups(model, split=settings is not None)
+    optimizer = OPTIMIZERS.build(section, params=groups, device_type=device_type)
+    if settings is not None:
+        _set_norms_and_biases(optimizer, NormsAndBiases.model_validate(settings), section)
+    return optimizer
+
+
+def _set_norms_and_biases(optimizer: Optimizer, settings: NormsAndBiases, section: dict) -> None:
+    """Give the second param group lr × lr_scale and its own weight decay. Set after the
+    optimizer is built, from the group settings it filled in, so that any optimizer works
+    whatever its factory's arguments are called."""
+    main, small = optimizer.param_groups
+    where = f"optimizer.norms_and_biases: optimizer '{section['name']}'"
+    if "lr" not in main:
+        raise UserError(f"{where} has no lr to scale; remove norms_and_biases.")
+    small["lr"] = main["lr"] * settings.lr_scale
+    if settings.weight_decay is not None:
+        if "weight_decay" not in main:
+            raise UserError(f"{where} has no weight_decay; remove norms_and_biases.weight_decay.")
+        small["weight_decay"] = settings.weight_decay
+
+
 # Capturable Adam divides by the learning rate, so an lr of exactly 0 (the end of a cosine
 # schedule) turns weights whose moments are 0 into NaN. A step at this lr instead changes
 # nothing a float32 weight can show.
@@ -271,7 +333,8 @@ class LrSchedule:
         self._plateau.step(float(val_loss))
 
     def last_lr(self) -> float:
-        """The current lr of the optimizer's first param group."""
+        """The current lr of the optimizer's first param group (the main one; the second,
+        norms_and_biases, keeps its ratio to it)."""
         return float(self.optimizer.param_groups[0]["lr"])
 
     def state_dict(self) -> dict[str, Any]:
@@ -425,17 +488,21 @@ def cosine(
             f"scheduler.min_lr: {min_lr} is above the optimizer's lr ({base_lrs[0]}); "
             "set it lower (0 decays all the way)."
         )
-    # min_lr is absolute, so each param group gets its own ratio to its base lr.
-    factors = [
-        partial(
-            cosine_factor,
-            total_steps=total,
-            min_ratio=min(1.0, min_lr / base) if base else 0.0,
-            warmup_steps=warmup,
-        )
-        for base in base_lrs
-    ]
-    return LrSchedule(optimizer, "cosine", per_batch=LambdaLR(optimizer, factors))
+    # min_lr is the main group's floor: one factor for every group keeps their lr ratios.
+    factor = partial(
+        cosine_factor,
+        total_steps=total,
+        min_ratio=min(1.0, min_lr / base_lrs[0]) if base_lrs[0] else 0.0,
+        warmup_steps=warmup,
+    )
+    return LrSchedule(optimizer, "cosine", per_batch=LambdaLR(optimizer, factor))
+
+
+def _per_group(optimizer: Optimizer, value: float) -> list[float]:
+    """`value`, an absolute lr setting of the main (first) group, scaled for each group by its
+    lr's ratio to the main group's, so a schedule keeps the groups' lr ratios."""
+    main, *others = [float(g["lr"]) for g in optimizer.param_groups]
+    return [value] + [value * (lr / main) if main else value for lr in others]
 
 
 def _has_momentum(optimizer: Optimizer) -> bool:
@@ -457,7 +524,8 @@ def onecycle(
 ) -> LrSchedule:
     """One-cycle policy: rise to max_lr over pct_start of the steps, then anneal far below."""
     total = _total_steps(epochs, steps_per_epoch)
-    peak = max_lr if max_lr is not None else [float(g["lr"]) for g in optimizer.param_groups]
+    lrs = [float(g["lr"]) for g in optimizer.param_groups]
+    peak = _per_group(optimizer, max_lr) if max_lr is not None else lrs  # ratios kept either way
     scheduler = OneCycleLR(
         optimizer,
         max_lr=peak,
@@ -488,8 +556,14 @@ def plateau(
     """Multiply the lr by factor after patience epochs without validation-loss improvement."""
     warmup = _warmup_steps(warmup_epochs, epochs, steps_per_epoch)
     ramp = LambdaLR(optimizer, partial(warmup_factor, warmup_steps=warmup)) if warmup else None
+    # min_lr floors the main group; the others' floors keep their ratio to it.
     reduce = ReduceLROnPlateau(
-        optimizer, mode=mode, factor=factor, patience=patience, threshold=threshold, min_lr=min_lr
+        optimizer,
+        mode=mode,
+        factor=factor,
+        patience=patience,
+        threshold=threshold,
+        min_lr=_per_group(optimizer, min_lr),
     )
     # The ramp stops at the end of warmup, so it never undoes a reduction made afterwards.
     return LrSchedule(

@@ -7,7 +7,9 @@ anything first; the user's own modules (`imports:`) register into the same dicts
 The user's kwargs are checked against the factory's signature (names, types via the
 annotations, constraints via `Annotated[..., Field(...)]`) before any data is read. Run-time
 objects (parameters, class count, input shape...) are passed by dltrain at the call site and are
-never accepted from the user.
+never accepted from the user. A registry may also have common arguments: keys every one of its
+sections accepts that no factory takes, read by the caller from the validated section (e.g.
+`optimizer.norms_and_biases`, which optim.build_optimizer turns into param groups).
 """
 
 from __future__ import annotations
@@ -85,6 +87,7 @@ class Registry:
         self._factories: dict[str, Callable[..., Any]] = {}
         self._families: dict[str, Family] = {}
         self._schemas: dict[Callable[..., Any], type[BaseModel]] = {}
+        self._common: dict[str, Any] = {}  # name -> annotation; each defaults to None
 
     def load(self) -> None:
         """Import the modules that register dltrain's components (once; later calls are free)."""
@@ -113,6 +116,17 @@ class Registry:
     ) -> None:
         """Register `prefix:<member>` names, e.g. each torchvision model as 'torchvision:<name>'."""
         self._families[prefix] = Family(prefix, factory, members, summary)
+
+    def add_common_argument(self, name: str, annotation: Any) -> None:
+        """Accept `name` in every section of this registry, checked against `annotation`.
+
+        The factories never receive it: the caller reads it from the validated section. Its
+        default is None, and while it is None it is left out of the validated section, so
+        recipes that do not use it resolve (and resume) as before. None cannot be written in
+        a recipe unless the annotation allows it.
+        """
+        self._common[name] = annotation
+        self._schemas.clear()
 
     def names(self, pattern: str = "*") -> list[str]:
         """Registered names matching a glob pattern, sorted; families appear as 'prefix:<name>'."""
@@ -145,10 +159,12 @@ class Registry:
         else:
             factory, _ = self._resolve(name, "")
         hints = typing.get_type_hints(factory)
-        return [
+        own = [
             Argument(p.name, _type_name(hints.get(p.name, Any)), p.default)
             for p in self._user_parameters(factory)
         ]
+        common = [Argument(k, _type_name(a), None) for k, a in self._common.items()]
+        return own + common
 
     def path_arguments(self, name: str) -> list[str]:
         """The arguments of `name` that name files or folders to read (marked INPUT_PATH)."""
@@ -182,15 +198,18 @@ class Registry:
             checked = schema.model_validate(kwargs)
         except ValidationError as exc:
             raise recipe_error(exc, schema, where) from None
-        return {"name": name, **checked.model_dump(mode="json")}
+        values = checked.model_dump(mode="json")
+        unset = {k for k in self._common if values.get(k) is None}
+        return {"name": name, **{k: v for k, v in values.items() if k not in unset}}
 
     def build(self, section: dict[str, Any], **runtime: Any) -> Any:
         """Call the factory named by a validated section with run-time objects plus its kwargs."""
         factory, member = self._resolve(section["name"], "")
-        kwargs = {k: v for k, v in section.items() if k != "name"}
+        kwargs = {k: v for k, v in section.items() if k != "name" and k not in self._common}
         schema = self._schema(factory)
         # Validate again to turn JSON-ish values (lists) into the annotated Python types.
-        typed = {k: getattr(schema.model_validate(kwargs), k) for k in schema.model_fields}
+        checked = schema.model_validate(kwargs)
+        typed = {k: getattr(checked, k) for k in schema.model_fields if k not in self._common}
         extra = {k: v for k, v in kwargs.items() if k not in schema.model_fields}
         args = (member,) if member is not None else ()
         accepted = inspect.signature(factory).parameters
@@ -241,6 +260,14 @@ class Registry:
                 )
                 for p in self._user_parameters(factory)
             }
+            clash = set(fields) & set(self._common)
+            if clash:
+                raise ValueError(
+                    f"{self.kind[:-1]} factory {factory.__name__} takes {sorted(clash)}, which "
+                    f"every {self.kind[:-1]} section accepts for dltrain; rename the argument."
+                )
+            # The default None is not validated: unset, the key is left out (see validate).
+            fields |= {k: (a, None) for k, a in self._common.items()}
             config = ConfigDict(
                 extra="allow" if accepts_more else "forbid",
                 arbitrary_types_allowed=True,
@@ -270,7 +297,7 @@ MODELS = Registry(
     runtime_args=("input_shape", "num_classes", "input_kind", "vocab_size", "task", "data_meta"),
     modules=tuple(
         f"dltrain.models.{m}"
-        for m in ("cnn", "mlp", "resnet", "rnn", "torchvision_models", "transformer")
+        for m in ("cnn", "mlp", "resnet", "rnn", "speednet", "torchvision_models", "transformer")
     ),
 )
 DATASETS = Registry(
