@@ -15,6 +15,7 @@ import pickle
 import random
 import re
 import zipfile
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,7 @@ from dltrain.errors import UserError
 from dltrain.train_state import TrainState, check_resumable
 
 if TYPE_CHECKING:
+    from dltrain.ema import WeightAverage
     from dltrain.optim import LrSchedule
     from dltrain.setup import Setup
 
@@ -251,6 +253,7 @@ _FIELD_TYPES = {
     "rng": dict,
     "metrics": dict,
     "train_state": dict,
+    "ema": dict,
     "epoch": int,
     "step": int,
 }
@@ -298,13 +301,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def checkpoint_state(
-    s: Setup, optimizer: torch.optim.Optimizer, schedule: LrSchedule, state: TrainState
+    s: Setup,
+    optimizer: torch.optim.Optimizer,
+    schedule: LrSchedule,
+    state: TrainState,
+    ema: WeightAverage | None = None,
 ) -> dict[str, Any]:
     """What last.pt/best.pt hold (save_checkpoint copies the tensors to the CPU: torch cannot
-    serialise XLA's lazy tensors, and the copy makes the file load anywhere)."""
+    serialise XLA's lazy tensors, and the copy makes the file load anywhere). With train.ema,
+    `model` is the averaged weights (what evaluates) and `ema` the training weights."""
     checkpoint = {
         "recipe": s.recipe.to_dict(),
-        "model": s.model.state_dict(),
+        "model": (ema.module if ema else s.model).state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": schedule.state_dict(),
         "scaler": s.precision.scaler.state_dict(),
@@ -316,6 +324,8 @@ def checkpoint_state(
         "classes": list(s.data.classes),
         "data_meta": s.data.meta(),
     }
+    if ema is not None:
+        checkpoint["ema"] = ema.state_dict()
     return checkpoint
 
 
@@ -336,12 +346,15 @@ def restore(
     s: Setup,
     optimizer: torch.optim.Optimizer,
     schedule: LrSchedule,
+    ema: WeightAverage | None = None,
 ) -> TrainState:
     """Load a checkpoint's training state into freshly built objects (resume); a part that
     is missing or does not fit this run is a UserError naming it."""
     check_resumable(checkpoint["recipe"], s.recipe.to_dict(), str(path))
     load_weights(s.model, checkpoint, path, s.recipe.model)
+    averaged = (("ema", partial(ema.load_state_dict, checkpoint["model"])),) if ema else ()
     parts = (
+        *averaged,
         ("optimizer", lambda state: _load_optimizer(optimizer, state)),
         ("scheduler", schedule.load_state_dict),
         ("scaler", s.precision.scaler.load_state_dict),

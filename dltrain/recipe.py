@@ -94,6 +94,16 @@ class EarlyStopping(BaseModel):
     min_delta: Annotated[float, Field(ge=0)] = 0.0  # smaller changes are no improvement
 
 
+class EmaSettings(BaseModel):
+    """`train.ema:` evaluate (and save as `model`) a moving average of the weights (dltrain.ema)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    # the average keeps `decay` of itself at each update: 0.999 averages about the last 1000
+    decay: Annotated[float, Field(gt=0, lt=1)] = 0.999
+    every_steps: PositiveInt = 1  # update after every N optimizer steps
+    warmup: bool = False  # decay min(decay, (1+n)/(10+n)) after n updates (timm's warmup)
+
+
 class TrainSection(BaseModel):
     """`train:`: the length and numerics of training."""
 
@@ -115,6 +125,7 @@ class TrainSection(BaseModel):
     tf32: bool = True  # CUDA: TF32 tensor cores for float32 matmuls/convolutions
     checkpoint_every_steps: PositiveInt | None = None  # also write last.pt mid-epoch
     on_nonfinite: Literal["stop", "skip_step"] = "stop"  # skip_step costs a sync per step
+    ema: EmaSettings | None = None  # a moving average of the weights evaluates (dltrain.ema)
 
 
 class EvalSection(BaseModel):
@@ -177,9 +188,9 @@ class Recipe(BaseModel):
         """The resolved recipe as plain data (what recipe.yaml and checkpoints store).
 
         Sections and keys that are unset and newer than the first recipes (`imports`,
-        `data.fold`, `data.global_batch_size`, `distributed`, `eval`, `logging.mlflow`) are
-        left out, so recipes that use none of them read as before (and a run folder of such a
-        recipe still holds "this recipe").
+        `data.fold`, `data.global_batch_size`, `train.ema`, `distributed`, `eval`,
+        `logging.mlflow`) are left out, so recipes that use none of them read as before (and a
+        run folder of such a recipe still holds "this recipe").
         """
         data = self.model_dump(mode="json")
         if not data["imports"]:
@@ -190,6 +201,8 @@ class Recipe(BaseModel):
         for section, default in (("distributed", DistributedSection()), ("eval", EvalSection())):
             if data[section] == default.model_dump(mode="json"):
                 del data[section]
+        if data["train"].get("ema") is None:
+            del data["train"]["ema"]
         if data["logging"].get("mlflow") is False:
             del data["logging"]["mlflow"]
         return data
