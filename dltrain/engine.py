@@ -16,7 +16,6 @@ the run folder and prints.
 from __future__ import annotations
 
 import contextlib
-import functools
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -36,19 +35,26 @@ from dltrain.checkpoint import (
 from dltrain.data.loaders import Batches
 from dltrain.devices import resolve_device
 from dltrain.distributed import World, process_device, process_group, world_from_environment
+from dltrain.ema import WeightAverage
 from dltrain.errors import DltrainError, UserError
 from dltrain.evaluate import evaluate, report_on_split, report_split
 from dltrain.interrupts import LAUNCHER_ECHO_SECONDS, GracefulStop, Interrupted
 from dltrain.memory import out_of_memory_is_a_run_failure
-from dltrain.optim import LrSchedule
+from dltrain.optim import LrSchedule, build_optimizer
 from dltrain.progress import Progress
 from dltrain.recipe import Recipe
-from dltrain.registry import OPTIMIZERS
 from dltrain.report import headline_key
 from dltrain.run_folder import RunFolder
 from dltrain.run_lock import holding
 from dltrain.run_log import RunLog
-from dltrain.setup import Setup, build_schedule, build_setup, split_batches, training_modules
+from dltrain.setup import (
+    Setup,
+    TrainingModules,
+    build_schedule,
+    build_setup,
+    split_batches,
+    training_modules,
+)
 from dltrain.step_policy import StepPolicy, check_weights_finite
 from dltrain.train_state import TrainState, fallback_note
 
@@ -58,8 +64,7 @@ class Training:
     """What one fit drives: the setup plus optimizer, schedule, run folder, display and state."""
 
     s: Setup
-    model: torch.nn.Module  # what trains: s.model, in DDP and/or torch.compile
-    eval_model: torch.nn.Module  # what evaluates: s.model, or its torch.compile wrapper
+    modules: TrainingModules  # s.model in DDP, the step's forward half, what evaluates
     optimizer: torch.optim.Optimizer
     schedule: LrSchedule
     run: RunFolder
@@ -70,21 +75,18 @@ class Training:
     started: float = field(default_factory=time.perf_counter)  # for the time to first step
     stepped: bool = False  # has this process taken an optimizer step yet
     resumed_from: Path | None = None
+    ema: WeightAverage | None = None  # train.ema: the moving average that evaluates
 
     @property
     def ddp(self) -> torch.nn.parallel.DistributedDataParallel | None:
-        module = getattr(self.model, "_orig_mod", self.model)  # under torch.compile
+        model = self.modules.model
+        module = getattr(model, "_orig_mod", model)  # under torch.compile
         return module if isinstance(module, torch.nn.parallel.DistributedDataParallel) else None
-
-    @functools.cached_property
-    def penalised(self) -> list[torch.Tensor]:
-        """The parameters train.l1 applies to: weights, not biases."""
-        return [p for p in self.s.model.parameters() if p.dim() > 1]
 
     def checkpoint(self, epoch: int) -> dict[str, Any]:
         """What last.pt/best.pt hold now; refused when the weights became non-finite."""
         check_weights_finite(self.s.model, epoch, self.run.last_path)  # never save those
-        return checkpoint_state(self.s, self.optimizer, self.schedule, self.state)
+        return checkpoint_state(self.s, self.optimizer, self.schedule, self.state, self.ema)
 
 
 def fit(
@@ -141,7 +143,9 @@ def _train_and_report(
             train_loss = train_one_epoch(t, train_batches, epoch)
 
             # evaluate
-            validation = None if val_batches is None else evaluate(t.eval_model, val_batches, s)
+            validation = (
+                None if val_batches is None else evaluate(t.modules.evaluate, val_batches, s)
+            )
             t.schedule.step_epoch(validation.loss if validation else None)
 
             # record, decide, checkpoint
@@ -200,17 +204,16 @@ def _start_training(
     s = build_setup(recipe, device, world=world, sample_limit=sample_limit)
     train_batches = split_batches(s, "train", shuffle=True)
     val_batches = split_batches(s, "val", shuffle=False) if "val" in s.data.splits else None
-    optimizer = OPTIMIZERS.build(
-        recipe.optimizer, params=s.model.parameters(), device_type=s.device.type
-    )
+    optimizer = build_optimizer(recipe.optimizer, s.model, s.device.type)
     schedule = build_schedule(recipe, optimizer, len(train_batches))
+    ema = WeightAverage(s.model, recipe.train.ema) if recipe.train.ema else None
     state = TrainState()
     resume = world.broadcast_object(resume, s.device)  # rank 0's files decide (nodes may not
     if resume is not None:  # share a disk)
         checkpoint = world.broadcast_object(
             load_checkpoint(resume) if world.is_main else None, s.device
         )
-        state = restore(checkpoint, resume, s, optimizer, schedule)
+        state = restore(checkpoint, resume, s, optimizer, schedule, ema)
         state.keep_totals_on_main(world.is_main)
     if world.any(stop.requested, s.device):  # Ctrl-C while the data and model were prepared
         raise Interrupted(
@@ -245,11 +248,9 @@ def _start_training(
         )
     if world.launched:
         progress.data_parallel(world.size, train_batches.batch_size, recipe.train.accumulate)
-    model, eval_model = training_modules(s)
-    training = Training(
-        s, model, eval_model, optimizer, schedule, run, progress, log, stop, state, started
-    )
-    training.resumed_from = resume
+    modules = training_modules(s, averaged=ema.module if ema else None)
+    training = Training(s, modules, optimizer, schedule, run, progress, log, stop, state, started)
+    training.resumed_from, training.ema = resume, ema
     return training, train_batches, val_batches
 
 
@@ -320,12 +321,12 @@ def train_one_epoch(t: Training, batches: Batches, epoch: int) -> float:
     every step, for a non-finite loss, a due mid-epoch checkpoint and a stop request.
     """
     s, state, train = t.s, t.state, t.s.recipe.train
-    t.model.train()
+    t.modules.running.train()
     steps, accumulate = len(batches), train.accumulate
     policy = StepPolicy(
         s.world, s.device, t.stop, t.run.last_path, train.checkpoint_every_steps, state.batch
     )
-    loss_sum = torch.tensor(state.epoch_loss_sum, device=s.device)
+    loss_sum = t.modules.running.loss_sum.fill_(state.epoch_loss_sum)  # the step adds to it
     started = time.perf_counter() - state.epoch_seconds
     t.progress.epoch_start(epoch, train.epochs, steps, done=state.batch)
     for i, (x, y) in enumerate(batches.epoch(epoch, start=state.batch), start=state.batch):
@@ -337,6 +338,8 @@ def train_one_epoch(t: Training, batches: Batches, epoch: int) -> float:
         if not steps_now:
             continue
         state.batch, state.step = i + 1, state.step + 1
+        if t.ema is not None:
+            t.ema.after_step(state.step)
         _note_first_step(t)
 
         # between steps: non-finite check, mid-epoch checkpoint, stop request
@@ -370,19 +373,21 @@ def train_step(
     where: tuple[int, int],
 ) -> None:
     """The whole update for one micro-batch: forward, backward (the gradient is the mean over
-    the `group` micro-batches of a step) and, when `steps_now`, the optimizer step. Adds the
-    loss to `loss_sum` on the device; nothing here waits for the device, unless
-    train.on_nonfinite=skip_step must look at each loss."""
-    s, train = t.s, t.s.recipe.train
+    the `group` micro-batches of a step) and, when `steps_now`, the optimizer step. The loss
+    is added to `loss_sum` on the device (inside the forward's graph, unless skip_step must
+    look at it first); nothing here waits for the device, unless train.on_nonfinite=skip_step
+    must look at each loss."""
+    s, train, running = t.s, t.s.recipe.train, t.modules.running.running
     with _gradient_sync(t, steps_now):
-        loss, objective = loss_and_objective(s, t.model, x, y, t.penalised)
-    skip = train.on_nonfinite == "skip_step" and s.world.any(not bool(loss.isfinite()), s.device)
+        loss, objective = t.modules.forward_loss(x, y)
+    skip = not running and s.world.any(not bool(loss.isfinite()), s.device)
     if skip:
         t.progress.skipped(*where)
     else:
         with _gradient_sync(t, steps_now):
             s.precision.backward(objective / group if group > 1 else objective)
-        loss_sum += loss.detach().float() * len(y)
+        if not running:
+            loss_sum += loss.detach().float() * len(y)
         t.state.epoch_seen += len(y)
     if steps_now:
         if t.stepped or t.resumed_from is None:
@@ -392,17 +397,6 @@ def train_step(
         t.optimizer.zero_grad(set_to_none=True)
         t.schedule.step_batch()
     s.end_step()
-
-
-def loss_and_objective(
-    s: Setup, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, penalised: list
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A micro-batch's training loss (the task's, under the run's precision) and the objective
-    that is differentiated: the loss plus the train.l1 penalty on the `penalised` weights."""
-    l1 = s.recipe.train.l1
-    with s.precision.autocast():
-        loss = s.task.training_loss(model, s.pipeline.train(x), y, s.loss_fn)
-        return loss, loss + l1 * _l1_norm(penalised) if l1 else loss
 
 
 def _first_step_after_resume(t: Training) -> None:
@@ -433,11 +427,6 @@ def _gradient_sync(t: Training, steps_now: bool) -> contextlib.AbstractContextMa
     under DDP, gradients are averaged over processes on a group's last micro-batch only."""
     ddp = t.ddp
     return ddp.no_sync() if ddp is not None and not steps_now else contextlib.nullcontext()
-
-
-def _l1_norm(params: list[torch.Tensor]) -> torch.Tensor:
-    """Sum of absolute weights, in one fused kernel per dtype (foreach)."""
-    return torch.stack(torch._foreach_norm(params, 1)).sum()
 
 
 def _note_first_step(t: Training) -> None:

@@ -3,9 +3,10 @@ Networks", 2017; the "LR finder" of fastai and Lightning), behind `dltrain lr-fi
 
 The run is built from the recipe exactly as `fit` builds it (setup.build_setup: seed, device,
 data, model, loss, precision, batch pipeline; the optimizer from its registry), then trained for
-at most `steps` optimizer steps while every param group's learning rate grows exponentially from
-`start_lr` to `end_lr`: lr_i = start_lr · (end_lr / start_lr)^(i / (steps − 1)). Each step's loss
-is recorded along with an exponentially smoothed, bias-corrected loss (as in Adam's moments):
+at most `steps` optimizer steps while the learning rate grows exponentially from `start_lr` to
+`end_lr`: lr_i = start_lr · (end_lr / start_lr)^(i / (steps − 1)) (the main param group's; a
+`norms_and_biases` group keeps its lr_scale × that). Each step's loss is recorded along with an
+exponentially smoothed, bias-corrected loss (as in Adam's moments):
 
     avg_i = (1 − smoothing) · avg_{i−1} + smoothing · loss_i
     smoothed_i = avg_i / (1 − (1 − smoothing)^(i+1))
@@ -36,11 +37,11 @@ from typing import Any
 import torch
 
 from dltrain.atomic import atomic_write, atomic_write_text
-from dltrain.engine import loss_and_objective
 from dltrain.errors import UserError
+from dltrain.objective import loss_and_objective
+from dltrain.optim import build_optimizer
 from dltrain.plots import DPI, _matplotlib
 from dltrain.recipe import Recipe
-from dltrain.registry import OPTIMIZERS
 from dltrain.setup import build_setup, split_batches
 
 # The suggestion (suggest_index): the loss's slope at each point is fitted over ±WINDOW_DECADES
@@ -107,9 +108,10 @@ def find_lr(
     s = build_setup(recipe)  # seeds python, numpy and torch from the recipe
     train = recipe.train
     batches = split_batches(s, "train", shuffle=True)
-    optimizer = OPTIMIZERS.build(
-        recipe.optimizer, params=s.model.parameters(), device_type=s.device.type
-    )
+    optimizer = build_optimizer(recipe.optimizer, s.model, s.device.type)
+    # the ramp sets the main group's lr; the others (norms_and_biases) keep their ratio to it
+    main_lr = optimizer.param_groups[0]["lr"]
+    ratios = [group["lr"] / main_lr for group in optimizer.param_groups]
     penalised = [p for p in s.model.parameters() if p.dim() > 1]  # what train.l1 applies to
     micro_batches = _cycle(batches)
     s.model.train()
@@ -121,8 +123,8 @@ def find_lr(
     stopped_early, diverged_at = False, None  # diverged_at: index of the point that diverged
     for i in range(steps):
         lr = ramp_lr(start_lr, end_lr, steps, i)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        for group, ratio in zip(optimizer.param_groups, ratios, strict=True):
+            group["lr"] = lr * ratio
         # one optimizer step, as engine.train_step takes it: `accumulate` micro-batches, each
         # gradient the mean over the group; precision, L1 and gradient clipping as in fit
         loss_sum = torch.zeros((), device=s.device)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from dltrain.amp import MixedPrecision
+from dltrain.data.base import ArraySplit
 from dltrain.data.loaders import Batches, Shard, make_batches
 from dltrain.data.pipeline import BatchPipeline
 from dltrain.data.prepare import PreparedData, first_samples, prepare_data
@@ -25,6 +26,7 @@ from dltrain.devices import free_memory, resolve_device, step_marker
 from dltrain.distributed import World
 from dltrain.errors import UserError
 from dltrain.host import tune_for_training
+from dltrain.objective import ForwardLoss
 from dltrain.optim import LrSchedule, constant_schedule
 from dltrain.recipe import Recipe
 from dltrain.registry import LOSSES, MODELS, SCHEDULERS
@@ -107,6 +109,7 @@ def build_setup(
         data.as_sequence,
         data.input_shape,
     )
+    fit_to_training_data(model, data, pipeline, dev)
     return Setup(
         recipe,
         dev,
@@ -135,6 +138,27 @@ def build_model(section: dict[str, Any], data: PreparedData) -> torch.nn.Module:
     )
     scale = data.extra.get("target_scale") if data.task == "regression" else None
     return TargetScaled(model, scale) if scale else model
+
+
+# How many training samples a model's data-fitted layers (speednet's whitening) see
+FIT_SAMPLES = 5000
+
+
+def fit_to_training_data(
+    model: torch.nn.Module, data: PreparedData, pipeline: BatchPipeline, device: torch.device
+) -> None:
+    """Layers that set themselves from the data before training (a `fit_to_data(inputs)`
+    method: speednet's patch whitening) see the first FIT_SAMPLES training inputs as the model
+    will (scaled and normalised, not augmented). Resumed and evaluated models then load their
+    saved weights over this, so it changes nothing there."""
+    fitting = [m for m in model.modules() if callable(getattr(m, "fit_to_data", None))]
+    if not fitting or "train" not in data.splits:
+        return
+    sample = first_samples(data.splits["train"], FIT_SAMPLES)
+    x = sample.x if isinstance(sample, ArraySplit) else torch.stack([x for x, _ in sample])
+    inputs = pipeline.eval(x.to(device))
+    for module in fitting:
+        module.fit_to_data(inputs)
 
 
 def check_model_fits(section: dict[str, Any], data: PreparedData, device: torch.device) -> None:
@@ -237,32 +261,57 @@ def build_schedule(recipe: Recipe, optimizer, batches_per_epoch: int) -> LrSched
 # -- the modules that train and evaluate ------------------------------------------------------
 
 
-def training_modules(s: Setup) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The module that trains (DDP under torchrun, compiled on request) and the one that
-    evaluates. Evaluation bypasses DDP: each process evaluates its own shard, and DDP's
-    forward would wait for the others' (shards may differ by a batch)."""
-    model = s.model
-    if s.world.launched:
-        section = s.recipe.distributed
-        if section.sync_batchnorm:
-            _use_sync_batchnorm(s)
-        if s.pipeline.channels_last:
-            # A channels_last weight with a size-1 dim (a first conv on 1-channel images) has
-            # strides that differ from its gradient's without any difference in memory
-            # layout; DDP's reducer warns about that once, needlessly.
-            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view")
-        model = torch.nn.parallel.DistributedDataParallel(
-            s.model,
-            device_ids=[s.device.index] if s.device.type == "cuda" else None,
-            find_unused_parameters=section.find_unused_parameters,
-            static_graph=section.static_graph,
-            gradient_as_bucket_view=True,  # gradients live in the buckets: no copy per step
-        )
+@dataclass
+class TrainingModules:
+    """The modules a fit drives, built around s.model (see training_modules)."""
+
+    model: torch.nn.Module  # s.model, in DDP under torchrun (compiled there on request)
+    forward_loss: torch.nn.Module  # `running`, compiled on request in a single process
+    running: ForwardLoss  # the forward half of a step; its loss_sum is the epoch's running loss
+    evaluate: torch.nn.Module  # s.model or the averaged weights (train.ema), compiled on request
+
+
+def training_modules(s: Setup, averaged: torch.nn.Module | None = None) -> TrainingModules:
+    """The modules that train (DDP under torchrun, compiled on request) and the one that
+    evaluates: s.model, or the `averaged` weights (train.ema). Evaluation bypasses DDP: each
+    process evaluates its own shard, and DDP's forward would wait for the others' (shards may
+    differ by a batch).
+
+    train.compile compiles the step's whole forward half (ForwardLoss: augmentation, model,
+    loss, running loss) as one graph in a single process. Under DDP it compiles the wrapped
+    model alone: dynamo then splits its graph at DDP's gradient buckets so their all-reduces
+    overlap the backward, which it does for a DDP module it is given, not for one inside."""
+    model = _data_parallel(s) if s.world.launched else s.model
     choice = s.recipe.train.compile
+    mode = None if choice in (True, "default") else choice
+    if choice and s.world.launched:
+        model = torch.compile(model, mode=mode)
+    penalised = [p for p in s.model.parameters() if p.dim() > 1]  # train.l1: weights, not biases
+    running = ForwardLoss(s, model, penalised, running=s.recipe.train.on_nonfinite == "stop")
+    evaluate = averaged or s.model
     if not choice:
-        return model, s.model
-    compiled = torch.compile(model, mode=None if choice in (True, "default") else choice)
-    return compiled, compiled if model is s.model else s.model
+        return TrainingModules(model, running, running, evaluate)
+    forward_loss = running if s.world.launched else torch.compile(running, mode=mode)
+    return TrainingModules(model, forward_loss, running, torch.compile(evaluate, mode=mode))
+
+
+def _data_parallel(s: Setup) -> torch.nn.parallel.DistributedDataParallel:
+    """s.model in DistributedDataParallel, as the recipe's distributed section asks."""
+    section = s.recipe.distributed
+    if section.sync_batchnorm:
+        _use_sync_batchnorm(s)
+    if s.pipeline.channels_last:
+        # A channels_last weight with a size-1 dim (a first conv on 1-channel images) has
+        # strides that differ from its gradient's without any difference in memory
+        # layout; DDP's reducer warns about that once, needlessly.
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view")
+    return torch.nn.parallel.DistributedDataParallel(
+        s.model,
+        device_ids=[s.device.index] if s.device.type == "cuda" else None,
+        find_unused_parameters=section.find_unused_parameters,
+        static_graph=section.static_graph,
+        gradient_as_bucket_view=True,  # gradients live in the buckets: no copy per step
+    )
 
 
 def _use_sync_batchnorm(s: Setup) -> None:

@@ -9,7 +9,7 @@ normalisation (padding is black, as in torchvision) and only in training.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
@@ -59,13 +59,26 @@ def vflip(input_kind: str, p: Probability = 0.5) -> Augment:
     return _random_flip(p, dim=-2)
 
 
+_PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate"}
+
+
 @AUGMENTATIONS.register()
 def random_crop(
-    input_kind: str, padding: Annotated[int, Field(ge=1)] = 4, input_shape: tuple[int, ...] = ()
+    input_kind: str,
+    padding: Annotated[int, Field(ge=1)] = 4,
+    padding_mode: Literal["zeros", "reflect", "replicate"] = "zeros",
+    input_shape: tuple[int, ...] = (),
 ) -> Augment:
-    """Pad each image by `padding` black pixels, then crop back to its size at a random offset."""
+    """Pad each image by `padding` pixels (black, mirrored or repeated edges), then crop back to
+    its size at a random offset: a random translation by up to `padding` pixels."""
     _needs_images("random_crop", input_kind)
     side = max(input_shape[-2:], default=0)
+    if side and padding_mode == "reflect" and padding >= min(input_shape[-2:]):
+        raise UserError(
+            f"data.augment: random_crop padding {padding} with padding_mode reflect needs "
+            f"images larger than the padding (these are {'×'.join(map(str, input_shape[-2:]))});"
+            " use a smaller padding or padding_mode: zeros"
+        )
     if side and padding > side:  # the padded batch alone would be (2·padding)² per channel
         raise UserError(
             f"data.augment: random_crop padding {padding} is larger than the images "
@@ -75,7 +88,7 @@ def random_crop(
 
     def apply(x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        padded = F.pad(x, (padding,) * 4)
+        padded = F.pad(x, (padding,) * 4, mode=_PAD_MODES[padding_mode])
         # One random offset per image; crop with two gathers (rows, then columns), all on device.
         dy = torch.randint(0, 2 * padding + 1, (b, 1), device=x.device)
         dx = torch.randint(0, 2 * padding + 1, (b, 1), device=x.device)
