@@ -20,7 +20,7 @@ from dltrain.registry import OPTIMIZERS
 from dltrain.setup import build_setup, split_batches
 
 from as_user import QUICKSTART
-from runs import DIGITS, make_recipe, quiet, train
+from runs import DIGITS, make_recipe, metric_rows, quiet, train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -88,6 +88,44 @@ def test_each_default_can_be_turned_off(tmp_path):
     assert not isinstance(split_batches(s, "train", shuffle=True), ResidentBatches)
     optimizer = OPTIMIZERS.build(recipe.optimizer, params=s.model.parameters(), device_type="cuda")
     assert not optimizer.defaults.get("fused")
+
+
+# -- short steps: the compiled forward half as CUDA graphs -------------------------------------
+
+
+def test_reduce_overhead_replays_the_step_with_its_running_loss_as_cuda_graphs(tmp_path):
+    """train.compile=reduce-overhead: the step's forward half (augmentation, model, loss and the
+    running loss added in place) is captured as CUDA graphs — none skipped (a mutated input or
+    a CPU tensor would make inductor skip them) — and trains like eager."""
+    from torch._dynamo.utils import counters
+
+    digits = {**DIGITS, "device": "cuda", "model": {"name": "seed_cnn"}}
+    counters.clear()
+    graphed, graphed_report = train(tmp_path, digits, "graphs", "train.compile=reduce-overhead")
+    skips = dict(counters["inductor"])
+    eager, eager_report = train(tmp_path, digits, "eager")
+    assert skips.get("cudagraph_skips", 0) == 0, skips
+    for a, b in zip(metric_rows(graphed), metric_rows(eager), strict=True):
+        assert float(a["train_loss"]) == pytest.approx(float(b["train_loss"]), rel=0.05)
+    assert graphed_report["accuracy"] >= eager_report["accuracy"] - 0.03
+
+
+def test_speednet_with_ema_and_param_groups_learns_on_cuda(tmp_path):
+    """The speedrun's parts on a GPU (bf16, channels_last): whitening fitted on the device, a
+    second param group, the moving average evaluating."""
+    from test_speednet import SYNTHETIC
+
+    run, report = train(
+        tmp_path,
+        {**SYNTHETIC, "device": "cuda"},
+        "speednet",
+        "train.epochs=6",
+        "optimizer.norms_and_biases={lr_scale: 4}",
+        "train.ema={decay: 0.9, warmup: true}",
+    )
+    assert report["accuracy"] >= 0.85
+    saved = torch.load(run.best_path, weights_only=True, map_location="cpu")
+    assert saved["ema"]["updates"] > 1
 
 
 # -- data parallel on a GPU -----------------------------------------------------------------------

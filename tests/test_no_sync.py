@@ -56,9 +56,11 @@ IMAGES = {
     "train": {"epochs": 1},
 }
 # Besides the defaults: every optional part of the step (L1, accumulation, clipping, autocast,
-# NHWC, a per-step lr schedule, label smoothing).
+# NHWC, a per-step lr schedule, label smoothing, param groups, the weights' moving average).
 EVERYTHING = (
-    "optimizer={name: adamw, lr: 0.001}",
+    "optimizer={name: adamw, lr: 0.001, norms_and_biases: {lr_scale: 4, weight_decay: 0}}",
+    "train.ema={decay: 0.9, every_steps: 2, warmup: true}",
+    "data.augment=[hflip, {random_crop: {padding: 2, padding_mode: reflect}}]",
     "scheduler={name: cosine, warmup_epochs: 0.5}",
     "loss={name: cross_entropy, label_smoothing: 0.1}",
     "train.l1=0.00001",
