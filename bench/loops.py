@@ -6,6 +6,7 @@ factory dltrain uses, and returns samples/s measurements of training steps only.
 - `handwritten`: what a careful PyTorch user writes for data that fits on the device: the data is
   resident there as uint8, each batch is a `randperm` gather scaled and normalised on the device,
   with dltrain's precision, channels_last and fused-optimizer choices. One sync per epoch.
+  Optionally with the step's forward half behind torch.compile, as dltrain's `train.compile`.
 - `tutorial`: the PyTorch CIFAR-10 tutorial's loop as published
   (https://pytorch.org/tutorials/beginner/blitz/cifar10_tutorial.html): a CIFAR10-style Dataset
   (PIL image → ToTensor → Normalize per sample), DataLoader(batch_size=4, shuffle=True,
@@ -64,7 +65,11 @@ class Handwritten:
     """The loop a careful PyTorch user writes; `epoch()` trains one epoch and returns samples/s.
 
     An epoch is timed as dltrain's engine times one: from the shuffle to the sync that reads the
-    epoch's loss (the only sync).
+    epoch's loss (the only sync). With `compile` (True/"default": torch's default mode; else the
+    mode, e.g. "reduce-overhead") the step's forward half — scaling and normalisation, the model,
+    the loss, the running loss sum — is one module behind torch.compile (`CompiledStep`), the
+    scope dltrain's `train.compile` captures; the backward goes through the compiled graph's
+    AOTAutograd half and the optimizer stays eager, as in dltrain.
     """
 
     def __init__(
@@ -74,6 +79,7 @@ class Handwritten:
         make_model: ModelFactory,
         batch_size: int,
         s: Settings,
+        compile: bool | str = False,
     ):
         self.s, self.batch_size = s, batch_size
         device = s.device
@@ -85,8 +91,15 @@ class Handwritten:
         self.scaler = torch.amp.GradScaler(device.type, enabled=s.precision == "fp16")
         self.x, self.y = x_cpu.to(device), y_cpu.to(device)
         self.mean, self.std = (t.to(device) for t in channel_stats(x_cpu))
+        self.step = None
+        if compile:
+            mode = None if compile in (True, "default") else compile
+            step = CompiledStep(self.model, self.mean, self.std, s)
+            self.step = torch.compile(step, mode=mode)
 
     def epoch(self) -> float:
+        if self.step is not None:
+            return self._compiled_epoch()
         s, model, optimizer, scaler = self.s, self.model, self.optimizer, self.scaler
         x, y, batch_size, device = self.x, self.y, self.batch_size, s.device
         dtype = s.autocast_dtype
@@ -110,6 +123,48 @@ class Handwritten:
             loss_sum += loss.detach()
         loss_sum.item()  # the epoch's one sync: every step has finished on the device
         return steps * batch_size / (time.perf_counter() - started)
+
+    def _compiled_epoch(self) -> float:
+        step, optimizer, scaler = self.step, self.optimizer, self.scaler
+        x, y, batch_size, device = self.x, self.y, self.batch_size, self.s.device
+        steps = len(y) // batch_size
+        step.train()
+        sync(device)
+        started = time.perf_counter()
+        order = torch.randperm(len(y), device=device)
+        step.loss_sum.zero_()
+        for i in range(steps):
+            index = order[i * batch_size : (i + 1) * batch_size]
+            loss = step(x[index], y[index])
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+        step.loss_sum.item()  # the epoch's one sync
+        return steps * batch_size / (time.perf_counter() - started)
+
+
+class CompiledStep(nn.Module):
+    """The hand-written step's forward half as one module, for torch.compile: uint8 batch →
+    scaled, normalised (channels_last) input → model under autocast → loss, added to the
+    `loss_sum` buffer (a buffer: a static input that CUDA graphs may update in place)."""
+
+    def __init__(self, model: nn.Module, mean: torch.Tensor, std: torch.Tensor, s: Settings):
+        super().__init__()
+        self.model, self.s = model, s
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
+        self.register_buffer("loss_sum", torch.zeros((), device=s.device))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        s, dtype = self.s, self.s.autocast_dtype
+        inputs = (x.float().div_(255.0) - self.mean) / self.std
+        if s.channels_last:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(s.device.type, dtype=dtype or torch.float32, enabled=bool(dtype)):
+            loss = F.cross_entropy(self.model(inputs), y)
+        self.loss_sum += loss.detach()
+        return loss
 
 
 # -- (c) the PyTorch CIFAR-10 tutorial, as published ---------------------------------------------
@@ -142,6 +197,46 @@ def _forever(loader: DataLoader) -> Iterator:
         yield from loader
 
 
+class Tutorial:
+    """The tutorial's loop, kept open so that it can run in windows between other work (its
+    DataLoader's two workers stay alive, as in the tutorial's epoch); `run(n)` trains n batches
+    and returns their samples/s. `close()` stops the workers."""
+
+    def __init__(self, x_cpu: torch.Tensor, y_cpu: torch.Tensor, make_model: ModelFactory, device):
+        torch.manual_seed(0)
+        trainset = TutorialCIFAR(x_cpu, y_cpu)
+        trainloader = DataLoader(trainset, batch_size=4, shuffle=True, num_workers=2)
+        self.device = device
+        self.net = make_model().to(device)
+        self.criterion = nn.CrossEntropyLoss()
+        self.optimizer = torch.optim.SGD(self.net.parameters(), lr=0.001, momentum=0.9)
+        self.running_loss = 0.0
+        self.batches = _forever(trainloader)
+
+    def run(self, batches: int) -> float:
+        net, criterion, optimizer, device = self.net, self.criterion, self.optimizer, self.device
+        sync(device)
+        started, seen = time.perf_counter(), 0
+        for _ in range(batches):
+            data = next(self.batches)
+            # get the inputs; data is a list of [inputs, labels]
+            inputs, labels = data[0].to(device), data[1].to(device)
+            # zero the parameter gradients
+            optimizer.zero_grad()
+            # forward + backward + optimize
+            outputs = net(inputs)
+            loss = criterion(outputs, labels)
+            loss.backward()
+            optimizer.step()
+            self.running_loss += loss.item()
+            seen += len(labels)
+        sync(device)
+        return seen / (time.perf_counter() - started)
+
+    def close(self) -> None:
+        self.batches.close()  # ends the DataLoader iterator: its workers exit
+
+
 def tutorial(
     x_cpu: torch.Tensor,
     y_cpu: torch.Tensor,
@@ -152,36 +247,12 @@ def tutorial(
     device: torch.device,
 ) -> list[float]:
     """The tutorial's loop; samples/s of `windows` windows of `window` batches after `warmup`."""
-    torch.manual_seed(0)
-    trainset = TutorialCIFAR(x_cpu, y_cpu)
-    trainloader = DataLoader(trainset, batch_size=4, shuffle=True, num_workers=2)
-    net = make_model().to(device)
-    criterion = nn.CrossEntropyLoss()
-    optimizer = torch.optim.SGD(net.parameters(), lr=0.001, momentum=0.9)
-    running_loss, rates, seen = 0.0, [], 0
-    batches = _forever(trainloader)
-    started = None
-    for i in range(warmup + windows * window):
-        if i >= warmup and (i - warmup) % window == 0:
-            if started is not None:
-                rates.append(seen / (time.perf_counter() - started))
-            sync(device)
-            started, seen = time.perf_counter(), 0
-        data = next(batches)
-        # get the inputs; data is a list of [inputs, labels]
-        inputs, labels = data[0].to(device), data[1].to(device)
-        # zero the parameter gradients
-        optimizer.zero_grad()
-        # forward + backward + optimize
-        outputs = net(inputs)
-        loss = criterion(outputs, labels)
-        loss.backward()
-        optimizer.step()
-        running_loss += loss.item()
-        seen += len(labels)
-    sync(device)
-    rates.append(seen / (time.perf_counter() - started))
-    return rates
+    loop = Tutorial(x_cpu, y_cpu, make_model, device)
+    try:
+        loop.run(warmup)
+        return [loop.run(window) for _ in range(windows)]
+    finally:
+        loop.close()
 
 
 # -- (d) PyTorch Lightning ----------------------------------------------------------------------

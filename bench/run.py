@@ -15,6 +15,21 @@ models `seed_cnn` and `resnet18` (CIFAR form):
   lightning    Lightning's Trainer over a worker DataLoader, when `lightning` or
                `pytorch_lightning` is importable (null otherwise).
 
+Two more comparisons (issue 15), in the same process, after those:
+
+  seed_recipe_b4  the seed recipe as shipped (recipes/cifar10_seed_cnn.yaml: seed_cnn, batch 4,
+               Adam lr 1e-3, its normalisation and loader choice, precision auto) fitted by dltrain
+               on the same synthetic data (data.name=synthetic, val_split 0: no per-epoch
+               validation) against the tutorial's loop at batch 4, alternating epoch by epoch: after
+               each dltrain epoch its display hook runs as many tutorial batches as the epoch had.
+  compiled     seed_cnn with `train.compile` set to a torch.compile mode (reduce-overhead: CUDA
+               graphs; default) against the hand-written loop with the same scope behind
+               torch.compile(mode=...): the step's forward half (scaling/normalisation, model,
+               loss, running loss sum) as one module, Adam eager; alternating as above. The
+               first epoch of each (the compilation) is reported apart. Skipped (null, with the
+               reason) on the CPU at BENCH_SCALE=small unless BENCH_COMPILE=1: compiling on 2
+               cores takes minutes.
+
 dltrain and handwritten alternate epoch by epoch in one process: after each epoch of the fit,
 its display hook (outside the engine's timing) runs one hand-written epoch. Each fit (a "round",
 fresh models for both) drops its first epoch of each as warm-up; a figure is the median over the
@@ -22,13 +37,18 @@ kept epochs, and `paired_ratio` the median of dltrain/handwritten over adjacent 
 steadier comparison on a shared machine). Both loops use the same torch thread count.
 
 Environment:
-  BENCH_SCALE    small (CPU-sized: about a minute on 2 cores) | full (batch 512, CIFAR-sized
+  BENCH_SCALE    small (CPU-sized: 1-2 minutes on 2 cores) | full (batch 512, CIFAR-sized
                  epochs; the default when CUDA is available)
   BENCH_JSON     where to write the results (default bench/results/latest.json)
   BENCH_THREADS  torch intra-op threads for every variant (default: 1 on CPU — steady figures on
                  a shared machine —, torch's default on CUDA)
   BENCH_DEVICE   cpu | cuda (default: cuda when available)
-  BENCH_CASES    comma-separated subset of: seed_cnn,resnet18
+  BENCH_CASES    comma-separated subset of: seed_cnn,resnet18,seed_recipe_b4,compiled
+                 (default: all of them)
+  BENCH_COMPILE  0: skip the compiled rows · 1: run them on the CPU at BENCH_SCALE=small too
+                 (default: run them on CUDA and at BENCH_SCALE=full)
+  BENCH_COMPILE_MODES  comma-separated torch.compile modes for the compiled rows
+                 (default: reduce-overhead,default)
   BENCH_BAR      0: run dltrain without its live progress bar (as in a pipe or with -q)
   BENCH_MALLOC   keep (default): on Linux/glibc, serve allocations up to 32 MiB from the heap and
                  never trim it, for every variant. With glibc's defaults, freed activations go
@@ -41,6 +61,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import functools
 import io
 import json
 import os
@@ -48,7 +69,8 @@ import platform
 import statistics
 import sys
 import tempfile
-from dataclasses import dataclass
+import traceback
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -56,7 +78,14 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 
-from loops import Handwritten, Settings, lightning, lightning_module, tutorial  # noqa: E402
+from loops import (  # noqa: E402
+    Handwritten,
+    Settings,
+    Tutorial,
+    lightning,
+    lightning_module,
+    tutorial,
+)
 from rich.console import Console  # noqa: E402
 
 from dltrain import host  # noqa: E402
@@ -68,11 +97,14 @@ from dltrain.models.cnn import seed_cnn  # noqa: E402
 from dltrain.models.resnet import resnet18  # noqa: E402
 from dltrain.optim import fused_kwargs  # noqa: E402
 from dltrain.progress import Progress  # noqa: E402
-from dltrain.recipe import resolve_with_context  # noqa: E402
+from dltrain.recipe import Recipe, load_recipe, resolve_with_context  # noqa: E402
 from dltrain.run_folder import RunFolder  # noqa: E402
 from dltrain.setup import use_channels_last  # noqa: E402
 
 MODELS = {"seed_cnn": seed_cnn, "resnet18": resnet18}
+EXTRA_ROWS = ("seed_recipe_b4", "compiled")  # BENCH_CASES names beyond the models
+SEED_RECIPE = HERE.parent / "recipes" / "cifar10_seed_cnn.yaml"
+COMPILE_MODES = ("reduce-overhead", "default")
 BAR = os.environ.get("BENCH_BAR", "1") != "0"
 SHAPE, CLASSES = (3, 32, 32), 10
 
@@ -97,7 +129,7 @@ class Case:
 
 
 SCALES = {
-    # 2 CPU cores: ~1 minute in all. resnet18 trains at ~20 samples/s on one core: tiny epochs.
+    # 2 CPU cores: 1-2 minutes in all. resnet18 trains at ~20 samples/s on one core: tiny epochs.
     "small": {
         "seed_cnn": Case(256, 12, 8, 2, 20, 5, 40, 3, 16),
         "resnet18": Case(32, 2, 4, 2, 3, 2, 6, 1, 2),
@@ -108,6 +140,26 @@ SCALES = {
         "resnet18": Case(512, 98, 4, 2, 50, 5, 60, 20, 100),
     },
 }
+
+
+@dataclass(frozen=True)
+class SeedRecipeCase:
+    """The seed recipe (batch 4) against the tutorial's loop: how long to measure."""
+
+    steps_per_epoch: int  # dltrain batches per epoch; the tutorial runs as many between epochs
+    epochs: int  # the first is the warm-up of each
+    tutorial_warmup: int  # batches before the first window (its workers start)
+
+
+SEED_RECIPE_SCALES = {
+    # 2 CPU cores: ~20 s (dltrain ~900, tutorial ~500 samples/s at batch 4, 1 thread)
+    "small": SeedRecipeCase(200, 5, 20),
+    # GPU: each step is a few kernel launches for 4 images; ~15 s
+    "full": SeedRecipeCase(600, 5, 50),
+}
+
+# The compiled rows: seed_cnn at the scale's seed_cnn batch, one fit each; epoch 1 compiles.
+COMPILE_EPOCHS = {"small": 4, "full": 6}
 
 
 class _Sink(io.TextIOBase):
@@ -136,8 +188,17 @@ class Interleaved(Progress):
         self.after_epoch()
 
 
-def dltrain_fit(case: str, c: Case, device: torch.device, workdir: Path, tag: str, progress):
-    """`dltrain fit` in-process; samples/s of each epoch as the engine timed it (metrics.csv)."""
+def dltrain_fit(
+    case: str,
+    c: Case,
+    device: torch.device,
+    workdir: Path,
+    tag: str,
+    progress,
+    compile: bool | str = False,
+) -> list[dict]:
+    """`dltrain fit` in-process; each epoch's metrics.csv row (samples_per_s: as the engine
+    timed the epoch)."""
     raw = {
         "name": f"{case}-{tag}",
         "seed": 0,
@@ -153,13 +214,54 @@ def dltrain_fit(case: str, c: Case, device: torch.device, workdir: Path, tag: st
         "model": {"name": case},
         "optimizer": {"name": "adam", "lr": 1e-3},
         "scheduler": None,
-        "train": {"epochs": c.epochs},
+        "train": {"epochs": c.epochs, "compile": compile},
     }
-    recipe = resolve_with_context(raw, [], "bench recipe")
+    return fit_rows(resolve_with_context(raw, [], "bench recipe"), progress)
+
+
+def fit_rows(recipe: Recipe, progress) -> list[dict]:
+    """Fit in-process; metrics.csv's rows (as floats where they are numbers)."""
     run = RunFolder.for_recipe(recipe)
     fit(recipe, run, progress)
     with open(run.metrics_path, newline="") as f:
-        return [float(row["samples_per_s"]) for row in csv.DictReader(f)]
+        return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _number(text: str):
+    try:
+        return float(text)
+    except ValueError:
+        return text or None
+
+
+def interleaved_rounds(
+    case: str, c: Case, s: Settings, workdir: Path, x, y, compile: bool | str = False
+) -> dict:
+    """dltrain and the hand-written loop, epoch by epoch in `c.rounds` fits: the kept samples
+    (first epoch of each fit dropped), the paired ratios and the first epochs' seconds."""
+
+    def make_model():
+        return MODELS[case](SHAPE, CLASSES)
+
+    label = case if not compile else f"{case} compile={compile}"
+    samples: dict[str, list[float]] = {"dltrain": [], "handwritten": []}
+    ratios, first_seconds = [], {"dltrain": [], "handwritten": []}
+    for r in range(c.rounds):
+        hand, hand_rates = Handwritten(x, y, make_model, c.batch_size, s, compile), []
+        progress = Interleaved(lambda h=hand, rates=hand_rates: rates.append(h.epoch()), BAR)
+        rows = dltrain_fit(case, c, s.device, workdir, f"r{r}", progress, compile)
+        dl_rates = [row["samples_per_s"] for row in rows]
+        del hand
+        _free(s.device)
+        # the first epoch of each is the warm-up
+        first_seconds["dltrain"].append(rows[0]["seconds"])
+        first_seconds["handwritten"].append(c.train_size / hand_rates[0])
+        samples["dltrain"] += dl_rates[1:]
+        samples["handwritten"] += hand_rates[1:]
+        ratios += [a / b for a, b in zip(dl_rates[1:], hand_rates[1:])]
+        print(f"  {label} fit {r + 1}/{c.rounds}: dltrain     " + _fmt_rates(dl_rates[1:]))
+        print(f"  {label} fit {r + 1}/{c.rounds}: handwritten " + _fmt_rates(hand_rates[1:]))
+    return {"samples": samples, "ratios": ratios, "first_epoch_seconds": first_seconds}
 
 
 def measure_case(case: str, c: Case, s: Settings, workdir: Path) -> dict:
@@ -170,20 +272,8 @@ def measure_case(case: str, c: Case, s: Settings, workdir: Path) -> dict:
     def make_model():
         return MODELS[case](SHAPE, CLASSES)
 
-    samples: dict[str, list[float]] = {"dltrain": [], "handwritten": []}
-    ratios = []
-    for r in range(c.rounds):
-        hand, hand_rates = Handwritten(x, y, make_model, c.batch_size, s), []
-        progress = Interleaved(lambda h=hand, rates=hand_rates: rates.append(h.epoch()), BAR)
-        dl_rates = dltrain_fit(case, c, s.device, workdir, f"r{r}", progress)
-        del hand
-        _free(s.device)
-        # the first epoch of each is the warm-up
-        samples["dltrain"] += dl_rates[1:]
-        samples["handwritten"] += hand_rates[1:]
-        ratios += [a / b for a, b in zip(dl_rates[1:], hand_rates[1:])]
-        print(f"  {case} fit {r + 1}/{c.rounds}: dltrain     " + _fmt_rates(dl_rates[1:]))
-        print(f"  {case} fit {r + 1}/{c.rounds}: handwritten " + _fmt_rates(hand_rates[1:]))
+    rounds = interleaved_rounds(case, c, s, workdir, x, y)
+    samples, ratios = rounds["samples"], rounds["ratios"]
     samples["tutorial"] = tutorial(
         x, y, make_model, c.tutorial_warmup, c.tutorial_windows, c.tutorial_window, s.device
     )
@@ -197,6 +287,109 @@ def measure_case(case: str, c: Case, s: Settings, workdir: Path) -> dict:
     _free(s.device)
     medians = {k: (statistics.median(v) if v else None) for k, v in samples.items()}
     return {"medians": medians, "samples": samples, "paired_ratio": statistics.median(ratios)}
+
+
+class DataPath(Interleaved):
+    """Interleaved, also keeping the data path the fit chose (resident, workers...)."""
+
+    data_path: str | None = None
+
+    def start(self, recipe, device, precision, loader, model, data, *args, **kwargs) -> None:
+        super().start(recipe, device, precision, loader, model, data, *args, **kwargs)
+        self.data_path = loader
+
+
+def measure_seed_recipe(c: SeedRecipeCase, s: Settings, workdir: Path) -> dict:
+    """The seed recipe as shipped (batch 4) against the tutorial's loop at batch 4, alternating:
+    after each dltrain epoch, the tutorial runs as many batches (outside dltrain's timing)."""
+    shipped = load_recipe(SEED_RECIPE)
+    batch = shipped.data.batch_size
+    train_size = batch * c.steps_per_epoch
+    data = synthetic(seed=0, train_size=train_size, test_size=1).train
+    loop = Tutorial(data.x, data.y, lambda: seed_cnn(SHAPE, CLASSES), s.device)
+    tutorial_rates: list[float] = []
+    try:
+        loop.run(c.tutorial_warmup)
+        progress = DataPath(lambda: tutorial_rates.append(loop.run(c.steps_per_epoch)), BAR)
+        recipe = load_recipe(
+            SEED_RECIPE,
+            [
+                "name=seed_recipe_b4",
+                f"output={workdir}",
+                f"device={s.device}",
+                "data.name=synthetic",  # in place of CIFAR-10 (its `root` is dropped)
+                f"data.train_size={train_size}",
+                "data.test_size=64",
+                "data.val_split=0",
+                f"train.epochs={c.epochs}",
+            ],
+        )
+        rows = fit_rows(recipe, progress)
+    finally:
+        loop.close()
+    _free(s.device)
+    dl_rates = [row["samples_per_s"] for row in rows]
+    kept = {"dltrain": dl_rates[1:], "tutorial": tutorial_rates[1:]}
+    ratios = [a / b for a, b in zip(kept["dltrain"], kept["tutorial"])]
+    print(f"  seed recipe b={batch}: dltrain  " + _fmt_rates(kept["dltrain"]))
+    print(f"  seed recipe b={batch}: tutorial " + _fmt_rates(kept["tutorial"]))
+    medians = {k: statistics.median(v) for k, v in kept.items()}
+    return {
+        "recipe": str(SEED_RECIPE.relative_to(HERE.parent)),
+        "batch_size": batch,
+        "optimizer": recipe.optimizer,
+        "precision": resolve_precision(recipe.train.precision, s.device),
+        "data_path": progress.data_path,
+        "steps_per_epoch": c.steps_per_epoch,
+        "dltrain": medians["dltrain"],
+        "tutorial": medians["tutorial"],
+        "ratio": medians["dltrain"] / medians["tutorial"],
+        "paired_ratio": statistics.median(ratios),
+        "samples": kept,
+    }
+
+
+def compile_rows_skipped(device: torch.device, scale: str) -> str | None:
+    """Why the compiled rows do not run here (None: they run)."""
+    choice = os.environ.get("BENCH_COMPILE", "")
+    if choice == "0":
+        return "BENCH_COMPILE=0"
+    if choice != "1" and device.type == "cpu" and scale == "small":
+        return (
+            "CPU at BENCH_SCALE=small: torch.compile takes minutes on 2 cores and reduce-overhead "
+            "has no CUDA graphs there (BENCH_COMPILE=1 runs them anyway)"
+        )
+    return None
+
+
+def _raise_recompile_limit() -> None:
+    """Several compiled models (dltrain's, the hand-written loop's; train and eval modes) in one
+    process: never let dynamo fall back to eager for hitting its recompile limit."""
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(config, name):
+            setattr(config, name, max(64, getattr(config, name)))
+            return
+
+
+def measure_compiled(mode: str, c: Case, s: Settings, workdir: Path) -> dict:
+    """seed_cnn with train.compile=mode against the hand-written loop behind torch.compile."""
+    import torch._dynamo
+
+    torch._dynamo.reset()  # each mode compiles from scratch (inductor's caches stay warm)
+    _raise_recompile_limit()
+    data = synthetic(seed=0, train_size=c.train_size, test_size=1).train
+    rounds = interleaved_rounds("seed_cnn", c, s, workdir, data.x, data.y, compile=mode)
+    samples = rounds["samples"]
+    medians = {k: statistics.median(v) for k, v in samples.items()}
+    return {
+        **medians,
+        "ratio": medians["dltrain"] / medians["handwritten"],
+        "paired_ratio": statistics.median(rounds["ratios"]),
+        "first_epoch_seconds": rounds["first_epoch_seconds"],
+        "batch_size": c.batch_size,
+        "samples": samples,
+    }
 
 
 def _free(device: torch.device) -> None:
@@ -240,6 +433,30 @@ def device_name(device: torch.device) -> str:
     return f"cpu: {cpu_name()} ({cores} cores)"
 
 
+def extra_table(seed_recipe: dict | None, compiled: dict, eager: dict | None) -> str:
+    """The seed-recipe and compiled rows, each with its ratio to its reference loop."""
+    lines = []
+    if seed_recipe is not None:
+        r = seed_recipe
+        lines.append(
+            f"seed recipe, batch {r['batch_size']} ({r['optimizer']['name']}, {r['precision']}, "
+            f"{r['data_path']}): dltrain {r['dltrain']:,.0f} vs tutorial loop "
+            f"{r['tutorial']:,.0f} samples/s = {r['ratio']:.2f}x (paired {r['paired_ratio']:.2f})"
+        )
+    for mode, r in compiled.items():
+        if r is None:
+            continue
+        first = r["first_epoch_seconds"]
+        lines.append(
+            f"seed_cnn compile={mode}, batch {r['batch_size']}: dltrain {r['dltrain']:,.0f} vs "
+            f"handwritten compiled {r['handwritten']:,.0f} samples/s = {r['ratio']:.2f}x "
+            f"(paired {r['paired_ratio']:.2f}); first epoch {first['dltrain'][0]:.1f}s / "
+            f"{first['handwritten'][0]:.1f}s"
+            + (f"; eager dltrain {eager['dltrain']:,.0f}" if eager else "")
+        )
+    return "\n".join(lines)
+
+
 def table(results: dict, batch_sizes: dict[str, int]) -> str:
     """The figures, each with its ratio to the hand-written loop."""
     header = f"{'case':<10} {'batch':>5}  " + "  ".join(
@@ -266,11 +483,19 @@ def main() -> int:
     if scale not in SCALES:
         print(f"BENCH_SCALE must be one of {', '.join(SCALES)}, not {scale!r}", file=sys.stderr)
         return 2
-    cases = [c for c in os.environ.get("BENCH_CASES", "seed_cnn,resnet18").split(",") if c]
-    unknown = [c for c in cases if c not in MODELS]
-    if unknown:
-        print(f"BENCH_CASES: unknown {unknown}; choose from {list(MODELS)}", file=sys.stderr)
+    everything = [*MODELS, *EXTRA_ROWS]
+    chosen = [c for c in os.environ.get("BENCH_CASES", ",".join(everything)).split(",") if c]
+    unknown = [c for c in chosen if c not in everything]
+    modes = os.environ.get("BENCH_COMPILE_MODES", ",".join(COMPILE_MODES)).split(",")
+    modes = [m for m in modes if m]
+    bad_modes = [m for m in modes if m not in COMPILE_MODES]
+    if unknown or bad_modes:
+        what = f"BENCH_CASES: unknown {unknown}; choose from {everything}"
+        if bad_modes:
+            what = f"BENCH_COMPILE_MODES: unknown {bad_modes}; choose from {list(COMPILE_MODES)}"
+        print(what, file=sys.stderr)
         return 2
+    cases = [c for c in chosen if c in MODELS]
     threads = os.environ.get("BENCH_THREADS") or ("1" if device.type == "cpu" else "")
     if threads:
         torch.set_num_threads(int(threads))
@@ -294,44 +519,88 @@ def main() -> int:
     if load_before is not None:
         print(f"load average (1 min) before: {load_before:.2f} — other work skews CPU figures")
 
-    results, samples, paired = {}, {}, {}
+    results, samples, paired, failed = {}, {}, {}, []
+    seed_recipe, skipped = None, compile_rows_skipped(device, scale)
+    batch_sizes = {case: SCALES[scale][case].batch_size for case in cases}
+
+    def document() -> dict:
+        return {
+            "device": device_name(device),
+            "cases": results,
+            "torch": torch.__version__,
+            "scale": scale,
+            "threads": torch.get_num_threads(),
+            "batch_size": batch_sizes,
+            "settings": {
+                "dltrain_progress_bar": BAR,
+                "malloc": (
+                    "glibc heap kept (mmap/trim thresholds raised)" if malloc_kept else "default"
+                ),
+                "precision": settings.precision,
+                "channels_last": settings.channels_last,
+                "fused_adam": settings.fused,
+            },
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "paired_ratio": paired,
+            "load_average_1min": {"before": load_before, "after": _load_average()},
+            "samples": samples,
+            "seed_recipe_b4": seed_recipe,
+            "compiled": compiled,
+            "compiled_skipped": skipped,
+            "errors": failed,
+        }
+
+    def save() -> None:  # after each row: a run cut short (a time limit) keeps what it measured
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(document(), indent=2) + "\n", encoding="utf-8")
+
+    compiled = dict.fromkeys(modes) if "compiled" in chosen else {}
+    if "compiled" not in chosen:
+        skipped = "not in BENCH_CASES"
+    elif skipped:
+        print(f"compiled rows skipped: {skipped}")
     with tempfile.TemporaryDirectory(prefix="dltrain-bench-") as tmp:
         for case in cases:
             measured = measure_case(case, SCALES[scale][case], settings, Path(tmp))
             results[case], samples[case] = measured["medians"], measured["samples"]
             paired[case] = measured["paired_ratio"]
+            save()
+        if "seed_recipe_b4" in chosen:
+            c_b4 = SEED_RECIPE_SCALES[scale]
+            measure = functools.partial(measure_seed_recipe, c_b4, settings, Path(tmp))
+            seed_recipe = _or_error(measure, failed)
+            save()
+        if "compiled" in chosen and skipped is None:
+            c = replace(SCALES[scale]["seed_cnn"], epochs=COMPILE_EPOCHS[scale], rounds=1)
+            for mode in modes:
+                measure = functools.partial(measure_compiled, mode, c, settings, Path(tmp))
+                compiled[mode] = _or_error(measure, failed)
+                save()
 
-    batch_sizes = {case: SCALES[scale][case].batch_size for case in cases}
-    load = {"before": load_before, "after": _load_average()}
     print()
-    print(table(results, batch_sizes))
-    print(
-        "paired ratio dltrain/handwritten (median over adjacent epochs): "
-        + ", ".join(f"{case} {ratio:.3f}" for case, ratio in paired.items())
-    )
-    document = {
-        "device": device_name(device),
-        "cases": results,
-        "torch": torch.__version__,
-        "scale": scale,
-        "threads": torch.get_num_threads(),
-        "batch_size": batch_sizes,
-        "settings": {
-            "dltrain_progress_bar": BAR,
-            "malloc": "glibc heap kept (mmap/trim thresholds raised)" if malloc_kept else "default",
-            "precision": settings.precision,
-            "channels_last": settings.channels_last,
-            "fused_adam": settings.fused,
-        },
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "paired_ratio": paired,
-        "load_average_1min": load,
-        "samples": samples,
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    if results:
+        print(table(results, batch_sizes))
+        print(
+            "paired ratio dltrain/handwritten (median over adjacent epochs): "
+            + ", ".join(f"{case} {ratio:.3f}" for case, ratio in paired.items())
+        )
+    extra = extra_table(seed_recipe, compiled, results.get("seed_cnn"))
+    if extra:
+        print(extra)
+    save()
     print(f"\nwrote {out}")
-    return 0
+    return 1 if failed else 0
+
+
+def _or_error(measure, failed: list[str]):
+    """A row's result; on an exception (a compiler missing, a backend failing), its traceback
+    printed, the error kept in `failed` and None, so the rows after it still run."""
+    try:
+        return measure()
+    except Exception as exc:
+        traceback.print_exc()
+        failed.append(f"{type(exc).__name__}: {exc}".splitlines()[0])
+        return None
 
 
 if __name__ == "__main__":

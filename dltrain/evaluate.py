@@ -121,6 +121,7 @@ def report_on_split(
         "loss": result.loss,
         **s.task.report(result, s.data.classes),
     }
+    progress.evaluated(report)
     if s.world.is_main:
         with holding_enclosing_run(output, "writing a report"):
             write_report(output, report, history=history, title=s.recipe.name)

@@ -159,6 +159,9 @@ class Progress:
     def evaluating(self, split: str, size: int) -> None:
         self._print(f"evaluating on the {split} split ({size:,} samples)")
 
+    def evaluated(self, report: dict[str, Any]) -> None:
+        """The final evaluation is done; its files are written next (a hook for timing it)."""
+
     def report(self, report: dict[str, Any]) -> None:
         """The evaluation as tables: per-class metrics, averages, and the confusion matrix."""
         if self.quiet:

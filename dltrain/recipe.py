@@ -70,6 +70,9 @@ class DataSection(BaseModel):
     global_batch_size: PositiveInt | None = None
     eval_batch_size: PositiveInt | None = None  # default: 2 × batch_size (no gradients kept)
     val_split: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    # the seed that carves splits (val_split, folds, a dataset's own test carve); default: the
+    # run's seed. Fix it to vary the training seed over the same held-out images.
+    split_seed: Annotated[int, Field(ge=0, lt=2**32)] | None = None
     augment: list[str | dict[str, dict[str, Any] | None]] = []
     normalize: Literal["auto", "none"] | Normalize = "auto"
     loader: Literal["auto", "resident", "workers"] = "auto"
@@ -188,14 +191,14 @@ class Recipe(BaseModel):
         """The resolved recipe as plain data (what recipe.yaml and checkpoints store).
 
         Sections and keys that are unset and newer than the first recipes (`imports`,
-        `data.fold`, `data.global_batch_size`, `train.ema`, `distributed`, `eval`,
-        `logging.mlflow`) are left out, so recipes that use none of them read as before (and a
-        run folder of such a recipe still holds "this recipe").
+        `data.fold`, `data.global_batch_size`, `data.split_seed`, `train.ema`, `distributed`,
+        `eval`, `logging.mlflow`) are left out, so recipes that use none of them read as before
+        (and a run folder of such a recipe still holds "this recipe").
         """
         data = self.model_dump(mode="json")
         if not data["imports"]:
             del data["imports"]
-        for key in ("fold", "global_batch_size"):
+        for key in ("fold", "global_batch_size", "split_seed"):
             if data["data"].get(key) is None:
                 data["data"].pop(key, None)
         for section, default in (("distributed", DistributedSection()), ("eval", EvalSection())):

@@ -316,3 +316,24 @@ def test_data_meta_of_other_data_is_refused():
     meta = prepare_data(data_section(name="digits"), seed=0).meta()
     with pytest.raises(UserError, match="does not match the checkpoint"):
         prepare_data(data_section(name="synthetic", shape=[3, 8, 8]), seed=0, meta=meta)
+
+
+def _val_images(seed: int, *overrides: str) -> torch.Tensor:
+    raw = {"name": "s", "seed": seed, "data": {"name": "digits"}, "model": {"name": "mlp"}}
+    for override in overrides:
+        key, value = override.split("=")
+        raw["data"][key] = int(value)
+    recipe = resolve(raw)
+    return prepare_data(recipe.data, recipe.seed).splits["val"].x
+
+
+def test_split_seed_fixes_the_held_out_images_across_run_seeds():
+    assert not torch.equal(_val_images(1), _val_images(2))  # by default the run's seed carves
+    assert torch.equal(_val_images(1, "split_seed=7"), _val_images(2, "split_seed=7"))
+    assert torch.equal(_val_images(7), _val_images(3, "split_seed=7"))
+    assert (
+        "split_seed"
+        not in resolve(
+            {"name": "s", "data": {"name": "digits"}, "model": {"name": "mlp"}}
+        ).to_dict()["data"]
+    )

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from dltrain.errors import RecipeError, UserError
+from dltrain.errors import RecipeError
 from dltrain.lr_find import find_lr
 from dltrain.optim import build_optimizer
 from dltrain.recipe import load_recipe

@@ -90,8 +90,10 @@ def prepare_data(
     With `pretrained_on` (the model section), `normalize: auto` for a pretrained torchvision
     model is the statistics its weights were trained with, not the dataset's.
     With `data.fold` (cross-validation) the validation split is that fold of the dataset's train
-    split; `val_split` and any validation split the dataset has are then not used.
+    split; `val_split` and any validation split the dataset has are then not used. Splits are
+    carved with `seed` (the run's), or `data.split_seed` when the recipe fixes it.
     """
+    seed = seed if data.split_seed is None else data.split_seed  # what carves the splits
     loaded: DatasetSplits = DATASETS.build(data.dataset_args, seed=seed, task=data.task)
     task = _task(data, loaded)
     if data.as_sequence and loaded.kind != "image":
