@@ -95,3 +95,21 @@ def model_outputs(checkpoint_path: Path, split: str) -> tuple[torch.Tensor, torc
     data = setup.data.splits[split]
     with torch.no_grad():
         return setup.model(setup.pipeline.eval(data.x)), data.y
+
+
+def mid_epoch_saves(tmp_path: Path, base: dict, *overrides: str) -> list[tuple[int, bytes]]:
+    """Train a probe run and keep each mid-epoch last.pt as written: (its batch, its bytes)."""
+    saved = []
+    real_save = RunFolder.save_last
+
+    def remember(self, state):
+        real_save(self, state)
+        if state["train_state"]["batch"]:  # a mid-epoch save
+            saved.append((state["train_state"]["batch"], self.last_path.read_bytes()))
+
+    RunFolder.save_last = remember
+    try:
+        train(tmp_path, base, "probe", *overrides)
+    finally:
+        RunFolder.save_last = real_save
+    return saved

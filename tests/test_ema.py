@@ -14,7 +14,7 @@ from dltrain.recipe import EmaSettings, load_recipe
 from dltrain.run_folder import RunFolder
 from dltrain.setup import build_setup, split_batches
 
-from runs import DIGITS, assert_same_tensors, metric_rows, train, weights
+from runs import DIGITS, assert_same_tensors, metric_rows, mid_epoch_saves, train, weights
 
 EMA = ["train.ema.decay=0.9", "train.ema.every_steps=3"]
 
@@ -92,21 +92,9 @@ def test_resume_continues_the_average_exactly(tmp_path):
 def test_resume_mid_epoch_continues_the_average_exactly(tmp_path):
     settings = ["train.epochs=2", "train.checkpoint_every_steps=7", *EMA]
     straight, _ = train(tmp_path, DIGITS, "straight", *settings)
-    saved = []
-    real_save = RunFolder.save_last
-
-    def remember(self, state):
-        real_save(self, state)
-        if state["train_state"]["batch"]:  # a mid-epoch save
-            saved.append(self.last_path.read_bytes())
-
-    RunFolder.save_last = remember
-    try:
-        train(tmp_path, DIGITS, "probe", *settings)
-    finally:
-        RunFolder.save_last = real_save
+    saved = mid_epoch_saves(tmp_path, DIGITS, *settings)
     mid = tmp_path / "mid.pt"
-    mid.write_bytes(saved[-1])  # steps 35 (epoch 2, batch 15): not an EMA step (every 3rd)
+    mid.write_bytes(saved[-1][1])  # steps 35 (epoch 2, batch 15): not an EMA step (every 3rd)
     resumed, _ = train(tmp_path, DIGITS, "resumed", *settings, resume=mid)
     assert_same_tensors(weights(straight.last_path), weights(resumed.last_path))
 

@@ -22,7 +22,7 @@ from dltrain.progress import Progress
 from dltrain.run_folder import RunFolder
 
 from as_user import QUICKSTART
-from runs import DIGITS, assert_same_tensors, metric_rows, train, weights
+from runs import DIGITS, assert_same_tensors, metric_rows, mid_epoch_saves, train, weights
 
 
 class SignalAt(Progress):
@@ -85,19 +85,7 @@ def test_a_signal_mid_epoch_saves_and_the_resume_is_exact(
 def test_checkpoint_every_steps_writes_mid_epoch_and_resumes_exactly(tmp_path):
     settings = ["train.epochs=2", "train.checkpoint_every_steps=5"]
     straight, _ = train(tmp_path, DIGITS, "straight", *settings)
-    saved = []
-    real_save = RunFolder.save_last
-
-    def remember(self, state):
-        real_save(self, state)
-        if state["train_state"]["batch"]:  # a mid-epoch save
-            saved.append((state["train_state"]["batch"], self.last_path.read_bytes()))
-
-    RunFolder.save_last = remember
-    try:
-        train(tmp_path, DIGITS, "probe", *settings)
-    finally:
-        RunFolder.save_last = real_save
+    saved = mid_epoch_saves(tmp_path, DIGITS, *settings)
     # every 5 steps, 20 steps an epoch: mid-epoch saves after batches 5, 10, 15 of each epoch
     # (the save due at batch 20 is the epoch-end checkpoint)
     assert [batch for batch, _ in saved] == [5, 10, 15, 5, 10, 15]
