@@ -217,6 +217,23 @@ def test_a_rerun_goes_to_the_next_numbered_folder_and_force_replaces_the_first(t
     assert last["recipe"]["optimizer"]["lr"] == 0.01
 
 
+def test_fit_nproc_says_which_numbered_folder_its_processes_get(tmp_path, invoke, monkeypatch):
+    started = []
+    monkeypatch.setattr("dltrain.launch.launch_local", lambda *args: started.append(args) or 0)
+    for variable in ("DLTRAIN_RUN_DIR", "DLTRAIN_NPROC"):  # what the launcher sets: unset after
+        monkeypatch.setenv(variable, "")
+        monkeypatch.delenv(variable)
+    run = tmp_path / "quickstart"
+    first = invoke("fit", str(QUICKSTART), f"output={tmp_path}", "train.epochs=1")
+    assert first.exit_code == 0, first.output
+    launched = invoke(
+        "fit", str(QUICKSTART), f"output={tmp_path}", "train.epochs=1", "--nproc", "2"
+    )
+    assert launched.exit_code == 0, launched.output
+    assert f"{run} holds a finished run: this run goes to {run}-2" in words(launched.output)
+    assert len(started) == 1
+
+
 def test_smoke_runs_the_whole_path_on_one_batch_and_leaves_nothing(tmp_path, invoke):
     result = invoke("fit", str(QUICKSTART), f"output={tmp_path / 'runs'}", "--smoke")
     assert result.exit_code == 0, result.output

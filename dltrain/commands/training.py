@@ -403,9 +403,13 @@ def _launch(
             "--max-restarts needs --resume auto, so that restarted processes continue from the "
             "last checkpoint instead of starting over."
         )
-    # the checks, once, here; rank 0 takes the lock and says what it resumes
+    # the checks, once, here, saying which version of the name a new run takes; rank 0 takes
+    # the lock and says what it resumes
     again = _resume_command(recipe, overrides, launched=False) + f" --nproc {nproc}"
-    with planned_run(recipe, overrides, resume, force, None, again, check=True, lock=False) as plan:
+    notes = (Console(stderr=True) if quiet else Console()) if resume is None else None
+    with planned_run(
+        recipe, overrides, resume, force, notes, again, check=True, lock=False
+    ) as plan:
         os.environ[RUN_DIR_VARIABLE] = str(plan.run.root.absolute())
     args = ["fit", str(recipe), *overrides]
     args += ["--resume", resume] if resume else []
