@@ -321,12 +321,12 @@ def train_one_epoch(t: Training, batches: Batches, epoch: int) -> float:
     every step, for a non-finite loss, a due mid-epoch checkpoint and a stop request.
     """
     s, state, train = t.s, t.state, t.s.recipe.train
-    t.modules.running.train()
+    t.modules.loss_module.train()
     steps, accumulate = len(batches), train.accumulate
     policy = StepPolicy(
         s.world, s.device, t.stop, t.run.last_path, train.checkpoint_every_steps, state.batch
     )
-    loss_sum = t.modules.running.loss_sum.fill_(state.epoch_loss_sum)  # the step adds to it
+    loss_sum = t.modules.loss_module.loss_sum.fill_(state.epoch_loss_sum)  # the step adds to it
     started = time.perf_counter() - state.epoch_seconds
     t.progress.epoch_start(epoch, train.epochs, steps, done=state.batch)
     for i, (x, y) in enumerate(batches.epoch(epoch, start=state.batch), start=state.batch):
@@ -377,16 +377,16 @@ def train_step(
     is added to `loss_sum` on the device (inside the forward's graph, unless skip_step must
     look at it first); nothing here waits for the device, unless train.on_nonfinite=skip_step
     must look at each loss."""
-    s, train, running = t.s, t.s.recipe.train, t.modules.running.running
+    s, train, sums_loss = t.s, t.s.recipe.train, t.modules.loss_module.sums_loss
     with _gradient_sync(t, steps_now):
         loss, objective = t.modules.forward_loss(x, y)
-    skip = not running and s.world.any(not bool(loss.isfinite()), s.device)
+    skip = not sums_loss and s.world.any(not bool(loss.isfinite()), s.device)
     if skip:
         t.progress.skipped(*where)
     else:
         with _gradient_sync(t, steps_now):
             s.precision.backward(objective / group if group > 1 else objective)
-        if not running:
+        if not sums_loss:
             loss_sum += loss.detach().float() * len(y)
         t.state.epoch_seen += len(y)
     if steps_now:

@@ -37,17 +37,17 @@ def _l1_norm(params: list[torch.Tensor]) -> torch.Tensor:
 
 class ForwardLoss(torch.nn.Module):
     """model → loss → objective for one micro-batch, adding `loss × batch size` to the
-    `loss_sum` buffer when `running` (train.on_nonfinite: stop). With skip_step the caller
+    `loss_sum` buffer when `sums_loss` (train.on_nonfinite: stop). With skip_step the caller
     adds only the losses it keeps, after looking at each."""
 
-    def __init__(self, s: Setup, model: torch.nn.Module, penalised: list, running: bool):
+    def __init__(self, s: Setup, model: torch.nn.Module, penalised: list, sums_loss: bool):
         super().__init__()
         self.model = model
-        self.setup, self.penalised, self.running = s, penalised, running
+        self.setup, self.penalised, self.sums_loss = s, penalised, sums_loss
         self.register_buffer("loss_sum", torch.zeros((), device=s.device), persistent=False)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         loss, objective = loss_and_objective(self.setup, self.model, x, y, self.penalised)
-        if self.running:
+        if self.sums_loss:
             self.loss_sum += loss.detach().float() * y.shape[0]
         return loss, objective

@@ -266,8 +266,8 @@ class TrainingModules:
     """The modules a fit drives, built around s.model (see training_modules)."""
 
     model: torch.nn.Module  # s.model, in DDP under torchrun (compiled there on request)
-    forward_loss: torch.nn.Module  # `running`, compiled on request in a single process
-    running: ForwardLoss  # the forward half of a step; its loss_sum is the epoch's running loss
+    forward_loss: torch.nn.Module  # `loss_module`, compiled on request in a single process
+    loss_module: ForwardLoss  # the forward half of a step; its loss_sum is the epoch's running loss
     evaluate: torch.nn.Module  # s.model or the averaged weights (train.ema), compiled on request
 
 
@@ -287,12 +287,12 @@ def training_modules(s: Setup, averaged: torch.nn.Module | None = None) -> Train
     if choice and s.world.launched:
         model = torch.compile(model, mode=mode)
     penalised = [p for p in s.model.parameters() if p.dim() > 1]  # train.l1: weights, not biases
-    running = ForwardLoss(s, model, penalised, running=s.recipe.train.on_nonfinite == "stop")
+    loss_module = ForwardLoss(s, model, penalised, sums_loss=s.recipe.train.on_nonfinite == "stop")
     evaluate = averaged or s.model
     if not choice:
-        return TrainingModules(model, running, running, evaluate)
-    forward_loss = running if s.world.launched else torch.compile(running, mode=mode)
-    return TrainingModules(model, forward_loss, running, torch.compile(evaluate, mode=mode))
+        return TrainingModules(model, loss_module, loss_module, evaluate)
+    forward_loss = loss_module if s.world.launched else torch.compile(loss_module, mode=mode)
+    return TrainingModules(model, forward_loss, loss_module, torch.compile(evaluate, mode=mode))
 
 
 def _data_parallel(s: Setup) -> torch.nn.parallel.DistributedDataParallel:
