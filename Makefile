@@ -8,7 +8,7 @@ XLA_VENV  := .venv-xla
 XLA_STAMP := $(XLA_VENV)/.installed
 XLA_PINS  := torch==2.9.0 torchvision==0.24.0 torch_xla==2.9.0
 
-.PHONY: demo test test-fast test-xla lint format bench clean
+.PHONY: demo test test-fast test-xla lint format bench gpu-prep clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,15 @@ lint: $(STAMP)  ## ruff check + format check
 
 bench: $(STAMP)  ## samples/s vs a hand-written loop, the CIFAR tutorial, Lightning (BENCH_SCALE=small|full)
 	$(BIN)/python bench/run.py
+
+# What bench/gpu_check.sh needs on a lent GPU machine that its image lacks (carry both folders):
+# dltrain's pure-Python dependencies and pytest as wheels for several Pythons, and the CIFAR-10
+# JPEG archive (../shared does not travel)
+gpu-prep: $(STAMP)  ## gpu_wheels/ and gpu_data/ for bench/gpu_check.sh
+	mkdir -p gpu_data && cp ../shared/data/cifar10-train-jpeg.tar.gz gpu_data/
+	for v in 3.10 3.11 3.12 3.13; do $(BIN)/python -m pip download --quiet --only-binary=:all: \
+		--python-version $$v --platform manylinux2014_x86_64 --implementation cp \
+		"pydantic>=2.5" "filelock>=3.12" pytest -d gpu_wheels || exit 1; done
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix dltrain tests bench

@@ -19,7 +19,8 @@
 # status), speedrun.json, resnet18/ (report.json, metrics.csv, events.jsonl), bench.json and
 # summary.txt (the key figures, written last, whatever failed).
 #
-# Usage, from the repository root on a CUDA machine whose python3 has torch and torchvision:
+# Usage, from the repository root on a CUDA machine whose python3 has torch and torchvision
+# (`make gpu-prep` first fills gpu_wheels/ and gpu_data/; carry both to the machine):
 #   bash bench/gpu_check.sh [OUTDIR]        (default bench/results/gpu)
 # Knobs (environment), mostly for trying the script at tiny scale on a CPU:
 #   GPU_CHECK_SECONDS  the overall budget (550)      GPU_CHECK_STEPS  subset of
