@@ -5,8 +5,8 @@ Saves and loads one checkpoint shaped like a ResNet-50 last.pt (torchvision resn
 ways, each the median of BENCH_REPEATS runs on the same tmp file:
 
   digest      contents_digest alone (SHA-256 over every tensor's bytes and every value)
-  save        dltrain.checkpoint.save_checkpoint (digest + torch.save + fsync + rename)
-  load        dltrain.checkpoint.load_checkpoint (torch.load weights_only + checks + digest)
+  save        dltrain.runs.checkpoint.save_checkpoint (digest + torch.save + fsync + rename)
+  load        dltrain.runs.checkpoint.load_checkpoint (torch.load weights_only + checks + digest)
   torch_save  a bare torch.save of the same state (no digest, no fsync)
   torch_load  a bare torch.load(weights_only=True)
 
@@ -26,7 +26,7 @@ import torch
 import torchvision
 from run import device_name  # bench/run.py, beside this file
 
-from dltrain.checkpoint import contents_digest, load_checkpoint, save_checkpoint
+from dltrain.runs.checkpoint import contents_digest, load_checkpoint, save_checkpoint
 
 REPEATS = int(os.environ.get("BENCH_REPEATS", "5"))
 

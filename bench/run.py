@@ -3,10 +3,10 @@
 In one process, on the same synthetic CIFAR-10-shaped data (uint8 3×32×32, 10 classes), for the
 models `seed_cnn` and `resnet18` (CIFAR form):
 
-  dltrain      dltrain.engine.fit on a resolved recipe (data.name=synthetic, adam, no scheduler,
-               no validation split), with the live progress bar drawn as in a terminal. Each epoch
-               is timed by the engine itself (metrics.csv `samples_per_s`: the training loop of
-               the epoch, from its shuffle to the sync that reads the epoch's loss).
+  dltrain      dltrain.training.loop.fit on a resolved recipe (data.name=synthetic, adam,
+               no scheduler, no validation split), with the live progress bar drawn as in a
+               terminal. Each epoch is timed by the loop itself (metrics.csv `samples_per_s`:
+               the epoch's training loop, from its shuffle to the sync that reads its loss).
   handwritten  a plain loop written here (bench/loops.py): the same resident uint8 data,
                randperm, on-device scaling/normalisation, model, Adam, precision, channels_last
                and fused choices; timed exactly like the engine times an epoch.
@@ -88,18 +88,18 @@ from loops import (  # noqa: E402
 )
 from rich.console import Console  # noqa: E402
 
-from dltrain import host  # noqa: E402
-from dltrain.amp import resolve_precision  # noqa: E402
+from dltrain.config.recipe import Recipe, load_recipe, resolve_with_context  # noqa: E402
 from dltrain.data.loaders import default_workers  # noqa: E402
 from dltrain.data.synthetic import synthetic  # noqa: E402
-from dltrain.engine import fit  # noqa: E402
 from dltrain.models.cnn import seed_cnn  # noqa: E402
 from dltrain.models.resnet import resnet18  # noqa: E402
 from dltrain.optim import fused_kwargs  # noqa: E402
-from dltrain.progress import Progress  # noqa: E402
-from dltrain.recipe import Recipe, load_recipe, resolve_with_context  # noqa: E402
-from dltrain.run_folder import RunFolder  # noqa: E402
-from dltrain.setup import use_channels_last  # noqa: E402
+from dltrain.reporting.progress import Progress  # noqa: E402
+from dltrain.runs.folder import RunFolder  # noqa: E402
+from dltrain.system import host  # noqa: E402
+from dltrain.training.build import use_channels_last  # noqa: E402
+from dltrain.training.loop import fit  # noqa: E402
+from dltrain.training.precision import resolve_precision  # noqa: E402
 
 MODELS = {"seed_cnn": seed_cnn, "resnet18": resnet18}
 EXTRA_ROWS = ("seed_recipe_b4", "compiled")  # BENCH_CASES names beyond the models
@@ -402,8 +402,8 @@ def _fmt_rates(rates: list[float]) -> str:
 
 
 def keep_freed_memory() -> bool:
-    """dltrain's own allocator setting (dltrain.host), for every variant; BENCH_MALLOC=default
-    leaves glibc as it is, to see its effect."""
+    """dltrain's own allocator setting (dltrain.system.host), for every variant;
+    BENCH_MALLOC=default leaves glibc as it is, to see its effect."""
     if os.environ.get("BENCH_MALLOC", "keep") == "default":
         return False
     return host.keep_freed_memory()

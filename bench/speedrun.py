@@ -4,8 +4,8 @@ Made for recipes/cifar10_speedrun.yaml (CIFAR-10 from the JPEG folder, 45,000 tr
 the final report on val with TTA), measured the way the public CIFAR-10 speed records are: in
 one process, a warm-up fit first (seed 1000, the same recipe: torch.compile, cuDNN autotuning and
 the decoded-image cache are warm after it; its time is reported apart as "warm-up/compile"),
-then N timed fits with seeds 0..N-1, each `dltrain.engine.fit` on the recipe with `seed=K` (the
-same as `dltrain fit RECIPE seed=K`, less the CLI's run-folder checks; the run folders go to a
+then N timed fits with seeds 0..N-1, each `dltrain.training.loop.fit` on the recipe with `seed=K`
+(the same as `dltrain fit RECIPE seed=K`, less the CLI's run-folder checks; the run folders go to a
 temporary folder).
 
 What a fit's time covers. The clock starts when the engine opens the first epoch
@@ -51,12 +51,12 @@ sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 
 from rich.console import Console  # noqa: E402
 
-from dltrain.engine import fit  # noqa: E402
+from dltrain.config.recipe import load_recipe  # noqa: E402
 from dltrain.errors import DltrainError  # noqa: E402
-from dltrain.host import usable_cores  # noqa: E402
-from dltrain.progress import Progress  # noqa: E402
-from dltrain.recipe import load_recipe  # noqa: E402
-from dltrain.run_folder import RunFolder  # noqa: E402
+from dltrain.reporting.progress import Progress  # noqa: E402
+from dltrain.runs.folder import RunFolder  # noqa: E402
+from dltrain.system.host import usable_cores  # noqa: E402
+from dltrain.training.loop import fit  # noqa: E402
 
 TARGET = 0.94
 WARMUP_SEED = 1000

@@ -3,7 +3,7 @@
 
 def main() -> None:
     """Catch Ctrl-C from the first moment, then run the command line."""
-    from dltrain.interrupts import STARTUP
+    from dltrain.system.interrupts import STARTUP
 
     STARTUP.program = True
     STARTUP.__enter__()  # before the imports below take their second or two

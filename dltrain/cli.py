@@ -19,7 +19,7 @@ from rich.markup import escape
 
 from dltrain.commands import experiments, inspection, training, use
 from dltrain.errors import DltrainError
-from dltrain.interrupts import STARTUP, exit_at_once_on_signals
+from dltrain.system.interrupts import STARTUP, exit_at_once_on_signals
 
 app = typer.Typer(
     name="dltrain",
@@ -35,7 +35,7 @@ app = typer.Typer(
 
 def _print_version(asked: bool) -> None:
     if asked:
-        from dltrain.devices import software_versions  # imports torch: only when asked
+        from dltrain.system.devices import software_versions  # imports torch: only when asked
 
         typer.echo(software_versions())
         raise typer.Exit()

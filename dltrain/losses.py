@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
+from dltrain.config.registry import LOSSES
 from dltrain.errors import UserError
-from dltrain.registry import LOSSES
 
 ClassWeights = list[Annotated[float, Field(ge=0)]] | Literal["balanced"] | None
 

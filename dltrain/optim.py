@@ -30,8 +30,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR, ReduceLROnPlateau
 
+from dltrain.config.registry import OPTIMIZERS, SCHEDULERS
 from dltrain.errors import UserError
-from dltrain.registry import OPTIMIZERS, SCHEDULERS
 
 Positive = Annotated[float, Field(gt=0)]
 NonNegative = Annotated[float, Field(ge=0)]

@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from dltrain.engine import fit
-from dltrain.progress import Progress
-from dltrain.recipe import Recipe, resolve_with_context
-from dltrain.run_folder import RunFolder
+from dltrain.config.recipe import Recipe, resolve_with_context
+from dltrain.reporting.progress import Progress
+from dltrain.runs.folder import RunFolder
+from dltrain.training.loop import fit
 
 TIMING_COLUMNS = {"seconds", "samples_per_s"}
 
@@ -85,8 +85,8 @@ def metric_rows(run: RunFolder, drop=TIMING_COLUMNS) -> list[dict[str, str]]:
 
 def model_outputs(checkpoint_path: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """A checkpoint's model, rebuilt from it alone, on a whole split: (outputs, targets)."""
-    from dltrain.checkpoint import load_checkpoint
-    from dltrain.setup import build_setup
+    from dltrain.runs.checkpoint import load_checkpoint
+    from dltrain.training.build import build_setup
 
     checkpoint = load_checkpoint(checkpoint_path)
     setup = build_setup(Recipe.model_validate(checkpoint["recipe"]), meta=checkpoint["data_meta"])

@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 import torch
 
-from dltrain.atomic import atomic_write_text
-from dltrain.checkpoint import FORMAT
 from dltrain.errors import RunFailure
+from dltrain.runs.checkpoint import FORMAT
+from dltrain.system.atomic import atomic_write_text
 
 from as_user import QUICKSTART, dltrain, flat_image_folder, one_epoch_fit, words
 

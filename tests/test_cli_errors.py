@@ -16,7 +16,7 @@ import sys
 import pytest
 import yaml
 
-from dltrain.recipe import load_recipe, resolve
+from dltrain.config.recipe import load_recipe, resolve
 
 from as_user import HELP_PROBE, QUICKSTART, assert_user_error, dltrain
 
@@ -152,7 +152,7 @@ def test_list_without_a_kind_lists_every_registry(invoke):
 
 def test_list_offers_exactly_the_registries():
     from dltrain.commands.inspection import Kind
-    from dltrain.registry import REGISTRIES
+    from dltrain.config.registry import REGISTRIES
 
     assert [kind.value for kind in Kind] == list(REGISTRIES)
 
@@ -160,7 +160,7 @@ def test_list_offers_exactly_the_registries():
 def test_a_fresh_process_finds_every_component_without_loading_anything_first(tmp_path):
     """Registries import their own modules on first lookup (no load_all to call first)."""
     code = (
-        "from dltrain.registry import DATASETS, MODELS, LOSSES, OPTIMIZERS, SCHEDULERS, "
+        "from dltrain.config.registry import DATASETS, MODELS, LOSSES, OPTIMIZERS, SCHEDULERS, "
         "AUGMENTATIONS\n"
         "assert 'seed_cnn' in MODELS and 'csv' in DATASETS and 'text_csv' in DATASETS\n"
         "assert 'cross_entropy' in LOSSES and 'adamw' in OPTIMIZERS and 'cosine' in SCHEDULERS\n"

@@ -19,7 +19,8 @@ import torch
 import yaml
 from PIL import Image
 
-from dltrain.compare import (
+from dltrain.errors import UserError
+from dltrain.experiments.compare import (
     DEFAULT_OUTPUT,
     ComparedRun,
     compare_json,
@@ -30,7 +31,6 @@ from dltrain.compare import (
     plot_compare,
     unique_names,
 )
-from dltrain.errors import UserError
 
 from runs import train
 

@@ -18,16 +18,21 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from dltrain import crossval
 from dltrain.cli import app
-from dltrain.crossval import fold_recipes, report_scalars, run_cross_validation, summarize_folds
+from dltrain.config.recipe import load_recipe, resolve_with_context, to_yaml
+from dltrain.config.registry import DATASETS
 from dltrain.data.prepare import prepare_data
 from dltrain.data.splits import stratified_folds
 from dltrain.errors import UserError
-from dltrain.evaluate import evaluate_checkpoint
-from dltrain.recipe import load_recipe, resolve_with_context, to_yaml
-from dltrain.registry import DATASETS
-from dltrain.runs_table import best_val_metrics, read_metrics
+from dltrain.experiments import crossval
+from dltrain.experiments.crossval import (
+    fold_recipes,
+    report_scalars,
+    run_cross_validation,
+    summarize_folds,
+)
+from dltrain.runs.listing import best_val_metrics, read_metrics
+from dltrain.training.evaluate import evaluate_checkpoint
 
 from as_user import QUICKSTART, dltrain
 from runs import DIGITS, TABULAR, make_recipe, quiet

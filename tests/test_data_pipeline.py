@@ -11,14 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dltrain.config.recipe import resolve
+from dltrain.config.registry import AUGMENTATIONS, DATASETS
 from dltrain.data import prepare as prepare_module
 from dltrain.data.base import ArraySplit
 from dltrain.data.loaders import ResidentBatches, WorkerBatches, epoch_permutation, make_batches
 from dltrain.data.pipeline import BatchPipeline
 from dltrain.data.prepare import prepare_data
 from dltrain.errors import UserError
-from dltrain.recipe import resolve
-from dltrain.registry import AUGMENTATIONS, DATASETS
 
 CPU = torch.device("cpu")
 

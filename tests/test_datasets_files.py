@@ -17,11 +17,11 @@ import yaml
 from PIL import Image
 from torchvision import datasets as tv_datasets
 
-from dltrain.data import arrays, images, tables, torchvision_sets
+from dltrain.config.registry import DATASETS
+from dltrain.data import arrays, csv_tables, images, torchvision_sets
 from dltrain.data.base import ArraySplit
 from dltrain.data.splits import stratified_split
 from dltrain.errors import RecipeError, UserError
-from dltrain.registry import DATASETS
 
 from as_user import flat_image_folder, png
 
@@ -252,28 +252,28 @@ def _rows(split: ArraySplit) -> set[tuple]:
 
 def test_csv_single_file_carves_stratified_test_split(tmp_path):
     path = _species_csv(tmp_path)
-    loaded = tables.csv(path=path, label="species", test_split=0.2, seed=3)
+    loaded = csv_tables.csv(path=path, label="species", test_split=0.2, seed=3)
     assert loaded.kind == "tabular"
     assert loaded.classes == ["setosa", "versicolor", "virginica"]
     assert loaded.train.x.dtype == torch.float64 and loaded.train.x.shape == (24, 2)  # raw layout
     assert torch.bincount(loaded.test.y).tolist() == [2, 2, 2]
     train_rows, test_rows = _rows(loaded.train), _rows(loaded.test)
     assert not train_rows & test_rows and len(train_rows | test_rows) == 30
-    again = tables.csv(path=path, label="species", test_split=0.2, seed=3)
+    again = csv_tables.csv(path=path, label="species", test_split=0.2, seed=3)
     assert torch.equal(again.test.x, loaded.test.x)
-    other = tables.csv(path=path, label="species", test_split=0.2, seed=4)
+    other = csv_tables.csv(path=path, label="species", test_split=0.2, seed=4)
     assert not torch.equal(other.test.x, loaded.test.x)
 
 
 def test_csv_train_and_test_files_with_integer_labels(tmp_path):
     train = _write(tmp_path / "train.csv", "x1,x2,label\n1,2,10\n3,4,2\n\n5,6,10\n")
     test = _write(tmp_path / "test.csv", "label,x2,x1\n2,0.5,1.5\n010,1,1\n")
-    loaded = tables.csv(train=train, test=test, features=["x1", "x2"])
+    loaded = csv_tables.csv(train=train, test=test, features=["x1", "x2"])
     assert loaded.classes == ["2", "10"]  # numeric order, not '10' < '2'
     assert loaded.train.y.tolist() == [1, 0, 1]
     assert loaded.test.x.tolist() == [[1.5, 0.5], [1.0, 1.0]]  # columns matched by name
     assert loaded.test.y.tolist() == [0, 1]
-    assert tables.csv(train=train).test is None
+    assert csv_tables.csv(train=train).test is None
 
 
 def test_a_fit_on_a_train_file_alone_reports_on_the_training_data_and_says_so(tmp_path, invoke):
@@ -293,13 +293,13 @@ def test_csv_test_label_unseen_in_train(tmp_path):
     train = _write(tmp_path / "train.csv", "x,label\n1,a\n2,b\n")
     test = _write(tmp_path / "test.csv", "x,label\n1,a\n2,c\n")
     with pytest.raises(UserError, match=r"line 3 has label 'c'"):
-        tables.csv(train=train, test=test)
+        csv_tables.csv(train=train, test=test)
 
 
 def test_csv_bad_numeric_cell_names_line_and_column(tmp_path):
     path = _write(tmp_path / "t.csv", "x1,x2,label\n1,2,a\n3,oops,b\n4,5,a\n")
     with pytest.raises(UserError) as info:
-        tables.csv(path=path)
+        csv_tables.csv(path=path)
     message = str(info.value)
     assert "line 3" in message and "'x2'" in message and "'oops'" in message
     assert "t.csv" in message and info.value.exit_code == 2
@@ -308,7 +308,7 @@ def test_csv_bad_numeric_cell_names_line_and_column(tmp_path):
 def test_csv_missing_label_column_suggests_nearest(tmp_path):
     path = _write(tmp_path / "t.csv", "x1,x2,labels\n1,2,a\n")
     with pytest.raises(UserError) as info:
-        tables.csv(path=path)
+        csv_tables.csv(path=path)
     message = str(info.value)
     assert "data.label" in message and "x1, x2, labels" in message
     assert "Did you mean 'labels'?" in message
@@ -317,9 +317,9 @@ def test_csv_missing_label_column_suggests_nearest(tmp_path):
 def test_csv_path_and_train_are_exclusive(tmp_path):
     path = _species_csv(tmp_path)
     with pytest.raises(UserError, match="data.path"):
-        tables.csv(path=path, train=path, label="species")
+        csv_tables.csv(path=path, train=path, label="species")
     with pytest.raises(UserError, match="data.train"):
-        tables.csv(label="species")
+        csv_tables.csv(label="species")
 
 
 # -- image_folder ---------------------------------------------------------------------------
@@ -522,13 +522,13 @@ def test_a_recipe_beside_its_data_trains_from_any_folder_and_its_checkpoint_eval
 def test_a_validation_file_is_the_val_split_and_val_split_is_not_used(tmp_path, invoke):
     train = _species_csv(tmp_path)
     val = _write(tmp_path / "val.csv", "b,a,species\n0.5,1,virginica\n1.5,2,setosa\n")
-    loaded = tables.csv(train=train, val=val, label="species")
+    loaded = csv_tables.csv(train=train, val=val, label="species")
     assert loaded.val.x.tolist() == [[1.0, 0.5], [2.0, 1.5]]  # columns matched by name
     assert loaded.val.y.tolist() == [2, 0]  # the training file's classes
-    carved = tables.csv(path=train, val=val, label="species", test_split=0.2)
+    carved = csv_tables.csv(path=train, val=val, label="species", test_split=0.2)
     assert len(carved.val) == 2 and len(carved.test) == 6
     with pytest.raises(UserError, match=r"data.val.*line 2 has label 'tulip'"):
-        tables.csv(
+        csv_tables.csv(
             train=train,
             val=_write(tmp_path / "bad.csv", "a,b,species\n1,2,tulip\n"),
             label="species",

@@ -1,4 +1,4 @@
-"""Tests for dltrain.devices: device spec resolution and hardware description.
+"""Tests for dltrain.system.devices: device spec resolution and hardware description.
 
 Availability is monkeypatched so the tests give the same answers on a laptop, a GPU box or CI.
 """
@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dltrain import devices
 from dltrain.errors import UserError
+from dltrain.system import devices
 
 
 @pytest.fixture

@@ -24,14 +24,14 @@ import pytest
 import torch
 import yaml
 
+from dltrain.config.recipe import resolve
 from dltrain.data.base import ArraySplit
 from dltrain.data.loaders import EpochSampler, ResidentBatches, Shard, WorkerBatches
-from dltrain.distributed import World, backend_for, process_device, world_from_environment
 from dltrain.errors import UserError
-from dltrain.evaluate import evaluate_checkpoint
-from dltrain.recipe import resolve
-from dltrain.run_folder import RunFolder
-from dltrain.setup import build_setup, per_process_batch_size, training_modules
+from dltrain.runs.folder import RunFolder
+from dltrain.system.distributed import World, backend_for, process_device, world_from_environment
+from dltrain.training.build import build_setup, per_process_batch_size, training_modules
+from dltrain.training.evaluate import evaluate_checkpoint
 
 from runs import make_recipe, metric_rows, quiet, train, weights
 
@@ -138,7 +138,7 @@ CRASHING_MODEL = textwrap.dedent(
     import time
     import torch
     from dltrain.models.mlp import mlp
-    from dltrain.registry import MODELS
+    from dltrain.config.registry import MODELS
 
     class Crashing(torch.nn.Module):
         def __init__(self, inner, at_step, hang):

@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dltrain.checkpoint import load_checkpoint
-from dltrain.ema import WeightAverage
+from dltrain.config.recipe import EmaSettings, load_recipe
 from dltrain.errors import UserError
-from dltrain.evaluate import evaluate
-from dltrain.recipe import EmaSettings, load_recipe
-from dltrain.run_folder import RunFolder
-from dltrain.setup import build_setup, split_batches
+from dltrain.runs.checkpoint import load_checkpoint
+from dltrain.runs.folder import RunFolder
+from dltrain.training.build import build_setup, split_batches
+from dltrain.training.ema import WeightAverage
+from dltrain.training.evaluate import evaluate
 
 from runs import DIGITS, assert_same_tensors, metric_rows, mid_epoch_saves, train, weights
 

@@ -22,15 +22,15 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
 )
 
-from dltrain import engine
-from dltrain.atomic import atomic_write, atomic_write_text
-from dltrain.checkpoint import load_checkpoint
 from dltrain.errors import RunFailure, UserError
-from dltrain.evaluate import evaluate_checkpoint
-from dltrain.progress import Progress
-from dltrain.run_folder import METRIC_COLUMNS, RunFolder
-from dltrain.setup import build_setup
-from dltrain.tasks import Evaluation
+from dltrain.reporting.progress import Progress
+from dltrain.runs.checkpoint import load_checkpoint
+from dltrain.runs.folder import METRIC_COLUMNS, RunFolder
+from dltrain.system.atomic import atomic_write, atomic_write_text
+from dltrain.training import loop
+from dltrain.training.build import build_setup
+from dltrain.training.evaluate import evaluate_checkpoint
+from dltrain.training.tasks import Evaluation
 
 from runs import (
     DIGITS,
@@ -223,7 +223,7 @@ class PoisonFrom(Progress):
 
 def test_non_finite_loss_later_points_at_the_last_good_checkpoint(tmp_path, monkeypatch):
     progress = PoisonFrom(3)
-    real_build = engine.build_setup
+    real_build = loop.build_setup
 
     def poisoned_setup(*args, **kwargs):
         setup = real_build(*args, **kwargs)
@@ -233,7 +233,7 @@ def test_non_finite_loss_later_points_at_the_last_good_checkpoint(tmp_path, monk
         )
         return setup
 
-    monkeypatch.setattr(engine, "build_setup", poisoned_setup)
+    monkeypatch.setattr(loop, "build_setup", poisoned_setup)
     with pytest.raises(RunFailure, match=r"non-finite in epoch 3 \(batch") as failure:
         train(tmp_path, TABULAR, "late", "train.epochs=5", progress=progress)
     run = RunFolder(tmp_path / "late")
@@ -243,7 +243,7 @@ def test_non_finite_loss_later_points_at_the_last_good_checkpoint(tmp_path, monk
 
 
 def test_skip_step_skips_non_finite_batches_and_finishes(tmp_path, monkeypatch):
-    real_build = engine.build_setup
+    real_build = loop.build_setup
     calls = {"n": 0}
 
     def every_third_nan(*args, **kwargs):
@@ -257,7 +257,7 @@ def test_skip_step_skips_non_finite_batches_and_finishes(tmp_path, monkeypatch):
         setup.loss_fn = loss
         return setup
 
-    monkeypatch.setattr(engine, "build_setup", every_third_nan)
+    monkeypatch.setattr(loop, "build_setup", every_third_nan)
     run, report = train(tmp_path, TABULAR, "skip", "train.on_nonfinite=skip_step")
     assert all(math.isfinite(float(r["train_loss"])) for r in metric_rows(run))
     for tensor in weights(run.last_path).values():
@@ -265,7 +265,7 @@ def test_skip_step_skips_non_finite_batches_and_finishes(tmp_path, monkeypatch):
 
 
 def test_nan_weights_after_a_finite_loss_are_never_saved(tmp_path, monkeypatch):
-    real_build = engine.build_setup
+    real_build = loop.build_setup
 
     def poison_the_last_step_of_epoch_2(*args, **kwargs):
         setup = real_build(*args, **kwargs)
@@ -281,7 +281,7 @@ def test_nan_weights_after_a_finite_loss_are_never_saved(tmp_path, monkeypatch):
         setup.precision.step = step
         return setup
 
-    monkeypatch.setattr(engine, "build_setup", poison_the_last_step_of_epoch_2)
+    monkeypatch.setattr(loop, "build_setup", poison_the_last_step_of_epoch_2)
     with pytest.raises(RunFailure, match="weights became non-finite in epoch 2") as failure:
         train(tmp_path, TABULAR, "nanw", "train.epochs=3")
     run = RunFolder(tmp_path / "nanw")
@@ -290,7 +290,7 @@ def test_nan_weights_after_a_finite_loss_are_never_saved(tmp_path, monkeypatch):
 
 
 def test_out_of_memory_names_the_batch_size_and_a_smaller_setting(tmp_path, monkeypatch):
-    real_build = engine.build_setup
+    real_build = loop.build_setup
 
     def no_memory(*args, **kwargs):
         setup = real_build(*args, **kwargs)
@@ -301,7 +301,7 @@ def test_out_of_memory_names_the_batch_size_and_a_smaller_setting(tmp_path, monk
         setup.loss_fn = loss
         return setup
 
-    monkeypatch.setattr(engine, "build_setup", no_memory)
+    monkeypatch.setattr(loop, "build_setup", no_memory)
     with pytest.raises(RunFailure) as failure:
         train(tmp_path, TABULAR, "oom", "data.batch_size=32")
     message = str(failure.value)
@@ -385,7 +385,7 @@ def test_bf16_on_cpu_trains_in_bf16_and_learns(tmp_path):
 
 def scripted_evaluate(monkeypatch, losses, accuracies):
     """Make the per-epoch validation return scripted values (the final report stays real)."""
-    real = engine.evaluate
+    real = loop.evaluate
     script = iter(zip(losses, accuracies))
 
     def evaluate(model, batches, s, keep_scores=False):
@@ -398,7 +398,7 @@ def scripted_evaluate(monkeypatch, losses, accuracies):
         fake[0, 0], fake[1, 0] = round(accuracy * 100), 100 - round(accuracy * 100)
         return Evaluation(loss, fake)
 
-    monkeypatch.setattr(engine, "evaluate", evaluate)
+    monkeypatch.setattr(loop, "evaluate", evaluate)
 
 
 @pytest.mark.parametrize(
@@ -520,7 +520,7 @@ def test_run_folder_files(tmp_path):
 
 
 def test_an_event_log_that_cannot_be_written_is_a_run_failure_naming_it(tmp_path):
-    from dltrain.run_log import RunLog
+    from dltrain.reporting.event_log import RunLog
 
     (tmp_path / "events.jsonl").mkdir()  # unwritable as a file, whoever runs the test
     with pytest.raises(RunFailure, match=r"cannot write .*events\.jsonl"):

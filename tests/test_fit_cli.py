@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from dltrain.recipe import load_recipe, to_yaml
+from dltrain.config.recipe import load_recipe, to_yaml
 
 from as_user import QUICKSTART, dltrain, words
 
@@ -219,7 +219,9 @@ def test_a_rerun_goes_to_the_next_numbered_folder_and_force_replaces_the_first(t
 
 def test_fit_nproc_says_which_numbered_folder_its_processes_get(tmp_path, invoke, monkeypatch):
     started = []
-    monkeypatch.setattr("dltrain.launch.launch_local", lambda *args: started.append(args) or 0)
+    monkeypatch.setattr(
+        "dltrain.system.launch.launch_local", lambda *args: started.append(args) or 0
+    )
     for variable in ("DLTRAIN_RUN_DIR", "DLTRAIN_NPROC"):  # what the launcher sets: unset after
         monkeypatch.setenv(variable, "")
         monkeypatch.delenv(variable)

@@ -19,7 +19,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dltrain.checkpoint import load_checkpoint, save_checkpoint
+from dltrain.runs.checkpoint import load_checkpoint, save_checkpoint
 
 from runs import TABULAR, train
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from dltrain.config.registry import OPTIMIZERS
 from dltrain.data.loaders import ResidentBatches
-from dltrain.evaluate import evaluate_checkpoint
-from dltrain.registry import OPTIMIZERS
-from dltrain.setup import build_setup, split_batches
+from dltrain.training.build import build_setup, split_batches
+from dltrain.training.evaluate import evaluate_checkpoint
 
 from as_user import QUICKSTART
 from runs import DIGITS, make_recipe, metric_rows, quiet, train

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dltrain.config.recipe import load_recipe, resolve, to_yaml
+from dltrain.config.registry import MODELS
 from dltrain.errors import UserError
-from dltrain.recipe import load_recipe, resolve, to_yaml
-from dltrain.registry import MODELS
 
 from as_user import dltrain, words
 
@@ -23,7 +23,7 @@ _unique = itertools.count()
 
 TINY_MODEL = '''
 from torch import nn
-from dltrain.registry import MODELS
+from dltrain.config.registry import MODELS
 
 
 @MODELS.register()
@@ -95,8 +95,8 @@ def test_a_model_from_a_py_file_trains_and_its_checkpoint_evaluates_elsewhere(tm
     assert f"model '{model}'" in message and f"--imports {module.resolve()}" in message
 
     # Named by the user with --imports, the module is imported (here in this process).
-    from dltrain.evaluate import evaluate_checkpoint
-    from dltrain.progress import Progress
+    from dltrain.reporting.progress import Progress
+    from dltrain.training.evaluate import evaluate_checkpoint
 
     report = evaluate_checkpoint(
         checkpoint, elsewhere / "eval", Progress(quiet=True), imports=[str(module)]

@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dltrain.config.registry import LOSSES, OPTIMIZERS, SCHEDULERS
 from dltrain.errors import RecipeError, UserError
 from dltrain.losses import balanced_weights
 from dltrain.optim import LrSchedule, constant_schedule
-from dltrain.registry import LOSSES, OPTIMIZERS, SCHEDULERS
 
 C = 4
 COUNTS = torch.tensor([10, 20, 30, 40])
@@ -341,7 +341,7 @@ def test_clipping_acts_on_the_true_gradient_whatever_the_loss_scale(precision):
     # and leave an update 65536 times too small. The gradient of sum(w)/2 is 0.5 per weight
     # (32768 once scaled: still finite in fp16, so the scaler takes the step; the halving is
     # done in fp32, as autocast does for a real loss, else the scale itself would overflow).
-    from dltrain.amp import MixedPrecision
+    from dltrain.training.precision import MixedPrecision
 
     layer = torch.nn.Linear(4, 1, bias=False)
     torch.nn.init.zeros_(layer.weight)

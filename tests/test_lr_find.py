@@ -1,6 +1,6 @@
-"""The learning-rate range test (dltrain/lr_find.py): the ramp, early stopping on divergence,
-the suggestion (and that it trains well), every kind of input, the files it writes and the
-ones it must not."""
+"""The learning-rate range test (dltrain/experiments/lr_find.py): the ramp, early stopping
+on divergence, the suggestion (and that it trains well), every kind of input, the files it
+writes and the ones it must not."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
-from dltrain.engine import fit
+from dltrain.config.recipe import load_recipe, resolve_with_context
 from dltrain.errors import UserError
-from dltrain.lr_find import LrFindResult, find_lr, write_lr_find
-from dltrain.recipe import load_recipe, resolve_with_context
-from dltrain.run_folder import RunFolder
+from dltrain.experiments.lr_find import LrFindResult, find_lr, write_lr_find
+from dltrain.runs.folder import RunFolder
+from dltrain.training.loop import fit
 
 from runs import quiet
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dltrain.errors import RunFailure
-from dltrain.memory import out_of_memory_is_a_run_failure
+from dltrain.system.out_of_memory import out_of_memory_is_a_run_failure
 
 from runs import TABULAR, make_recipe
 

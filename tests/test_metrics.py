@@ -9,7 +9,7 @@ import pytest
 import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
-from dltrain.metrics import ConfusionMatrix, classification_report
+from dltrain.reporting.metrics import ConfusionMatrix, classification_report
 
 AVERAGES = ("macro", "micro", "weighted")
 

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 import dltrain.models  # noqa: F401  (registers the models)
+from dltrain.config.registry import MODELS
 from dltrain.errors import UserError
 from dltrain.models.torchvision_models import GrayToRGB
-from dltrain.registry import MODELS
 
 DIGITS, CIFAR, MNIST = (1, 8, 8), (3, 32, 32), (1, 28, 28)
 

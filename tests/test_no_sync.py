@@ -31,10 +31,11 @@ from rich.console import Console
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dltrain import engine, progress, setup, step_policy
 from dltrain.data.pipeline import BatchPipeline
-from dltrain.progress import Progress
-from dltrain.run_folder import RunFolder
+from dltrain.reporting import progress
+from dltrain.reporting.progress import Progress
+from dltrain.runs.folder import RunFolder
+from dltrain.training import build, loop, step_policy
 
 from runs import make_recipe
 
@@ -185,7 +186,7 @@ def watch_training_steps(monkeypatch, on_start, on_step_end, on_close, first: in
     """No refresh, no finite check between steps; wrap the training split's batches."""
     monkeypatch.setattr(step_policy, "FINITE_CHECK_SECONDS", math.inf)
     monkeypatch.setattr(progress, "REFRESH_SECONDS", math.inf)
-    make_batches = setup.make_batches
+    make_batches = build.make_batches
 
     def wrapped(split, batch_size, device, *, shuffle, **kwargs):
         batches = make_batches(split, batch_size, device, shuffle=shuffle, **kwargs)
@@ -193,7 +194,7 @@ def watch_training_steps(monkeypatch, on_start, on_step_end, on_close, first: in
             return batches
         return StepWindow(batches, on_start, on_step_end, on_close, first)
 
-    monkeypatch.setattr(setup, "make_batches", wrapped)
+    monkeypatch.setattr(build, "make_batches", wrapped)
 
 
 def terminal_progress() -> Progress:
@@ -222,7 +223,7 @@ def fit_counting_reads(tmp_path, monkeypatch, *overrides: str) -> list[Counter[s
     watch_training_steps(monkeypatch, reads.start, reads.end_step, reads.stop)
     recipe = make_recipe(tmp_path, IMAGES, "no-sync", *overrides)
     try:
-        engine.fit(recipe, RunFolder.for_recipe(recipe), terminal_progress())
+        loop.fit(recipe, RunFolder.for_recipe(recipe), terminal_progress())
     finally:
         hook.remove()
         reads.stop()
@@ -287,7 +288,7 @@ def test_cuda_training_steps_do_not_synchronise(tmp_path, monkeypatch, overrides
     )
     recipe = make_recipe(tmp_path, IMAGES, "no-sync-cuda", "device=cuda", *overrides)
     try:
-        engine.fit(recipe, RunFolder.for_recipe(recipe), terminal_progress())
+        loop.fit(recipe, RunFolder.for_recipe(recipe), terminal_progress())
     finally:
         default_mode()
     assert len(steps) == STEPS - 1

@@ -10,12 +10,12 @@ import pytest
 import torch
 from torch import nn
 
+from dltrain.config.recipe import load_recipe
+from dltrain.config.registry import OPTIMIZERS, SCHEDULERS
 from dltrain.errors import RecipeError
-from dltrain.lr_find import find_lr
+from dltrain.experiments.lr_find import find_lr
 from dltrain.optim import build_optimizer
-from dltrain.recipe import load_recipe
-from dltrain.registry import OPTIMIZERS, SCHEDULERS
-from dltrain.run_folder import RunFolder
+from dltrain.runs.folder import RunFolder
 
 from as_user import QUICKSTART, assert_user_error, dltrain
 from runs import DIGITS, assert_same_tensors, train, weights
@@ -247,7 +247,7 @@ def test_lr_find_ramps_the_main_lr_and_keeps_the_ratio(tmp_path, monkeypatch):
         built.append(build_optimizer(*args))
         return built[-1]
 
-    monkeypatch.setattr("dltrain.lr_find.build_optimizer", remember)
+    monkeypatch.setattr("dltrain.experiments.lr_find.build_optimizer", remember)
     seen = []
 
     def progress(step, steps, lr, loss):

@@ -16,9 +16,9 @@ pytest.importorskip("matplotlib")
 
 import matplotlib.image  # noqa: E402
 
-from dltrain import plots  # noqa: E402
-from dltrain.metrics import classification_report  # noqa: E402
-from dltrain.report import write_report  # noqa: E402
+from dltrain.reporting import plots  # noqa: E402
+from dltrain.reporting.metrics import classification_report  # noqa: E402
+from dltrain.reporting.report import write_report  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

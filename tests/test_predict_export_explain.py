@@ -23,12 +23,12 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
-from dltrain.checkpoint import save_checkpoint
 from dltrain.cli import app
 from dltrain.data.digits import digits
 from dltrain.errors import UserError
-from dltrain.explain import explain, last_conv
-from dltrain.inference import Predictor, load_for_inference
+from dltrain.runs.checkpoint import save_checkpoint
+from dltrain.use.explain import explain, last_conv
+from dltrain.use.inference import Predictor, load_for_inference
 
 from as_user import HELP_PROBE, QUICKSTART, dltrain
 from runs import train
@@ -369,9 +369,9 @@ def test_export_onnx_matches_the_pytorch_model(digits_checkpoint, invoke, tmp_pa
 def test_export_onnx_without_its_packages_says_what_to_install(
     digits_checkpoint, invoke, monkeypatch
 ):
-    import dltrain.export
+    import dltrain.use.export
 
-    monkeypatch.setattr(dltrain.export, "_installed", lambda package: False)
+    monkeypatch.setattr(dltrain.use.export, "_installed", lambda package: False)
     result = invoke("export", str(digits_checkpoint), "--format", "onnx")
     assert result.exit_code == 2
     assert "pip install onnx onnxscript" in result.stderr

@@ -19,14 +19,14 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from dltrain.checkpoint import save_checkpoint
 from dltrain.cli import app
 from dltrain.data.digits import digits
 from dltrain.data.text import encode_texts
 from dltrain.errors import UserError
-from dltrain.explain import explain
-from dltrain.export import export_checkpoint
-from dltrain.inference import load_for_inference
+from dltrain.runs.checkpoint import save_checkpoint
+from dltrain.use.explain import explain
+from dltrain.use.export import export_checkpoint
+from dltrain.use.inference import load_for_inference
 
 from runs import train
 

@@ -10,7 +10,7 @@ import time
 import torch
 from rich.console import Console
 
-from dltrain.progress import LOG_EVERY_VARIABLE, Progress
+from dltrain.reporting.progress import LOG_EVERY_VARIABLE, Progress
 
 from runs import TABULAR, train
 

@@ -17,8 +17,7 @@ import yaml
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
-from dltrain.errors import UserError
-from dltrain.recipe import (
+from dltrain.config.recipe import (
     DataSection,
     Recipe,
     TrainSection,
@@ -29,7 +28,8 @@ from dltrain.recipe import (
     resolve_with_context,
     to_yaml,
 )
-from dltrain.registry import REGISTRIES
+from dltrain.config.registry import REGISTRIES
+from dltrain.errors import UserError
 
 from as_user import QUICKSTART
 

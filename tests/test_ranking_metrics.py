@@ -9,7 +9,7 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score, roc_auc_score, top_k_accuracy_score
 
-from dltrain.metrics import ranking_report, top_k_correct
+from dltrain.reporting.metrics import ranking_report, top_k_correct
 
 TOL = {"rel": 1e-12, "abs": 1e-12}
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dltrain.config.recipe import apply_overrides, load_recipe, resolve, to_yaml
 from dltrain.errors import UserError
-from dltrain.recipe import apply_overrides, load_recipe, resolve, to_yaml
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 QUICKSTART = RECIPES / "quickstart.yaml"

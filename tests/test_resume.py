@@ -15,11 +15,11 @@ import pytest
 import torch
 from rich.console import Console
 
-from dltrain.checkpoint import load_checkpoint, save_checkpoint
 from dltrain.errors import RunFailure
-from dltrain.interrupts import GracefulStop, Interrupted
-from dltrain.progress import Progress
-from dltrain.run_folder import RunFolder
+from dltrain.reporting.progress import Progress
+from dltrain.runs.checkpoint import load_checkpoint, save_checkpoint
+from dltrain.runs.folder import RunFolder
+from dltrain.system.interrupts import GracefulStop, Interrupted
 
 from as_user import QUICKSTART
 from runs import DIGITS, assert_same_tensors, metric_rows, mid_epoch_saves, train, weights

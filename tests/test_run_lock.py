@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dltrain.config.recipe import Recipe, to_yaml
 from dltrain.errors import UserError
-from dltrain.recipe import Recipe, to_yaml
-from dltrain.run_folder import RunFolder, choose_version
-from dltrain.run_lock import holding, lock_path
+from dltrain.runs.folder import RunFolder, choose_version
+from dltrain.runs.lock import holding, lock_path
 
 from as_user import dltrain, words
 from runs import TABULAR, metric_rows, train
@@ -24,7 +24,7 @@ from runs import TABULAR, metric_rows, train
 HOLD = """
 import sys, time
 from pathlib import Path
-from dltrain.run_lock import holding
+from dltrain.runs.lock import holding
 with holding(Path(sys.argv[1]), "testing"):
     print("held", flush=True)
     time.sleep(float(sys.argv[2]))

@@ -15,8 +15,8 @@ import pytest
 from typer.testing import CliRunner
 
 from dltrain.cli import app
-from dltrain.run_folder import RunFolder
-from dltrain.runs_table import (
+from dltrain.runs.folder import RunFolder
+from dltrain.runs.listing import (
     COLUMNS,
     find_runs,
     list_runs,

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dltrain.checkpoint import load_checkpoint
-from dltrain.run_folder import RunFolder
-from dltrain.transaction import JOURNAL, Transaction, recover, transaction
+from dltrain.runs.checkpoint import load_checkpoint
+from dltrain.runs.folder import RunFolder
+from dltrain.runs.transaction import JOURNAL, Transaction, recover, transaction
 
 from runs import assert_same_tensors, metric_rows
 

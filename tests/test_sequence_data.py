@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from dltrain.config.registry import DATASETS
 from dltrain.data.sequences import adding, reverse, sort
 from dltrain.data.text import encode_texts
 from dltrain.errors import RecipeError, UserError
-from dltrain.registry import DATASETS
 
 # -- adding ---------------------------------------------------------------------------------
 

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import dltrain.models  # noqa: F401  (registers the models)
+from dltrain.config.registry import MODELS
 from dltrain.errors import UserError
-from dltrain.registry import MODELS
 
 VOCAB = 20  # token ids: 0 <pad>, 1 <unk>, 2.. words
 WIDTH = 12  # the dataset's sequence length (input_shape[0])

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from dltrain.engine import fit
-from dltrain.interrupts import Interrupted
-from dltrain.progress import Progress
-from dltrain.run_folder import RunFolder
+from dltrain.reporting.progress import Progress
+from dltrain.runs.folder import RunFolder
+from dltrain.system.interrupts import Interrupted
+from dltrain.training.loop import fit
 
 from as_user import QUICKSTART
 from runs import DIGITS, make_recipe

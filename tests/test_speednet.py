@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dltrain.checkpoint import load_checkpoint
 from dltrain.errors import UserError
 from dltrain.models.speednet import PatchWhitening, speednet
+from dltrain.runs.checkpoint import load_checkpoint
 
 from runs import train
 

@@ -17,11 +17,11 @@ from sklearn.datasets import load_diabetes
 from sklearn.linear_model import LinearRegression
 from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
 
-from dltrain.data import tables
+from dltrain.config.recipe import Recipe
+from dltrain.data import csv_tables
 from dltrain.data.prepare import prepare_data
 from dltrain.data.table_encoding import RawColumn, TableEncoding, fit_encoding
 from dltrain.errors import UserError
-from dltrain.recipe import Recipe
 from tests.runs import model_outputs
 
 
@@ -60,7 +60,7 @@ def write_recipe(path: Path, data: dict, model: dict | None = None, **top) -> Pa
 )
 def test_task_auto_reads_the_label_column(tmp_path, labels, task):
     path = write_csv(tmp_path / "t.csv", ["x", "y"], [[i, v] for i, v in enumerate(labels)])
-    loaded = tables.csv(path=path, label="y")
+    loaded = csv_tables.csv(path=path, label="y")
     assert loaded.task == task
     if task == "regression":
         assert loaded.classes == ["y"] and loaded.train.y.dtype == torch.float32
@@ -73,18 +73,18 @@ def test_many_class_ids_with_few_rows_each_are_a_question_not_a_guess(tmp_path):
     rows = [[i, i % 30] for i in range(60)]  # ids 0..29, two rows each: classes or amounts?
     path = write_csv(tmp_path / "t.csv", ["x", "grade"], rows)
     with pytest.raises(UserError) as info:
-        tables.csv(path=path, label="grade")
+        csv_tables.csv(path=path, label="grade")
     message = str(info.value)
     assert "30 distinct integers (0..29) over 60 rows" in message
     assert "data.task: classification or data.task: regression" in message
-    assert tables.csv(path=path, label="grade", task="regression").task == "regression"
-    assert len(tables.csv(path=path, label="grade", task="classification").classes) == 30
+    assert csv_tables.csv(path=path, label="grade", task="regression").task == "regression"
+    assert len(csv_tables.csv(path=path, label="grade", task="classification").classes) == 30
 
 
 def test_regression_asked_of_text_labels_names_the_line(tmp_path):
     path = write_csv(tmp_path / "t.csv", ["x", "y"], [[1, "2.5"], [2, "three"]])
     with pytest.raises(UserError, match=r"line 3 has label 'three', which is not a finite"):
-        tables.csv(train=path, label="y", task="regression")
+        csv_tables.csv(train=path, label="y", task="regression")
 
 
 # -- preprocessing learned from the training split --------------------------------------------
@@ -155,7 +155,7 @@ def test_preprocessing_is_learned_from_the_training_split_only(tmp_path):
 def test_a_typo_in_a_numeric_column_is_reported_not_read_as_categories(tmp_path):
     path = write_csv(tmp_path / "t.csv", ["size", "label"], [[1, "a"], [2, "b"], ["3,5", "a"]])
     with pytest.raises(UserError) as info:
-        tables.csv(path=path)
+        csv_tables.csv(path=path)
     assert "line 4, column 'size': '3,5' is not a finite number" in str(info.value)
     assert "data.categorical" in str(info.value)
 
@@ -163,7 +163,7 @@ def test_a_typo_in_a_numeric_column_is_reported_not_read_as_categories(tmp_path)
 def test_categorical_names_a_feature_column(tmp_path):
     path = write_csv(tmp_path / "t.csv", ["size", "grade", "label"], [[1, 2, "a"]])
     with pytest.raises(UserError, match=r"data.categorical: 'grades' is not a feature column"):
-        tables.csv(path=path, categorical=["grades"])
+        csv_tables.csv(path=path, categorical=["grades"])
 
 
 # -- whole runs -------------------------------------------------------------------------------
@@ -202,7 +202,7 @@ def test_diabetes_as_a_csv_trains_as_regression_and_reports_what_sklearn_compute
     assert report["mae"] == pytest.approx(mean_absolute_error(y, predicted), rel=1e-6)
 
     # As good as a linear model on the same test split (about 0.45 there).
-    loaded = tables.csv(path=path, label="progression", seed=0)
+    loaded = csv_tables.csv(path=path, label="progression", seed=0)
     linear = LinearRegression().fit(loaded.train.x.numpy(), loaded.train.y.numpy())
     baseline = linear.score(loaded.test.x.numpy(), loaded.test.y.numpy())
     assert report["r2"] > max(0.4, baseline - 0.1), (report["r2"], baseline)

@@ -11,10 +11,10 @@ from rich.console import Console
 from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
 
 from dltrain.errors import UserError
-from dltrain.evaluate import evaluate_checkpoint
 from dltrain.losses import mse
-from dltrain.progress import Progress
-from dltrain.tasks import Regression
+from dltrain.reporting.progress import Progress
+from dltrain.training.evaluate import evaluate_checkpoint
+from dltrain.training.tasks import Regression
 
 from runs import metric_rows, model_outputs, quiet, train
 
@@ -177,7 +177,7 @@ def test_a_recipe_that_does_not_fit_the_task_is_a_user_error(tmp_path, base, ove
 
 def test_every_declared_task_has_its_own_task_object():
     from dltrain.data.base import TASKS
-    from dltrain.tasks import task_for
+    from dltrain.training.tasks import task_for
 
     assert [task_for(name, {}).name for name in TASKS] == list(TASKS)
 

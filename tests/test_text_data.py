@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from dltrain.config.registry import DATASETS
 from dltrain.data.text import Tokenizer, Vocabulary, encode_texts, pad_sequences, text_csv
 from dltrain.errors import RecipeError, UserError
-from dltrain.registry import DATASETS
 
 SHARED_SMS = Path(__file__).parents[2] / "shared/data/sms_spam"
 

@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from dltrain.checkpoint import load_checkpoint
 from dltrain.errors import RunFailure, UserError
+from dltrain.runs.checkpoint import load_checkpoint
 
 from runs import DIGITS, TABULAR, metric_rows, train, weights
 

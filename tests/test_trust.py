@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from dltrain.checkpoint import contents_digest, load_checkpoint, save_checkpoint
 from dltrain.errors import UserError
+from dltrain.runs.checkpoint import contents_digest, load_checkpoint, save_checkpoint
 
 from runs import TABULAR, make_recipe, train
 
@@ -219,7 +219,7 @@ BOMB = "".join(
 
 
 def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path):
-    from dltrain.recipe import load_recipe
+    from dltrain.config.recipe import load_recipe
 
     path = tmp_path / "bomb.yaml"
     path.write_text(BOMB + "data: {name: digits}\nmodel: mlp\ntrain: {epochs: *h}\n")
@@ -235,7 +235,7 @@ def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path):
 
 
 def test_a_recipe_that_is_not_a_small_regular_file_is_refused(tmp_path):
-    from dltrain.recipe import MAX_RECIPE_BYTES, load_recipe
+    from dltrain.config.recipe import MAX_RECIPE_BYTES, load_recipe
 
     with pytest.raises(UserError, match="not a regular file"):
         load_recipe("/dev/zero")
@@ -248,7 +248,7 @@ def test_a_recipe_that_is_not_a_small_regular_file_is_refused(tmp_path):
 
 
 def test_an_npz_label_far_beyond_the_data_is_one_message_before_any_allocation(tmp_path):
-    from dltrain.registry import DATASETS
+    from dltrain.config.registry import DATASETS
 
     x = np.zeros((6, 1, 4, 4), dtype=np.uint8)
     for label in (3_000_000_000, 50):
@@ -259,7 +259,7 @@ def test_an_npz_label_far_beyond_the_data_is_one_message_before_any_allocation(t
 
 
 def test_a_model_too_large_for_memory_is_refused_before_allocating(tmp_path):
-    from dltrain.setup import build_setup
+    from dltrain.training.build import build_setup
 
     recipe = make_recipe(tmp_path, TABULAR, "huge", "model.hidden=[1000000000, 1000000000]")
     with pytest.raises(UserError, match=r"weights alone need .* GB free\. Make the model smaller"):
@@ -267,7 +267,7 @@ def test_a_model_too_large_for_memory_is_refused_before_allocating(tmp_path):
 
 
 def test_random_crop_padding_larger_than_the_images_is_refused(tmp_path):
-    from dltrain.setup import build_setup
+    from dltrain.training.build import build_setup
 
     recipe = make_recipe(
         tmp_path,
@@ -285,7 +285,7 @@ def test_random_crop_padding_larger_than_the_images_is_refused(tmp_path):
 
 
 def test_nan_features_and_an_empty_test_split_are_named(tmp_path):
-    from dltrain.setup import build_setup
+    from dltrain.training.build import build_setup
 
     x = np.random.default_rng(0).normal(size=(40, 4)).astype(np.float32)
     y = np.arange(40) % 2

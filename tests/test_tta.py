@@ -7,12 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from dltrain.checkpoint import load_checkpoint
+from dltrain.config.recipe import Recipe
 from dltrain.errors import UserError
-from dltrain.evaluate import evaluate_checkpoint
-from dltrain.recipe import Recipe
-from dltrain.setup import build_setup
-from dltrain.tta import TestTimeAugmented, views_of, with_tta
+from dltrain.runs.checkpoint import load_checkpoint
+from dltrain.training.build import build_setup
+from dltrain.training.evaluate import evaluate_checkpoint
+from dltrain.training.tta import TestTimeAugmented, views_of, with_tta
 
 from runs import DIGITS, TABULAR, quiet, train
 

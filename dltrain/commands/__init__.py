@@ -30,9 +30,9 @@ def imports_option():
 
 
 def exit_stopped(console: Console, stopped: Exception, then: str = "") -> None:
-    """A command stopped by a signal (dltrain.interrupts.Interrupted): say so truthfully, and
+    """A command stopped by a signal (dltrain.system.interrupts.Interrupted): say so truthfully, and
     what to do next (`then`, a line), then exit with the signal's code (130/143)."""
-    from dltrain.interrupts import exit_at_once_on_signals
+    from dltrain.system.interrupts import exit_at_once_on_signals
 
     exit_at_once_on_signals()  # the command is ending: another signal must not kill it
     console.print(

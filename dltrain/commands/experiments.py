@@ -34,7 +34,7 @@ def compare(
 
       dltrain compare runs/sweep/trials/* --output trials.png --json
     """
-    from dltrain.compare import (
+    from dltrain.experiments.compare import (
         DEFAULT_OUTPUT,
         compare_json,
         compare_table,
@@ -94,10 +94,10 @@ def sweep(
 
       dltrain sweep recipe.yaml space.yaml --trials 50 --storage postgresql://host/db
     """
-    from dltrain.interrupts import GracefulStop, Interrupted
-    from dltrain.progress import Progress
-    from dltrain.sweep import open_sweep, run_sweep
-    from dltrain.sweep_report import REPORT_JSON
+    from dltrain.experiments.sweep import open_sweep, run_sweep
+    from dltrain.experiments.sweep_report import REPORT_JSON
+    from dltrain.reporting.progress import Progress
+    from dltrain.system.interrupts import GracefulStop, Interrupted
 
     console = Console()
     stop = GracefulStop()
@@ -156,8 +156,8 @@ def lr_find(
 
       dltrain lr-find recipes/sms_spam_transformer.yaml --steps 200 --output lr/
     """
-    from dltrain.lr_find import find_lr, write_lr_find
-    from dltrain.recipe import load_recipe
+    from dltrain.config.recipe import load_recipe
+    from dltrain.experiments.lr_find import find_lr, write_lr_find
 
     loaded = load_recipe(recipe, overrides or [])
     console = Console()

@@ -14,7 +14,7 @@ from dltrain.commands import choices, imports_option
 from dltrain.commands.training import OVERRIDES_HELP
 
 Split = choices("Split", "test", "val", "train")
-# dltrain.registry.REGISTRIES' kinds (not imported: --help stays quick)
+# dltrain.config.registry.REGISTRIES' kinds (not imported: --help stays quick)
 Kind = choices("Kind", "models", "datasets", "losses", "optimizers", "schedulers", "augmentations")
 
 
@@ -49,8 +49,8 @@ def evaluate(
 
       dltrain eval best.pt --split val --output reports/ --json
     """
-    from dltrain.evaluate import evaluate_checkpoint
-    from dltrain.progress import Progress
+    from dltrain.reporting.progress import Progress
+    from dltrain.training.evaluate import evaluate_checkpoint
 
     console = Console(stderr=True) if as_json else Console()
     report = evaluate_checkpoint(
@@ -77,8 +77,8 @@ def devices(as_json: bool = typer.Option(False, "--json", help="Print JSON for s
 
       dltrain devices --json
     """
-    from dltrain.devices import describe_devices
-    from dltrain.tables import devices_table
+    from dltrain.reporting.console_tables import devices_table
+    from dltrain.system.devices import describe_devices
 
     info = describe_devices()
     if as_json:
@@ -103,8 +103,8 @@ def check(
     """
     from rich.syntax import Syntax
 
+    from dltrain.config.recipe import load_recipe, to_yaml
     from dltrain.data.prepare import split_sources
-    from dltrain.recipe import load_recipe, to_yaml
 
     console = Console()
     resolved = load_recipe(recipe, overrides or [])
@@ -129,8 +129,8 @@ def list_components(
 
       dltrain list optimizers
     """
-    from dltrain.registry import REGISTRIES
-    from dltrain.tables import registry_table
+    from dltrain.config.registry import REGISTRIES
+    from dltrain.reporting.console_tables import registry_table
 
     console = Console()
     for name in [kind.value] if kind else list(REGISTRIES):
@@ -161,8 +161,8 @@ def runs(
 
       dltrain runs experiments/ --sort best_val_loss --json
     """
-    from dltrain.runs_table import list_runs
-    from dltrain.tables import runs_table
+    from dltrain.reporting.console_tables import runs_table
+    from dltrain.runs.listing import list_runs
 
     console = Console()
     if not console.is_terminal:  # piped: whole rows (the table is as wide as it needs), not 80

@@ -23,9 +23,9 @@ from rich.markup import escape
 from dltrain.commands import exit_stopped
 
 if TYPE_CHECKING:  # only for annotations: --help stays free of torch
-    from dltrain.interrupts import GracefulStop
-    from dltrain.recipe import Recipe
-    from dltrain.run_folder import RunFolder
+    from dltrain.config.recipe import Recipe
+    from dltrain.runs.folder import RunFolder
+    from dltrain.system.interrupts import GracefulStop
 
 NPROC_VARIABLE = "DLTRAIN_NPROC"  # set by fit --nproc for the processes it starts
 RUN_DIR_VARIABLE = "DLTRAIN_RUN_DIR"  # the run folder fit --nproc chose for its processes
@@ -101,12 +101,12 @@ def fit(
 
       torchrun --nproc-per-node 8 -m dltrain fit recipes/cifar10_resnet18.yaml
     """
-    from dltrain.interrupts import LAUNCHER_ECHO_SECONDS, GracefulStop
+    from dltrain.system.interrupts import LAUNCHER_ECHO_SECONDS, GracefulStop
 
     stop = GracefulStop()
     with stop:  # from here on a Ctrl-C is a request, never a KeyboardInterrupt inside torch's C++
-        from dltrain.distributed import world_from_environment
         from dltrain.errors import UserError
+        from dltrain.system.distributed import world_from_environment
 
         world = world_from_environment()
     stop.check(None, "while starting")
@@ -170,9 +170,9 @@ def planned_run(
     launcher chose; under torchrun started by hand (no launcher to choose for all processes)
     the folder is {name} itself, refused when it holds a different run.
     """
+    from dltrain.config.recipe import load_recipe
     from dltrain.data.paths import check_input_paths
-    from dltrain.recipe import load_recipe
-    from dltrain.run_folder import RunFolder, UnfinishedRun
+    from dltrain.runs.folder import RunFolder, UnfinishedRun
 
     recipe = load_recipe(recipe_path, overrides)
     check_input_paths(recipe.data.dataset_args)  # input problems first, then the run folder
@@ -204,7 +204,7 @@ def planned_run(
 
 
 def _launched() -> bool:
-    from dltrain.distributed import world_from_environment
+    from dltrain.system.distributed import world_from_environment
 
     return world_from_environment().launched
 
@@ -240,8 +240,8 @@ def _claim_version(
     """The version of the name to resume (--resume), or a free one for a new run, locked
     when `lock`. Two fits of one name started together each get their own: a folder another
     process locked first is skipped."""
-    from dltrain.run_folder import RunFolder, choose_version, versions
-    from dltrain.run_lock import RunInUse, in_use
+    from dltrain.runs.folder import RunFolder, choose_version, versions
+    from dltrain.runs.lock import RunInUse, in_use
 
     if resume is not None:
         candidates = [RunFolder(path) for _, path in reversed(versions(base.root))]
@@ -267,7 +267,7 @@ def _claim_version(
 
 def _lock(held: contextlib.ExitStack, run: RunFolder) -> None:
     """Hold the run folder's lock until `held` closes; finish or undo a save a crash cut short."""
-    from dltrain.run_lock import holding
+    from dltrain.runs.lock import holding
 
     held.enter_context(holding(run.root, "training"))
     run.recover()
@@ -302,10 +302,10 @@ def _train_one(
     plan: RunPlan, resume_command: str, console: Console, quiet: bool, stop: GracefulStop
 ) -> None:
     """Train the planned run with live progress; on a stop signal, say how to resume."""
-    from dltrain.engine import fit as run_fit
-    from dltrain.interrupts import Interrupted
-    from dltrain.progress import Progress
-    from dltrain.report import headline
+    from dltrain.reporting.progress import Progress
+    from dltrain.reporting.report import headline
+    from dltrain.system.interrupts import Interrupted
+    from dltrain.training.loop import fit as run_fit
 
     progress = Progress(console, quiet=quiet)
     try:
@@ -331,13 +331,13 @@ def _smoke(recipe_path: Path, overrides: list[str], console: Console, stop: Grac
     import tempfile
     import time
 
+    from dltrain.config.recipe import load_recipe
     from dltrain.data.paths import check_input_paths
-    from dltrain.engine import fit as run_fit
-    from dltrain.inference import load_for_inference
-    from dltrain.progress import Progress
-    from dltrain.recipe import load_recipe
-    from dltrain.run_folder import RunFolder
-    from dltrain.setup import per_process_batch_size
+    from dltrain.reporting.progress import Progress
+    from dltrain.runs.folder import RunFolder
+    from dltrain.training.build import per_process_batch_size
+    from dltrain.training.loop import fit as run_fit
+    from dltrain.use.inference import load_for_inference
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="dltrain-smoke-") as folder:
@@ -386,9 +386,9 @@ def _launch(
 ) -> None:
     """`fit --nproc N`: check the recipe here (errors once, not N times), then run torchrun's
     launcher on this machine with the same fit command; exits with the processes' code."""
-    from dltrain.distributed import world_from_environment
     from dltrain.errors import UserError
-    from dltrain.launch import launch_local
+    from dltrain.system.distributed import world_from_environment
+    from dltrain.system.launch import launch_local
 
     if nproc is None:
         raise UserError("--max-restarts needs --nproc N (or torchrun's own --max-restarts).")
@@ -439,11 +439,11 @@ def _cross_validate(
             "(finished folds are kept and an interrupted fold continues from its last.pt), or "
             "resume one fold: dltrain fit OUTPUT/NAME/fold-K/recipe.yaml --resume auto."
         )
-    from dltrain.crossval import CV_REPORT, cv_root, run_cross_validation
-    from dltrain.interrupts import Interrupted
-    from dltrain.progress import Progress
-    from dltrain.recipe import load_recipe
-    from dltrain.tables import cv_table
+    from dltrain.config.recipe import load_recipe
+    from dltrain.experiments.crossval import CV_REPORT, cv_root, run_cross_validation
+    from dltrain.reporting.console_tables import cv_table
+    from dltrain.reporting.progress import Progress
+    from dltrain.system.interrupts import Interrupted
 
     loaded = load_recipe(recipe, overrides)
     progress = Progress(console, quiet=quiet)

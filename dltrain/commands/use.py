@@ -82,11 +82,11 @@ def predict(
 
       dltrain predict runs/reverse/checkpoints/best.pt --text 3071
     """
-    from dltrain.checkpoint import refuse_replacing_a_checkpoint
-    from dltrain.inference import load_for_inference
-    from dltrain.memory import out_of_memory_is_a_run_failure
-    from dltrain.predict import check_predictions_path, predict_files, write_predictions
-    from dltrain.tables import outputs_table, predictions_table, top_classes_table
+    from dltrain.reporting.console_tables import outputs_table, predictions_table, top_classes_table
+    from dltrain.runs.checkpoint import refuse_replacing_a_checkpoint
+    from dltrain.system.out_of_memory import out_of_memory_is_a_run_failure
+    from dltrain.use.inference import load_for_inference
+    from dltrain.use.predict import check_predictions_path, predict_files, write_predictions
 
     console = Console(stderr=True) if as_json else Console()
     if output is not None:
@@ -144,7 +144,7 @@ def export(
 
       dltrain export best.pt --format torchscript --output model.pt
     """
-    from dltrain.export import export_checkpoint, summary
+    from dltrain.use.export import export_checkpoint, summary
 
     written, predictor = export_checkpoint(checkpoint, format.value, output, imports or [], force)
     Console().print(
@@ -183,9 +183,9 @@ def explain(
 
       dltrain explain best.pt cat.jpg --method gradcam --output cat-gradcam.png
     """
-    from dltrain.checkpoint import refuse_replacing_a_checkpoint
-    from dltrain.explain import default_output, explain_file, write_png
-    from dltrain.inference import load_for_inference
+    from dltrain.runs.checkpoint import refuse_replacing_a_checkpoint
+    from dltrain.use.explain import default_output, explain_file, write_png
+    from dltrain.use.inference import load_for_inference
 
     console = Console()
     target = output or default_output(image)

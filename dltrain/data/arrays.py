@@ -8,11 +8,11 @@ from typing import Literal
 
 import numpy as np
 
+from dltrain.config.registry import DATASETS
 from dltrain.data.base import ArraySplit, DatasetSplits
 from dltrain.data.paths import InputPath, existing_path
 from dltrain.data.tensors import to_tensor
 from dltrain.errors import UserError
-from dltrain.registry import DATASETS
 
 
 @DATASETS.register()

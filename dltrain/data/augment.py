@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from dltrain.config.registry import AUGMENTATIONS
 from dltrain.errors import UserError
-from dltrain.registry import AUGMENTATIONS
 
 Augment = Callable[[torch.Tensor], torch.Tensor]
 Probability = Annotated[float, Field(ge=0, le=1)]

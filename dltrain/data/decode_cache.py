@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dltrain.atomic import atomic_write, atomic_write_text
+from dltrain.system.atomic import atomic_write, atomic_write_text
 
 FORMAT = "1"  # part of every key: a new layout never reads an old entry
 CACHE_VARIABLE = "DLTRAIN_CACHE"

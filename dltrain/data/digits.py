@@ -7,8 +7,8 @@ from importlib import resources
 import numpy as np
 import torch
 
+from dltrain.config.registry import DATASETS
 from dltrain.data.base import ArraySplit, DatasetSplits
-from dltrain.registry import DATASETS
 
 
 @DATASETS.register()

@@ -23,12 +23,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 from rich.progress import Progress as RichProgress
 
+from dltrain.config.registry import DATASETS
 from dltrain.data import decode_cache
 from dltrain.data.base import ArraySplit, DatasetSplits
 from dltrain.data.paths import InputPath, existing_path
 from dltrain.data.splits import stratified_split
 from dltrain.errors import UserError
-from dltrain.registry import DATASETS
 
 # An image folder whose decoded uint8 pixels fit in this many bytes is decoded once up front.
 RESIDENT_LIMIT_BYTES = 256 * 1024**2

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from dltrain.data.base import ArraySplit, Split
 from dltrain.errors import UserError
-from dltrain.host import usable_cores
+from dltrain.system.host import usable_cores
 
 # On an accelerator, a split is kept resident when it takes at most this share of free memory.
 RESIDENT_MEMORY_SHARE = 0.4

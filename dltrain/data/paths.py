@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
+from dltrain.config.registry import INPUT_PATH
 from dltrain.errors import UserError
-from dltrain.registry import INPUT_PATH
 
 InputPath = Annotated[str, INPUT_PATH]
 
@@ -41,7 +41,7 @@ def existing_path(path: str, key: str, want_dir: bool | None = False) -> Path:
 def check_input_paths(dataset: dict) -> None:
     """Every file or folder the dataset section names exists: checked before the run folder
     (a mistyped path is the problem to report, not what the run folder holds)."""
-    from dltrain.registry import DATASETS
+    from dltrain.config.registry import DATASETS
 
     for key in DATASETS.path_arguments(dataset["name"]):
         if dataset.get(key):

@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 
+from dltrain.config.registry import AUGMENTATIONS
 from dltrain.data.augment import Augment
-from dltrain.registry import AUGMENTATIONS
 
 # Where the per-channel/feature statistics broadcast, by input kind.
 _STAT_SHAPES = {"image": (1, -1, 1, 1), "sequence": (1, 1, -1), "tabular": (1, -1)}

@@ -12,12 +12,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from dltrain.config.recipe import DataSection
+from dltrain.config.registry import DATASETS
 from dltrain.data.base import ArraySplit, DatasetSplits, Split
 from dltrain.data.splits import random_split, stratified_folds, stratified_split
 from dltrain.data.table_encoding import RawColumn, TableEncoding, fit_encoding
 from dltrain.errors import UserError
-from dltrain.recipe import DataSection
-from dltrain.registry import DATASETS
 
 STATS_SAMPLE = 4096  # lazily decoded splits: estimate normalisation from this many samples
 

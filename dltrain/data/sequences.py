@@ -13,9 +13,9 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from dltrain.config.registry import DATASETS
 from dltrain.data.base import ArraySplit, DatasetSplits
 from dltrain.errors import RecipeError
-from dltrain.registry import DATASETS
 
 # Seq2seq vocabularies. Source: <pad> 0, <unk> 1, digits 2..11. Target: <pad> 0, <bos> 1,
 # <eos> 2, digits 3..12 (the target vocabulary is the dataset's `classes`).

@@ -7,9 +7,9 @@ from typing import Annotated
 import torch
 from pydantic import Field
 
+from dltrain.config.registry import DATASETS
 from dltrain.data.base import ArraySplit, DatasetSplits
 from dltrain.errors import RecipeError
-from dltrain.registry import DATASETS
 
 
 @DATASETS.register()

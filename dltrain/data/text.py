@@ -27,10 +27,9 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from dltrain.config.registry import DATASETS
 from dltrain.data.base import ArraySplit, DatasetSplits
-from dltrain.data.paths import InputPath
-from dltrain.data.splits import stratified_split
-from dltrain.data.tables import (
+from dltrain.data.csv_tables import (
     QUOTE_THE_TEXTS,
     CsvTable,
     check_file_choice,
@@ -38,8 +37,9 @@ from dltrain.data.tables import (
     encode_labels,
     read_table,
 )
+from dltrain.data.paths import InputPath
+from dltrain.data.splits import stratified_split
 from dltrain.errors import UserError
-from dltrain.registry import DATASETS
 
 PAD, UNK = "<pad>", "<unk>"
 PAD_ID, UNK_ID = 0, 1

@@ -10,9 +10,9 @@ import numpy as np
 import torch
 from torchvision import datasets
 
+from dltrain.config.registry import DATASETS
 from dltrain.data.base import ArraySplit, DatasetSplits
 from dltrain.errors import UserError
-from dltrain.registry import DATASETS
 
 
 @dataclass(frozen=True)

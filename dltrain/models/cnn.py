@@ -7,9 +7,9 @@ from typing import Annotated, Literal
 from pydantic import Field, NonNegativeInt
 from torch import nn
 
+from dltrain.config.registry import MODELS
 from dltrain.errors import UserError
 from dltrain.models.inputs import refuse_sequences
-from dltrain.registry import MODELS
 
 _KERNEL = 5
 _POOL = 2

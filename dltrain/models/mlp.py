@@ -8,8 +8,8 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, Field
 from torch import nn
 
+from dltrain.config.registry import MODELS
 from dltrain.models.inputs import refuse_sequences
-from dltrain.registry import MODELS
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from dltrain.config.registry import MODELS
 from dltrain.models.cnn import require_image
-from dltrain.registry import MODELS
 
 _WIDTHS = (64, 128, 256, 512)
 _STRIDES = (1, 2, 2, 2)

@@ -34,8 +34,8 @@ from pydantic import Field
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from dltrain.config.registry import MODELS
 from dltrain.models.inputs import refuse_task, require_sequence
-from dltrain.registry import MODELS
 
 Cell = Literal["rnn", "lstm", "gru"]
 Positive = Annotated[int, Field(ge=1)]

@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from pydantic import Field, PositiveInt
 from torch import Tensor, nn
 
+from dltrain.config.registry import MODELS
 from dltrain.errors import UserError
 from dltrain.models.cnn import require_image
-from dltrain.registry import MODELS
 
 _PATCH = 2  # the whitening stem's kernel: 2×2 patches, 12 dimensions for RGB
 _POOLS = 3  # one 2×2 max-pool per conv group

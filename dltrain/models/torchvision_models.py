@@ -12,9 +12,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from dltrain.config.registry import MODELS
 from dltrain.errors import UserError
 from dltrain.models.cnn import require_image
-from dltrain.registry import MODELS
 
 # These return (logits, aux logits...) namedtuples in training mode; dltrain needs plain logits.
 _AUX_HEADS = frozenset({"googlenet", "inception_v3"})

@@ -35,9 +35,9 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
+from dltrain.config.registry import MODELS
 from dltrain.errors import UserError
 from dltrain.models.inputs import refuse_task, require_sequence
-from dltrain.registry import MODELS
 
 Positive = Annotated[int, Field(ge=1)]
 Dropout = Annotated[float, Field(ge=0, lt=1)]

@@ -1,0 +1,375 @@
+"""`csv`: tables (classification or regression) from CSV files, and the CSV table and label
+handling it shares.
+
+`read_table`, `CsvTable`, `class_names` and `encode_labels` also serve `text_csv`
+(dltrain.data.text), which reads and labels its CSV files the same way.
+"""
+
+from __future__ import annotations
+
+import csv as csvlib
+import functools
+import io
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+from pydantic import Field
+
+from dltrain.config.registry import DATASETS
+from dltrain.data.base import ArraySplit, DatasetSplits
+from dltrain.data.paths import InputPath, existing_path
+from dltrain.data.splits import random_split, stratified_split
+from dltrain.data.table_encoding import UNSEEN_CODE, RawColumn, is_missing
+from dltrain.data.tensors import to_tensor
+from dltrain.errors import UserError, did_you_mean
+
+
+@dataclass
+class CsvTable:
+    """A CSV file's header and non-blank rows, with each row's line number for messages."""
+
+    file: Path
+    key: str
+    header: list[str]
+    rows: list[list[str]]
+    lines: list[int]
+
+    def column(self, name: str, key: str) -> int:
+        """The index of a column, or a UserError listing the columns and the nearest one."""
+        if name not in self.header:
+            raise UserError(
+                f"{key}: column '{name}' not found in '{self.file}'. Columns: "
+                f"{', '.join(self.header)}.{did_you_mean(name, self.header)}"
+            )
+        return self.header.index(name)
+
+
+def check_file_choice(path: str | None, train: str | None, test: str | None) -> None:
+    """One file to carve a test split from, or a training file (with an optional test file);
+    a validation file (data.val) goes with either."""
+    if (path is None) == (train is None) or (test is not None and train is None):
+        raise UserError(
+            "data.path: set either data.path (one CSV file; a test split is carved from it) or "
+            "data.train (with an optional data.test), not both and not neither. A validation "
+            "file, data.val, goes with either."
+        )
+
+
+@DATASETS.register()
+def csv(
+    path: InputPath | None = None,
+    train: InputPath | None = None,
+    test: InputPath | None = None,
+    val: InputPath | None = None,
+    label: str = "label",
+    features: list[str] | None = None,
+    categorical: list[str] | None = None,
+    max_categories: Annotated[int, Field(ge=1)] = 100,
+    test_split: Annotated[float, Field(gt=0, lt=1)] = 0.2,
+    seed: int = 0,
+    task: str = "auto",
+) -> DatasetSplits:
+    """A table of features and one label column, from CSV files with a header row.
+
+    Give `path` (one file; a test split of `test_split` is carved with the run's seed,
+    stratified by class for classification) or `train` with an optional `test` file; `val`
+    adds a validation file to either (data.val_split is then not used). `label` names the
+    target column, `features` the input columns (default: every other column).
+
+    data.task auto reads the label column: text labels are classes; numbers with a fraction
+    (a price) are a regression target, and so are integers with more distinct values than
+    classes usually have (over 20, and over a tenth of the rows); integers that could be
+    either (class ids 0..K-1 with few rows each) are a question to answer with data.task.
+
+    Feature columns are numeric, or categorical when they hold text or are listed in
+    `categorical`; empty cells (or NA, N/A, NaN, null, None, ?) are missing. Preprocessing is
+    learned from the training split and stored in the checkpoint: numeric columns standardised,
+    missing values imputed (median / most frequent) with a `<column>_missing` indicator,
+    categorical columns one-hot over their `max_categories` most frequent values plus an
+    `<unknown>` bucket for values never seen in training.
+    """
+    check_file_choice(path, train, test)
+    main = read_table(path or train, "data.path" if path else "data.train")
+    names = _feature_names(main, label, features, categorical)
+    layout = _raw_layout(main, names, set(categorical or ()))
+    raw_labels = _label_values(main, label)
+    chosen = _task_of(main, label, raw_labels, task)
+    if chosen == "classification":
+        classes, numeric = class_names(raw_labels)
+        targets = functools.partial(encode_labels, classes=classes, numeric=numeric)
+    else:
+        classes, targets = [label], _regression_targets
+
+    def labelled(table: CsvTable) -> tuple[np.ndarray, np.ndarray]:
+        """A file's raw features (columns matched by name) and its encoded targets."""
+        return _raw_features(table, layout), targets(table, _label_values(table, label))
+
+    x, y = labelled(main)
+    if path is not None:
+        carve = stratified_split if chosen == "classification" else random_split
+        kept, carved = carve(y, test_split, seed)
+        train_part, test_part = (x[kept], y[kept]), (x[carved], y[carved])
+    else:
+        train_part = (x, y)
+        test_part = labelled(read_table(test, "data.test")) if test else None
+    val_part = labelled(read_table(val, "data.val")) if val else None
+    meta = {
+        "table_layout": {"columns": [asdict(c) for c in layout], "max_categories": max_categories}
+    }
+    return _tabular(classes, chosen, meta, train_part, test_part, val_part)
+
+
+def _tabular(
+    classes: list[str],
+    task: str,
+    meta: dict[str, Any],
+    train: tuple[np.ndarray, np.ndarray],
+    test: tuple[np.ndarray, np.ndarray] | None,
+    val: tuple[np.ndarray, np.ndarray] | None = None,
+) -> DatasetSplits:
+    """DatasetSplits of raw features (the table_encoding layout); an empty carved test split
+    becomes None (an empty validation file stays, to be named as empty)."""
+
+    def split(part: tuple[np.ndarray, np.ndarray]) -> ArraySplit:
+        # float64: raw values keep their digits until the encoding makes them float32 features
+        return ArraySplit(to_tensor(part[0]), to_tensor(part[1]))
+
+    return DatasetSplits(
+        kind="tabular",
+        classes=classes,
+        train=split(train),
+        test=split(test) if test and len(test[1]) else None,
+        val=split(val) if val else None,
+        task=task,
+        meta=meta,
+    )
+
+
+# What to do about a row of the wrong width, for plain tables and for texts
+FIX_THE_ROW = "Fix that row."
+QUOTE_THE_TEXTS = 'Quote texts that contain commas or line breaks ("like, this"), or fix that row.'
+
+
+def read_table(
+    path: str, key: str, row_hint: str = FIX_THE_ROW, columns_example: str = ""
+) -> CsvTable:
+    """Parse a UTF-8 CSV file with a header; rows must have as many values as the header.
+
+    Quoted cells may span lines (texts): a row's line is the one it starts on. Undecodable
+    bytes are reported with their line. `row_hint` says how to fix a row of the wrong width;
+    `columns_example` (e.g. " (e.g. text,label)") completes the message for a file without
+    a header or rows.
+    """
+    file = existing_path(path, key)
+    content = _utf8(file, key)
+    rows: list[list[str]] = []
+    lines: list[int] = []
+    reader = csvlib.reader(io.StringIO(content, newline=""))
+    try:
+        header = [name.strip() for name in next(reader, [])]
+        while True:
+            start = reader.line_num + 1  # a quoted text may span lines: report the first
+            row = next(reader, None)
+            if row is None:
+                break
+            if not any(cell.strip() for cell in row):
+                continue  # blank lines, often at the end of a file
+            if len(row) != len(header):
+                raise UserError(
+                    f"{key}: '{file}' line {start} has {len(row)} values but the header has "
+                    f"{len(header)} columns. {row_hint}"
+                )
+            rows.append(row)
+            lines.append(start)
+    except csvlib.Error as exc:
+        raise UserError(
+            f"{key}: cannot parse '{file}' as CSV near line {reader.line_num} ({exc}). Re-save "
+            "it as comma-separated values with a header row, texts quoted where needed."
+        ) from None
+    if not header or not rows:
+        raise UserError(
+            f"{key}: '{file}' has no {'header' if not header else 'data rows'}. Expected a "
+            f"header row naming the columns{columns_example}, then one row per sample."
+        )
+    return CsvTable(file, key, header, rows, lines)
+
+
+def _utf8(file: Path, key: str) -> str:
+    data = file.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise UserError(
+            f"{key}: '{file}' line {line} is not valid UTF-8 (byte {data[exc.start]:#04x} at "
+            f"offset {exc.start}). Re-save the file as UTF-8."
+        ) from None
+
+
+def _feature_names(
+    table: CsvTable, label: str, features: list[str] | None, categorical: list[str] | None
+) -> list[str]:
+    """The feature columns: the given ones (each must exist) or all except the label."""
+    table.column(label, "data.label")
+    if features is None:
+        names = [name for name in table.header if name != label]
+    else:
+        names = list(features)
+        for name in names:
+            table.column(name, "data.features")
+        if label in names:
+            raise UserError(f"data.features: lists the label column '{label}'. Remove it.")
+    if not names:
+        raise UserError(
+            f"data.features: '{table.file}' has no feature columns besides "
+            f"'{label}'. Add feature columns."
+        )
+    for name in categorical or ():
+        if name not in names:
+            raise UserError(
+                f"data.categorical: '{name}' is not a feature column (features: "
+                f"{', '.join(names)}).{did_you_mean(name, names)}"
+            )
+    return names
+
+
+def _number(cell: str) -> float | None:
+    """A cell's finite value, or None when it is not a finite number."""
+    try:
+        value = float(cell)
+    except ValueError:
+        return None
+    return value if np.isfinite(value) else None
+
+
+def _raw_layout(table: CsvTable, names: list[str], categorical: set[str]) -> list[RawColumn]:
+    """Each feature column's kind, read from the training file: categorical when listed in
+    data.categorical or when its values are mostly not numbers; a numeric column's odd
+    non-number is reported rather than turning the column categorical."""
+    layout = []
+    for name in names:
+        at = table.column(name, "data.features")
+        cells = [row[at].strip() for row in table.rows if not is_missing(row[at])]
+        numbers = sum(_number(cell) is not None for cell in cells)
+        if name in categorical or 2 * numbers < len(cells):
+            layout.append(RawColumn(name, "categorical", sorted(set(cells))))
+        else:
+            layout.append(RawColumn(name, "numeric"))
+    return layout
+
+
+def _raw_features(table: CsvTable, layout: list[RawColumn]) -> np.ndarray:
+    """N × columns float64 in the raw layout of dltrain.data.table_encoding: numbers, or
+    category codes (-1: a value the training file lacks); NaN for a missing cell."""
+    raw = np.empty((len(table.rows), len(layout)), dtype=np.float64)
+    for c, column in enumerate(layout):
+        at = table.column(column.name, "data.features")
+        codes = {value: code for code, value in enumerate(column.values)}
+        for r, row in enumerate(table.rows):
+            cell = row[at].strip()
+            if is_missing(cell):
+                raw[r, c] = np.nan
+            elif column.kind == "categorical":
+                raw[r, c] = codes.get(cell, UNSEEN_CODE)
+            elif (value := _number(cell)) is not None:
+                raw[r, c] = value
+            else:
+                raise UserError(
+                    f"{table.key}: '{table.file}' line {table.lines[r]}, column '{column.name}': "
+                    f"{cell!r} is not a finite number, and the column is numeric. Fix the "
+                    "value, leave the cell empty (a missing value), or list the column in "
+                    "data.categorical."
+                )
+    return raw
+
+
+def _label_values(table: CsvTable, label: str) -> list[str]:
+    """The label column's cells; an empty one is a UserError naming its line."""
+    at = table.column(label, "data.label")
+    raw = [row[at].strip() for row in table.rows]
+    for i, value in enumerate(raw):
+        if not value:
+            raise UserError(
+                f"data.label: '{table.file}' line {table.lines[i]} has an empty "
+                f"'{label}' value. Fill it in or drop the row."
+            )
+    return raw
+
+
+MANY_CLASSES = 20  # integer labels with more distinct values (and few rows each) are quantities
+
+
+def _task_of(table: CsvTable, label: str, raw: list[str], requested: str) -> str:
+    """The task the label column asks for (data.task auto), or the one the recipe names."""
+    if requested not in ("auto", "classification", "regression"):
+        raise UserError(
+            f"data.task: 'csv' tables are classification or regression; data.task={requested} "
+            "is not possible for them. Use data.task=auto."
+        )
+    if requested != "auto":
+        return requested
+    numbers = [_number(value) for value in raw]
+    if any(n is None for n in numbers):
+        return "classification"  # text labels are class names
+    if any(not n.is_integer() for n in numbers):
+        return "regression"
+    distinct = sorted({int(n) for n in numbers})
+    if len(distinct) <= max(MANY_CLASSES, len(raw) // 10):
+        return "classification"
+    if distinct == list(range(distinct[0], distinct[0] + len(distinct))) and distinct[0] in (0, 1):
+        raise UserError(
+            f"data.task: label '{label}' in '{table.file}' holds {len(distinct)} distinct "
+            f"integers ({distinct[0]}..{distinct[-1]}) over {len(raw)} rows: class ids with "
+            "few rows each, or a quantity? Set data.task: classification or data.task: "
+            "regression."
+        )
+    return "regression"
+
+
+def _regression_targets(table: CsvTable, raw: list[str]) -> np.ndarray:
+    """The label column as float32 targets; a cell that is not a number is a UserError."""
+    y = np.empty(len(raw), dtype=np.float32)
+    for i, value in enumerate(raw):
+        number = _number(value)
+        if number is None:
+            raise UserError(
+                f"data.label: '{table.file}' line {table.lines[i]} has label {value!r}, which "
+                "is not a finite number; a regression target must be one. Fix or drop the "
+                "row, or set data.task: classification."
+            )
+        y[i] = number
+    return y
+
+
+def class_names(raw: list[str]) -> tuple[list[str], bool]:
+    """Sorted unique labels (numerically when all are integers) and whether they are integers."""
+    try:
+        return [str(v) for v in sorted({int(v) for v in raw})], True
+    except ValueError:
+        return sorted(set(raw)), False
+
+
+def _canonical(label: str) -> str:
+    """An integer label in canonical form ('07' and '7' are the same class); others as is."""
+    try:
+        return str(int(label))
+    except ValueError:
+        return label
+
+
+def encode_labels(table: CsvTable, raw: list[str], classes: list[str], numeric: bool) -> np.ndarray:
+    """Class indices of the raw labels; a label absent from `classes` is a UserError."""
+    index = {name: i for i, name in enumerate(classes)}
+    y = np.empty(len(raw), dtype=np.int64)
+    for i, value in enumerate(raw):
+        key = _canonical(value) if numeric else value
+        if key not in index:
+            raise UserError(
+                f"{table.key}: '{table.file}' line {table.lines[i]} has label '{value}', which "
+                f"is not in the training data (classes: {', '.join(classes)}). Drop those rows "
+                "or add examples of that class to the training file."
+            )
+        y[i] = index[key]
+    return y

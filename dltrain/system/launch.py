@@ -1,0 +1,83 @@
+"""`dltrain fit --nproc N`: torchrun's own launcher, started from dltrain on one machine.
+
+It is torch.distributed.run (the code behind `torchrun`) with a standalone rendezvous, so the
+processes are exactly those `torchrun --standalone --nproc-per-node N -m dltrain fit ...` starts.
+What it adds: a thread count per process that shares the CPU instead of oversubscribing it,
+quiet launcher logs (each process prints its own errors), and torchrun's failure summary
+turned into one line and the failed process's exit code.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import tempfile
+
+from rich.console import Console
+
+from dltrain.system.host import usable_cores
+
+
+def launch_local(nproc: int, fit_args: list[str], max_restarts: int = 0) -> int:
+    """Run `dltrain <fit_args>` in `nproc` processes under torchrun's launcher; its exit code."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, usable_cores() // nproc)))
+    _quiet_launcher_logs()
+    # torchrun makes a log folder per run in the system temp folder and leaves it there; its
+    # files hold nothing the processes do not print, so it goes when the launch ends
+    with tempfile.TemporaryDirectory(prefix="dltrain-torchrun-") as logs:
+        args = get_args_parser().parse_args(
+            [
+                "--standalone",
+                f"--nproc-per-node={nproc}",
+                f"--max-restarts={max_restarts}",
+                f"--log-dir={logs}",
+                "--module",
+                "dltrain",
+                *fit_args,
+            ]
+        )
+        try:
+            run(args)
+        except ChildFailedError as failed:
+            return _report_failure(failed)
+        except SignalException as stopped:  # Ctrl-C / SIGTERM: forwarded; the processes save
+            return 128 + int(stopped.sigval)
+    return 0
+
+
+def _quiet_launcher_logs() -> None:
+    # torchrun's modules set their own logger levels when imported; the processes print what
+    # matters (and _report_failure what they could not)
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def _report_failure(failed) -> int:
+    """The exit code of the process that failed first (the others were stopped because of it),
+    and one line for it when it died without a word of its own (a signal, os._exit)."""
+    rank, failure = failed.get_first_failure()
+    code = failure.exitcode
+    if code in SPEAKING_EXIT_CODES:
+        return code  # dltrain printed the error itself
+    if code < 0:
+        sig = -code
+        name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else sig
+        how, code = f"was killed by {name}", 128 + sig
+    else:
+        how = f"exited with code {code}"
+    Console(stderr=True).print(
+        f"[bold red]error:[/] process rank {rank} {how}; the other processes were "
+        "stopped. Last saved progress resumes with --resume auto.",
+        highlight=False,
+        soft_wrap=True,
+    )
+    return code
+
+
+SPEAKING_EXIT_CODES = (1, 2, 130, 143)  # dltrain's own exits, which print their reason

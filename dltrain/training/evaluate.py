@@ -1,0 +1,147 @@
+"""Evaluation: a model's loss and measures over a split, and the report on a checkpoint.
+
+`evaluate` is the pass the fit loop runs on the validation split every epoch; `report_on_split`
+evaluates the final (best) model and writes report.json/.md with the plots; `evaluate_checkpoint`
+is `dltrain eval`: a setup rebuilt from the checkpoint alone, then the same report.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dltrain.config.recipe import import_for_checkpoint, resolve_with_context
+from dltrain.data.loaders import Batches
+from dltrain.errors import UserError
+from dltrain.reporting.progress import Progress
+from dltrain.runs.checkpoint import load_checkpoint, load_weights, which_weights
+from dltrain.runs.folder import RunFolder
+from dltrain.runs.lock import holding_enclosing_run
+from dltrain.system.out_of_memory import out_of_memory_is_a_run_failure
+from dltrain.training.build import Setup, build_setup, split_batches
+from dltrain.training.tasks import Evaluation
+from dltrain.training.tta import with_tta
+
+
+def evaluate(
+    model,
+    batches: Batches,
+    s: Setup,
+    keep_scores: bool = False,
+    between_batches: Callable[[], None] | None = None,
+) -> Evaluation:
+    """Loss and the task's measures over a split, every sample counted once (over all processes
+    under DDP); class scores on request (for AUROC, average precision, top-k: the final report,
+    not every epoch). `between_batches` runs after each batch (e.g. a stop request's check)."""
+    model.eval()
+    accumulator = s.task.evaluator(s.data.num_classes, s.device, keep_scores)
+    # torch_xla's lazy tensors do not support inference mode; no_grad is its equivalent there
+    with torch.no_grad() if s.device.type == "xla" else torch.inference_mode():
+        for i, (x, y) in enumerate(batches.epoch(0)):
+            with s.precision.autocast():
+                accumulator.update(model, s.pipeline.eval(x), y, s.loss_fn, batches.real_rows(i))
+            s.end_step()
+            if between_batches is not None:
+                between_batches()
+        return accumulator.result(s.world)
+
+
+def evaluate_checkpoint(
+    checkpoint_path: Path,
+    output: Path | None,
+    progress: Progress,
+    split: str | None = None,
+    device: str | None = None,
+    overrides: list[str] = (),
+    imports: list[str] = (),
+    force: bool = False,
+) -> dict:
+    """Rebuild the checkpoint's setup, load its weights, and report on a split.
+
+    The report goes to `output` (default: eval-SPLIT beside the checkpoint), with
+    confusion_matrix.png. The user's own components come from `imports` (the command line),
+    never from the checkpoint. An `output` folder that holds a training run is refused unless
+    `force` (its report would be replaced).
+    """
+    if output is not None:
+        _refuse_replacing_a_run(Path(output), force)
+    checkpoint = load_checkpoint(checkpoint_path)
+    source = f"checkpoint {checkpoint_path}"
+    saved = dict(checkpoint["recipe"])
+    saved["imports"] = import_for_checkpoint(saved, list(imports), source)
+    recipe = resolve_with_context(saved, list(overrides), source)
+    setup = build_setup(recipe, device, meta=checkpoint["data_meta"])
+    load_weights(setup.model, checkpoint, checkpoint_path, built_from=recipe.model)
+    held = which_weights(checkpoint)
+    return report_on_split(setup, checkpoint_path, output, progress, split, held=held)
+
+
+def report_split(splits: Collection[str]) -> str:
+    """The split a report is on by default: test; else val; else (data with neither, e.g. a
+    final model trained on everything) the training data itself, labelled as such."""
+    return next(name for name in ("test", "val", "train") if name in splits)
+
+
+def report_on_split(
+    s: Setup,
+    checkpoint_path: Path,
+    output: Path | None,
+    progress: Progress,
+    split: str | None = None,
+    history: list[dict[str, Any]] | None = None,
+    between_batches: Callable[[], None] | None = None,
+    held: dict[str, Any] | None = None,
+) -> dict:
+    """Evaluate s.model (with eval.tta's views, if any) on a split and (rank 0) write
+    report.json/.md and the plots; curves.png too when the training `history` is given. `held`
+    says which weights these are (their epoch, and what made them the best: `which_weights`)."""
+    from dltrain.reporting.report import write_report
+
+    split = split or report_split(s.data.splits)
+    if split not in s.data.splits:
+        raise UserError(
+            f"this dataset has no '{split}' split; choose one of: {', '.join(s.data.splits)}."
+        )
+    output = output or Path(checkpoint_path).parent / f"eval-{split}"
+    progress.evaluating(split, len(s.data.splits[split]))
+    batches = split_batches(s, split, shuffle=False)
+    with out_of_memory_is_a_run_failure(
+        s.device, s.recipe, s.precision.name, eval_batch_size=batches.batch_size
+    ):
+        model = with_tta(s.model, s.recipe.eval.tta, s.data.model_kind)
+        result = evaluate(model, batches, s, keep_scores=True, between_batches=between_batches)
+    report = {
+        "split": split,
+        "checkpoint": _relative(checkpoint_path, output),
+        **(held or {}),
+        "task": s.task.name,
+        "loss": result.loss,
+        **s.task.report(result, s.data.classes),
+    }
+    progress.evaluated(report)
+    if s.world.is_main:
+        with holding_enclosing_run(output, "writing a report"):
+            write_report(output, report, history=history, title=s.recipe.name)
+    progress.report(report)
+    return report
+
+
+def _refuse_replacing_a_run(output: Path, force: bool) -> None:
+    if output.exists() and not output.is_dir():
+        raise UserError(f"--output {output} is a file; give a folder for report.json/.md.")
+    if RunFolder(output).holds_a_run() and not force:
+        raise UserError(
+            f"--output {output} holds a training run: this evaluation would replace its "
+            "report.json and plots. Choose another folder (by default the report goes to "
+            "eval-SPLIT beside the checkpoint), or add --force."
+        )
+
+
+def _relative(path: Path, base: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(Path(base).resolve()))
+    except ValueError:
+        return str(path)
