@@ -88,7 +88,8 @@ from loops import (  # noqa: E402
 )
 from rich.console import Console  # noqa: E402
 
-from dltrain.config.recipe import Recipe, load_recipe, resolve_with_context  # noqa: E402
+from dltrain.config.loading import load_recipe, resolve_with_context  # noqa: E402
+from dltrain.config.schema import Recipe  # noqa: E402
 from dltrain.data.loaders import default_workers  # noqa: E402
 from dltrain.data.synthetic import synthetic  # noqa: E402
 from dltrain.models.cnn import seed_cnn  # noqa: E402

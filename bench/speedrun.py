@@ -51,7 +51,7 @@ sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 
 from rich.console import Console  # noqa: E402
 
-from dltrain.config.recipe import load_recipe  # noqa: E402
+from dltrain.config.loading import load_recipe  # noqa: E402
 from dltrain.errors import DltrainError  # noqa: E402
 from dltrain.reporting.progress import Progress  # noqa: E402
 from dltrain.runs.folder import RunFolder  # noqa: E402

@@ -41,6 +41,15 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     return f" Did you mean '{close[0]}'?" if close else ""
 
 
+def first_line(exc: BaseException, with_type: bool = False) -> str:
+    """An exception's message cut to its first line, for a one-line message (its type's name
+    when it says nothing; `with_type`: 'ValueError: …')."""
+    text = str(exc).strip()
+    if not text:
+        return type(exc).__name__
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if with_type else text.splitlines()[0]
+
+
 class RecipeError(UserError):
     """A problem at one key path of a recipe; recipe.py adds the file and line to the message."""
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from dltrain.config.recipe import Recipe, resolve_with_context
+from dltrain.config.loading import resolve_with_context
+from dltrain.config.schema import Recipe
 from dltrain.reporting.progress import Progress
 from dltrain.runs.folder import RunFolder
 from dltrain.training.loop import fit

@@ -16,7 +16,8 @@ import sys
 import pytest
 import yaml
 
-from dltrain.config.recipe import load_recipe, resolve
+from dltrain.config.loading import load_recipe
+from dltrain.config.schema import resolve
 
 from as_user import HELP_PROBE, QUICKSTART, assert_user_error, dltrain
 

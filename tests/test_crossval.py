@@ -19,19 +19,16 @@ import yaml
 from typer.testing import CliRunner
 
 from dltrain.cli import app
-from dltrain.config.recipe import load_recipe, resolve_with_context, to_yaml
+from dltrain.config.loading import load_recipe, resolve_with_context
 from dltrain.config.registry import DATASETS
+from dltrain.config.schema import to_yaml
 from dltrain.data.prepare import prepare_data
 from dltrain.data.splits import stratified_folds
 from dltrain.errors import UserError
 from dltrain.experiments import crossval
-from dltrain.experiments.crossval import (
-    fold_recipes,
-    report_scalars,
-    run_cross_validation,
-    summarize_folds,
-)
-from dltrain.runs.listing import best_val_metrics, read_metrics
+from dltrain.experiments.crossval import fold_recipes, run_cross_validation, summarize_folds
+from dltrain.reporting.report import report_scalars
+from dltrain.runs.metrics_csv import best_val_metrics, read_metrics
 from dltrain.training.evaluate import evaluate_checkpoint
 
 from as_user import QUICKSTART, dltrain

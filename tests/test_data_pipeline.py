@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dltrain.config.recipe import resolve
 from dltrain.config.registry import AUGMENTATIONS, DATASETS
+from dltrain.config.schema import resolve
 from dltrain.data import prepare as prepare_module
 from dltrain.data.base import ArraySplit
 from dltrain.data.loaders import ResidentBatches, WorkerBatches, epoch_permutation, make_batches

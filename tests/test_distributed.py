@@ -24,14 +24,15 @@ import pytest
 import torch
 import yaml
 
-from dltrain.config.recipe import resolve
+from dltrain.config.schema import resolve
 from dltrain.data.base import ArraySplit
 from dltrain.data.loaders import EpochSampler, ResidentBatches, Shard, WorkerBatches
 from dltrain.errors import UserError
 from dltrain.runs.folder import RunFolder
 from dltrain.system.distributed import World, backend_for, process_device, world_from_environment
-from dltrain.training.build import build_setup, per_process_batch_size, training_modules
+from dltrain.training.build import build_setup, per_process_batch_size
 from dltrain.training.evaluate import evaluate_checkpoint
+from dltrain.training.wrapping import training_modules
 
 from runs import make_recipe, metric_rows, quiet, train, weights
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dltrain.config.recipe import EmaSettings, load_recipe
+from dltrain.config.loading import load_recipe
+from dltrain.config.schema import EmaSettings
 from dltrain.errors import UserError
 from dltrain.runs.checkpoint import load_checkpoint
 from dltrain.runs.folder import RunFolder

@@ -25,7 +25,8 @@ from sklearn.metrics import (
 from dltrain.errors import RunFailure, UserError
 from dltrain.reporting.progress import Progress
 from dltrain.runs.checkpoint import load_checkpoint
-from dltrain.runs.folder import METRIC_COLUMNS, RunFolder
+from dltrain.runs.folder import RunFolder
+from dltrain.runs.metrics_csv import METRIC_COLUMNS
 from dltrain.system.atomic import atomic_write, atomic_write_text
 from dltrain.training import loop
 from dltrain.training.build import build_setup

@@ -17,7 +17,8 @@ import pytest
 import torch
 import yaml
 
-from dltrain.config.recipe import load_recipe, to_yaml
+from dltrain.config.loading import load_recipe
+from dltrain.config.schema import to_yaml
 
 from as_user import QUICKSTART, dltrain, words
 

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dltrain.config.recipe import load_recipe, resolve, to_yaml
+from dltrain.config.loading import load_recipe
 from dltrain.config.registry import MODELS
+from dltrain.config.schema import resolve, to_yaml
 from dltrain.errors import UserError
 
 from as_user import dltrain, words

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dltrain.config.recipe import load_recipe, resolve_with_context
+from dltrain.config.loading import load_recipe, resolve_with_context
 from dltrain.errors import UserError
 from dltrain.experiments.lr_find import LrFindResult, find_lr, write_lr_find
 from dltrain.runs.folder import RunFolder

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from dltrain.config.recipe import load_recipe
+from dltrain.config.loading import load_recipe
 from dltrain.config.registry import OPTIMIZERS, SCHEDULERS
 from dltrain.errors import RecipeError
 from dltrain.experiments.lr_find import find_lr

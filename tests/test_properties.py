@@ -17,18 +17,11 @@ import yaml
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
-from dltrain.config.recipe import (
-    DataSection,
-    Recipe,
-    TrainSection,
-    apply_overrides,
-    parse_override,
-    parse_yaml,
-    resolve,
-    resolve_with_context,
-    to_yaml,
-)
+from dltrain.config.loading import resolve_with_context
+from dltrain.config.overrides import apply_overrides, parse_override
 from dltrain.config.registry import REGISTRIES
+from dltrain.config.schema import DataSection, Recipe, TrainSection, resolve, to_yaml
+from dltrain.config.yaml_text import parse_yaml
 from dltrain.errors import UserError
 
 from as_user import QUICKSTART

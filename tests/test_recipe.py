@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dltrain.config.recipe import apply_overrides, load_recipe, resolve, to_yaml
+from dltrain.config.loading import load_recipe
+from dltrain.config.overrides import apply_overrides
+from dltrain.config.schema import resolve, to_yaml
 from dltrain.errors import UserError
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"

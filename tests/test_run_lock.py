@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dltrain.config.recipe import Recipe, to_yaml
+from dltrain.config.schema import Recipe, to_yaml
 from dltrain.errors import UserError
 from dltrain.runs.folder import RunFolder, choose_version
 from dltrain.runs.lock import holding, lock_path

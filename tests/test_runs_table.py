@@ -16,14 +16,8 @@ from typer.testing import CliRunner
 
 from dltrain.cli import app
 from dltrain.runs.folder import RunFolder
-from dltrain.runs.listing import (
-    COLUMNS,
-    find_runs,
-    list_runs,
-    read_metrics,
-    sort_runs,
-    summarize_run,
-)
+from dltrain.runs.listing import COLUMNS, find_runs, list_runs, sort_runs, summarize_run
+from dltrain.runs.metrics_csv import read_metrics
 
 from runs import TABULAR, metric_rows, train
 

@@ -153,7 +153,7 @@ def test_two_processes_share_one_study_without_duplicate_trials(tmp_path):
 
 
 def test_every_shipped_search_space_fits_its_recipe():
-    from dltrain.experiments.sweep import check_space, load_space
+    from dltrain.experiments.sweep_space import check_space, load_space
 
     root = Path(__file__).resolve().parents[1] / "recipes"
     spaces = sorted((root / "spaces").glob("*.yaml"))

@@ -17,7 +17,7 @@ from sklearn.datasets import load_diabetes
 from sklearn.linear_model import LinearRegression
 from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
 
-from dltrain.config.recipe import Recipe
+from dltrain.config.schema import Recipe
 from dltrain.data import csv_tables
 from dltrain.data.prepare import prepare_data
 from dltrain.data.table_encoding import RawColumn, TableEncoding, fit_encoding

@@ -219,7 +219,7 @@ BOMB = "".join(
 
 
 def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path):
-    from dltrain.config.recipe import load_recipe
+    from dltrain.config.loading import load_recipe
 
     path = tmp_path / "bomb.yaml"
     path.write_text(BOMB + "data: {name: digits}\nmodel: mlp\ntrain: {epochs: *h}\n")
@@ -235,7 +235,7 @@ def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path):
 
 
 def test_a_recipe_that_is_not_a_small_regular_file_is_refused(tmp_path):
-    from dltrain.config.recipe import MAX_RECIPE_BYTES, load_recipe
+    from dltrain.config.loading import MAX_RECIPE_BYTES, load_recipe
 
     with pytest.raises(UserError, match="not a regular file"):
         load_recipe("/dev/zero")

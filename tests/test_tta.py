@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from dltrain.config.recipe import Recipe
+from dltrain.config.schema import Recipe
 from dltrain.errors import UserError
 from dltrain.runs.checkpoint import load_checkpoint
 from dltrain.training.build import build_setup

@@ -94,8 +94,9 @@ def sweep(
 
       dltrain sweep recipe.yaml space.yaml --trials 50 --storage postgresql://host/db
     """
-    from dltrain.experiments.sweep import open_sweep, run_sweep
+    from dltrain.experiments.sweep import run_sweep
     from dltrain.experiments.sweep_report import REPORT_JSON
+    from dltrain.experiments.sweep_study import open_sweep
     from dltrain.reporting.progress import Progress
     from dltrain.system.interrupts import GracefulStop, Interrupted
 
@@ -156,7 +157,7 @@ def lr_find(
 
       dltrain lr-find recipes/sms_spam_transformer.yaml --steps 200 --output lr/
     """
-    from dltrain.config.recipe import load_recipe
+    from dltrain.config.loading import load_recipe
     from dltrain.experiments.lr_find import find_lr, write_lr_find
 
     loaded = load_recipe(recipe, overrides or [])

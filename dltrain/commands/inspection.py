@@ -103,7 +103,8 @@ def check(
     """
     from rich.syntax import Syntax
 
-    from dltrain.config.recipe import load_recipe, to_yaml
+    from dltrain.config.loading import load_recipe
+    from dltrain.config.schema import to_yaml
     from dltrain.data.prepare import split_sources
 
     console = Console()

@@ -1,18 +1,15 @@
 """`dltrain fit`: one run, data-parallel runs (--nproc) and k-fold cross-validation (--folds).
 
 The pre-run checks (recipe, run folder free and writable, the checkpoint to resume) are
-`planned_run`, used alike by a single run (under the run folder's lock) and by the launcher
-before it starts the processes.
+runs/planning.py's `planned_run`, used alike by a single run (under the run folder's lock) and
+by the launcher before it starts the processes.
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import shlex
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,12 +20,10 @@ from rich.markup import escape
 from dltrain.commands import exit_stopped
 
 if TYPE_CHECKING:  # only for annotations: --help stays free of torch
-    from dltrain.config.recipe import Recipe
-    from dltrain.runs.folder import RunFolder
+    from dltrain.runs.planning import RunPlan
     from dltrain.system.interrupts import GracefulStop
 
 NPROC_VARIABLE = "DLTRAIN_NPROC"  # set by fit --nproc for the processes it starts
-RUN_DIR_VARIABLE = "DLTRAIN_RUN_DIR"  # the run folder fit --nproc chose for its processes
 LOG_EVERY_VARIABLE = "DLTRAIN_LOG_EVERY"  # progress.py reads it (not imported: --help is fast)
 OVERRIDES_HELP = "KEY=VALUE overrides with dotted keys, VALUE parsed as YAML (train.epochs=3)."
 
@@ -106,6 +101,7 @@ def fit(
     stop = GracefulStop()
     with stop:  # from here on a Ctrl-C is a request, never a KeyboardInterrupt inside torch's C++
         from dltrain.errors import UserError
+        from dltrain.runs.planning import planned_run
         from dltrain.system.distributed import world_from_environment
 
         world = world_from_environment()
@@ -138,164 +134,6 @@ def fit(
         ) as plan,
     ):
         _train_one(plan, again, console, quiet, stop)
-
-
-@dataclass
-class RunPlan:
-    """A checked recipe, its run folder and the checkpoint to resume from (if any)."""
-
-    recipe: Recipe
-    run: RunFolder
-    checkpoint: Path | None
-
-
-@contextlib.contextmanager
-def planned_run(
-    recipe_path: Path,
-    overrides: list[str],
-    resume: str | None,
-    force: bool,
-    console: Console | None,
-    resume_command: str,
-    check: bool = True,
-    lock: bool = True,
-) -> Iterator[RunPlan]:
-    """The checks before any work, under the run folder's lock when `lock` (held until the
-    block ends): load the recipe, choose the run folder and what to resume, and refuse (exit 2)
-    what would lose work or cannot be written.
-
-    A new run goes to {output}/{name}, or to the next {name}-N when that holds another run
-    (`choose_version`); --resume continues a version of the name (auto: the newest with a
-    last.pt); --force replaces {name}. Processes started by `fit --nproc` use the folder their
-    launcher chose; under torchrun started by hand (no launcher to choose for all processes)
-    the folder is {name} itself, refused when it holds a different run.
-    """
-    from dltrain.config.recipe import load_recipe
-    from dltrain.data.paths import check_input_paths
-    from dltrain.runs.folder import RunFolder, UnfinishedRun
-
-    recipe = load_recipe(recipe_path, overrides)
-    check_input_paths(recipe.data.dataset_args)  # input problems first, then the run folder
-    chosen = os.environ.get(RUN_DIR_VARIABLE)
-    base = RunFolder(Path(chosen)) if chosen else RunFolder.for_recipe(recipe)
-    versioned = not chosen and not force and check and not _launched()
-    with contextlib.ExitStack() as held:
-        try:
-            if versioned:
-                run, checkpoint = _claim_version(held, base, recipe, resume, console, lock)
-            else:
-                run, checkpoint = _claim_named(
-                    held, base, recipe, resume, force, console, check, lock
-                )
-                if check and not checkpoint and not force and run.unfinished():
-                    raise UnfinishedRun(run)
-        except UnfinishedRun as unfinished:  # say how to continue it, with this command
-            raise UnfinishedRun(unfinished.run, resume_command) from None
-        aside = None
-        if check:
-            run.ensure_writable()  # an unwritable output is wrong input (2), before training
-            if force and lock and checkpoint is None:
-                aside = run.set_aside()  # the new run starts in an empty folder
-        try:
-            yield RunPlan(recipe, run, checkpoint)
-        finally:
-            if aside is not None:
-                run.settle_replacement(aside)
-
-
-def _launched() -> bool:
-    from dltrain.system.distributed import world_from_environment
-
-    return world_from_environment().launched
-
-
-def _claim_named(
-    held: contextlib.ExitStack,
-    run: RunFolder,
-    recipe: Recipe,
-    resume: str | None,
-    force: bool,
-    console: Console | None,
-    check: bool,
-    lock: bool,
-) -> tuple[RunFolder, Path | None]:
-    """{name} itself (--force, torchrun by hand, a launcher's choice): locked, recovered, and
-    refused when it holds a different run (unless --force or resuming)."""
-    if lock:
-        _lock(held, run)
-    checkpoint = _resume_path(resume, [run], console)
-    if check:
-        run.check_free_for(recipe, force, resuming=checkpoint is not None)
-    return run, checkpoint
-
-
-def _claim_version(
-    held: contextlib.ExitStack,
-    base: RunFolder,
-    recipe: Recipe,
-    resume: str | None,
-    console: Console | None,
-    lock: bool,
-) -> tuple[RunFolder, Path | None]:
-    """The version of the name to resume (--resume), or a free one for a new run, locked
-    when `lock`. Two fits of one name started together each get their own: a folder another
-    process locked first is skipped."""
-    from dltrain.runs.folder import RunFolder, choose_version, versions
-    from dltrain.runs.lock import RunInUse, in_use
-
-    if resume is not None:
-        candidates = [RunFolder(path) for _, path in reversed(versions(base.root))]
-        checkpoint = _resume_path(resume, candidates or [base], console)
-        if checkpoint is not None:
-            run = _version_holding(checkpoint, candidates) or base
-            if lock:
-                _lock(held, run)
-            return run, checkpoint
-    skipped: set[Path] = set()
-    while True:
-        run, note = choose_version(base.root, recipe, lambda p: p in skipped or in_use(p))
-        try:
-            if lock:
-                _lock(held, run)
-        except RunInUse:  # another fit took it between the choice and the lock
-            skipped.add(run.root)
-            continue
-        if note and console is not None:
-            console.print(note, markup=False, highlight=False, soft_wrap=True)
-        return run, None
-
-
-def _lock(held: contextlib.ExitStack, run: RunFolder) -> None:
-    """Hold the run folder's lock until `held` closes; finish or undo a save a crash cut short."""
-    from dltrain.runs.lock import holding
-
-    held.enter_context(holding(run.root, "training"))
-    run.recover()
-
-
-def _version_holding(checkpoint: Path, candidates: list[RunFolder]) -> RunFolder | None:
-    """The run folder among `candidates` that a checkpoint lies in (checkpoints/*.pt)."""
-    folder = Path(checkpoint).absolute().parent.parent
-    return next((run for run in candidates if run.root.absolute() == folder), None)
-
-
-def _resume_path(
-    resume: str | None, candidates: list[RunFolder], console: Console | None
-) -> Path | None:
-    """The checkpoint to resume: a given path, or for 'auto' the last.pt of the first
-    candidate that has one (the newest version of the name)."""
-    if resume is None:
-        return None
-    if resume != "auto":
-        return Path(resume)
-    for run in candidates:
-        if run.last_path.exists():
-            return run.last_path
-    if console is not None:
-        console.print(
-            f"no checkpoint at {candidates[0].last_path} yet: starting a new run", markup=False
-        )
-    return None
 
 
 def _train_one(
@@ -331,7 +169,7 @@ def _smoke(recipe_path: Path, overrides: list[str], console: Console, stop: Grac
     import tempfile
     import time
 
-    from dltrain.config.recipe import load_recipe
+    from dltrain.config.loading import load_recipe
     from dltrain.data.paths import check_input_paths
     from dltrain.reporting.progress import Progress
     from dltrain.runs.folder import RunFolder
@@ -387,6 +225,7 @@ def _launch(
     """`fit --nproc N`: check the recipe here (errors once, not N times), then run torchrun's
     launcher on this machine with the same fit command; exits with the processes' code."""
     from dltrain.errors import UserError
+    from dltrain.runs.planning import RUN_DIR_VARIABLE, planned_run
     from dltrain.system.distributed import world_from_environment
     from dltrain.system.launch import launch_local
 
@@ -439,7 +278,7 @@ def _cross_validate(
             "(finished folds are kept and an interrupted fold continues from its last.pt), or "
             "resume one fold: dltrain fit OUTPUT/NAME/fold-K/recipe.yaml --resume auto."
         )
-    from dltrain.config.recipe import load_recipe
+    from dltrain.config.loading import load_recipe
     from dltrain.experiments.crossval import CV_REPORT, cv_root, run_cross_validation
     from dltrain.reporting.console_tables import cv_table
     from dltrain.reporting.progress import Progress

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv as csvlib
 import functools
 import io
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -96,11 +97,7 @@ def csv(
     layout = _raw_layout(main, names, set(categorical or ()))
     raw_labels = _label_values(main, label)
     chosen = _task_of(main, label, raw_labels, task)
-    if chosen == "classification":
-        classes, numeric = class_names(raw_labels)
-        targets = functools.partial(encode_labels, classes=classes, numeric=numeric)
-    else:
-        classes, targets = [label], _regression_targets
+    classes, targets = _label_encoding(chosen, label, raw_labels)
 
     def labelled(table: CsvTable) -> tuple[np.ndarray, np.ndarray]:
         """A file's raw features (columns matched by name) and its encoded targets."""
@@ -119,6 +116,17 @@ def csv(
         "table_layout": {"columns": [asdict(c) for c in layout], "max_categories": max_categories}
     }
     return _tabular(classes, chosen, meta, train_part, test_part, val_part)
+
+
+def _label_encoding(
+    task: str, label: str, raw_labels: list[str]
+) -> tuple[list[str], Callable[[CsvTable, list[str]], np.ndarray]]:
+    """The classes, and how a file's raw labels become targets: class indices over the main
+    file's classes, or for regression the numbers themselves (one output, named `label`)."""
+    if task == "classification":
+        classes, numeric = class_names(raw_labels)
+        return classes, functools.partial(encode_labels, classes=classes, numeric=numeric)
+    return [label], _regression_targets
 
 
 def _tabular(

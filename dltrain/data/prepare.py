@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from dltrain.config.recipe import DataSection
 from dltrain.config.registry import DATASETS
+from dltrain.config.schema import DataSection
 from dltrain.data.base import ArraySplit, DatasetSplits, Split
 from dltrain.data.splits import random_split, stratified_folds, stratified_split
 from dltrain.data.table_encoding import RawColumn, TableEncoding, fit_encoding
@@ -101,6 +101,38 @@ def prepare_data(
             f"data.as_sequence: rows turns images into sequences, but '{data.name}' gives "
             f"{loaded.kind} input; remove data.as_sequence."
         )
+    splits = _assign_splits(data, loaded, task, seed)
+    extra = dict(loaded.meta)
+    layout = extra.pop("table_layout", None)
+    if layout is not None:  # a table: features encoded as learned from the train split
+        encoding = _table_encoding(layout, splits["train"], meta)
+        splits = {name: _encoded(split, encoding, layout) for name, split in splits.items()}
+        extra["table"] = encoding.to_dict()
+    _check_splits(data.name, splits)
+    if task == "regression":
+        extra["target_scale"] = (
+            meta.get("target_scale") if meta is not None else _target_scale(splits["train"])
+        )
+    input_shape = tuple(_first_input(splits["train"]).shape)
+    table = extra["table"] if layout is not None else None
+    mean, std = _input_normalisation(data, loaded, splits, input_shape, meta, pretrained_on, table)
+    return PreparedData(
+        loaded.kind,
+        loaded.classes,
+        input_shape,
+        mean,
+        std,
+        splits,
+        task,
+        extra,
+        data.as_sequence,
+    )
+
+
+def _assign_splits(
+    data: DataSection, loaded: DatasetSplits, task: str, seed: int
+) -> dict[str, Split]:
+    """train, val (the fold, the dataset's own, or carved from train) and test, in that order."""
     splits = {"train": loaded.train}
     if data.fold is not None:
         if task != "classification":
@@ -114,36 +146,27 @@ def prepare_data(
         splits["train"], splits["val"] = _carve(loaded.train, data.val_split, seed, task)
     if loaded.test is not None:
         splits["test"] = loaded.test
-    extra = dict(loaded.meta)
-    layout = extra.pop("table_layout", None)
-    if layout is not None:  # a table: features encoded as learned from the train split
-        encoding = _table_encoding(layout, splits["train"], meta)
-        splits = {name: _encoded(split, encoding, layout) for name, split in splits.items()}
-        extra["table"] = encoding.to_dict()
-    _check_splits(data.name, splits)
-    if task == "regression":
-        extra["target_scale"] = (
-            meta.get("target_scale") if meta is not None else _target_scale(splits["train"])
-        )
-    input_shape = tuple(_first_input(splits["train"]).shape)
+    return splits
+
+
+def _input_normalisation(
+    data: DataSection,
+    loaded: DatasetSplits,
+    splits: dict[str, Split],
+    input_shape: tuple[int, ...],
+    meta: dict[str, Any] | None,
+    pretrained_on: dict[str, Any] | None,
+    table: dict[str, Any] | None,
+) -> tuple[list[float], list[float]]:
+    """The input mean and std: the checkpoint's (once its input is known to match), or fixed
+    from the training split; a table's one-hot and indicator features keep 0 and 1."""
     if meta is not None:
         _check_compatible(meta, loaded, input_shape)
-        mean, std = meta["mean"], meta["std"]
-    else:
-        mean, std = _normalisation(data, loaded.kind, splits["train"], input_shape, pretrained_on)
-        if layout is not None and data.normalize == "auto":  # one-hot and indicators stay 0/1
-            mean, std = _only_scaled(mean, std, TableEncoding.from_dict(extra["table"]))
-    return PreparedData(
-        loaded.kind,
-        loaded.classes,
-        input_shape,
-        mean,
-        std,
-        splits,
-        task,
-        extra,
-        data.as_sequence,
-    )
+        return meta["mean"], meta["std"]
+    mean, std = _normalisation(data, loaded.kind, splits["train"], input_shape, pretrained_on)
+    if table is not None and data.normalize == "auto":  # one-hot and indicators stay 0/1
+        mean, std = _only_scaled(mean, std, TableEncoding.from_dict(table))
+    return mean, std
 
 
 def _table_encoding(

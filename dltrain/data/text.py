@@ -181,11 +181,7 @@ def text_csv(
     text); an empty text is one `<unk>`.
     """
     check_file_choice(path, train, test)
-    if text_column == label_column:
-        raise UserError(
-            f"data.text_column: '{text_column}' is also data.label_column. The text and the "
-            "label must be different columns."
-        )
+    _check_distinct_columns(text_column, label_column)
     main = _read_text_table(path or train, "data.path" if path else "data.train")
     texts, raw = _texts_and_labels(main, text_column, label_column)
     classes, numeric = class_names(raw)
@@ -207,6 +203,41 @@ def text_csv(
     val_texts, val_y = labelled(val, "data.val") if val else (None, None)
 
     vocab = Vocabulary.build(train_texts, Tokenizer(tokenizer, lower), min_freq, max_size)
+    return _token_splits(
+        classes,
+        vocab,
+        max_length,
+        (train_texts, train_y),
+        (test_texts, test_y),
+        (val_texts, val_y),
+        columns={"text_column": text_column, "label_column": label_column},
+    )
+
+
+def _check_distinct_columns(text_column: str, label_column: str) -> None:
+    """The text and the label must be two columns: a model shown its label learns nothing."""
+    if text_column == label_column:
+        raise UserError(
+            f"data.text_column: '{text_column}' is also data.label_column. The text and the "
+            "label must be different columns."
+        )
+
+
+def _token_splits(
+    classes: list[str],
+    vocab: Vocabulary,
+    max_length: int,
+    train: tuple[list[str], np.ndarray],
+    test: tuple[list[str], np.ndarray],
+    val: tuple[list[str] | None, np.ndarray | None],
+    columns: dict[str, str],
+) -> DatasetSplits:
+    """The splits' texts as token ids padded to L = min(max_length, longest training sequence).
+
+    An empty test split becomes None; a validation file, even an empty one, stays a split. The
+    meta holds the vocabulary, L and `columns`, all that `encode_texts` needs later.
+    """
+    train_texts, train_y = train
     train_ids = [vocab.encode(t, max_length) for t in train_texts]
     length = max(len(ids) for ids in train_ids)  # >= 1: every text encodes to >= 1 token
 
@@ -214,9 +245,11 @@ def text_csv(
         x = torch.from_numpy(pad_sequences(ids, length))
         return ArraySplit(x, torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64)))
 
+    test_texts, test_y = test
     test_part = None
     if test_texts:
         test_part = split([vocab.encode(t, length) for t in test_texts], test_y)
+    val_texts, val_y = val
     val_part = None
     if val_texts is not None:
         val_part = split([vocab.encode(t, length) for t in val_texts], val_y)
@@ -227,12 +260,7 @@ def text_csv(
         train=split(train_ids, train_y),
         test=test_part,
         val=val_part,
-        meta={
-            **vocab.to_dict(),
-            "max_length": length,
-            "text_column": text_column,
-            "label_column": label_column,
-        },
+        meta={**vocab.to_dict(), "max_length": length, **columns},
     )
 
 

@@ -26,7 +26,7 @@ from rich.table import Table
 
 from dltrain.errors import UserError
 from dltrain.reporting.report import headline, headline_key
-from dltrain.runs.listing import METRIC_COLUMNS, best_val_metrics
+from dltrain.runs.metrics_csv import METRIC_COLUMNS, best_val_metrics
 
 DEFAULT_OUTPUT = Path("compare.png")
 # Recipe keys that differ between any two runs and say nothing about them
@@ -471,73 +471,17 @@ def plot_compare(runs: list[ComparedRun], path: Path) -> Path:
     val_accuracy (when a run has it) per epoch, one panel each with the same epoch axis, one
     colour per run and a legend by run name. The two loss panels share their y axis. Written
     atomically; returns `path`."""
-    from dltrain.reporting.plots import DPI, _floats, _matplotlib, _save, _spans_orders
+    # plots.py (and through it matplotlib) is imported here, never when dltrain starts
+    from dltrain.reporting.plots import figure_classes, save_figure
 
     path = Path(path)
-    if path.is_dir():
-        raise UserError(
-            f"--output {path} is a folder; name a .png file (e.g. {path / 'compare.png'})."
-        )
-    if path.suffix.lower() != ".png":
-        raise UserError(f"--output {path}: the plot is a PNG; name a file ending in .png.")
-    if not any(run.rows for run in runs):
-        raise UserError("none of these runs has finished an epoch: there are no curves to plot.")
-
-    figure_class, canvas_class = _matplotlib()
-    from matplotlib.ticker import MaxNLocator
-
-    def has(column: str) -> bool:
-        return any(math.isfinite(v) for run in runs for v in _floats(run.rows, column))
-
-    panels = [c for c in PANELS if c == "train_loss" or has(c)]
-    longest = max(len(run.name) for run in runs)
-    legend_width = min(0.085 * longest + 0.8, 4.5)  # inches, for names up to ~45 characters
-    fig = figure_class(
-        figsize=(8 + legend_width, 2.9 * len(panels) + 0.9), dpi=DPI, layout="constrained"
-    )
-    canvas_class(fig)
-    axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
-    ax = dict(zip(panels, axes))
-    if "val_loss" in ax:
-        ax["val_loss"].sharey(ax["train_loss"])
-
-    colours = _colours(len(runs))
-    longest_run = max(len(run.rows) for run in runs)
-    marker = "o" if longest_run <= 40 else None
-    epochs_seen: list[float] = []
-    for run, colour in zip(runs, colours):
-        epochs = [r["epoch"] for r in run.rows]
-        epochs_seen += [e for e in epochs if e is not None]
-        label = run.name if run.rows else f"{run.name} (no epochs)"
-        for column, a in ax.items():
-            a.plot(
-                epochs,
-                _floats(run.rows, column),
-                marker=marker,
-                ms=3.5,
-                lw=1.7,
-                color=colour,
-                label=label if column == "train_loss" else None,
-            )
-
-    losses = [v for run in runs for c in ("train_loss", "val_loss") for v in _floats(run.rows, c)]
-    finite = [v for v in losses if math.isfinite(v)]
-    log_losses = _spans_orders(finite, 20)
-    for column, a in ax.items():
-        a.set_title(PANELS[column], fontsize=11)
-        a.grid(True, alpha=0.35)
-        a.xaxis.set_major_locator(MaxNLocator(integer=True))
-        if column == "val_accuracy":
-            low = min(v for run in runs for v in _floats(run.rows, column) if math.isfinite(v))
-            bottom = 0.0 if low < 0.5 else max(0.0, math.floor(low * 10) / 10 - 0.1)
-            a.set_ylim(bottom, 1.01)
-            a.set_ylabel("accuracy")
-        else:
-            if log_losses:
-                a.set_yscale("log")
-            a.set_ylabel("loss (log scale)" if log_losses else "loss")
-    if "val_loss" not in ax:
-        ax["train_loss"].set_title("train loss (no run has a validation split)", fontsize=11)
+    _check_plot_request(runs, path)
+    figure_class, canvas_class = figure_classes()
+    panels = [c for c in PANELS if c == "train_loss" or _any_run_has(runs, c)]
+    fig, ax = _compare_figure(figure_class, canvas_class, runs, panels)
+    epochs_seen = _plot_runs(ax, runs)
+    _style_panels(ax, runs)
+    axes = list(ax.values())
     axes[-1].set_xlabel("epoch")
     first, last = min(epochs_seen), max(epochs_seen)
     pad = max(0.5, 0.02 * (last - first))
@@ -551,7 +495,100 @@ def plot_compare(runs: list[ComparedRun], path: Path) -> Path:
         frameon=True,
     )
     fig.suptitle(f"{len(runs)} runs compared", fontsize=13)
-    return _save(fig, path)
+    return save_figure(fig, path)
+
+
+def _check_plot_request(runs: list[ComparedRun], path: Path) -> None:
+    """A UserError, before matplotlib is loaded, for an output that is not a .png file or runs
+    with no epoch to plot."""
+    if path.is_dir():
+        raise UserError(
+            f"--output {path} is a folder; name a .png file (e.g. {path / 'compare.png'})."
+        )
+    if path.suffix.lower() != ".png":
+        raise UserError(f"--output {path}: the plot is a PNG; name a file ending in .png.")
+    if not any(run.rows for run in runs):
+        raise UserError("none of these runs has finished an epoch: there are no curves to plot.")
+
+
+def _any_run_has(runs: list[ComparedRun], column: str) -> bool:
+    """Whether any run has a number in this metrics.csv column (else its panel is left out)."""
+    from dltrain.reporting.plots import float_column
+
+    return any(math.isfinite(v) for run in runs for v in float_column(run.rows, column))
+
+
+def _compare_figure(
+    figure_class: type, canvas_class: type, runs: list[ComparedRun], panels: list[str]
+) -> tuple[Any, dict[str, Any]]:
+    """The figure, wide enough for the legend of run names, and its panels by column."""
+    from dltrain.reporting.plots import DPI
+
+    longest = max(len(run.name) for run in runs)
+    legend_width = min(0.085 * longest + 0.8, 4.5)  # inches, for names up to ~45 characters
+    fig = figure_class(
+        figsize=(8 + legend_width, 2.9 * len(panels) + 0.9), dpi=DPI, layout="constrained"
+    )
+    canvas_class(fig)
+    axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
+    ax = dict(zip(panels, axes))
+    if "val_loss" in ax:
+        ax["val_loss"].sharey(ax["train_loss"])
+    return fig, ax
+
+
+def _plot_runs(ax: dict[str, Any], runs: list[ComparedRun]) -> list[float]:
+    """Each run's curve in every panel, in its own colour; returns the epochs plotted."""
+    from dltrain.reporting.plots import float_column
+
+    colours = _colours(len(runs))
+    longest_run = max(len(run.rows) for run in runs)
+    marker = "o" if longest_run <= 40 else None
+    epochs_seen: list[float] = []
+    for run, colour in zip(runs, colours):
+        epochs = [r["epoch"] for r in run.rows]
+        epochs_seen += [e for e in epochs if e is not None]
+        label = run.name if run.rows else f"{run.name} (no epochs)"
+        for column, a in ax.items():
+            a.plot(
+                epochs,
+                float_column(run.rows, column),
+                marker=marker,
+                ms=3.5,
+                lw=1.7,
+                color=colour,
+                label=label if column == "train_loss" else None,
+            )
+    return epochs_seen
+
+
+def _style_panels(ax: dict[str, Any], runs: list[ComparedRun]) -> None:
+    """Titles, grids and y axes: accuracy zoomed when every value is high, losses on a log
+    scale when they fall over orders of magnitude."""
+    from matplotlib.ticker import MaxNLocator
+
+    from dltrain.reporting.plots import float_column, spans_orders
+
+    losses = [
+        v for run in runs for c in ("train_loss", "val_loss") for v in float_column(run.rows, c)
+    ]
+    finite = [v for v in losses if math.isfinite(v)]
+    log_losses = spans_orders(finite, 20)
+    for column, a in ax.items():
+        a.set_title(PANELS[column], fontsize=11)
+        a.grid(True, alpha=0.35)
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if column == "val_accuracy":
+            low = min(v for run in runs for v in float_column(run.rows, column) if math.isfinite(v))
+            bottom = 0.0 if low < 0.5 else max(0.0, math.floor(low * 10) / 10 - 0.1)
+            a.set_ylim(bottom, 1.01)
+            a.set_ylabel("accuracy")
+        else:
+            if log_losses:
+                a.set_yscale("log")
+            a.set_ylabel("loss (log scale)" if log_losses else "loss")
+    if "val_loss" not in ax:
+        ax["train_loss"].set_title("train loss (no run has a validation split)", fontsize=11)
 
 
 def _colours(count: int) -> list[Any]:

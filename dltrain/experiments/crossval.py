@@ -16,23 +16,21 @@ deviation (ddof=1) and the per-fold values.
 from __future__ import annotations
 
 import json
-import numbers
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from dltrain.config.recipe import Fold, Recipe, to_yaml
+from dltrain.config.schema import Fold, Recipe, to_yaml
 from dltrain.errors import UserError
 from dltrain.reporting.progress import Progress
+from dltrain.reporting.report import report_scalars
 from dltrain.runs.folder import RunFolder
-from dltrain.runs.listing import best_val_metrics, read_metrics
+from dltrain.runs.metrics_csv import best_val_metrics, read_metrics
 from dltrain.system.atomic import atomic_write_text
 from dltrain.training.loop import fit
 
 CV_REPORT = "cv_report.json"
-# numeric report.json scalars that are not metrics: a count, and the epoch the weights are from
-NOT_METRICS = {"num_samples", "epoch"}
 FIRST = ("accuracy", "f1_macro", "precision_macro", "recall_macro", "loss")  # table order
 
 
@@ -161,21 +159,6 @@ def summarize_folds(
     return summary
 
 
-def report_scalars(report: dict[str, Any]) -> dict[str, float]:
-    """A report's scalar metrics, flat: `accuracy`, `loss`, ... and each number one level down
-    (`precision_macro`, `f1_weighted`, `top_k_accuracy_5`, `auroc_macro`, ...). Per-class
-    values, the confusion matrix and counts are not metrics of the whole split: left out."""
-    scalars = {}
-    for key, value in report.items():
-        if key in NOT_METRICS:
-            continue
-        if _is_number(value):
-            scalars[key] = float(value)
-        elif isinstance(value, dict):
-            scalars.update({f"{key}_{sub}": float(v) for sub, v in value.items() if _is_number(v)})
-    return scalars
-
-
 def _holds(run: RunFolder, recipe: Recipe) -> bool:
     """Whether the run folder's recipe.yaml is this recipe's."""
     try:
@@ -194,10 +177,6 @@ def _read_report(path: Path) -> dict[str, Any]:
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot read {path}: {exc}. Re-run with --force to retrain.") from None
     return report if isinstance(report, dict) else {}
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _say(progress: Progress, text: str) -> None:

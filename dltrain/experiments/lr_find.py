@@ -1,12 +1,13 @@
 """The learning-rate range test (Leslie Smith, "Cyclical Learning Rates for Training Neural
 Networks", 2017; the "LR finder" of fastai and Lightning), behind `dltrain lr-find`.
 
-The run is built from the recipe exactly as `fit` builds it (setup.build_setup: seed, device,
-data, model, loss, precision, batch pipeline; the optimizer from its registry), then trained for
-at most `steps` optimizer steps while the learning rate grows exponentially from `start_lr` to
-`end_lr`: lr_i = start_lr · (end_lr / start_lr)^(i / (steps − 1)) (the main param group's; a
-`norms_and_biases` group keeps its lr_scale × that). Each step's loss is recorded along with an
-exponentially smoothed, bias-corrected loss (as in Adam's moments):
+The run is built from the recipe exactly as `fit` builds it (build_setup: seed, device, data,
+model, loss, precision, batch pipeline; the optimizer from its registry), then trained, with
+fit's own step (training/step.py train_step), for at most `steps` optimizer steps while the
+learning rate grows exponentially from `start_lr` to `end_lr`: lr_i = start_lr · (end_lr /
+start_lr)^(i / (steps − 1)) (the main param group's; a `norms_and_biases` group keeps its
+lr_scale × that). Each step's loss is recorded along with an exponentially smoothed,
+bias-corrected loss (as in Adam's moments):
 
     avg_i = (1 − smoothing) · avg_{i−1} + smoothing · loss_i
     smoothed_i = avg_i / (1 − (1 − smoothing)^(i+1))
@@ -36,13 +37,13 @@ from typing import Any
 
 import torch
 
-from dltrain.config.recipe import Recipe
+from dltrain.config.schema import Recipe
 from dltrain.errors import UserError
 from dltrain.optim import build_optimizer
-from dltrain.reporting.plots import DPI, _matplotlib
+from dltrain.reporting.plots import DPI, figure_classes
 from dltrain.system.atomic import atomic_write, atomic_write_text
 from dltrain.training.build import build_setup, split_batches
-from dltrain.training.step import loss_and_objective
+from dltrain.training.step import ForwardLoss, Step, train_step
 
 # The suggestion (suggest_index): the loss's slope at each point is fitted over ±WINDOW_DECADES
 # of lr; the first SKIP_SHARE of the points (at least 1, at most MAX_SKIP) are skipped; at least
@@ -112,7 +113,10 @@ def find_lr(
     # the ramp sets the main group's lr; the others (norms_and_biases) keep their ratio to it
     main_lr = optimizer.param_groups[0]["lr"]
     ratios = [group["lr"] / main_lr for group in optimizer.param_groups]
-    penalised = [p for p in s.model.parameters() if p.dim() > 1]  # what train.l1 applies to
+    forward_loss = ForwardLoss(
+        s.model, s.task, s.loss_fn, s.pipeline, s.precision, train.l1, False, s.device
+    )
+    step = Step(forward_loss, s.model, optimizer, s.precision, train.grad_clip, end_step=s.end_step)
     micro_batches = _cycle(batches)
     s.model.train()
 
@@ -125,17 +129,13 @@ def find_lr(
         lr = ramp_lr(start_lr, end_lr, steps, i)
         for group, ratio in zip(optimizer.param_groups, ratios, strict=True):
             group["lr"] = lr * ratio
-        # one optimizer step, as engine.train_step takes it: `accumulate` micro-batches, each
-        # gradient the mean over the group; precision, L1 and gradient clipping as in fit
+        # one optimizer step, fit's own (train_step): `accumulate` micro-batches, the update
+        # on the last
         loss_sum = torch.zeros((), device=s.device)
-        for _ in range(train.accumulate):
+        for k in range(train.accumulate):
             x, y = next(micro_batches)
-            loss, objective = loss_and_objective(s, s.model, x, y, penalised)
-            s.precision.backward(objective / train.accumulate)
-            loss_sum += loss.detach().float()
-        s.precision.step(optimizer, s.model.parameters(), train.grad_clip)
-        optimizer.zero_grad(set_to_none=True)
-        s.end_step()
+            last = k + 1 == train.accumulate
+            loss_sum += train_step(step, x, y, train.accumulate, steps_now=last).detach().float()
 
         # One host read per step: the divergence test needs each loss before the next step.
         # fit never does this (the GPU would wait on Python at every step); a diagnostic of a
@@ -279,7 +279,7 @@ def _plot(result: LrFindResult, path: Path) -> Path:
     """Loss against lr (log x axis): the raw losses faintly, the smoothed curve, the suggestion
     starred and labelled; the y axis spans the smoothed curve (raw spikes, and a blow-up much
     taller than the descent, are cut off)."""
-    figure_class, canvas_class = _matplotlib()
+    figure_class, canvas_class = figure_classes()
     from matplotlib.ticker import ScalarFormatter
 
     fig = figure_class(figsize=(8, 5), dpi=DPI, layout="constrained")

@@ -10,15 +10,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from dltrain.experiments.sweep import (
-    TRIALS_FOLDER,
-    FloatParam,
-    IntParam,
-    Sweep,
-    direction_of,
-    trial_name,
-)
-from dltrain.reporting.plots import _matplotlib, _save
+from dltrain.experiments.sweep_space import FloatParam, IntParam, direction_of
+from dltrain.experiments.sweep_study import TRIALS_FOLDER, Sweep, trial_name
+from dltrain.reporting.plots import figure_classes, save_figure
 from dltrain.system.atomic import atomic_write_text
 
 REPORT_JSON, REPORT_MD = "sweep_report.json", "sweep_report.md"
@@ -100,7 +94,7 @@ def _importances(sweep: Sweep) -> dict[str, float] | None:
 
 
 def _history(trials: list[dict], metric: str, direction: str, path: Path) -> Path:
-    figure_class, canvas_class = _matplotlib()
+    figure_class, canvas_class = figure_classes()
     from matplotlib.ticker import MaxNLocator
 
     fig = figure_class(figsize=(7, 4))
@@ -117,13 +111,13 @@ def _history(trials: list[dict], metric: str, direction: str, path: Path) -> Pat
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _slices(trials: list[dict], sweep: Sweep, path: Path) -> Path:
     """One panel per parameter: the metric against the parameter's values."""
     keys = list(sweep.space.params)
-    figure_class, canvas_class = _matplotlib()
+    figure_class, canvas_class = figure_classes()
     from matplotlib.ticker import NullFormatter
 
     fig = figure_class(figsize=(3.2 * len(keys), 3.2))
@@ -146,11 +140,11 @@ def _slices(trials: list[dict], sweep: Sweep, path: Path) -> Path:
         ax.grid(alpha=0.3)
     fig.suptitle("each parameter against the metric (colour: trial number)")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _importance_plot(importances: dict[str, float], path: Path) -> Path:
-    figure_class, canvas_class = _matplotlib()
+    figure_class, canvas_class = figure_classes()
     fig = figure_class(figsize=(6, 0.6 * len(importances) + 1.5))
     canvas_class(fig)
     ax = fig.add_subplot()
@@ -158,7 +152,7 @@ def _importance_plot(importances: dict[str, float], path: Path) -> Path:
     ax.barh(names, [importances[n] for n in names])
     ax.set(xlabel="importance (fANOVA)", title="parameter importances")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _markdown(summary: dict[str, Any], images: list[str]) -> str:

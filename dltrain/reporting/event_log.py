@@ -13,8 +13,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dltrain.config.recipe import MlflowSettings, Recipe, to_yaml
+from dltrain.config.schema import MlflowSettings, Recipe, to_yaml
 from dltrain.errors import RunFailure, UserError
+from dltrain.reporting.mlflow_tracking import MlflowRun, flatten
+from dltrain.reporting.report import report_scalars
 
 
 class RunLog:
@@ -34,8 +36,6 @@ class RunLog:
         )
         self._mlflow = None
         if logging and logging.mlflow:
-            from dltrain.reporting.mlflow_tracking import MlflowRun
-
             settings = logging.mlflow if logging.mlflow is not True else MlflowSettings()
             self._mlflow = MlflowRun(settings, recipe.model_dump(mode="json"), folder, device)
 
@@ -69,9 +69,6 @@ class RunLog:
         if self._mlflow is not None:
             self._mlflow.log_report(report)
         if self._tensorboard is not None and self._recipe is not None:
-            from dltrain.experiments.crossval import report_scalars
-            from dltrain.reporting.mlflow_tracking import flatten
-
             settings = flatten(self._recipe.model_dump(mode="json"))
             hparams = {
                 k: v if isinstance(v, int | float | str | bool) else str(v)

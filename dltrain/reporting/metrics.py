@@ -338,6 +338,24 @@ def ranking_report(
     raises for such an AUROC and scores such an AP 0.) So the result never holds NaN and
     `json.dumps(..., allow_nan=False)` works. All numbers are Python floats.
     """
+    s, t = _ranking_inputs(scores, targets, classes)
+    c = len(classes)
+    report: dict[str, Any] = {}
+    ks = _top_k_values(top_k, c)
+    if ks:
+        report["top_k_accuracy"] = _top_k_accuracy(s, t, ks)
+    auroc, ap = _one_vs_rest_curves(s, t)
+    report["auroc"] = _summary(auroc, classes)
+    if c == 2:
+        # Binary: macro is the AUROC of the positive class (index 1), as roc_auc_score(y, p1).
+        report["auroc"]["macro"] = None if np.isnan(auroc[1]) else float(auroc[1])
+    report["average_precision"] = _summary(ap, classes)
+    return report
+
+
+def _ranking_inputs(scores: Any, targets: Any, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """`ranking_report`'s scores (N x C float64) and targets (N int64), checked: a ValueError
+    for duplicate class names, mismatched shapes, targets outside [0, C) or non-finite scores."""
     if len(set(classes)) != len(classes):
         raise ValueError(f"class names must be unique, got {classes}")
     c = len(classes)
@@ -358,33 +376,29 @@ def ranking_report(
         raise ValueError(f"targets must be class indices in [0, {c}), got values outside")
     if not np.isfinite(s).all():
         raise ValueError("scores must be finite (no NaN or inf)")
+    return s, t
 
+
+def _top_k_values(top_k: list[int] | None, c: int) -> list[int]:
+    """The k to report, ascending and once each: [5] by default when C > 5; any k >= C is
+    dropped (every sample would be a hit). A k that is not a positive int is a ValueError."""
     if top_k is None:
         top_k = [5] if c > 5 else []
     for k in top_k:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"top_k values must be positive ints, got {k!r}")
-    ks = sorted({int(k) for k in top_k if k < c})
+    return sorted({int(k) for k in top_k if k < c})
 
-    report: dict[str, Any] = {}
-    if ks:
-        n = len(t)
-        if c == 2:
-            # Only k == 1 is left for two classes. scikit-learn takes its binary path here:
-            # predict class 1 when its score is > 0.5 (> 0 if the scores are not in [0, 1]).
-            p1 = s[:, 1]
-            threshold = 0.5 if n and p1.min() >= 0 and p1.max() <= 1 else 0.0
-            ranks = ((p1 > threshold).astype(np.int64) != t).astype(np.int64)
-        else:
-            ranks = _top_k_ranks(s, t)
-        report["top_k_accuracy"] = {
-            str(k): (float(np.count_nonzero(ranks < k) / n) if n else 0.0) for k in ks
-        }
 
-    auroc, ap = _one_vs_rest_curves(s, t)
-    report["auroc"] = _summary(auroc, classes)
-    if c == 2:
-        # Binary: macro is the AUROC of the positive class (index 1), as roc_auc_score(y, p1).
-        report["auroc"]["macro"] = None if np.isnan(auroc[1]) else float(auroc[1])
-    report["average_precision"] = _summary(ap, classes)
-    return report
+def _top_k_accuracy(s: np.ndarray, t: np.ndarray, ks: list[int]) -> dict[str, float]:
+    """{"k": fraction of samples whose target ranks in the top k}; 0.0 for an empty split."""
+    n = len(t)
+    if s.shape[1] == 2:
+        # Only k == 1 is left for two classes. scikit-learn takes its binary path here:
+        # predict class 1 when its score is > 0.5 (> 0 if the scores are not in [0, 1]).
+        p1 = s[:, 1]
+        threshold = 0.5 if n and p1.min() >= 0 and p1.max() <= 1 else 0.0
+        ranks = ((p1 > threshold).astype(np.int64) != t).astype(np.int64)
+    else:
+        ranks = _top_k_ranks(s, t)
+    return {str(k): (float(np.count_nonzero(ranks < k) / n) if n else 0.0) for k in ks}

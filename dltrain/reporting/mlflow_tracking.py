@@ -19,7 +19,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from dltrain.errors import UserError
+from dltrain import __version__
+from dltrain.errors import UserError, first_line
+from dltrain.reporting.report import report_scalars
 
 PARAMS_PER_BATCH = 100  # MLflow's limit of params in one request
 MAX_PARAM_CHARS = 6000  # and of one param value's length
@@ -72,7 +74,6 @@ class MlflowRun:
 
     def log_report(self, report: dict[str, Any]) -> None:
         """The final report's scalars, named by its split (test_accuracy, test_f1_macro...)."""
-        from dltrain.experiments.crossval import report_scalars
 
         split = report.get("split", "test")
         scalars = {f"{split}_{k}": v for k, v in report_scalars(report).items()}
@@ -156,7 +157,7 @@ def _reported(uri: str, output: Path):
             yield
     except mlflow.exceptions.MlflowException as exc:
         raise UserError(
-            f"logging.mlflow: cannot log to {uri} ({_first_line(exc)}). Check "
+            f"logging.mlflow: cannot log to {uri} ({first_line(exc)}). Check "
             "logging.mlflow.tracking_uri, or set logging.mlflow=false."
         ) from None
 
@@ -177,8 +178,6 @@ def _mlflow():
 def _tags(recipe: dict[str, Any], folder: Path, device: str) -> dict[str, str]:
     import torch
 
-    from dltrain import __version__
-
     return {
         "dltrain.version": __version__,
         "torch.version": torch.__version__,
@@ -193,8 +192,3 @@ def _now_ms() -> int:
     import time
 
     return int(time.time() * 1000)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

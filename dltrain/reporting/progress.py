@@ -24,7 +24,7 @@ from rich.progress import (
 from rich.progress import Progress as RichProgress
 
 from dltrain.reporting.console_tables import confusion_table, report_table
-from dltrain.reporting.report import scalar_metrics, weights_label
+from dltrain.reporting.report import report_scalars, weights_label
 
 REFRESH_SECONDS = 0.25
 LOG_EVERY_VARIABLE = "DLTRAIN_LOG_EVERY"
@@ -167,7 +167,7 @@ class Progress:
         if self.quiet:
             return
         if "confusion_matrix" not in report:  # regression, seq2seq: their few figures
-            figures = " · ".join(f"{k} {v:.4f}" for k, v in scalar_metrics(report).items())
+            figures = " · ".join(f"{k} {v:.4f}" for k, v in report_scalars(report).items())
             held = weights_label(report)
             self._print(
                 f"[bold]{report['split']}[/]: {figures} · {report['num_samples']:,} samples"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import numbers
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -134,23 +135,11 @@ def headline(report: dict[str, Any]) -> tuple[str, float]:
     return key.replace("_", " "), report[key]
 
 
-def scalar_metrics(report: dict[str, Any]) -> dict[str, float]:
-    """A regression or seq2seq report's figures (everything numeric but the sample count and
-    the epoch the weights are from)."""
-    return {
-        k: v
-        for k, v in report.items()
-        if isinstance(v, int | float)
-        and not isinstance(v, bool)
-        and k not in ("num_samples", "epoch")
-    }
-
-
 def _scalar_markdown(report: dict[str, Any], images: Sequence[tuple[str, str]]) -> str:
     name, value = headline(report)
     lines = _summary(report, f" ({report.get('task', '')})", f"**{name} {value:.4f}**", images)
     lines += ["| metric | value |", "|---|---:|"]
-    lines += [f"| {k} | {v:.6g} |" for k, v in scalar_metrics(report).items()]
+    lines += [f"| {k} | {v:.6g} |" for k, v in report_scalars(report).items()]
     return "\n".join(lines) + "\n"
 
 
@@ -176,3 +165,26 @@ def _summary(
     for alt, file in images:
         lines += [f"![{alt}]({file})", ""]
     return lines
+
+
+# numeric report.json scalars that are not metrics: a count, and the epoch the weights are from
+NOT_METRICS = {"num_samples", "epoch"}  # counts and positions, not figures of the split
+
+
+def report_scalars(report: dict[str, Any]) -> dict[str, float]:
+    """A report's scalar metrics, flat: `accuracy`, `loss`, ... and each number one level down
+    (`precision_macro`, `f1_weighted`, `top_k_accuracy_5`, `auroc_macro`, ...). Per-class
+    values, the confusion matrix and counts are not metrics of the whole split: left out."""
+    scalars = {}
+    for key, value in report.items():
+        if key in NOT_METRICS:
+            continue
+        if _is_number(value):
+            scalars[key] = float(value)
+        elif isinstance(value, dict):
+            scalars.update({f"{key}_{sub}": float(v) for sub, v in value.items() if _is_number(v)})
+    return scalars
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)

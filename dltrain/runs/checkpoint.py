@@ -2,9 +2,10 @@
 
 A checkpoint is data, not code: loading never unpickles arbitrary objects. It carries the resolved
 recipe and the data description, so `dltrain eval` needs nothing else (nanoGPT's model_args idea).
-This module owns the checkpoint's state in and out: what a training run saves
-(`checkpoint_state`), how a resume puts it back (`restore`), and loading weights into a model
-(`load_weights`, for fit, eval and inference alike).
+This module owns the file: saving it atomically with a digest of its contents, loading it safely
+(every load checks the digest and the required keys), what a report says of its weights, and
+loading weights into a model (`load_weights`, for fit, eval and inference alike). What a
+training run puts in it and takes back on resume is training/resume.py.
 """
 
 from __future__ import annotations
@@ -12,25 +13,16 @@ from __future__ import annotations
 import hashlib
 import math
 import pickle
-import random
 import re
 import zipfile
-from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import numpy as np
 import torch
 
 from dltrain import __version__
+from dltrain.errors import UserError, first_line
 from dltrain.system.atomic import atomic_write
-from dltrain.errors import UserError
-from dltrain.training.state import TrainState, check_resumable
-
-if TYPE_CHECKING:
-    from dltrain.training.ema import WeightAverage
-    from dltrain.optim import LrSchedule
-    from dltrain.training.build import Setup
 
 FORMAT = 2  # 2: carries a digest of its contents
 REQUIRED_KEYS = ("format", "recipe", "model", "data_meta", "classes")
@@ -149,12 +141,8 @@ def _archive_kind(path: Path) -> str | None:
 def _reason(exc: BaseException) -> str:
     """' (torch's first line)' for a message, unless it is torch's advice to load with
     weights_only=False: dltrain never passes that on (it would let a file run code)."""
-    first = _first_line(exc)
+    first = first_line(exc)
     return "" if "weights_only" in first or "weights only" in first.lower() else f" ({first})"
-
-
-def _first_line(exc: BaseException) -> str:
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def _checked(state: Any, path: Path) -> dict[str, Any]:
@@ -259,76 +247,6 @@ _FIELD_TYPES = {
 }
 
 
-def rng_state() -> dict[str, Any]:
-    """Every random generator's state, as tensors and plain data (safe for weights_only)."""
-    version, internal, gauss = random.getstate()
-    np_state = np.random.get_state()
-    state = {
-        "python": [version, list(internal), gauss],
-        "numpy": {
-            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
-            "pos": int(np_state[2]),
-            "has_gauss": int(np_state[3]),
-            "cached_gaussian": float(np_state[4]),
-        },
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what rng_state() captured."""
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    np_state = state["numpy"]
-    np.random.set_state(
-        (
-            "MT19937",
-            np_state["keys"].numpy().astype(np.uint32),
-            np_state["pos"],
-            np_state["has_gauss"],
-            np_state["cached_gaussian"],
-        )
-    )
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# -- a training run's state, out and back in --------------------------------------------------
-
-
-def checkpoint_state(
-    s: Setup,
-    optimizer: torch.optim.Optimizer,
-    schedule: LrSchedule,
-    state: TrainState,
-    ema: WeightAverage | None = None,
-) -> dict[str, Any]:
-    """What last.pt/best.pt hold (save_checkpoint copies the tensors to the CPU: torch cannot
-    serialise XLA's lazy tensors, and the copy makes the file load anywhere). With train.ema,
-    `model` is the averaged weights (what evaluates) and `ema` the training weights."""
-    checkpoint = {
-        "recipe": s.recipe.to_dict(),
-        "model": (ema.module if ema else s.model).state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": schedule.state_dict(),
-        "scaler": s.precision.scaler.state_dict(),
-        "epoch": state.epoch,
-        "step": state.step,
-        "rng": rng_state(),
-        "metrics": {"best": state.best, "best_epoch": state.best_epoch, "history": state.history},
-        "train_state": state.to_dict(),
-        "classes": list(s.data.classes),
-        "data_meta": s.data.meta(),
-    }
-    if ema is not None:
-        checkpoint["ema"] = ema.state_dict()
-    return checkpoint
-
-
 def on_cpu(value: Any) -> Any:
     """A copy of nested dicts/lists/tuples with every tensor moved to the CPU."""
     if isinstance(value, torch.Tensor):
@@ -338,69 +256,6 @@ def on_cpu(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(on_cpu(v) for v in value)
     return value
-
-
-def restore(
-    checkpoint: dict[str, Any],
-    path: Path,
-    s: Setup,
-    optimizer: torch.optim.Optimizer,
-    schedule: LrSchedule,
-    ema: WeightAverage | None = None,
-) -> TrainState:
-    """Load a checkpoint's training state into freshly built objects (resume); a part that
-    is missing or does not fit this run is a UserError naming it."""
-    check_resumable(checkpoint["recipe"], s.recipe.to_dict(), str(path))
-    load_weights(s.model, checkpoint, path, s.recipe.model)
-    averaged = (("ema", partial(ema.load_state_dict, checkpoint["model"])),) if ema else ()
-    parts = (
-        *averaged,
-        ("optimizer", lambda state: _load_optimizer(optimizer, state)),
-        ("scheduler", schedule.load_state_dict),
-        ("scaler", s.precision.scaler.load_state_dict),
-        ("rng", set_rng_state),
-        ("train_state", TrainState.from_dict),
-    )
-    restored = {}
-    for name, load in parts:
-        try:
-            restored[name] = load(checkpoint[name])
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as exc:
-            reason = "it is missing" if name not in checkpoint else _first_line(exc)
-            raise UserError(
-                f"cannot resume from {path}: its {name} state does not fit this run ({reason}). "
-                "Resume from another checkpoint, or start a new run."
-            ) from None
-    return restored["train_state"]
-
-
-def _load_optimizer(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """load_state_dict, then the check it leaves out: each per-parameter tensor (Adam's
-    moments, momentum) has its parameter's shape, else the first step would fail."""
-    fresh = [dict(group) for group in optimizer.param_groups]
-    optimizer.load_state_dict(state)
-    for built, loaded in zip(fresh, optimizer.param_groups, strict=True):
-        for key, value in built.items():  # settings as this run built them: same kinds only
-            if key != "params" and not _same_kind(value, loaded.get(key)):
-                raise ValueError(f"its {key} is {loaded.get(key)!r}, not like {value!r}")
-    for param, values in optimizer.state.items():
-        for key, value in values.items():
-            if isinstance(value, torch.Tensor) and value.dim() and value.shape != param.shape:
-                raise ValueError(
-                    f"'{key}' has shape {tuple(value.shape)} for a parameter of shape "
-                    f"{tuple(param.shape)}"
-                )
-
-
-def _same_kind(built: Any, loaded: Any) -> bool:
-    """Whether a saved optimizer setting can stand where this run built `built`."""
-    if isinstance(built, bool) or built is None:
-        return type(loaded) is type(built)
-    if isinstance(built, (int, float)):
-        return isinstance(loaded, (int, float)) and not isinstance(loaded, bool)
-    if isinstance(built, (tuple, list)):
-        return isinstance(loaded, (tuple, list)) and len(loaded) == len(built)
-    return isinstance(loaded, type(built))
 
 
 def which_weights(checkpoint: dict[str, Any]) -> dict[str, Any]:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import os
 import re
 import shutil
@@ -13,12 +11,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dltrain.system.atomic import atomic_write_text
-from dltrain.runs.checkpoint import save_checkpoint
+from dltrain.config.schema import Recipe, to_yaml
+from dltrain.runs.metrics_csv import metrics_csv
 from dltrain.errors import UserError
-from dltrain.config.recipe import Recipe, to_yaml
-from dltrain.runs.listing import METRIC_COLUMNS
+from dltrain.runs.checkpoint import save_checkpoint
 from dltrain.runs.transaction import recover, transaction
+from dltrain.system.atomic import atomic_write_text
 
 
 class RunFolder:
@@ -193,17 +191,3 @@ def choose_version(
     raise AssertionError("the next number is always free")
 
 
-def metrics_csv(history: list[dict[str, Any]]) -> str:
-    """metrics.csv: one row per finished epoch."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, METRIC_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    for row in history:
-        writer.writerow({k: _csv_value(row.get(k)) for k in METRIC_COLUMNS})
-    return buffer.getvalue()
-
-
-def _csv_value(value: Any) -> Any:
-    if value is None:
-        return ""
-    return f"{value:.6g}" if isinstance(value, float) else value

@@ -8,7 +8,6 @@ values missing (None) rather than failing the listing: a run still training has 
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -18,18 +17,8 @@ from typing import Any
 
 import yaml
 
+from dltrain.runs.metrics_csv import best_val_metrics, read_metrics
 from dltrain.errors import UserError, did_you_mean
-
-# metrics.csv's columns, in order (run_folder writes it; runs, compare and crossval read it)
-METRIC_COLUMNS = (
-    "epoch",
-    "train_loss",
-    "val_loss",
-    "val_accuracy",
-    "lr",
-    "seconds",
-    "samples_per_s",
-)
 
 # The keys of a summary row, in table order; each is a valid --sort key.
 COLUMNS = (
@@ -67,28 +56,6 @@ def find_runs(folder: Path) -> list[Path]:
         if "recipe.yaml" in files and ("report.json" in files or "metrics.csv" in files):
             found.append(Path(here))
     return sorted(found)
-
-
-def read_metrics(path: Path) -> list[dict[str, float | None]]:
-    """metrics.csv as rows of floats (None for an empty or unreadable cell); [] if missing."""
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            return [{k: _number(v) for k, v in row.items() if k} for row in csv.DictReader(f)]
-    except (OSError, UnicodeDecodeError, csv.Error):
-        return []
-
-
-def best_val_metrics(rows: list[dict[str, float | None]]) -> dict[str, float | None]:
-    """The lowest val_loss and highest val_accuracy over the epochs (each on its own; None when
-    no epoch has a finite value)."""
-    losses = [r.get("val_loss") for r in rows]
-    accuracies = [r.get("val_accuracy") for r in rows]
-    losses = [v for v in losses if v is not None and math.isfinite(v)]
-    accuracies = [v for v in accuracies if v is not None and math.isfinite(v)]
-    return {
-        "best_val_loss": min(losses) if losses else None,
-        "best_val_accuracy": max(accuracies) if accuracies else None,
-    }
 
 
 def summarize_run(run: Path, root: Path) -> dict[str, Any]:
@@ -181,13 +148,6 @@ def _figure(report: dict[str, Any], path: tuple[str, ...]) -> Any:
     for key in path:
         value = value.get(key) if isinstance(value, dict) else None
     return value
-
-
-def _number(text: str | None) -> float | None:
-    try:
-        return float(text) if text not in (None, "") else None
-    except ValueError:
-        return None
 
 
 def _finite(value: Any) -> float | None:

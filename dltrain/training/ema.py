@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
-from dltrain.config.recipe import EmaSettings
+from dltrain.config.schema import EmaSettings
 
 
 class WeightAverage:

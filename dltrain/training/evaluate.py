@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from dltrain.config.recipe import import_for_checkpoint, resolve_with_context
+from dltrain.config.loading import resolve_with_context
+from dltrain.config.user_imports import import_for_checkpoint
 from dltrain.data.loaders import Batches
 from dltrain.errors import UserError
 from dltrain.reporting.progress import Progress

@@ -25,38 +25,28 @@ from typing import Any
 
 import torch
 
-from dltrain.config.recipe import Recipe
+from dltrain.config.schema import Recipe
 from dltrain.data.loaders import Batches
-from dltrain.errors import DltrainError, UserError
+from dltrain.errors import DltrainError
 from dltrain.optim import LrSchedule, build_optimizer
 from dltrain.reporting.event_log import RunLog
 from dltrain.reporting.progress import Progress
 from dltrain.reporting.report import headline_key
-from dltrain.runs.checkpoint import (
-    checkpoint_state,
-    load_checkpoint,
-    load_weights,
-    restore,
-    which_weights,
-)
+from dltrain.runs.checkpoint import load_checkpoint, load_weights, which_weights
 from dltrain.runs.folder import RunFolder
 from dltrain.runs.lock import holding
 from dltrain.system.devices import resolve_device
 from dltrain.system.distributed import World, process_device, process_group, world_from_environment
 from dltrain.system.interrupts import LAUNCHER_ECHO_SECONDS, GracefulStop, Interrupted
 from dltrain.system.out_of_memory import out_of_memory_is_a_run_failure
-from dltrain.training.build import (
-    Setup,
-    TrainingModules,
-    build_schedule,
-    build_setup,
-    split_batches,
-    training_modules,
-)
+from dltrain.training.build import Setup, build_schedule, build_setup, split_batches
 from dltrain.training.ema import WeightAverage
 from dltrain.training.evaluate import evaluate, report_on_split, report_split
+from dltrain.training.resume import checkpoint_state, restore
 from dltrain.training.state import TrainState, fallback_note
+from dltrain.training.step import Step, train_step
 from dltrain.training.step_policy import StepPolicy, check_weights_finite
+from dltrain.training.wrapping import TrainingModules, training_modules
 
 
 @dataclass
@@ -76,12 +66,7 @@ class Training:
     stepped: bool = False  # has this process taken an optimizer step yet
     resumed_from: Path | None = None
     ema: WeightAverage | None = None  # train.ema: the moving average that evaluates
-
-    @property
-    def ddp(self) -> torch.nn.parallel.DistributedDataParallel | None:
-        model = self.modules.model
-        module = getattr(model, "_orig_mod", model)  # under torch.compile
-        return module if isinstance(module, torch.nn.parallel.DistributedDataParallel) else None
+    step: Step | None = None  # what train_step uses (built by _start_training)
 
     def checkpoint(self, epoch: int) -> dict[str, Any]:
         """What last.pt/best.pt hold now; refused when the weights became non-finite."""
@@ -251,7 +236,35 @@ def _start_training(
     modules = training_modules(s, averaged=ema.module if ema else None)
     training = Training(s, modules, optimizer, schedule, run, progress, log, stop, state, started)
     training.resumed_from, training.ema = resume, ema
+    training.step = _optimizer_step(s, modules, optimizer, schedule, resume)
     return training, train_batches, val_batches
+
+
+def _optimizer_step(
+    s: Setup,
+    modules: TrainingModules,
+    optimizer: torch.optim.Optimizer,
+    schedule: LrSchedule,
+    resume: Path | None,
+) -> Step:
+    """What train_step uses in a fit: the (compiled, DDP) modules, the optimizer, the
+    schedule's per-step move, and under skip_step a check of each loss that all processes
+    agree on (it waits for the device: skip_step's price)."""
+
+    def finite(loss: torch.Tensor) -> bool:
+        return not s.world.any(not bool(loss.isfinite()), s.device)
+
+    return Step(
+        modules.forward_loss,
+        modules.model,
+        optimizer,
+        s.precision,
+        s.recipe.train.grad_clip,
+        keeps=None if modules.loss_module.sums_loss else finite,
+        after_update=schedule.step_batch,
+        end_step=s.end_step,
+        resumed_from=resume,
+    )
 
 
 def _resume_note(resume: Path, state: TrainState, epochs: int) -> str:
@@ -333,7 +346,8 @@ def train_one_epoch(t: Training, batches: Batches, epoch: int) -> float:
         # forward backward, and update on a group's last micro-batch
         steps_now = (i + 1) % accumulate == 0 or i + 1 == steps
         group = min(accumulate, steps - i // accumulate * accumulate)  # the last may be short
-        train_step(t, x, y, loss_sum, group, steps_now, (epoch, i + 1))
+        loss = train_step(t.step, x, y, group, steps_now)
+        _count_micro_batch(t, loss, loss_sum, len(y), (epoch, i + 1))
         t.progress.step(i + 1, state.epoch_seen * s.world.size, loss_sum, state.epoch_seen)
         if not steps_now:
             continue
@@ -363,70 +377,17 @@ def train_one_epoch(t: Training, batches: Batches, epoch: int) -> float:
     return state.epoch_loss_sum / max(state.epoch_seen, 1)
 
 
-def train_step(
-    t: Training,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    loss_sum: torch.Tensor,
-    group: int,
-    steps_now: bool,
-    where: tuple[int, int],
+def _count_micro_batch(
+    t: Training, loss: torch.Tensor | None, loss_sum: torch.Tensor, size: int, where: tuple
 ) -> None:
-    """The whole update for one micro-batch: forward, backward (the gradient is the mean over
-    the `group` micro-batches of a step) and, when `steps_now`, the optimizer step. The loss
-    is added to `loss_sum` on the device (inside the forward's graph, unless skip_step must
-    look at it first); nothing here waits for the device, unless train.on_nonfinite=skip_step
-    must look at each loss."""
-    s, train, sums_loss = t.s, t.s.recipe.train, t.modules.loss_module.sums_loss
-    with _gradient_sync(t, steps_now):
-        loss, objective = t.modules.forward_loss(x, y)
-    skip = not sums_loss and s.world.any(not bool(loss.isfinite()), s.device)
-    if skip:
+    """A micro-batch into the epoch's totals: its samples, and its loss when the step did not
+    add it already (skip_step adds only the losses it keeps); a skipped one is said."""
+    if loss is None:
         t.progress.skipped(*where)
-    else:
-        with _gradient_sync(t, steps_now):
-            s.precision.backward(objective / group if group > 1 else objective)
-        if not sums_loss:
-            loss_sum += loss.detach().float() * len(y)
-        t.state.epoch_seen += len(y)
-    if steps_now:
-        if t.stepped or t.resumed_from is None:
-            s.precision.step(t.optimizer, s.model.parameters(), train.grad_clip)
-        else:
-            _first_step_after_resume(t)
-        t.optimizer.zero_grad(set_to_none=True)
-        t.schedule.step_batch()
-    s.end_step()
-
-
-def _first_step_after_resume(t: Training) -> None:
-    """The optimizer step, the first time after a resume: a saved optimizer state that loads
-    but cannot step (a damaged checkpoint) is the checkpoint's fault, said so (exit 2)."""
-    try:
-        t.s.precision.step(t.optimizer, t.s.model.parameters(), t.s.recipe.train.grad_clip)
-    except torch.OutOfMemoryError:
-        raise
-    except (
-        KeyError,
-        TypeError,
-        ValueError,
-        IndexError,
-        AttributeError,
-        RuntimeError,
-        AssertionError,
-    ) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(
-            f"cannot resume from {t.resumed_from}: its optimizer state fails on the first step "
-            f"({type(exc).__name__}: {first}). Resume from another checkpoint, or start a new run."
-        ) from None
-
-
-def _gradient_sync(t: Training, steps_now: bool) -> contextlib.AbstractContextManager:
-    """DDP's no_sync() for micro-batches that only accumulate (saves an all-reduce each);
-    under DDP, gradients are averaged over processes on a group's last micro-batch only."""
-    ddp = t.ddp
-    return ddp.no_sync() if ddp is not None and not steps_now else contextlib.nullcontext()
+        return
+    if not t.modules.loss_module.sums_loss:
+        loss_sum += loss.detach().float() * size
+    t.state.epoch_seen += size
 
 
 def _note_first_step(t: Training) -> None:

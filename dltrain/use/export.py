@@ -47,7 +47,7 @@ from torch import nn
 
 from dltrain import __version__
 from dltrain.data.table_encoding import TableEncoding
-from dltrain.errors import RunFailure, UserError
+from dltrain.errors import RunFailure, UserError, first_line
 from dltrain.runs.checkpoint import refuse_replacing_a_checkpoint
 from dltrain.runs.lock import holding_enclosing_run
 from dltrain.system.atomic import atomic_write
@@ -337,7 +337,7 @@ def _onnx_to_file(predictor: Predictor, path: str) -> None:
                 )
             return
         except Exception as exc:  # the model uses something the exporter cannot capture
-            failures.append(f"{name}: {_first_line(exc)}")
+            failures.append(f"{name}: {first_line(exc, with_type=True)}")
             error = exc
     raise RunFailure(
         f"cannot export this model to ONNX ({'; '.join(failures)}). Try --format torchscript."
@@ -365,8 +365,3 @@ def _installed(package: str) -> bool:
         return importlib.util.find_spec(package) is not None
     except (ImportError, ValueError):  # ValueError: blocked (sys.modules entry set to None)
         return False
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__

@@ -101,7 +101,7 @@ def load_for_inference(
     user's own that `imports` does not provide) is a UserError (exit 2). Nothing the checkpoint
     names is ever imported.
     """
-    from dltrain.config.recipe import import_for_checkpoint
+    from dltrain.config.user_imports import import_for_checkpoint
 
     path = Path(checkpoint_path)
     checkpoint = load_checkpoint(path)

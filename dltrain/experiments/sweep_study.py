@@ -1,0 +1,238 @@
+"""A sweep's Optuna study: opened (or continued) on its storage with the space's sampler and
+pruner, refused when the storage holds a different search, its trials named and foldered, and
+trials left running by a killed process of this machine found again."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import filelock
+
+from dltrain.config.loading import load_recipe
+from dltrain.config.schema import Recipe
+from dltrain.errors import UserError
+from dltrain.experiments.sweep_space import (
+    CategoricalParam,
+    FloatParam,
+    IntParam,
+    SearchSpace,
+    check_space,
+    direction_of,
+    load_space,
+    optuna_choice,
+    override,
+    recipe_choice,
+)
+
+TRIALS_FOLDER = "trials"
+
+
+STUDY_FILE = "study.db"
+
+
+BEST_TEST_FOLDER = "best-test"
+
+
+INTERRUPTED = "interrupted"  # user attribute of a trial a stop request ended
+
+
+def best_value(history: list[dict[str, float | None]], metric: str) -> float | None:
+    """The best epoch's value of `metric` (a loss's lowest, an accuracy's highest)."""
+    values = [r.get(metric) for r in history]
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return None
+    return max(values) if direction_of(metric) == "maximize" else min(values)
+
+
+@dataclass
+class Sweep:
+    """A sweep being run: its settings, folder and study."""
+
+    recipe_path: Path
+    overrides: list[str]
+    space: SearchSpace
+    recipe: Recipe  # the base recipe (overrides applied)
+    metric: str
+    root: Path
+    study: Any  # optuna.Study
+    trials: int
+
+    def trial_recipe(self, number: int, params: dict[str, Any]) -> Recipe:
+        """The recipe of trial `number`: the sampled parameters as overrides, its own run
+        folder trials/NNN, and best.pt chosen by the sweep's metric."""
+        extra = [override(key, value) for key, value in params.items()]
+        placed = [
+            override("output", str(self.root / TRIALS_FOLDER)),
+            override("name", trial_name(number)),
+            override("train.monitor", self.metric),
+        ]
+        return load_recipe(self.recipe_path, [*self.overrides, *extra, *placed])
+
+    def values(self, params: dict[str, Any]) -> dict[str, Any]:
+        """A trial's parameters as the recipe takes them (lists that Optuna keeps as text)."""
+        return {
+            key: recipe_choice(param, params[key])
+            if isinstance(param, CategoricalParam)
+            else params[key]
+            for key, param in self.space.params.items()
+            if key in params
+        }
+
+    def ended(self) -> tuple[int, int]:
+        """(trials that ended and count towards --trials, trials running now). A trial left
+        running by a process of this machine that is gone (killed) is ended here as
+        interrupted, and queued to be tried again."""
+        from optuna.trial import TrialState
+
+        ended = running = 0
+        for trial in self.study.get_trials(deepcopy=False):
+            if trial.state == TrialState.RUNNING and _orphaned(trial):
+                self.study._storage.set_trial_user_attr(trial._trial_id, INTERRUPTED, True)
+                self.study.tell(trial.number, state=TrialState.FAIL)
+                self.study.enqueue_trial(trial.params)
+            elif trial.state == TrialState.RUNNING:
+                running += 1
+            elif trial.state in (TrialState.COMPLETE, TrialState.PRUNED) or (
+                trial.state == TrialState.FAIL and not trial.user_attrs.get(INTERRUPTED)
+            ):
+                ended += 1
+        return ended, running
+
+
+def _orphaned(trial: Any) -> bool:
+    """Whether a running trial's process (named in its user attributes) is gone from this
+    machine. Trials of other machines cannot be checked from here."""
+    owner = trial.user_attrs.get("process")
+    if not owner or owner.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(owner["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, ValueError):
+        return False
+    return False
+
+
+def trial_name(number: int) -> str:
+    return f"{number:03d}"
+
+
+def open_sweep(
+    recipe_path: Path,
+    space_path: Path,
+    overrides: list[str],
+    trials: int,
+    storage: str | None,
+    study_name: str | None,
+) -> Sweep:
+    """Check everything (recipe, data paths, space), then create or load the study."""
+    import optuna
+
+    from dltrain.data.paths import check_input_paths
+
+    if trials < 1:
+        raise UserError(f"--trials must be at least 1 (got {trials}).")
+    recipe = load_recipe(recipe_path, overrides)
+    check_input_paths(recipe.data.dataset_args)
+    space = load_space(space_path)
+    check_space(space, recipe_path, overrides)
+    metric = space.metric or recipe.train.monitor
+    root = Path(recipe.output) / recipe.name
+    if (root / "recipe.yaml").exists():
+        raise UserError(
+            f"{root} holds a single run, not a sweep; use another name (name=...) or output "
+            "(output=...) for the sweep."
+        )
+    root.mkdir(parents=True, exist_ok=True)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # dltrain says what happens
+    # Processes starting together would race to create the database's tables and the study:
+    # on one machine they take turns (a file lock in the sweep folder).
+    with filelock.FileLock(root / ".study.lock"):
+        study = optuna.create_study(
+            storage=_storage(storage, root),
+            study_name=study_name or recipe.name,
+            direction=direction_of(metric),
+            sampler=_sampler(space, recipe.seed),
+            pruner=_pruner(space, recipe.train.epochs),
+            load_if_exists=True,
+        )
+        _check_same_search(study, space, metric, recipe_path)
+    return Sweep(recipe_path, list(overrides), space, recipe, metric, root, study, trials)
+
+
+def _storage(url: str | None, root: Path) -> Any:
+    """An Optuna storage: the URL given, or SQLite in the sweep folder (which waits for a
+    writer of another process instead of failing)."""
+    import optuna
+
+    url = url or f"sqlite:///{(root / STUDY_FILE).absolute()}"
+    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine)
+    except Exception as exc:  # a bad URL, a missing driver, a refused connection
+        raise UserError(
+            f"--storage {url}: cannot open it as an Optuna storage ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}). Give a database URL such as "
+            "sqlite:///study.db or postgresql://user@host/db (its driver installed)."
+        ) from None
+
+
+def _sampler(space: SearchSpace, seed: int) -> Any:
+    import optuna
+
+    # per process: processes sharing a study must not propose the same trials
+    seeded = seed * 1_000_003 + os.getpid()
+    if space.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seeded)
+    if space.sampler == "grid":
+        return optuna.samplers.GridSampler(_grid(space), seed=seeded)
+    return optuna.samplers.TPESampler(seed=seeded)
+
+
+def _grid(space: SearchSpace) -> dict[str, list[Any]]:
+    grid = {}
+    for key, param in space.params.items():
+        if isinstance(param, CategoricalParam):
+            grid[key] = [optuna_choice(c) for c in param.choices]
+        elif isinstance(param, IntParam) and not param.log:
+            grid[key] = list(range(param.low, param.high + 1, param.step))
+        elif isinstance(param, FloatParam) and param.step is not None:
+            count = int(math.floor((param.high - param.low) / param.step + 1e-9)) + 1
+            grid[key] = [param.low + i * param.step for i in range(count)]
+        else:
+            raise UserError(
+                f"search space params.{key}: the grid sampler needs a finite list of values: "
+                "give choices (type: categorical) or a step (without log)."
+            )
+    return grid
+
+
+def _pruner(space: SearchSpace, epochs: int) -> Any:
+    import optuna
+
+    if space.pruner == "none" or space.folds:
+        return optuna.pruners.NopPruner()
+    if space.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs)
+    return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1)
+
+
+def _check_same_search(study: Any, space: SearchSpace, metric: str, recipe_path: Path) -> None:
+    """A study continued by a rerun (or shared by processes) must search the same space."""
+    key = {"space": space.model_dump(mode="json"), "metric": metric}
+    stored = study.user_attrs.get("search")
+    if stored is None:
+        study.set_user_attr("search", key)
+        study.set_user_attr("recipe", str(recipe_path))
+    elif stored != key:
+        raise UserError(
+            f"study '{study.study_name}' was started with another search space or metric; "
+            "continue it with the same SPACE file, or start a new study with --study NAME."
+        )

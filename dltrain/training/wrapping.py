@@ -1,0 +1,81 @@
+"""The modules a fit drives, wrapped around the model a run built: DistributedDataParallel
+under torchrun, the step's forward half (step.ForwardLoss), torch.compile on request, and the
+module that evaluates (the model or its moving average)."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from dltrain.errors import UserError
+from dltrain.training.build import Setup
+from dltrain.training.step import ForwardLoss
+
+
+@dataclass
+class TrainingModules:
+    """The modules a fit drives, built around s.model (see training_modules)."""
+
+    model: torch.nn.Module  # s.model, in DDP under torchrun (compiled there on request)
+    forward_loss: torch.nn.Module  # `loss_module`, compiled on request in a single process
+    loss_module: ForwardLoss  # the forward half of a step; its loss_sum is the epoch's running loss
+    evaluate: torch.nn.Module  # s.model or the averaged weights (train.ema), compiled on request
+
+
+def training_modules(s: Setup, averaged: torch.nn.Module | None = None) -> TrainingModules:
+    """The modules that train (DDP under torchrun, compiled on request) and the one that
+    evaluates: s.model, or the `averaged` weights (train.ema). Evaluation bypasses DDP: each
+    process evaluates its own shard, and DDP's forward would wait for the others' (shards may
+    differ by a batch).
+
+    train.compile compiles the step's whole forward half (ForwardLoss: augmentation, model,
+    loss, running loss) as one graph in a single process. Under DDP it compiles the wrapped
+    model alone: dynamo then splits its graph at DDP's gradient buckets so their all-reduces
+    overlap the backward, which it does for a DDP module it is given, not for one inside."""
+    model = _data_parallel(s) if s.world.launched else s.model
+    choice = s.recipe.train.compile
+    mode = None if choice in (True, "default") else choice
+    if choice and s.world.launched:
+        model = torch.compile(model, mode=mode)
+    train = s.recipe.train
+    sums_loss = train.on_nonfinite == "stop"
+    loss_module = ForwardLoss(
+        model, s.task, s.loss_fn, s.pipeline, s.precision, train.l1, sums_loss, s.device
+    )
+    evaluate = averaged or s.model
+    if not choice:
+        return TrainingModules(model, loss_module, loss_module, evaluate)
+    forward_loss = loss_module if s.world.launched else torch.compile(loss_module, mode=mode)
+    return TrainingModules(model, forward_loss, loss_module, torch.compile(evaluate, mode=mode))
+
+
+def _data_parallel(s: Setup) -> torch.nn.parallel.DistributedDataParallel:
+    """s.model in DistributedDataParallel, as the recipe's distributed section asks."""
+    section = s.recipe.distributed
+    if section.sync_batchnorm:
+        _use_sync_batchnorm(s)
+    if s.pipeline.channels_last:
+        # A channels_last weight with a size-1 dim (a first conv on 1-channel images) has
+        # strides that differ from its gradient's without any difference in memory
+        # layout; DDP's reducer warns about that once, needlessly.
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view")
+    return torch.nn.parallel.DistributedDataParallel(
+        s.model,
+        device_ids=[s.device.index] if s.device.type == "cuda" else None,
+        find_unused_parameters=section.find_unused_parameters,
+        static_graph=section.static_graph,
+        gradient_as_bucket_view=True,  # gradients live in the buckets: no copy per step
+    )
+
+
+def _use_sync_batchnorm(s: Setup) -> None:
+    """Batch norm over the whole global batch: SyncBatchNorm in place of BatchNorm (same
+    parameters and buffers, so the optimizer and the checkpoints are unchanged)."""
+    if s.device.type != "cuda":
+        raise UserError(
+            f"distributed.sync_batchnorm needs CUDA GPUs (torch's SyncBatchNorm runs only there), "
+            f"but this run is on {s.device.type}. Set it to false."
+        )
+    torch.nn.SyncBatchNorm.convert_sync_batchnorm(s.model)
