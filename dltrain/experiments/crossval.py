@@ -83,6 +83,28 @@ def run_cross_validation(
     """
     recipes = fold_recipes(recipe, folds)
     root = cv_root(recipe)
+    runs = _checked_fold_folders(root, recipes, force, progress)
+    reports = [
+        _fold_report(k, folds, fold_recipe, run, progress, force, report_on)
+        for k, (fold_recipe, run) in enumerate(zip(recipes, runs), start=1)
+    ]
+    histories = [read_metrics(run.metrics_path) for run in runs]
+    cv_report = {
+        "folds": folds,
+        "split": reports[0].get("split"),
+        "seed": recipe.seed,
+        "metrics": summarize_folds(reports, histories),
+        "runs": _names(folds),
+    }
+    atomic_write_text(root / CV_REPORT, json.dumps(cv_report, indent=2) + "\n")
+    return cv_report
+
+
+def _checked_fold_folders(
+    root: Path, recipes: list[Recipe], force: bool, progress: Progress
+) -> list[RunFolder]:
+    """The folds' run folders, checked before any training: none may hold a different run
+    (unless `force`), each must be writable; stray fold-k folders are noted."""
     if (root / "recipe.yaml").exists() and not force:
         raise UserError(
             f"{root} holds a single run, not a cross-validation; use another name (name=...) "
@@ -97,41 +119,39 @@ def run_cross_validation(
                 "the folds."
             )
         run.ensure_writable()
-    stale = sorted(
-        p.name for p in root.glob("fold-*") if p.is_dir() and p.name not in _names(folds)
-    )
+    names = _names(len(recipes))
+    stale = sorted(p.name for p in root.glob("fold-*") if p.is_dir() and p.name not in names)
     if stale:
         _say(progress, f"[yellow]note:[/] {', '.join(stale)} in {root} are not part of this run")
+    return runs
 
-    reports = []
-    for k, (fold_recipe, run) in enumerate(zip(recipes, runs), start=1):
-        same_recipe = run.recipe_path.exists() and _holds(run, fold_recipe)
-        report_path = run.root / "report.json"
-        if same_recipe and report_path.exists() and not force:
-            _say(progress, f"[bold]fold {k}/{folds}[/]: finished earlier, its report is kept")
-            reports.append(_read_report(report_path))
-            continue
-        resume = run.last_path if same_recipe and run.last_path.exists() and not force else None
-        report_path.unlink(missing_ok=True)  # present again only once this fold's fit finished
-        _say(
-            progress,
-            f"[bold]fold {k}/{folds}[/]: validating on fold {k}, training on the other "
-            f"{folds - 1}" + (f" · continuing from {resume}" if resume else ""),
-        )
-        returned = fit(fold_recipe, run, progress, resume=resume, report_on=report_on)
-        # report.json as written (what `eval` reproduces); fit's own dict if it is no mapping
-        reports.append(_read_report(report_path) or returned)
 
-    histories = [read_metrics(run.metrics_path) for run in runs]
-    cv_report = {
-        "folds": folds,
-        "split": reports[0].get("split"),
-        "seed": recipe.seed,
-        "metrics": summarize_folds(reports, histories),
-        "runs": _names(folds),
-    }
-    atomic_write_text(root / CV_REPORT, json.dumps(cv_report, indent=2) + "\n")
-    return cv_report
+def _fold_report(
+    k: int,
+    folds: int,
+    fold_recipe: Recipe,
+    run: RunFolder,
+    progress: Progress,
+    force: bool,
+    report_on: str | None,
+) -> dict[str, Any]:
+    """Fold k's report: kept when it finished earlier, else trained (continuing its last.pt
+    when it was interrupted)."""
+    same_recipe = run.recipe_path.exists() and _holds(run, fold_recipe)
+    report_path = run.root / "report.json"
+    if same_recipe and report_path.exists() and not force:
+        _say(progress, f"[bold]fold {k}/{folds}[/]: finished earlier, its report is kept")
+        return _read_report(report_path)
+    resume = run.last_path if same_recipe and run.last_path.exists() and not force else None
+    report_path.unlink(missing_ok=True)  # present again only once this fold's fit finished
+    _say(
+        progress,
+        f"[bold]fold {k}/{folds}[/]: validating on fold {k}, training on the other "
+        f"{folds - 1}" + (f" · continuing from {resume}" if resume else ""),
+    )
+    returned = fit(fold_recipe, run, progress, resume=resume, report_on=report_on)
+    # report.json as written (what `eval` reproduces); fit's own dict if it is no mapping
+    return _read_report(report_path) or returned
 
 
 def summarize_folds(

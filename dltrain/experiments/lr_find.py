@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ from dltrain.errors import UserError
 from dltrain.optim import build_optimizer
 from dltrain.reporting.plots import DPI, figure_classes
 from dltrain.system.atomic import atomic_write, atomic_write_text
-from dltrain.training.build import build_setup, split_batches
+from dltrain.training.build import Setup, build_setup, split_batches
 from dltrain.training.step import ForwardLoss, Step, train_step
 
 # The suggestion (suggest_index): the loss's slope at each point is fitted over ±WINDOW_DECADES
@@ -106,66 +106,112 @@ def find_lr(
     and when the loss diverged before enough points were taken to suggest an lr.
     """
     _check_arguments(start_lr, end_lr, steps, smoothing, diverge)
-    s = build_setup(recipe)  # seeds python, numpy and torch from the recipe
-    train = recipe.train
-    batches = split_batches(s, "train", shuffle=True)
-    optimizer = build_optimizer(recipe.optimizer, s.model, s.device.type)
-    # the ramp sets the main group's lr; the others (norms_and_biases) keep their ratio to it
-    main_lr = optimizer.param_groups[0]["lr"]
-    ratios = [group["lr"] / main_lr for group in optimizer.param_groups]
-    forward_loss = ForwardLoss(
-        s.model, s.task, s.loss_fn, s.pipeline, s.precision, train.l1, False, s.device
-    )
-    step = Step(forward_loss, s.model, optimizer, s.precision, train.grad_clip, end_step=s.end_step)
-    micro_batches = _cycle(batches)
-    s.model.train()
-
-    lrs: list[float] = []
-    raw: list[float] = []
-    smoothed: list[float] = []
-    average, best = 0.0, math.inf
-    stopped_early, diverged_at = False, None  # diverged_at: index of the point that diverged
+    setup = build_setup(recipe)  # seeds python, numpy and torch from the recipe
+    step = _eager_step(setup)
+    set_lr = _lr_setter(step.optimizer)
+    micro_batches = _cycle(split_batches(setup, "train", shuffle=True))
+    setup.model.train()
+    curve = _Curve(smoothing, diverge)
     for i in range(steps):
         lr = ramp_lr(start_lr, end_lr, steps, i)
-        for group, ratio in zip(optimizer.param_groups, ratios, strict=True):
-            group["lr"] = lr * ratio
-        # one optimizer step, fit's own (train_step): `accumulate` micro-batches, the update
-        # on the last
-        loss_sum = torch.zeros((), device=s.device)
-        for k in range(train.accumulate):
-            x, y = next(micro_batches)
-            last = k + 1 == train.accumulate
-            loss_sum += train_step(step, x, y, train.accumulate, steps_now=last).detach().float()
-
-        # One host read per step: the divergence test needs each loss before the next step.
-        # fit never does this (the GPU would wait on Python at every step); a diagnostic of a
-        # hundred steps may.
-        value = loss_sum.item() / train.accumulate
+        set_lr(lr)
+        value = _step_loss(step, micro_batches, recipe.train.accumulate, setup.device)
         if not math.isfinite(value):
-            stopped_early = i + 1 < steps
+            curve.stopped_early = i + 1 < steps
             break
-        average = (1 - smoothing) * average + smoothing * value
-        current = average / (1 - (1 - smoothing) ** (i + 1))
-        lrs.append(lr)
-        raw.append(value)
-        smoothed.append(current)
+        curve.add(lr, value)
         if progress is not None:
             progress(i + 1, steps, lr, value)
-        # the losses dltrain trains with are >= 0; for one that is not, no ratio test
-        if i > 0 and best > 0 and current > diverge * best:
-            stopped_early, diverged_at = i + 1 < steps, i
+        if curve.diverges():
+            curve.stopped_early, curve.diverged_at = i + 1 < steps, i
             break
-        best = min(best, current)
+    return _result(recipe.name, curve, start_lr, end_lr, steps)
 
-    # the points before divergence: all of them, less the one that diverged
-    usable = len(lrs) - (diverged_at is not None)
-    index = suggest_index(lrs[:usable], raw[:usable])
+
+def _eager_step(setup: Setup) -> Step:
+    """fit's optimizer step (training/step.py) on the plain model: no DDP, no compile; the
+    loss is read here after each step, so ForwardLoss keeps no running sum."""
+    train = setup.recipe.train
+    optimizer = build_optimizer(setup.recipe.optimizer, setup.model, setup.device.type)
+    forward_loss = ForwardLoss(
+        setup.model, setup.task, setup.loss_fn, setup.pipeline, setup.precision, train.l1,
+        sums_loss=False, device=setup.device,
+    )  # fmt: skip
+    return Step(
+        forward_loss, setup.model, optimizer, setup.precision, train.grad_clip,
+        end_step=setup.end_step,
+    )  # fmt: skip
+
+
+def _lr_setter(optimizer: torch.optim.Optimizer) -> Callable[[float], None]:
+    """Sets the main param group's lr; the others (norms_and_biases) keep their ratio to it."""
+    main_lr = optimizer.param_groups[0]["lr"]
+    ratios = [group["lr"] / main_lr for group in optimizer.param_groups]
+
+    def set_lr(lr: float) -> None:
+        for group, ratio in zip(optimizer.param_groups, ratios, strict=True):
+            group["lr"] = lr * ratio
+
+    return set_lr
+
+
+def _step_loss(step: Step, micro_batches: Iterator, accumulate: int, device: torch.device) -> float:
+    """One optimizer step, fit's own (train_step): `accumulate` micro-batches, the update on
+    the last. Returns its loss (the mean over the micro-batches)."""
+    loss_sum = torch.zeros((), device=device)
+    for k in range(accumulate):
+        x, y = next(micro_batches)
+        loss = train_step(step, x, y, accumulate, steps_now=k + 1 == accumulate)
+        loss_sum += loss.detach().float()
+    # One host read per step: the divergence test needs each loss before the next step. fit
+    # never does this (the GPU would wait on Python at every step); a diagnostic of a hundred
+    # steps may.
+    return loss_sum.item() / accumulate
+
+
+@dataclass
+class _Curve:
+    """The range test's points as they are taken, smoothed as the module docstring says."""
+
+    smoothing: float
+    diverge: float
+    lrs: list[float] = field(default_factory=list)
+    raw: list[float] = field(default_factory=list)
+    smoothed: list[float] = field(default_factory=list)
+    average: float = 0.0
+    best: float = math.inf
+    stopped_early: bool = False  # before the last step: diverged or a non-finite loss
+    diverged_at: int | None = None  # the index of the point that diverged
+
+    def add(self, lr: float, value: float) -> None:
+        self.average = (1 - self.smoothing) * self.average + self.smoothing * value
+        corrected = self.average / (1 - (1 - self.smoothing) ** (len(self.raw) + 1))
+        self.lrs.append(lr)
+        self.raw.append(value)
+        self.smoothed.append(corrected)
+
+    def diverges(self) -> bool:
+        """Whether the newest smoothed loss is over `diverge` × the best before it; if not, it
+        counts toward the best. (The losses dltrain trains with are >= 0; for one that is not,
+        no ratio test.)"""
+        current = self.smoothed[-1]
+        if len(self.smoothed) > 1 and self.best > 0 and current > self.diverge * self.best:
+            return True
+        self.best = min(self.best, current)
+        return False
+
+
+def _result(name: str, curve: _Curve, start_lr: float, end_lr: float, steps: int) -> LrFindResult:
+    """The curve with its suggestion, taken over the points before divergence (all of them,
+    less the one that diverged); UserError when there is none."""
+    usable = len(curve.lrs) - (curve.diverged_at is not None)
+    index = suggest_index(curve.lrs[:usable], curve.raw[:usable])
     if index is None:
-        if diverged_at is not None or len(lrs) < steps:  # by the ratio test, or not finite
-            stop = len(lrs) if diverged_at is not None else len(lrs) + 1  # 1-based step
+        if curve.diverged_at is not None or len(curve.lrs) < steps:  # ratio test, not finite
+            stop = len(curve.lrs) + (curve.diverged_at is None)  # 1-based step
             why = f"it diverged at step {stop} of {steps}"
         else:
-            stop = smoothed.index(min(smoothed)) + 1
+            stop = curve.smoothed.index(min(curve.smoothed)) + 1
             why = f"it was lowest at step {stop} of {steps}, and rose after"
         raise UserError(
             f"lr-find: the loss did not fall for long enough to suggest a learning rate: {why} "
@@ -174,15 +220,15 @@ def find_lr(
             f"{steps}, or a lower end_lr, now {end_lr:g})."
         )
     return LrFindResult(
-        lrs=lrs,
-        losses=smoothed,
-        raw_losses=raw,
-        suggested_lr=lrs[index],
-        stopped_early=stopped_early,
+        lrs=curve.lrs,
+        losses=curve.smoothed,
+        raw_losses=curve.raw,
+        suggested_lr=curve.lrs[index],
+        stopped_early=curve.stopped_early,
         start_lr=start_lr,
         end_lr=end_lr,
         steps=steps,
-        name=recipe.name,
+        name=name,
         suggested_index=index,
     )
 

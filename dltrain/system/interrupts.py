@@ -8,6 +8,7 @@ corrupted. A stop requested before anything was saved says so.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import signal
@@ -125,6 +126,15 @@ def exit_at_once_on_signals() -> None:
     for signum in SIGNAL_EXIT_CODES:
         if signal.getsignal(signum) is not signal.SIG_IGN:
             signal.signal(signum, _exit_at_once)
+    # Python's own shutdown puts SIG_DFL back for the signals it handles, so a second signal
+    # landing while the interpreter tears down would kill the process (-15, not 143): once
+    # everything is said, ignore them (the exit code is already the first signal's)
+    atexit.register(_ignore_stop_signals)
+
+
+def _ignore_stop_signals() -> None:
+    for signum in SIGNAL_EXIT_CODES:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def _exit_at_once(signum: int, frame) -> None:

@@ -203,14 +203,14 @@ def use_channels_last(choice: str | bool, device: torch.device, kind: str) -> bo
 # -- batches and schedule ---------------------------------------------------------------------
 
 
-def split_batches(s: Setup, split: str, shuffle: bool) -> Batches:
+def split_batches(setup: Setup, split: str, shuffle: bool) -> Batches:
     """A split's batches for this process: its block of every global batch when training, its
     contiguous shard when evaluating (all of it in a single process)."""
-    data, world = s.recipe.data, s.world
+    data, world = setup.recipe.data, setup.world
     train = split == "train"
-    per_process = per_process_batch_size(data, world.size, s.recipe.train.accumulate)
+    per_process = per_process_batch_size(data, world.size, setup.recipe.train.accumulate)
     batch_size = per_process if train else (data.eval_batch_size or 2 * per_process)
-    part = s.data.splits[split]
+    part = setup.data.splits[split]
     if train and world.launched and len(part) < per_process * world.size:
         raise UserError(
             f"the train split has {len(part)} samples, fewer than one global batch "
@@ -219,15 +219,15 @@ def split_batches(s: Setup, split: str, shuffle: bool) -> Batches:
     return make_batches(
         part,
         batch_size,
-        s.device,
+        setup.device,
         loader=data.loader,
         shuffle=shuffle,
         # every process must take the same number of equal steps under DDP
         drop_last=train and (world.launched or len(part) > batch_size),
-        seed=s.recipe.seed,
+        seed=setup.recipe.seed,
         num_workers=data.num_workers,
         shard=Shard(world.rank, world.size, world.local_size),
-        pad_last=not train and s.device.type == "xla",  # one static shape: one compiled graph
+        pad_last=not train and setup.device.type == "xla",  # one static shape: one compiled graph
     )
 
 

@@ -30,7 +30,7 @@ from dltrain.training.tta import with_tta
 def evaluate(
     model,
     batches: Batches,
-    s: Setup,
+    setup: Setup,
     keep_scores: bool = False,
     between_batches: Callable[[], None] | None = None,
 ) -> Evaluation:
@@ -38,16 +38,18 @@ def evaluate(
     under DDP); class scores on request (for AUROC, average precision, top-k: the final report,
     not every epoch). `between_batches` runs after each batch (e.g. a stop request's check)."""
     model.eval()
-    accumulator = s.task.evaluator(s.data.num_classes, s.device, keep_scores)
+    accumulator = setup.task.evaluator(setup.data.num_classes, setup.device, keep_scores)
     # torch_xla's lazy tensors do not support inference mode; no_grad is its equivalent there
-    with torch.no_grad() if s.device.type == "xla" else torch.inference_mode():
+    with torch.no_grad() if setup.device.type == "xla" else torch.inference_mode():
         for i, (x, y) in enumerate(batches.epoch(0)):
-            with s.precision.autocast():
-                accumulator.update(model, s.pipeline.eval(x), y, s.loss_fn, batches.real_rows(i))
-            s.end_step()
+            with setup.precision.autocast():
+                accumulator.update(
+                    model, setup.pipeline.eval(x), y, setup.loss_fn, batches.real_rows(i)
+                )
+            setup.end_step()
             if between_batches is not None:
                 between_batches()
-        return accumulator.result(s.world)
+        return accumulator.result(setup.world)
 
 
 def evaluate_checkpoint(
@@ -87,7 +89,7 @@ def report_split(splits: Collection[str]) -> str:
 
 
 def report_on_split(
-    s: Setup,
+    setup: Setup,
     checkpoint_path: Path,
     output: Path | None,
     progress: Progress,
@@ -96,36 +98,36 @@ def report_on_split(
     between_batches: Callable[[], None] | None = None,
     held: dict[str, Any] | None = None,
 ) -> dict:
-    """Evaluate s.model (with eval.tta's views, if any) on a split and (rank 0) write
+    """Evaluate setup.model (with eval.tta's views, if any) on a split and (rank 0) write
     report.json/.md and the plots; curves.png too when the training `history` is given. `held`
     says which weights these are (their epoch, and what made them the best: `which_weights`)."""
     from dltrain.reporting.report import write_report
 
-    split = split or report_split(s.data.splits)
-    if split not in s.data.splits:
+    split = split or report_split(setup.data.splits)
+    if split not in setup.data.splits:
         raise UserError(
-            f"this dataset has no '{split}' split; choose one of: {', '.join(s.data.splits)}."
+            f"this dataset has no '{split}' split; choose one of: {', '.join(setup.data.splits)}."
         )
     output = output or Path(checkpoint_path).parent / f"eval-{split}"
-    progress.evaluating(split, len(s.data.splits[split]))
-    batches = split_batches(s, split, shuffle=False)
+    progress.evaluating(split, len(setup.data.splits[split]))
+    batches = split_batches(setup, split, shuffle=False)
     with out_of_memory_is_a_run_failure(
-        s.device, s.recipe, s.precision.name, eval_batch_size=batches.batch_size
+        setup.device, setup.recipe, setup.precision.name, eval_batch_size=batches.batch_size
     ):
-        model = with_tta(s.model, s.recipe.eval.tta, s.data.model_kind)
-        result = evaluate(model, batches, s, keep_scores=True, between_batches=between_batches)
+        model = with_tta(setup.model, setup.recipe.eval.tta, setup.data.model_kind)
+        result = evaluate(model, batches, setup, keep_scores=True, between_batches=between_batches)
     report = {
         "split": split,
         "checkpoint": _relative(checkpoint_path, output),
         **(held or {}),
-        "task": s.task.name,
+        "task": setup.task.name,
         "loss": result.loss,
-        **s.task.report(result, s.data.classes),
+        **setup.task.report(result, setup.data.classes),
     }
     progress.evaluated(report)
-    if s.world.is_main:
+    if setup.world.is_main:
         with holding_enclosing_run(output, "writing a report"):
-            write_report(output, report, history=history, title=s.recipe.name)
+            write_report(output, report, history=history, title=setup.recipe.name)
     progress.report(report)
     return report
 

@@ -53,8 +53,9 @@ from dltrain.training.wrapping import TrainingModules, training_modules
 class Training:
     """What one fit drives: the setup plus optimizer, schedule, run folder, display and state."""
 
-    s: Setup
-    modules: TrainingModules  # s.model in DDP, the step's forward half, what evaluates
+    setup: Setup
+    modules: TrainingModules  # setup.model in DDP, the step's forward half, what evaluates
+    step: Step  # what train_step uses: the modules, optimizer and precision of one update
     optimizer: torch.optim.Optimizer
     schedule: LrSchedule
     run: RunFolder
@@ -66,12 +67,11 @@ class Training:
     stepped: bool = False  # has this process taken an optimizer step yet
     resumed_from: Path | None = None
     ema: WeightAverage | None = None  # train.ema: the moving average that evaluates
-    step: Step | None = None  # what train_step uses (built by _start_training)
 
     def checkpoint(self, epoch: int) -> dict[str, Any]:
         """What last.pt/best.pt hold now; refused when the weights became non-finite."""
-        check_weights_finite(self.s.model, epoch, self.run.last_path)  # never save those
-        return checkpoint_state(self.s, self.optimizer, self.schedule, self.state, self.ema)
+        check_weights_finite(self.setup.model, epoch, self.run.last_path)  # never save those
+        return checkpoint_state(self.setup, self.optimizer, self.schedule, self.state, self.ema)
 
 
 def fit(
@@ -101,77 +101,97 @@ def fit(
     with owner, stop, process_group(world, device, recipe.distributed):
         if world.is_main:
             run.recover()  # a save that a crash cut short: finished or undone before reading
-        t, train_batches, val_batches = _start_training(
+        training, train_batches, val_batches = _start_training(
             recipe, run, progress, resume, world, device, stop, sample_limit
         )
-        return _train_and_report(t, train_batches, val_batches, resume, report_on, after_epoch)
+        return _train_and_report(training, train_batches, val_batches, report_on, after_epoch)
 
 
 def _train_and_report(
-    t: Training,
+    training: Training,
     train_batches: Batches,
     val_batches: Batches | None,
-    resume: Path | None,
     report_on: str | None = None,
     after_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict:
-    """The epochs (train, evaluate, record, checkpoint), then the report on the best model."""
-    s, state, recipe, run, world = t.s, t.state, t.s.recipe, t.run, t.s.world
+    """The epochs, then the report on the best model; how either ends goes to the event log."""
+    setup = training.setup
     with (
-        _logged_failures(t.log),
-        out_of_memory_is_a_run_failure(s.device, recipe, s.precision.name, saved=run.last_path),
+        _logged_failures(training.log),
+        out_of_memory_is_a_run_failure(
+            setup.device, setup.recipe, setup.precision.name, saved=training.run.last_path
+        ),
     ):
-        for epoch in range(state.epoch + 1, recipe.train.epochs + 1):
-            if state.stopped_early:
-                break
-            # train
-            train_loss = train_one_epoch(t, train_batches, epoch)
-
-            # evaluate
-            validation = (
-                None if val_batches is None else evaluate(t.modules.evaluate, val_batches, s)
-            )
-            t.schedule.step_epoch(validation.loss if validation else None)
-
-            # record, decide, checkpoint
-            row = _metrics_row(t, epoch, train_loss, validation)
-            state.epoch = epoch
-            state.start_epoch()
-            improved = state.record_epoch(row, recipe.train.monitor, recipe.train.early_stopping)
-            _save_epoch(t, row, improved)
-            if world.any(t.stop.requested, s.device):
-                raise Interrupted(t.stop.signum or signal.SIGTERM, str(run.last_path))
-            if after_epoch is not None:
-                after_epoch(row)
-
-    # final evaluation of the best model on the test split (val when there is none); a stop
-    # request ends it at the next batch (one process: under DDP all would have to agree)
-    def between_batches() -> None:
-        t.stop.check(str(run.last_path), "during the final evaluation")
-
-    with _logged_failures(t.log):
-        final, held = _final_checkpoint(s, run, resume)
-        report = report_on_split(
-            s,
-            final,
-            run.root,
-            t.progress,
-            split=report_on,
-            history=state.history,
-            between_batches=None if world.launched else between_batches,
-            held=held,
-        )
+        _train_epochs(training, train_batches, val_batches, after_epoch)
+    with _logged_failures(training.log):
+        report = _final_report(training, report_on)
     key = headline_key(report)
-    t.log.report(report)
-    t.log.event(
+    training.log.report(report)
+    training.log.event(
         "end",
         split=report["split"],
         **{key: report[key]},
-        best_epoch=state.best_epoch,
-        seconds=round(time.perf_counter() - t.started, 3),
+        best_epoch=training.state.best_epoch,
+        seconds=round(time.perf_counter() - training.started, 3),
     )
-    t.log.close()
+    training.log.close()
     return report
+
+
+def _train_epochs(
+    training: Training,
+    train_batches: Batches,
+    val_batches: Batches | None,
+    after_epoch: Callable[[dict[str, Any]], None] | None,
+) -> None:
+    """The epoch loop: train, evaluate, record and checkpoint, until the last epoch, early
+    stopping or a stop request."""
+    setup, state, train = training.setup, training.state, training.setup.recipe.train
+    for epoch in range(state.epoch + 1, train.epochs + 1):
+        if state.stopped_early:
+            break
+        # train
+        train_loss = train_one_epoch(training, train_batches, epoch)
+
+        # evaluate
+        validation = None
+        if val_batches is not None:
+            validation = evaluate(training.modules.evaluate, val_batches, setup)
+        training.schedule.step_epoch(validation.loss if validation else None)
+
+        # record, decide, checkpoint
+        row = _metrics_row(training, epoch, train_loss, validation)
+        state.epoch = epoch
+        state.start_epoch()
+        improved = state.record_epoch(row, train.monitor, train.early_stopping)
+        _save_epoch(training, row, improved)
+
+        # a stop request (all processes agree), then the caller's look (a sweep's pruner)
+        if setup.world.any(training.stop.requested, setup.device):
+            raise Interrupted(training.stop.signum or signal.SIGTERM, str(training.run.last_path))
+        if after_epoch is not None:
+            after_epoch(row)
+
+
+def _final_report(training: Training, report_on: str | None) -> dict:
+    """The best model's report on the test split (val when there is none). A stop request
+    ends it at the next batch (in one process: under DDP all would have to agree)."""
+    setup, run = training.setup, training.run
+
+    def between_batches() -> None:
+        training.stop.check(str(run.last_path), "during the final evaluation")
+
+    final, held = _final_checkpoint(setup, run, training.resumed_from)
+    return report_on_split(
+        setup,
+        final,
+        run.root,
+        training.progress,
+        split=report_on,
+        history=training.state.history,
+        between_batches=None if setup.world.launched else between_batches,
+        held=held,
+    )
 
 
 def _start_training(
@@ -186,39 +206,75 @@ def _start_training(
 ) -> tuple[Training, Batches, Batches | None]:
     """Build the run, restore a resumed one, open the run folder and the log, say what runs."""
     started = time.perf_counter()
-    s = build_setup(recipe, device, world=world, sample_limit=sample_limit)
-    train_batches = split_batches(s, "train", shuffle=True)
-    val_batches = split_batches(s, "val", shuffle=False) if "val" in s.data.splits else None
-    optimizer = build_optimizer(recipe.optimizer, s.model, s.device.type)
+    setup = build_setup(recipe, device, world=world, sample_limit=sample_limit)
+    train_batches = split_batches(setup, "train", shuffle=True)
+    val_batches = split_batches(setup, "val", shuffle=False) if "val" in setup.data.splits else None
+    optimizer = build_optimizer(recipe.optimizer, setup.model, setup.device.type)
     schedule = build_schedule(recipe, optimizer, len(train_batches))
-    ema = WeightAverage(s.model, recipe.train.ema) if recipe.train.ema else None
-    state = TrainState()
-    resume = world.broadcast_object(resume, s.device)  # rank 0's files decide (nodes may not
-    if resume is not None:  # share a disk)
-        checkpoint = world.broadcast_object(
-            load_checkpoint(resume) if world.is_main else None, s.device
-        )
-        state = restore(checkpoint, resume, s, optimizer, schedule, ema)
-        state.keep_totals_on_main(world.is_main)
-    if world.any(stop.requested, s.device):  # Ctrl-C while the data and model were prepared
+    ema = WeightAverage(setup.model, recipe.train.ema) if recipe.train.ema else None
+    # rank 0's files decide (nodes may not share a disk)
+    resume = world.broadcast_object(resume, setup.device)
+    state = _restored_state(setup, resume, optimizer, schedule, ema)
+    if world.any(stop.requested, setup.device):  # Ctrl-C while the data and model were prepared
         raise Interrupted(
             stop.signum or signal.SIGTERM, str(resume) if resume else None, "while starting"
         )
-    log = RunLog(run.root, recipe, str(s.device), enabled=world.is_main)
+    log = RunLog(run.root, recipe, str(setup.device), enabled=world.is_main)
     if world.is_main:
         run.start(recipe)
     log.event(
         "start",
         run=recipe.name,
-        device=str(s.device),
+        device=str(setup.device),
         processes=world.size,
-        precision=s.precision.name,
+        precision=setup.precision.name,
         data_path=train_batches.path,
         resumed_from=str(resume) if resume else None,
         epoch=state.epoch,
         step=state.step,
     )
-    progress.start(recipe, s.device, s.precision.name, train_batches.path, s.model, s.data)
+    _say_what_runs(progress, setup, train_batches, val_batches, resume, state)
+    modules = training_modules(setup, averaged=ema.module if ema else None)
+    step = _optimizer_step(setup, modules, optimizer, schedule, resume)
+    training = Training(setup, modules, step, optimizer, schedule, run, progress, log, stop, state)
+    training.started, training.resumed_from, training.ema = started, resume, ema
+    return training, train_batches, val_batches
+
+
+def _restored_state(
+    setup: Setup,
+    resume: Path | None,
+    optimizer: torch.optim.Optimizer,
+    schedule: LrSchedule,
+    ema: WeightAverage | None,
+) -> TrainState:
+    """A new run's state, or a resumed one's with everything its checkpoint holds put back
+    (rank 0 reads the file and sends it)."""
+    if resume is None:
+        return TrainState()
+    world = setup.world
+    checkpoint = world.broadcast_object(
+        load_checkpoint(resume) if world.is_main else None, setup.device
+    )
+    state = restore(checkpoint, resume, setup, optimizer, schedule, ema)
+    state.keep_totals_on_main(world.is_main)
+    return state
+
+
+def _say_what_runs(
+    progress: Progress,
+    setup: Setup,
+    train_batches: Batches,
+    val_batches: Batches | None,
+    resume: Path | None,
+    state: TrainState,
+) -> None:
+    """The display's header and its notes: what resumes, a monitor without validation data,
+    a report on the training data, the data-parallel layout."""
+    recipe, world = setup.recipe, setup.world
+    progress.start(
+        recipe, setup.device, setup.precision.name, train_batches.path, setup.model, setup.data
+    )
     if resume is not None:
         progress.note(_resume_note(resume, state, recipe.train.epochs))
     stopping = recipe.train.early_stopping
@@ -226,22 +282,17 @@ def _start_training(
     note = fallback_note(monitors, has_validation=val_batches is not None)
     if note:
         progress.note(note)
-    if report_split(s.data.splits) == "train":
+    if report_split(setup.data.splits) == "train":
         progress.note(
             "no test or validation split: the final report is on the training data, which says "
             "little about new data; give data.test or set data.val_split > 0 to hold data out"
         )
     if world.launched:
         progress.data_parallel(world.size, train_batches.batch_size, recipe.train.accumulate)
-    modules = training_modules(s, averaged=ema.module if ema else None)
-    training = Training(s, modules, optimizer, schedule, run, progress, log, stop, state, started)
-    training.resumed_from, training.ema = resume, ema
-    training.step = _optimizer_step(s, modules, optimizer, schedule, resume)
-    return training, train_batches, val_batches
 
 
 def _optimizer_step(
-    s: Setup,
+    setup: Setup,
     modules: TrainingModules,
     optimizer: torch.optim.Optimizer,
     schedule: LrSchedule,
@@ -252,17 +303,17 @@ def _optimizer_step(
     agree on (it waits for the device: skip_step's price)."""
 
     def finite(loss: torch.Tensor) -> bool:
-        return not s.world.any(not bool(loss.isfinite()), s.device)
+        return not setup.world.any(not bool(loss.isfinite()), setup.device)
 
     return Step(
         modules.forward_loss,
         modules.model,
         optimizer,
-        s.precision,
-        s.recipe.train.grad_clip,
+        setup.precision,
+        setup.recipe.train.grad_clip,
         keeps=None if modules.loss_module.sums_loss else finite,
         after_update=schedule.step_batch,
-        end_step=s.end_step,
+        end_step=setup.end_step,
         resumed_from=resume,
     )
 
@@ -283,132 +334,159 @@ def _resume_note(resume: Path, state: TrainState, epochs: int) -> str:
     )
 
 
-def _metrics_row(t: Training, epoch: int, train_loss: float, validation) -> dict[str, Any]:
+def _metrics_row(training: Training, epoch: int, train_loss: float, validation) -> dict[str, Any]:
     """One row of metrics.csv."""
-    state = t.state
+    state = training.state
     return {
         "epoch": epoch,
         "train_loss": train_loss,
         "val_loss": validation.loss if validation else None,
         "val_accuracy": validation.accuracy if validation else None,
-        "lr": t.schedule.last_lr(),
+        "lr": training.schedule.last_lr(),
         "seconds": state.epoch_seconds,
         "samples_per_s": state.epoch_seen / max(state.epoch_seconds, 1e-9),
     }
 
 
-def _save_epoch(t: Training, row: dict[str, Any], improved: bool) -> None:
+def _save_epoch(training: Training, row: dict[str, Any], improved: bool) -> None:
     """The end of an epoch: metrics.csv, last.pt and (when the monitor improved) best.pt."""
-    run, state, epoch = t.run, t.state, row["epoch"]
-    checkpoint = t.checkpoint(epoch)
-    if t.s.world.is_main:
+    run, state, epoch = training.run, training.state, row["epoch"]
+    checkpoint = training.checkpoint(epoch)
+    if training.setup.world.is_main:
         run.save_epoch(state.history, checkpoint, improved)
-    t.log.epoch(row)
+    training.log.epoch(row)
     best = str(run.best_path) if improved else None
-    t.log.event("checkpoint", epoch=epoch, last=str(run.last_path), best=best)
-    t.progress.epoch_end(row, improved)
+    training.log.event("checkpoint", epoch=epoch, last=str(run.last_path), best=best)
+    training.progress.epoch_end(row, improved)
     if state.stopped_early:
-        t.progress.early_stop(epoch, state.best_epoch)
-        t.log.event("early_stop", epoch=epoch, best_epoch=state.best_epoch)
+        training.progress.early_stop(epoch, state.best_epoch)
+        training.log.event("early_stop", epoch=epoch, best_epoch=state.best_epoch)
 
 
-def _final_checkpoint(s: Setup, run: RunFolder, resume: Path | None) -> tuple[Path, dict[str, Any]]:
+def _final_checkpoint(
+    setup: Setup, run: RunFolder, resume: Path | None
+) -> tuple[Path, dict[str, Any]]:
     """Load the weights to report on on every process: best.pt, else last.pt (a run resumed
     from another folder, or one whose val loss was never finite, may have no best.pt of its
     own), else the checkpoint resumed from. Returns its path and `which_weights` it holds.
     Rank 0 reads the file and sends the weights, so nodes need not share a disk."""
     final, held = None, {}
-    if s.world.is_main:
+    if setup.world.is_main:
         final = next(p for p in (run.best_path, run.last_path, resume) if p and Path(p).exists())
         checkpoint = load_checkpoint(final)
-        load_weights(s.model, checkpoint, final)
+        load_weights(setup.model, checkpoint, final)
         held = which_weights(checkpoint)
-    s.world.broadcast_weights_(s.model)
-    return s.world.broadcast_object((final, held), s.device)
+    setup.world.broadcast_weights_(setup.model)
+    return setup.world.broadcast_object((final, held), setup.device)
 
 
-def train_one_epoch(t: Training, batches: Batches, epoch: int) -> float:
+def train_one_epoch(training: Training, batches: Batches, epoch: int) -> float:
     """One pass over the training data (or the rest of it, on resume). Returns the mean loss.
 
     Between optimizer steps the policy (step_policy.py) looks, without waiting on the device at
     every step, for a non-finite loss, a due mid-epoch checkpoint and a stop request.
     """
-    s, state, train = t.s, t.state, t.s.recipe.train
-    t.modules.loss_module.train()
-    steps, accumulate = len(batches), train.accumulate
+    setup, state, train = training.setup, training.state, training.setup.recipe.train
+    training.modules.loss_module.train()
+    steps, accumulate, world = len(batches), train.accumulate, setup.world
     policy = StepPolicy(
-        s.world, s.device, t.stop, t.run.last_path, train.checkpoint_every_steps, state.batch
-    )
-    loss_sum = t.modules.loss_module.loss_sum.fill_(state.epoch_loss_sum)  # the step adds to it
+        world, setup.device, training.stop, training.run.last_path,
+        train.checkpoint_every_steps, state.batch,
+    )  # fmt: skip
+    loss_sum = training.modules.loss_module.loss_sum  # the step adds to it, on the device
+    loss_sum.fill_(state.epoch_loss_sum)
     started = time.perf_counter() - state.epoch_seconds
-    t.progress.epoch_start(epoch, train.epochs, steps, done=state.batch)
+    training.progress.epoch_start(epoch, train.epochs, steps, done=state.batch)
     for i, (x, y) in enumerate(batches.epoch(epoch, start=state.batch), start=state.batch):
         # forward backward, and update on a group's last micro-batch
         steps_now = (i + 1) % accumulate == 0 or i + 1 == steps
         group = min(accumulate, steps - i // accumulate * accumulate)  # the last may be short
-        loss = train_step(t.step, x, y, group, steps_now)
-        _count_micro_batch(t, loss, loss_sum, len(y), (epoch, i + 1))
-        t.progress.step(i + 1, state.epoch_seen * s.world.size, loss_sum, state.epoch_seen)
+        loss = train_step(training.step, x, y, group, steps_now)
+        _count_micro_batch(training, loss, loss_sum, len(y), (epoch, i + 1))
+        training.progress.step(i + 1, state.epoch_seen * world.size, loss_sum, state.epoch_seen)
         if not steps_now:
             continue
-        state.batch, state.step = i + 1, state.step + 1
-        if t.ema is not None:
-            t.ema.after_step(state.step)
-        _note_first_step(t)
+        _after_step(training, i + 1)
 
         # between steps: non-finite check, mid-epoch checkpoint, stop request
-        save_now = policy.checkpoint_due(state.step) and i + 1 < steps
-        if not (save_now or policy.check_due(state.step)):
-            continue
-        stop = policy.agree(loss_sum, epoch, i + 1, steps)
-        if (save_now or stop) and i + 1 < steps:
-            _settle_epoch_totals(t, loss_sum, started)
-            checkpoint = t.checkpoint(epoch)
-            if s.world.is_main:
-                t.run.save_last(checkpoint)
-            if stop:
-                t.progress.close()
-                raise Interrupted(t.stop.signum or signal.SIGTERM, str(t.run.last_path))
-            state.keep_totals_on_main(s.world.is_main)  # as after a resume
-            loss_sum.fill_(state.epoch_loss_sum)
+        _between_steps(training, policy, loss_sum, (epoch, i + 1, steps), started)
 
+    # the epoch's end: the last look, and its one host sync
     policy.agree(loss_sum, epoch, steps, steps)
-    _settle_epoch_totals(t, loss_sum, started)  # the epoch's host sync
+    _settle_epoch_totals(training, loss_sum, started)
     return state.epoch_loss_sum / max(state.epoch_seen, 1)
 
 
+def _after_step(training: Training, done: int) -> None:
+    """Count an optimizer step taken after `done` batches of the epoch; the moving average
+    follows the weights (train.ema)."""
+    state = training.state
+    state.batch, state.step = done, state.step + 1
+    if training.ema is not None:
+        training.ema.after_step(state.step)
+    _note_first_step(training)
+
+
+def _between_steps(
+    training: Training,
+    policy: StepPolicy,
+    loss_sum: torch.Tensor,
+    where: tuple[int, int, int],
+    started: float,
+) -> None:
+    """When the policy says to look (`where`: epoch, batches done, batches in the epoch): all
+    processes agree on a non-finite loss (raised) and a stop request; a due mid-epoch
+    checkpoint is saved, and a stop request saves one and ends the run."""
+    state, (epoch, done, steps) = training.state, where
+    save_now = policy.checkpoint_due(state.step) and done < steps
+    if not (save_now or policy.check_due(state.step)):
+        return
+    stop = policy.agree(loss_sum, epoch, done, steps)
+    if not (save_now or stop) or done == steps:  # the epoch's end saves anyway
+        return
+    _settle_epoch_totals(training, loss_sum, started)
+    checkpoint = training.checkpoint(epoch)
+    if training.setup.world.is_main:
+        training.run.save_last(checkpoint)
+    if stop:
+        training.progress.close()
+        raise Interrupted(training.stop.signum or signal.SIGTERM, str(training.run.last_path))
+    state.keep_totals_on_main(training.setup.world.is_main)  # as after a resume
+    loss_sum.fill_(state.epoch_loss_sum)
+
+
 def _count_micro_batch(
-    t: Training, loss: torch.Tensor | None, loss_sum: torch.Tensor, size: int, where: tuple
+    training: Training, loss: torch.Tensor | None, loss_sum: torch.Tensor, size: int, where: tuple
 ) -> None:
     """A micro-batch into the epoch's totals: its samples, and its loss when the step did not
     add it already (skip_step adds only the losses it keeps); a skipped one is said."""
     if loss is None:
-        t.progress.skipped(*where)
+        training.progress.skipped(*where)
         return
-    if not t.modules.loss_module.sums_loss:
+    if not training.modules.loss_module.sums_loss:
         loss_sum += loss.detach().float() * size
-    t.state.epoch_seen += size
+    training.state.epoch_seen += size
 
 
-def _note_first_step(t: Training) -> None:
+def _note_first_step(training: Training) -> None:
     """Log the time to the first optimizer step (and say what torch.compile cost)."""
-    if t.stepped:
+    if training.stepped:
         return
-    t.stepped = True
-    seconds = time.perf_counter() - t.started
-    t.log.event("first_step", seconds=round(seconds, 3))
-    if t.s.recipe.train.compile:  # compilation happens in the first step
-        t.progress.note(f"torch.compile: the first step took {seconds:.1f}s (compiling)")
+    training.stepped = True
+    seconds = time.perf_counter() - training.started
+    training.log.event("first_step", seconds=round(seconds, 3))
+    if training.setup.recipe.train.compile:  # compilation happens in the first step
+        training.progress.note(f"torch.compile: the first step took {seconds:.1f}s (compiling)")
 
 
-def _settle_epoch_totals(t: Training, loss_sum: torch.Tensor, started: float) -> None:
+def _settle_epoch_totals(training: Training, loss_sum: torch.Tensor, started: float) -> None:
     """Read the epoch's loss sum and sample count so far (over all processes) into the state."""
-    state, world = t.state, t.s.world
+    state, world = training.state, training.setup.world
     state.epoch_seconds = time.perf_counter() - started
     if not world.launched:
         state.epoch_loss_sum = loss_sum.item()
         return
-    seen = torch.tensor(float(state.epoch_seen), device=t.s.device, dtype=torch.float64)
+    seen = torch.tensor(float(state.epoch_seen), device=training.setup.device, dtype=torch.float64)
     total_loss, total_seen = world.all_reduce_sum_(torch.stack([loss_sum.double(), seen])).tolist()
     state.epoch_loss_sum, state.epoch_seen = total_loss, int(total_seen)
 

@@ -60,7 +60,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def checkpoint_state(
-    s: Setup,
+    setup: Setup,
     optimizer: torch.optim.Optimizer,
     schedule: LrSchedule,
     state: TrainState,
@@ -70,18 +70,18 @@ def checkpoint_state(
     serialise XLA's lazy tensors, and the copy makes the file load anywhere). With train.ema,
     `model` is the averaged weights (what evaluates) and `ema` the training weights."""
     checkpoint = {
-        "recipe": s.recipe.to_dict(),
-        "model": (ema.module if ema else s.model).state_dict(),
+        "recipe": setup.recipe.to_dict(),
+        "model": (ema.module if ema else setup.model).state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": schedule.state_dict(),
-        "scaler": s.precision.scaler.state_dict(),
+        "scaler": setup.precision.scaler.state_dict(),
         "epoch": state.epoch,
         "step": state.step,
         "rng": rng_state(),
         "metrics": {"best": state.best, "best_epoch": state.best_epoch, "history": state.history},
         "train_state": state.to_dict(),
-        "classes": list(s.data.classes),
-        "data_meta": s.data.meta(),
+        "classes": list(setup.data.classes),
+        "data_meta": setup.data.meta(),
     }
     if ema is not None:
         checkpoint["ema"] = ema.state_dict()
@@ -91,21 +91,21 @@ def checkpoint_state(
 def restore(
     checkpoint: dict[str, Any],
     path: Path,
-    s: Setup,
+    setup: Setup,
     optimizer: torch.optim.Optimizer,
     schedule: LrSchedule,
     ema: WeightAverage | None = None,
 ) -> TrainState:
     """Load a checkpoint's training state into freshly built objects (resume); a part that
     is missing or does not fit this run is a UserError naming it."""
-    check_resumable(checkpoint["recipe"], s.recipe.to_dict(), str(path))
-    load_weights(s.model, checkpoint, path, s.recipe.model)
+    check_resumable(checkpoint["recipe"], setup.recipe.to_dict(), str(path))
+    load_weights(setup.model, checkpoint, path, setup.recipe.model)
     averaged = (("ema", partial(ema.load_state_dict, checkpoint["model"])),) if ema else ()
     parts = (
         *averaged,
         ("optimizer", lambda state: _load_optimizer(optimizer, state)),
         ("scheduler", schedule.load_state_dict),
-        ("scaler", s.precision.scaler.load_state_dict),
+        ("scaler", setup.precision.scaler.load_state_dict),
         ("rng", set_rng_state),
         ("train_state", TrainState.from_dict),
     )

@@ -16,17 +16,19 @@ from dltrain.training.step import ForwardLoss
 
 @dataclass
 class TrainingModules:
-    """The modules a fit drives, built around s.model (see training_modules)."""
+    """The modules a fit drives, built around setup.model (see training_modules)."""
 
-    model: torch.nn.Module  # s.model, in DDP under torchrun (compiled there on request)
+    model: torch.nn.Module  # setup.model, in DDP under torchrun (compiled there on request)
     forward_loss: torch.nn.Module  # `loss_module`, compiled on request in a single process
     loss_module: ForwardLoss  # the forward half of a step; its loss_sum is the epoch's running loss
-    evaluate: torch.nn.Module  # s.model or the averaged weights (train.ema), compiled on request
+    evaluate: (
+        torch.nn.Module
+    )  # setup.model or the averaged weights (train.ema), compiled on request
 
 
-def training_modules(s: Setup, averaged: torch.nn.Module | None = None) -> TrainingModules:
+def training_modules(setup: Setup, averaged: torch.nn.Module | None = None) -> TrainingModules:
     """The modules that train (DDP under torchrun, compiled on request) and the one that
-    evaluates: s.model, or the `averaged` weights (train.ema). Evaluation bypasses DDP: each
+    evaluates: setup.model, or the `averaged` weights (train.ema). Evaluation bypasses DDP: each
     process evaluates its own shard, and DDP's forward would wait for the others' (shards may
     differ by a batch).
 
@@ -34,48 +36,55 @@ def training_modules(s: Setup, averaged: torch.nn.Module | None = None) -> Train
     loss, running loss) as one graph in a single process. Under DDP it compiles the wrapped
     model alone: dynamo then splits its graph at DDP's gradient buckets so their all-reduces
     overlap the backward, which it does for a DDP module it is given, not for one inside."""
-    model = _data_parallel(s) if s.world.launched else s.model
-    choice = s.recipe.train.compile
+    model = _data_parallel(setup) if setup.world.launched else setup.model
+    choice = setup.recipe.train.compile
     mode = None if choice in (True, "default") else choice
-    if choice and s.world.launched:
+    if choice and setup.world.launched:
         model = torch.compile(model, mode=mode)
-    train = s.recipe.train
+    train = setup.recipe.train
     sums_loss = train.on_nonfinite == "stop"
     loss_module = ForwardLoss(
-        model, s.task, s.loss_fn, s.pipeline, s.precision, train.l1, sums_loss, s.device
+        model,
+        setup.task,
+        setup.loss_fn,
+        setup.pipeline,
+        setup.precision,
+        train.l1,
+        sums_loss,
+        setup.device,
     )
-    evaluate = averaged or s.model
+    evaluate = averaged or setup.model
     if not choice:
         return TrainingModules(model, loss_module, loss_module, evaluate)
-    forward_loss = loss_module if s.world.launched else torch.compile(loss_module, mode=mode)
+    forward_loss = loss_module if setup.world.launched else torch.compile(loss_module, mode=mode)
     return TrainingModules(model, forward_loss, loss_module, torch.compile(evaluate, mode=mode))
 
 
-def _data_parallel(s: Setup) -> torch.nn.parallel.DistributedDataParallel:
-    """s.model in DistributedDataParallel, as the recipe's distributed section asks."""
-    section = s.recipe.distributed
+def _data_parallel(setup: Setup) -> torch.nn.parallel.DistributedDataParallel:
+    """setup.model in DistributedDataParallel, as the recipe's distributed section asks."""
+    section = setup.recipe.distributed
     if section.sync_batchnorm:
-        _use_sync_batchnorm(s)
-    if s.pipeline.channels_last:
+        _use_sync_batchnorm(setup)
+    if setup.pipeline.channels_last:
         # A channels_last weight with a size-1 dim (a first conv on 1-channel images) has
         # strides that differ from its gradient's without any difference in memory
         # layout; DDP's reducer warns about that once, needlessly.
         warnings.filterwarnings("ignore", message="Grad strides do not match bucket view")
     return torch.nn.parallel.DistributedDataParallel(
-        s.model,
-        device_ids=[s.device.index] if s.device.type == "cuda" else None,
+        setup.model,
+        device_ids=[setup.device.index] if setup.device.type == "cuda" else None,
         find_unused_parameters=section.find_unused_parameters,
         static_graph=section.static_graph,
         gradient_as_bucket_view=True,  # gradients live in the buckets: no copy per step
     )
 
 
-def _use_sync_batchnorm(s: Setup) -> None:
+def _use_sync_batchnorm(setup: Setup) -> None:
     """Batch norm over the whole global batch: SyncBatchNorm in place of BatchNorm (same
     parameters and buffers, so the optimizer and the checkpoints are unchanged)."""
-    if s.device.type != "cuda":
+    if setup.device.type != "cuda":
         raise UserError(
             f"distributed.sync_batchnorm needs CUDA GPUs (torch's SyncBatchNorm runs only there), "
-            f"but this run is on {s.device.type}. Set it to false."
+            f"but this run is on {setup.device.type}. Set it to false."
         )
-    torch.nn.SyncBatchNorm.convert_sync_batchnorm(s.model)
+    torch.nn.SyncBatchNorm.convert_sync_batchnorm(setup.model)
