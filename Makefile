@@ -33,7 +33,7 @@ $(XLA_STAMP): pyproject.toml
 	touch $(XLA_STAMP)
 
 test-xla: $(XLA_STAMP)  ## the XLA tests: torch_xla on the CPU (PJRT_DEVICE=CPU)
-	PJRT_DEVICE=CPU $(XLA_VENV)/bin/python -m pytest -m xla tests/test_xla.py
+	PJRT_DEVICE=CPU $(XLA_VENV)/bin/python -m pytest -m xla tests/system/test_xla.py
 
 test-fast: $(STAMP)  ## skip the slow tests
 	$(BIN)/python -m pytest $(PARALLEL) -m "not slow"

@@ -160,9 +160,10 @@ run_step bench 210 "$out/bench.txt" \
 # -- 4. the CUDA tests and the 1-GPU DDP check -----------------------------------------------
 run_step tests 90 "$out/tests.txt" \
     python3 -m pytest -q -rs -p no:cacheprovider -k "not ddp" \
-    tests/test_gpu.py tests/test_no_sync.py tests/test_metrics.py tests/test_ranking_metrics.py
+    tests/training/test_gpu.py tests/training/test_no_sync.py tests/reporting/test_metrics.py \
+    tests/reporting/test_ranking_metrics.py
 run_step ddp 60 "$out/ddp.txt" \
-    python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu.py -k ddp
+    python3 -m pytest -q -s -p no:cacheprovider tests/training/test_gpu.py -k ddp
 
 # -- summary ---------------------------------------------------------------------------------
 python3 - "$out" "$((SECONDS - began))" > "$out/summary.txt" 2>&1 <<'EOF'

@@ -51,7 +51,7 @@ def first_line(exc: BaseException, with_type: bool = False) -> str:
 
 
 class RecipeError(UserError):
-    """A problem at one key path of a recipe; recipe.py adds the file and line to the message."""
+    """A problem at one key path of a recipe; config/loading.py adds the file and line."""
 
     def __init__(self, path: str, problem: str):
         self.path = path

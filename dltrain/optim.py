@@ -8,7 +8,7 @@ fast CIFAR trainers give batch-norm biases). Schedules keep each group's ratio t
 (main) group's lr: they multiply every group's lr by one factor, and their absolute settings
 (cosine's and plateau's min_lr, onecycle's max_lr) are the main group's, scaled for the others.
 
-Every scheduler factory returns an `LrSchedule`, the one object the engine drives: `step_batch()`
+Every scheduler factory returns an `LrSchedule`, the one object the fit loop drives: `step_batch()`
 after each optimizer step and `step_epoch(val_loss)` after each epoch's validation. Step, multistep
 and cosine schedules are per-step LambdaLR multipliers computed from the step count alone, so they
 are smooth (warmup ramps per step) and resume exactly from a saved step count. Warmup is linear:
@@ -294,7 +294,7 @@ def _avoid_zero_lr(optimizer: Optimizer) -> None:
 
 
 class LrSchedule:
-    """The learning-rate policy of one run, driven by the engine per batch and per epoch.
+    """The learning-rate policy of one run, driven by the fit loop per batch and per epoch.
 
     It combines at most two torch schedulers: `per_batch`, stepped after each optimizer step
     (while the step count is at most `batch_limit`, when given), and `plateau`, stepped with the

@@ -1,12 +1,14 @@
-"""Fixtures shared by every test module."""
+"""Fixtures shared by every test module: `invoke` (the CLI in-process) and `trained_run` (a
+tiny run trained once and shared). Plain helpers are in tests/helpers/ (see tests/README.md)."""
 
 from __future__ import annotations
 
 import os
 
 import pytest
-import torch
 from typer.testing import CliRunner
+
+from helpers.training import one_torch_thread, train
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -18,27 +20,46 @@ def decode_cache_in_the_tests_own_folder(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def one_cpu_thread():
-    # These runs are tiny. With two intra-op threads on a 2-core machine that is also busy with
-    # other work, OpenMP's spin-waiting turns 0.05 s epochs into seconds; one thread is steady.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    # every test on one torch thread (see one_torch_thread); module and session fixtures run
+    # before this one, so `trained_run` sets it for its own training
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture
-def invoke(tmp_path, monkeypatch):
-    """Run the CLI in-process (typer's CliRunner) with tmp_path as the working directory."""
+def invoke(request, tmp_path, monkeypatch):
+    """Run the CLI in-process (typer's CliRunner) with tmp_path as the working directory.
+
+    The console is 100 columns wide, whatever the terminal; a module or test marked
+    `@pytest.mark.console_width(200)` gets a wider one (long paths in titles unwrapped)."""
     from dltrain.cli import app
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("DLTRAIN_DEBUG", raising=False)
-    runner = CliRunner(env={"COLUMNS": "100"})  # a fixed console width, whatever the terminal
+    width = request.node.get_closest_marker("console_width")
+    runner = CliRunner(env={"COLUMNS": str(width.args[0] if width else 100)})
 
-    def run(*args: str):
-        result = runner.invoke(app, list(args), prog_name="dltrain")
+    def run(*args):
+        result = runner.invoke(app, [str(a) for a in args], prog_name="dltrain")
         # Only SystemExit may end a command: anything else would be a traceback for a user.
         assert result.exception is None or isinstance(result.exception, SystemExit), result.exc_info
         return result
 
     return run
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """`trained_run(base, name, *overrides)`: `train` into a fresh temporary folder, on one torch
+    thread, once per session for the same arguments: (run folder, report). The run is shared:
+    a test that writes beside it or changes its files works on a copy."""
+    done = {}
+
+    def get(base: dict, name: str, *overrides: str):
+        key = (repr(base), name, overrides)
+        if key not in done:
+            with one_torch_thread():
+                done[key] = train(tmp_path_factory.mktemp(name), base, name, *overrides)
+        return done[key]
+
+    return get

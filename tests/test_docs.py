@@ -8,9 +8,9 @@ import re
 
 import pytest
 
-from as_user import REPO
+from helpers.cli import REPO
 
-TEST_REFERENCE = re.compile(r"tests/(\w+\.py)::(\w+)")
+TEST_REFERENCE = re.compile(r"tests/((?:\w+/)*\w+\.py)::(\w+)")  # tests/[dir/]test_x.py::name
 
 
 def section(text: str, heading: str, until: str = "\n## ") -> str:
@@ -73,7 +73,7 @@ RECIPE_NAMED = re.compile(r"recipes/[\w./-]+\.ya?ml")
 COMMAND_NAMED = re.compile(r"(?:^|[`$]\s?)dltrain ([a-z][\w-]*)")
 
 
-def shown_to_users() -> dict[str, str]:
+def shown_to_users(invoke) -> dict[str, str]:
     """What a user reads: the README and docs, the recipes' headers, every command's --help."""
     texts = {p.name: p.read_text(encoding="utf-8") for p in [REPO / "README.md"]}
     texts |= {f"docs/{p.name}": p.read_text(encoding="utf-8") for p in REPO.glob("docs/*.md")}
@@ -82,17 +82,13 @@ def shown_to_users() -> dict[str, str]:
         texts[f"recipes/{recipe.name}"] = "\n".join(h.lstrip("# ") for h in header)
     for command in COMMANDS:
         texts[f"dltrain {command} --help"] = "\n".join(
-            line.strip() for line in help_of(command).splitlines()
+            line.strip() for line in help_of(invoke, command).splitlines()
         )
     return texts
 
 
-def help_of(command: str) -> str:
-    from typer.testing import CliRunner
-
-    from dltrain.cli import app
-
-    result = CliRunner(env={"COLUMNS": "200"}).invoke(app, [command, "--help"])
+def help_of(invoke, command: str) -> str:
+    result = invoke(command, "--help")
     assert result.exit_code == 0, result.output
     return result.output
 
@@ -121,11 +117,12 @@ COMMANDS = [
 ]
 
 
-def test_every_recipe_and_command_shown_to_users_exists():
+@pytest.mark.console_width(200)
+def test_every_recipe_and_command_shown_to_users_exists(invoke):
     from dltrain.cli import COMMANDS as REGISTERED
 
     assert set(COMMANDS) == set(REGISTERED)
-    shown = shown_to_users()
+    shown = shown_to_users(invoke)
     missing_recipes = {
         (where, path)
         for where, text in shown.items()

@@ -17,8 +17,8 @@ from dltrain.experiments.lr_find import find_lr
 from dltrain.optim import build_optimizer
 from dltrain.runs.folder import RunFolder
 
-from as_user import QUICKSTART, assert_user_error, dltrain
-from runs import DIGITS, assert_same_tensors, train, weights
+from helpers.cli import QUICKSTART, assert_user_error, dltrain
+from helpers.training import DIGITS, assert_same_tensors, train, weights
 
 SCALED = {"lr_scale": 64, "weight_decay": 0.0}
 

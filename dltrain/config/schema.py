@@ -1,10 +1,11 @@
-"""Recipes: YAML → a validated, fully resolved recipe, with dotted KEY=VALUE overrides.
+"""The recipe's schema: its sections as pydantic models, and `resolve`, which turns a raw
+recipe (plain data) into a validated, fully resolved `Recipe`.
 
 The fixed sections (data, train, top-level keys) are pydantic models. Component sections
 (`{name: <registry key>, **kwargs}`) are checked against the registered factory's signature, and
 their defaults are filled in, so the resolved recipe says everything the run will do.
-Every problem becomes one RecipeError naming the key path; `load_recipe` adds the file and line
-(or the override) it came from.
+Every problem becomes one RecipeError naming the key path; loading.py's `load_recipe` adds the
+file and line (or the override) it came from.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from dltrain.config.kinds import Task
 from dltrain.config.messages import recipe_error
-from dltrain.data.base import Task
+from dltrain.config.registry import AUGMENTATIONS, DATASETS, LOSSES, MODELS, OPTIMIZERS, SCHEDULERS
 from dltrain.errors import RecipeError, UserError, did_you_mean
 
 PositiveInt = Annotated[int, Field(ge=1)]
@@ -223,8 +225,6 @@ def resolve(raw: dict[str, Any]) -> Recipe:
     """Validate a recipe mapping and fill every default, components included. Runs no code:
     the user's modules under `imports:` must be imported before (import_user_modules, as
     resolve_with_context does), so that the components they register can be named."""
-    from dltrain.config.registry import DATASETS, LOSSES, MODELS, OPTIMIZERS, SCHEDULERS
-
     raw = expand_shorthand(raw)
     _check_top_level_keys(raw)
     try:
@@ -274,7 +274,8 @@ def _check_top_level_keys(raw: dict[str, Any]) -> None:
 
 def _check_device_spec(spec: str) -> None:
     """Refuse a malformed device (`gpu`, `cuda:x`) now; whether it exists is known at run time."""
-    from dltrain.system.devices import parse_device_spec  # the syntax resolve_device() accepts
+    # the syntax resolve_device() accepts (imported here: system/devices.py imports torch)
+    from dltrain.system.devices import parse_device_spec
 
     try:
         parse_device_spec(spec)
@@ -296,8 +297,6 @@ def _check_dataset_keys(data: DataSection, datasets) -> None:
 
 def _resolve_augment(entries: list) -> list[dict[str, dict[str, Any]]]:
     """`[hflip, {random_crop: {padding: 4}}]` → `[{hflip: {...defaults}}, {random_crop: {...}}]`."""
-    from dltrain.config.registry import AUGMENTATIONS
-
     resolved = []
     for i, entry in enumerate(entries):
         where = f"data.augment[{i}]"

@@ -3,20 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, Protocol, get_args
+from typing import TYPE_CHECKING, Protocol
 
-if TYPE_CHECKING:  # annotations only: the recipe schema imports the Literals without torch
+from dltrain.config.kinds import InputKind, Task
+
+if TYPE_CHECKING:  # annotations only: datasets' descriptions need no torch to import
     import torch
-
-# image: N×C×H×W (uint8 or float) · tabular: N×F float · tokens: N×T int64 token ids, 0 = <pad>,
-# padded at the end · sequence: N×T×F float steps (e.g. the adding problem)
-InputKind = Literal["image", "tabular", "tokens", "sequence"]
-# classification: y int64 class ids · regression: y float32 (N,) · seq2seq: y int64 N×T' target
-# token ids (0 = <pad>, padded at the end; see DatasetSplits.meta for the target vocabulary)
-Task = Literal["classification", "regression", "seq2seq"]
-# The one list of each: recipes, checkpoints' data_meta and the task objects derive theirs
-INPUT_KINDS: tuple[str, ...] = get_args(InputKind)
-TASKS: tuple[str, ...] = get_args(Task)
 
 
 @dataclass

@@ -18,6 +18,7 @@ from dltrain.data.base import ArraySplit, DatasetSplits, Split
 from dltrain.data.splits import random_split, stratified_folds, stratified_split
 from dltrain.data.table_encoding import RawColumn, TableEncoding, fit_encoding
 from dltrain.errors import UserError
+from dltrain.models.torchvision_models import pretrained_statistics
 
 STATS_SAMPLE = 4096  # lazily decoded splits: estimate normalisation from this many samples
 
@@ -319,7 +320,6 @@ def _normalisation(
 ) -> tuple[list[float], list[float]]:
     """Mean/std per channel (images) or feature (tabular, sequence steps): given, none, the
     pretrained weights' own, or from the train split. Token ids are never normalised."""
-    from dltrain.models.torchvision_models import pretrained_statistics
 
     if kind == "tokens":
         return [], []

@@ -1,6 +1,6 @@
 """Everything dltrain prints while it works: one rich console, progress bars and tables.
 
-The engine calls these hooks; they decide what to show. The running loss is a device tensor and
+The fit loop calls these hooks; they decide what to show. The running loss is a device tensor and
 is read (a host sync) only when the display is due to refresh, a few times per second.
 """
 

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from dltrain.config.schema import Recipe, to_yaml
-from dltrain.runs.metrics_csv import metrics_csv
 from dltrain.errors import UserError
 from dltrain.runs.checkpoint import save_checkpoint
+from dltrain.runs.metrics_csv import metrics_csv
 from dltrain.runs.transaction import recover, transaction
 from dltrain.system.atomic import atomic_write_text
 
@@ -189,5 +189,3 @@ def choose_version(
             what = "a run of another recipe" if not held.same_recipe(recipe) else "a finished run"
             return run, f"{base} holds {what}: this run goes to {run.root}"
     raise AssertionError("the next number is always free")
-
-

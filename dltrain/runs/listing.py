@@ -1,8 +1,8 @@
 """`dltrain runs`: find the run folders under a folder and summarise each in one row.
 
-Pure functions over files (no rich, no torch): rendering is in tables.py. A run folder is any
-folder holding recipe.yaml and report.json or metrics.csv, found at any depth (so the fold-k
-folders of a cross-validation are runs too). Files that are missing or unreadable leave their
+Pure functions over files (no rich, no torch): rendering is in reporting/console_tables.py.
+A run folder is any folder holding recipe.yaml and report.json or metrics.csv, found at any
+depth (so the fold-k folders of a cross-validation are runs too). Files that are missing or unreadable leave their
 values missing (None) rather than failing the listing: a run still training has no report yet.
 """
 
@@ -17,8 +17,8 @@ from typing import Any
 
 import yaml
 
-from dltrain.runs.metrics_csv import best_val_metrics, read_metrics
 from dltrain.errors import UserError, did_you_mean
+from dltrain.runs.metrics_csv import best_val_metrics, read_metrics
 
 # The keys of a summary row, in table order; each is a valid --sort key.
 COLUMNS = (

@@ -4,7 +4,7 @@ torchrun (or `dltrain fit --nproc N`, which runs torchrun's launcher) starts one
 device and sets RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous address. Each process builds the
 same model from the same seed, DistributedDataParallel averages the gradients, and every
 process reads its own slice of each batch (data/loaders.py). Outside torchrun, `World()` is a
-single process and every helper here is a no-op, so the engine has one code path.
+single process and every helper here is a no-op, so the fit loop has one code path.
 """
 
 from __future__ import annotations

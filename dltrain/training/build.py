@@ -1,7 +1,7 @@
 """A run built from a recipe, apart from running it: device, data, model, loss, numerics,
 batches and learning-rate schedule (the modules wrapped around them to train: wrapping.py).
 
-`dltrain fit` builds a Setup and hands it to the loop (engine.py); `dltrain eval` builds one to
+`dltrain fit` builds a Setup and hands it to the loop (loop.py); `dltrain eval` builds one to
 evaluate a checkpoint; `predict`, `export` and `explain` rebuild only the model (build_model),
 exactly as training built it.
 """

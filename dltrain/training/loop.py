@@ -1,11 +1,11 @@
-"""The fit loop: epochs, `train_one_epoch` and `train_step`, checkpoints, the final report.
+"""The fit loop: epochs, `train_one_epoch`, checkpoints, the final report.
 
-It reads top to bottom, as nanoGPT's train.py does: `fit` takes a run built by setup.py through
+It reads top to bottom, as nanoGPT's train.py does: `fit` takes a run built by build.py through
 its epochs (train, evaluate, record, checkpoint), then reports on the best model;
-`train_one_epoch` is one pass over the training data; `train_step` is the whole update. Running
-loss and metrics stay on the device; the host reads them only when the display refreshes, when
-the between-step policy looks (step_policy.py) and once per epoch, so the GPU never waits on
-Python.
+`train_one_epoch` is one pass over the training data; each update is step.py's `train_step`.
+Running loss and metrics stay on the device; the host reads them only when the display
+refreshes, when the between-step policy looks (step_policy.py) and once per epoch, so the GPU
+never waits on Python.
 
 Under torchrun every process runs this same loop on its shard of each batch, with the model in
 DistributedDataParallel. Decisions that end or save the run (a stop signal, a non-finite loss)

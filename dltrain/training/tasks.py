@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dltrain.data.base import Task
+from dltrain.config.kinds import Task
 from dltrain.reporting.metrics import ConfusionMatrix, classification_report, ranking_report
 from dltrain.system.distributed import World
 

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from dltrain.config.kinds import INPUT_KINDS, TASKS
 from dltrain.config.registry import MODELS
-from dltrain.data.base import INPUT_KINDS, TASKS
 from dltrain.data.pipeline import BatchPipeline
 from dltrain.data.prepare import PreparedData
 from dltrain.errors import RecipeError, UserError
@@ -95,7 +95,7 @@ def load_for_inference(
 ) -> Predictor:
     """Rebuild a checkpoint's model with its weights, in eval mode, on `device`.
 
-    The model is built exactly as `dltrain fit` built it (setup.build_model): the same run-time
+    The model is built exactly as `dltrain fit` built it (build_model): the same run-time
     arguments, derived from the checkpoint's data_meta. Every way the checkpoint can be unusable
     (missing, not a checkpoint, weights that do not fit the model it names, a component of the
     user's own that `imports` does not provide) is a UserError (exit 2). Nothing the checkpoint
@@ -186,7 +186,7 @@ def _without_pretrained_weights(section: dict[str, Any]) -> dict[str, Any]:
 
 
 def _build_model(section: dict[str, Any], meta: dict[str, Any]) -> nn.Module:
-    """The model as setup.build_setup builds it: the same run-time arguments."""
+    """The model as build_setup builds it: the same run-time arguments."""
     from dltrain.training.build import build_model
 
     return build_model(section, _prepared(meta))

@@ -1,0 +1,162 @@
+"""`dltrain sweep`: the space is checked before any trial, trials are run folders judged on
+validation, only the best is evaluated on test, a rerun continues the study to --trials in all,
+Ctrl-C stops after the running trial's save, and two processes share one SQLite study."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from helpers.cli import REPO, dltrain, words
+from helpers.training import TABULAR
+
+SPACE = {
+    "metric": "val_accuracy",
+    "sampler": "random",
+    "pruner": "none",
+    "params": {
+        "optimizer.lr": {"type": "float", "low": 0.001, "high": 0.3, "log": True},
+        "model.hidden": {"type": "categorical", "choices": [[16], [32, 32]]},
+    },
+}
+
+
+def write(tmp_path: Path, epochs: int = 2, train_size: int = 256, **space) -> tuple[Path, Path]:
+    recipe = {
+        **TABULAR,
+        "name": "search",
+        "output": str(tmp_path / "runs"),
+        "data": {**TABULAR["data"], "val_split": 0.25, "train_size": train_size},
+        "train": {"epochs": epochs},
+    }
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump({**SPACE, **space}))
+    return tmp_path / "recipe.yaml", tmp_path / "space.yaml"
+
+
+def report(tmp_path: Path) -> dict:
+    return json.loads((tmp_path / "runs/search/sweep_report.json").read_text())
+
+
+@pytest.mark.parametrize(
+    ("params", "expected"),
+    [
+        ({"optimizer.lrr": {"type": "float", "low": 0.1, "high": 1}}, "Did you mean 'lr'?"),
+        ({"optimizer.lr": {"type": "float", "low": 1, "high": 0.1}}, "must be below high"),
+        ({"optimizer.lr": {"type": "float", "low": 0, "high": 1, "log": True}}, "low > 0"),
+        ({"optimizer.lr": {"type": "float", "low": -1, "high": 1}}, "optimizer.lr = -1"),
+        ({"model.hidden": {"type": "categorical", "choices": [[0]]}}, "model.hidden"),
+    ],
+)
+def test_the_space_is_checked_against_the_recipe_before_any_trial(
+    tmp_path, invoke, params, expected
+):
+    recipe, space = write(tmp_path, params=params)
+    result = invoke("sweep", str(recipe), str(space), "--trials", "3")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert expected in words(result.stderr), result.stderr
+    assert not (tmp_path / "runs/search/trials").exists()  # no trial ran
+
+
+def test_a_sweep_judges_trials_on_validation_and_tests_only_the_best(tmp_path, invoke):
+    recipe, space = write(tmp_path)
+    first = invoke("sweep", str(recipe), str(space), "--trials", "3")
+    assert first.exit_code == 0, first.output
+    summary = report(tmp_path)
+    trials = summary["trials"]
+    assert [t["number"] for t in trials] == [0, 1, 2]
+    assert all(t["state"] == "complete" for t in trials)
+    for t in trials:  # each trial is a run folder, reported on validation only
+        run = tmp_path / "runs/search" / t["run"]
+        assert json.loads((run / "report.json").read_text())["split"] == "val"
+        assert yaml.safe_load((run / "recipe.yaml").read_text())["train"]["monitor"] == (
+            "val_accuracy"
+        )
+        assert t["params"]["model.hidden"] in ([16], [32, 32])
+    best = max(trials, key=lambda t: t["value"])
+    assert summary["best_trial"] == best["number"] and summary["best_value"] == best["value"]
+    tested = json.loads((tmp_path / "runs/search/best-test/report.json").read_text())
+    assert tested["split"] == "test" and summary["best_test"]["accuracy"] == tested["accuracy"]
+    assert "epoch" not in summary["best_test"]
+    folder = tmp_path / "runs/search"
+    assert all((folder / name).stat().st_size > 5000 for name in ("history.png", "slices.png"))
+    assert "test accuracy" in first.stdout
+
+    # --trials is the total: the same command with 4 continues the study by one trial
+    again = invoke("sweep", str(recipe), str(space), "--trials", "4")
+    assert again.exit_code == 0, again.output
+    assert [t["number"] for t in report(tmp_path)["trials"]] == [0, 1, 2, 3]
+    changed = dict(SPACE, metric="val_loss")
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(changed))
+    refused = invoke("sweep", str(recipe), str(space), "--trials", "5")
+    assert refused.exit_code == 2
+    assert "another search space or metric" in refused.stderr and "--study NAME" in refused.stderr
+
+
+def test_ctrl_c_stops_after_the_running_trial_and_a_rerun_completes_the_count(tmp_path):
+    recipe, space = write(tmp_path, epochs=30, train_size=4096)  # trials long enough to stop
+    sweep = subprocess.Popen(
+        [sys.executable, "-m", "dltrain", "sweep", str(recipe), str(space), "--trials", "2"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    metrics = tmp_path / "runs/search/trials/000/metrics.csv"
+    deadline = time.monotonic() + 120
+    while not metrics.exists() and time.monotonic() < deadline and sweep.poll() is None:
+        time.sleep(0.1)
+    sweep.send_signal(signal.SIGINT)
+    output, _ = sweep.communicate(timeout=120)
+    assert sweep.returncode == 130, output
+    assert "0 of 2 trials ended" in words(output) and "the same command continues" in output
+    assert (tmp_path / "runs/search/trials/000/checkpoints/last.pt").exists()  # its save
+
+    rerun = dltrain("sweep", recipe, space, "--trials", "2", "train.epochs=2", cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    study = optuna.load_study(
+        study_name="search", storage=f"sqlite:///{tmp_path / 'runs/search/study.db'}"
+    )
+    trials = study.get_trials()
+    interrupted = [t for t in trials if t.user_attrs.get("interrupted")]
+    assert len(interrupted) == 1 and interrupted[0].number == 0
+    retried = [t for t in trials if t.number > 0 and t.params == interrupted[0].params]
+    assert retried, "the interrupted trial's parameters are tried again first"
+    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials) == 2
+
+
+def test_two_processes_share_one_study_without_duplicate_trials(tmp_path):
+    recipe, space = write(tmp_path)
+    command = [sys.executable, "-m", "dltrain", "sweep", str(recipe), str(space), "--trials", "4"]
+    workers = [
+        subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for _ in range(2)
+    ]
+    outputs = [w.communicate(timeout=300)[0].decode() for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], outputs
+    trials = report(tmp_path)["trials"]
+    numbers = [t["number"] for t in trials]
+    assert numbers == list(range(len(numbers))) and 4 <= len(numbers) <= 5  # one may overlap
+    assert all(t["state"] == "complete" for t in trials)
+    runs = sorted(p.name for p in (tmp_path / "runs/search/trials").iterdir() if p.is_dir())
+    assert runs == [f"{n:03d}" for n in numbers]  # a run folder each, none shared
+    both = [o for o in outputs if "trial" in o]
+    assert len(both) == 2  # each process ran trials
+
+
+def test_every_shipped_search_space_fits_its_recipe():
+    from dltrain.experiments.sweep_space import check_space, load_space
+
+    root = REPO / "recipes"
+    spaces = sorted((root / "spaces").glob("*.yaml"))
+    assert spaces
+    for space in spaces:  # spaces/NAME.yaml searches recipes/NAME.yaml
+        check_space(load_space(space), root / space.name, [])

@@ -1,0 +1,89 @@
+"""MLflow tracking: a fit with logging.mlflow is readable with MLflow's own client (params,
+per-epoch metrics, report metrics, artifacts, tags), and a sweep's trials nest under its run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from helpers.cli import dltrain
+from helpers.training import TABULAR
+
+mlflow = pytest.importorskip("mlflow")
+
+
+def write_recipe(tmp_path: Path, **logging) -> Path:
+    recipe = {
+        **TABULAR,
+        "name": "tracked",
+        "output": str(tmp_path / "runs"),
+        "data": {**TABULAR["data"], "val_split": 0.25},
+        "train": {"epochs": 3},
+        "logging": {"mlflow": logging or True},
+    }
+    path = tmp_path / "tracked.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def client(tmp_path: Path):
+    return mlflow.MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+
+
+def test_a_fit_is_readable_with_mlflows_own_client(tmp_path):
+    recipe = write_recipe(tmp_path)
+    result = dltrain("fit", recipe, "-q", cwd=tmp_path)  # a real process: its own logging
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "mlflow" not in result.stderr.lower()  # MLflow's own INFO lines stay out
+
+    tracking = client(tmp_path)
+    experiment = tracking.get_experiment_by_name("tracked")
+    (run,) = tracking.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name == "tracked"
+    assert run.data.params["optimizer.lr"] == "0.05" and run.data.params["model.name"] == "mlp"
+    history = tracking.get_metric_history(run.info.run_id, "val_loss")
+    assert [m.step for m in history] == [1, 2, 3]
+    rows = [json.loads(line) for line in (tmp_path / "runs/tracked/events.jsonl").open()]
+    epochs = [r for r in rows if r["event"] == "epoch"]
+    assert [m.value for m in history] == pytest.approx([r["val_loss"] for r in epochs])
+    report = json.loads((tmp_path / "runs/tracked/report.json").read_text())
+    assert run.data.metrics["test_accuracy"] == pytest.approx(report["accuracy"])
+    assert run.data.metrics["test_f1_macro"] == pytest.approx(report["f1"]["macro"])
+    assert run.data.tags["dltrain.version"] and run.data.tags["device"] == "cpu"
+    artifacts = {a.path for a in tracking.list_artifacts(run.info.run_id)}
+    assert {"recipe.yaml", "report.md", "metrics.csv", "curves.png"} <= artifacts
+    assert (tmp_path / "runs/mlartifacts").is_dir() and not (tmp_path / "mlruns").exists()
+
+
+def test_a_sweeps_trials_are_nested_runs(tmp_path, invoke):
+    recipe = write_recipe(tmp_path)
+    space = tmp_path / "space.yaml"
+    space.write_text(
+        yaml.safe_dump(
+            {
+                "sampler": "random",
+                "pruner": "none",
+                "params": {"optimizer.lr": {"type": "float", "low": 0.01, "high": 0.1}},
+            }
+        )
+    )
+    result = invoke("sweep", str(recipe), str(space), "--trials", "2", "train.epochs=1")
+    assert result.exit_code == 0, result.output
+    tracking = client(tmp_path)
+    experiment = tracking.get_experiment_by_name("tracked")
+    runs = tracking.search_runs([experiment.experiment_id])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.info.run_name for r in children) == ["000", "001"]
+    assert parent.info.status == "FINISHED" and parent.data.params["metric"] == "val_loss"
+    assert all("val_loss" in r.data.metrics for r in children)
+
+
+def test_a_tracking_uri_mlflow_cannot_use_is_the_users_error(tmp_path, invoke):
+    recipe = write_recipe(tmp_path, tracking_uri="nosuchscheme://nowhere")
+    result = invoke("fit", str(recipe))
+    assert result.exit_code == 2, result.output
+    assert "logging.mlflow: cannot log to nosuchscheme://nowhere" in result.stderr

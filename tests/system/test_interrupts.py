@@ -1,0 +1,125 @@
+"""Signals at any moment end with 130/143 and a true sentence about what is saved: during
+start-up, twice in 10 ms, and during the final evaluation."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from dltrain.reporting.progress import Progress
+from dltrain.runs.folder import RunFolder
+from dltrain.system.interrupts import Interrupted
+from dltrain.training.loop import fit
+
+from helpers.cli import QUICKSTART
+from helpers.training import DIGITS, make_recipe
+
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+def start_fit(tmp_path: Path, *overrides: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NO_COLOR": "1"}
+    env.pop("DLTRAIN_DEBUG", None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "dltrain", "fit", str(QUICKSTART), f"output={tmp_path}", *overrides],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        # as from a terminal: CI may run the suite with SIGINT ignored, which children inherit
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        text=True,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("delay", [0.3, 1.0, 2.0])
+def test_a_signal_during_start_up_stops_cleanly_and_says_nothing_was_saved(tmp_path, delay):
+    proc = start_fit(tmp_path, "train.epochs=200")
+    time.sleep(delay)  # importing torch, reading the recipe, loading the data, building
+    last = tmp_path / "quickstart" / "checkpoints" / "last.pt"
+    saved_before = last.exists()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (proc.returncode, out, err)  # never SIGABRT (-6)
+    assert "Traceback" not in out + err and "Abort" not in out + err
+    said = " ".join((out + err).split())
+    if last.exists():  # the signal landed once training had started: what it saved is named
+        assert f"progress saved to {last}" in said
+    else:
+        assert not saved_before and "nothing was saved" in said
+        assert "last.pt holds" not in said
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_two_signals_ten_milliseconds_apart_stop_at_once_and_say_so(tmp_path, signum):
+    proc = start_fit(tmp_path, "train.epochs=500")
+    last = tmp_path / "quickstart" / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 120
+    while not last.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.02)
+    proc.send_signal(signum)
+    time.sleep(0.01)
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_CODES[signum], (proc.returncode, out, err)
+    said = " ".join((out + err).split())
+    assert "Traceback" not in said
+    # either the second signal stopped it at once, or the first one's save finished before it
+    assert f"a second {signum.name}" in said or f"stopped by {signum.name}" in said, said
+
+
+class SignalWhenEvaluating(Progress):
+    """A display that sends the process a SIGTERM as the final evaluation starts."""
+
+    def evaluating(self, split: str, size: int) -> None:
+        super().evaluating(split, size)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_signal_during_the_final_evaluation_ends_it_naming_what_is_saved(tmp_path):
+    recipe = make_recipe(tmp_path, DIGITS, "final", "train.epochs=1", "data.eval_batch_size=16")
+    run = RunFolder.for_recipe(recipe)
+    progress = SignalWhenEvaluating(Console(file=io.StringIO()))
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Interrupted) as stopped:
+        fit(recipe, run, progress)
+    assert stopped.value.exit_code == 143
+    message = str(stopped.value)
+    assert "during the final evaluation" in message and f"saved to {run.last_path}" in message
+    assert run.last_path.exists() and not (run.root / "report.json").exists()
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler was put back
+
+
+@pytest.mark.slow
+def test_signals_while_the_program_ends_never_kill_it_without_its_exit_code(tmp_path):
+    # Python's shutdown puts the default handlers back: a SIGTERM landing while the interpreter
+    # tears down used to kill the process (-15) after it had said how to resume
+    proc = start_fit(tmp_path, "train.epochs=500")
+    last = tmp_path / "quickstart" / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 120
+    while not last.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    said = []
+    while not any("resume with" in line for line in said):  # the program is ending now
+        line = proc.stdout.readline()
+        assert line, proc.communicate()
+        said.append(line)
+    while proc.poll() is None and time.monotonic() < deadline:  # signals all the way down
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.002)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, (proc.returncode, "".join(said) + out, err)
+    assert "Traceback" not in out + err
