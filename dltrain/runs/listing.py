@@ -1,9 +1,10 @@
 """`dltrain runs`: find the run folders under a folder and summarise each in one row.
 
-Pure functions over files (no rich, no torch): rendering is in reporting/console_tables.py.
-A run folder is any folder holding recipe.yaml and report.json or metrics.csv, found at any
-depth (so the fold-k folders of a cross-validation are runs too). Files that are missing or unreadable leave their
-values missing (None) rather than failing the listing: a run still training has no report yet.
+Pure functions over files (no rich, no torch): rendering is in reporting/console_tables.py. A
+run folder is any folder holding recipe.yaml and report.json or metrics.csv, found at any depth
+(so the fold-k folders of a cross-validation are runs too). Files that are missing or unreadable
+leave their values missing (None) rather than failing the listing: a run still training has no
+report yet.
 """
 
 from __future__ import annotations
