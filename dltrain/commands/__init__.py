@@ -29,6 +29,13 @@ def imports_option():
     )
 
 
+def force_option():
+    """--force, for every command with an --output: runs/outputs.py refuses the rest."""
+    return typer.Option(
+        False, "--force", help="Replace --output even if it is a checkpoint or a run's own file."
+    )
+
+
 def exit_stopped(console: Console, stopped: Exception, then: str = "") -> None:
     """A command stopped by a signal (dltrain.system.interrupts.Interrupted): say so truthfully, and
     what to do next (`then`, a line), then exit with the signal's code (130/143)."""

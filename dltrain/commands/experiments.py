@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from dltrain.commands import exit_stopped
+from dltrain.commands import exit_stopped, force_option
 
 WIDE_TABLE_KEYS = 6  # more differing keys than this: one row per key instead of per run
 
@@ -24,6 +24,7 @@ def compare(
         None, "--output", "-o", help="The PNG of the curves (default: compare.png here)."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts (and the PNG)."),
+    force: bool = force_option(),
 ) -> None:
     """Compare runs: their curves on shared axes in one PNG, the recipe keys that differ, and
     each run's headline test figure.
@@ -43,7 +44,9 @@ def compare(
         load_runs,
         plot_compare,
     )
+    from dltrain.runs.outputs import refuse_replacing_run_files
 
+    refuse_replacing_run_files(output or DEFAULT_OUTPUT, force)
     loaded = load_runs(list(runs))
     written = plot_compare(loaded, output or DEFAULT_OUTPUT)
     if as_json:

@@ -10,13 +10,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from dltrain.commands import choices, imports_option
-
-
-def force_option():
-    """--force: let an output replace a checkpoint."""
-    return typer.Option(False, "--force", help="Replace --output even if it is a checkpoint.")
-
+from dltrain.commands import choices, force_option, imports_option
 
 ExportFormat = choices("ExportFormat", "onnx", "torchscript")
 ExplainMethod = choices("ExplainMethod", "gradxinput", "gradcam", "both")
@@ -57,7 +51,7 @@ def predict(
         help="Also write the predictions to a .csv (one row per input) or .jsonl file.",
         show_default=False,
     ),
-    force: bool = typer.Option(False, "--force", help="Let --output replace a checkpoint."),
+    force: bool = force_option(),
     imports: list[str] = imports_option(),
 ) -> None:
     """Predict from files or texts, prepared as in training, from the checkpoint alone.
@@ -83,7 +77,7 @@ def predict(
       dltrain predict runs/reverse/checkpoints/best.pt --text 3071
     """
     from dltrain.reporting.console_tables import outputs_table, predictions_table, top_classes_table
-    from dltrain.runs.checkpoint import refuse_replacing_a_checkpoint
+    from dltrain.runs.outputs import refuse_replacing_run_files
     from dltrain.system.out_of_memory import out_of_memory_is_a_run_failure
     from dltrain.use.inference import load_for_inference
     from dltrain.use.predict import check_predictions_path, predict_files, write_predictions
@@ -91,7 +85,7 @@ def predict(
     console = Console(stderr=True) if as_json else Console()
     if output is not None:
         check_predictions_path(output)
-        refuse_replacing_a_checkpoint(output, checkpoint, force)
+        refuse_replacing_run_files(output, force, source=checkpoint)
     with out_of_memory_is_a_run_failure(device):
         predictor = load_for_inference(checkpoint, device, imports or [])
         results = predict_files(predictor, inputs or [], top_k, texts or [])
@@ -183,13 +177,13 @@ def explain(
 
       dltrain explain best.pt cat.jpg --method gradcam --output cat-gradcam.png
     """
-    from dltrain.runs.checkpoint import refuse_replacing_a_checkpoint
+    from dltrain.runs.outputs import refuse_replacing_run_files
     from dltrain.use.explain import default_output, explain_file, write_png
     from dltrain.use.inference import load_for_inference
 
     console = Console()
     target = output or default_output(image)
-    refuse_replacing_a_checkpoint(target, checkpoint, force)
+    refuse_replacing_run_files(target, force, source=checkpoint)
     predictor = load_for_inference(checkpoint, imports=imports or [])
     result = explain_file(predictor, image, method.value)
     write_png(result, image.name, target)

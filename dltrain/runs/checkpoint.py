@@ -109,13 +109,14 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
     return _checked(state, path)
 
 
-def refuse_replacing_a_checkpoint(output: Path, source: Path, force: bool) -> None:
-    """An output path that is the checkpoint being read, or another checkpoint, is refused
-    (exit 2) unless --force: an export or a picture must never replace trained weights."""
+def refuse_replacing_a_checkpoint(output: Path, source: Path | None, force: bool) -> None:
+    """An output path that is the checkpoint being read (`source`), or another checkpoint, is
+    refused (exit 2) unless --force: an export or a picture must never replace trained weights.
+    (runs/outputs.py guards a run's other files too.)"""
     output = Path(output)
     if force or not output.is_file():
         return
-    if output.resolve() == Path(source).resolve():
+    if source is not None and output.resolve() == Path(source).resolve():
         what = "the checkpoint being read"
     elif _archive_kind(output) == "checkpoint":
         what = "a checkpoint"

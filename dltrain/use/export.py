@@ -48,8 +48,8 @@ from torch import nn
 from dltrain import __version__
 from dltrain.data.table_encoding import TableEncoding
 from dltrain.errors import RunFailure, UserError, first_line
-from dltrain.runs.checkpoint import refuse_replacing_a_checkpoint
 from dltrain.runs.lock import holding_enclosing_run
+from dltrain.runs.outputs import refuse_replacing_run_files
 from dltrain.system.atomic import atomic_write
 from dltrain.use.inference import Predictor, load_for_inference
 
@@ -88,7 +88,7 @@ def export_checkpoint(
     """Export a checkpoint's model; returns where it was written and the loaded predictor.
 
     The user's own components come from `imports`, never from the checkpoint; an output that
-    is a checkpoint is refused unless `force`.
+    is a checkpoint or a run's own file is refused unless `force`.
     """
     if fmt not in FORMATS:
         raise UserError(f"unknown export format '{fmt}'; use one of: {', '.join(FORMATS)}.")
@@ -97,7 +97,7 @@ def export_checkpoint(
     output = Path(output) if output is not None else default_output(checkpoint, fmt)
     if output.is_dir():
         raise UserError(f"--output {output} is a folder; give a file name, e.g. {output / 'm'}.")
-    refuse_replacing_a_checkpoint(output, checkpoint, force)
+    refuse_replacing_run_files(output, force, source=checkpoint)
     predictor = load_for_inference(checkpoint, imports=imports)
     check_exportable(predictor, fmt)
     with holding_enclosing_run(output, "exporting"):
