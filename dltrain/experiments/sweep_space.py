@@ -85,10 +85,34 @@ def load_space(path: Path) -> SearchSpace:
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"cannot read the search space {path}: {exc}") from None
     raw = parse_yaml(text, str(path))
+    params = raw.get("params") if isinstance(raw, dict) else None
+    for key, spec in (params or {}).items() if isinstance(params, dict) else ():
+        _check_param(path, str(key), spec)
     try:
         return SearchSpace.model_validate(raw)
     except ValidationError as exc:
         raise UserError(f"{path}: {recipe_error(exc, SearchSpace)}") from None
+
+
+PARAM_TYPES = {"float": FloatParam, "int": IntParam, "categorical": CategoricalParam}
+
+
+def _check_param(path: Path, key: str, spec: Any) -> None:
+    """One parameter against the model its `type` names, so a problem names the parameter's
+    own key (params.lr.low), not the union of every kind of parameter."""
+    where = f"{path}: params.{key}"
+    kinds = ", ".join(PARAM_TYPES)
+    if not isinstance(spec, dict):
+        raise UserError(
+            f"{where}: give a mapping with type ({kinds}) and its range or choices (got {spec!r})."
+        )
+    model = PARAM_TYPES.get(spec.get("type"))
+    if model is None:
+        raise UserError(f"{where}.type: one of {kinds} (got {spec.get('type')!r}).")
+    try:
+        model.model_validate(spec)
+    except ValidationError as exc:
+        raise UserError(f"{path}: {recipe_error(exc, model, prefix=f'params.{key}')}") from None
 
 
 def override(key: str, value: Any) -> str:

@@ -196,22 +196,44 @@ def _sampler(space: SearchSpace, seed: int) -> Any:
     return optuna.samplers.TPESampler(seed=seeded)
 
 
+# The most points a grid search may have: each is a trial (a training run), and Optuna holds
+# the whole grid in memory; far past what anyone would run
+MAX_GRID_POINTS = 100_000
+
+
 def _grid(space: SearchSpace) -> dict[str, list[Any]]:
-    grid = {}
-    for key, param in space.params.items():
-        if isinstance(param, CategoricalParam):
-            grid[key] = [optuna_choice(c) for c in param.choices]
-        elif isinstance(param, IntParam) and not param.log:
-            grid[key] = list(range(param.low, param.high + 1, param.step))
-        elif isinstance(param, FloatParam) and param.step is not None:
-            count = int(math.floor((param.high - param.low) / param.step + 1e-9)) + 1
-            grid[key] = [param.low + i * param.step for i in range(count)]
-        else:
-            raise UserError(
-                f"search space params.{key}: the grid sampler needs a finite list of values: "
-                "give choices (type: categorical) or a step (without log)."
-            )
-    return grid
+    """Every parameter's values for the grid sampler, counted before any list is built (a
+    range of 10^9 integers would take gigabytes)."""
+    counts = {key: _grid_count(key, param) for key, param in space.params.items()}
+    total = math.prod(counts.values())
+    if total > MAX_GRID_POINTS:
+        sizes = ", ".join(f"params.{key}: {count:,}" for key, count in counts.items())
+        raise UserError(
+            f"search space: the grid has {total:,} points ({sizes}), more than "
+            f"{MAX_GRID_POINTS:,}; give fewer values (a larger step, fewer choices) or use "
+            "sampler: tpe or random."
+        )
+    return {key: _grid_values(param, counts[key]) for key, param in space.params.items()}
+
+
+def _grid_count(key: str, param: Any) -> int:
+    """How many values a parameter has on the grid; a UserError for one without a finite list."""
+    if isinstance(param, CategoricalParam):
+        return len(param.choices)
+    if isinstance(param, IntParam) and not param.log:
+        return (param.high - param.low) // param.step + 1
+    if isinstance(param, FloatParam) and param.step is not None:
+        return int(math.floor((param.high - param.low) / param.step + 1e-9)) + 1
+    raise UserError(
+        f"search space params.{key}: the grid sampler needs a finite list of values: "
+        "give choices (type: categorical) or a step (without log)."
+    )
+
+
+def _grid_values(param: Any, count: int) -> list[Any]:
+    if isinstance(param, CategoricalParam):
+        return [optuna_choice(c) for c in param.choices]
+    return [param.low + i * param.step for i in range(count)]
 
 
 def _pruner(space: SearchSpace, epochs: int) -> Any:

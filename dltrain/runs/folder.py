@@ -144,6 +144,11 @@ class UnfinishedRun(UserError):
         self.run = run
 
 
+# How many numbers past the highest version a new run tries (names taken by files, or held by
+# other processes) before saying no folder is free
+MAX_SKIPPED_VERSIONS = 100
+
+
 def versions(base: Path) -> list[tuple[int, Path]]:
     """The run folders of one name that exist, oldest first: (1, base), (2, base-2), ..."""
     base = Path(base)
@@ -180,12 +185,19 @@ def choose_version(
                 raise UnfinishedRun(newest)
             break
     numbers = sorted({1, *(number for number, _ in existing)})
-    for number in [*numbers, numbers[-1] + 1]:
+    after = range(numbers[-1] + 1, numbers[-1] + 1 + MAX_SKIPPED_VERSIONS)
+    for number in [*numbers, *after]:
         run = RunFolder(version_path(base, number))
+        if run.root.exists() and not run.root.is_dir():
+            continue  # a file of that name is no run folder, and not ours to replace
         if not taken(run.root) and run.holds_nothing_of_another(recipe):
             if number == 1:
                 return run, None
             held = RunFolder(base)
             what = "a run of another recipe" if not held.same_recipe(recipe) else "a finished run"
             return run, f"{base} holds {what}: this run goes to {run.root}"
-    raise AssertionError("the next number is always free")
+    raise UserError(
+        f"no folder for a new run of {base.name} is free in {base.parent} (up to "
+        f"{version_path(base, after[-1]).name}, each held, in use or not a folder). Choose "
+        "another output folder (output=...) or name (name=...)."
+    )

@@ -66,6 +66,40 @@ def test_the_space_is_checked_against_the_recipe_before_any_trial(
     assert not (tmp_path / "runs/search/trials").exists()  # no trial ran
 
 
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        (None, "params.optimizer.lr: give a mapping with type"),
+        ([0.1, 0.2], "params.optimizer.lr: give a mapping with type"),
+        ({"low": 0.1, "high": 1}, "params.optimizer.lr.type: one of float, int, categorical"),
+        ({"type": "float", "high": 1}, "params.optimizer.lr.low: required key is missing"),
+        ({"type": "int", "low": 1, "high": 5, "step": 0}, "params.optimizer.lr.step:"),
+        ({"type": "categorical", "choices": []}, "params.optimizer.lr.choices:"),
+        ({"type": "float", "low": 0.1, "high": 1, "hihg": 2}, "Did you mean 'high'?"),
+    ],
+)
+def test_a_bad_parameter_is_named_with_its_own_key(tmp_path, invoke, spec, expected):
+    recipe, space = write(tmp_path, params={"optimizer.lr": spec})
+    result = invoke("sweep", str(recipe), str(space), "--trials", "3")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert expected in words(result.stderr), result.stderr
+
+
+def test_a_grid_is_counted_before_it_is_built(tmp_path, invoke):
+    # 10^9 integers would be gigabytes of Python ints: refused with the count, before any trial
+    huge = {"type": "int", "low": 1, "high": 10**9}
+    params = {"data.batch_size": huge, "model.hidden": SPACE["params"]["model.hidden"]}
+    recipe, space = write(tmp_path, sampler="grid", params=params)
+    result = invoke("sweep", str(recipe), str(space), "--trials", "3")
+    assert result.exit_code == 2, result.output
+    said = words(result.stderr)
+    assert (
+        "the grid has 2,000,000,000 points" in said
+        and "params.data.batch_size: 1,000,000,000" in said
+    )
+    assert not (tmp_path / "runs/search/trials").exists()
+
+
 def test_a_sweep_judges_trials_on_validation_and_tests_only_the_best(tmp_path, invoke):
     recipe, space = write(tmp_path)
     first = invoke("sweep", str(recipe), str(space), "--trials", "3")

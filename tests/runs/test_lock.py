@@ -204,6 +204,19 @@ def test_a_new_run_takes_the_first_free_number(tmp_path):
     assert choose_version(base, other, never)[0].root == tmp_path / "tab-5"
 
 
+def test_a_file_named_like_a_version_is_passed_over_and_no_free_folder_is_said(tmp_path):
+    mine = Recipe.model_validate({**TABULAR, "name": "tab"})
+    base = tmp_path / "tab"
+    _fake_run(base, mine, "last report")
+    (tmp_path / "tab-2").write_text("not a run folder")
+    never = lambda path: False  # noqa: E731
+    assert choose_version(base, mine, never)[0].root == tmp_path / "tab-3"
+    assert (tmp_path / "tab-2").read_text() == "not a run folder"
+    every = lambda path: True  # noqa: E731 - every folder held by another process
+    with pytest.raises(UserError, match="no folder for a new run of tab is free"):
+        choose_version(base, mine, every)
+
+
 def test_a_fit_beside_a_running_one_takes_the_next_number_and_resume_auto_the_newest(
     invoke, tmp_path
 ):
