@@ -10,6 +10,7 @@ import numpy as np
 
 from dltrain.config.registry import DATASETS
 from dltrain.data.base import ArraySplit, DatasetSplits
+from dltrain.data.npy_headers import check_npz_file
 from dltrain.data.paths import InputPath, existing_path
 from dltrain.data.tensors import to_tensor
 from dltrain.errors import UserError
@@ -44,6 +45,8 @@ def npz(path: InputPath, layout: Literal["auto", "nchw", "nhwc"] = "auto") -> Da
 def _read_npz(file: Path) -> dict[str, np.ndarray]:
     """Every array of an .npz file, refusing pickled objects."""
     try:
+        if zipfile.is_zipfile(file):
+            check_npz_file(file)  # before numpy allocates what a header declares
         loaded = np.load(file, allow_pickle=False)
         if not isinstance(loaded, np.lib.npyio.NpzFile):
             raise ValueError("it holds a single array (.npy), not named arrays")

@@ -96,6 +96,7 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
             f"{path} is a TorchScript export, not a dltrain checkpoint. Use the checkpoint it "
             "was exported from (runs/<name>/checkpoints/best.pt)."
         )
+    _refuse_compressed_members(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -106,7 +107,56 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError) as exc:
         raise UserError(unreadable.format(_reason(exc))) from None
+    _check_structure(state, path)
     return _checked(state, path)
+
+
+def _refuse_compressed_members(path: Path) -> None:
+    """torch.save stores every member of its zip uncompressed; a compressed one can only come
+    from another writer, and could inflate to any size while being read (a zip bomb)."""
+    with zipfile.ZipFile(path) as archive:
+        packed = [i.filename for i in archive.infolist() if i.compress_type != zipfile.ZIP_STORED]
+    if packed:
+        raise UserError(
+            f"{path} is damaged: its member {packed[0]} is compressed, which torch.save never "
+            "does. Use another checkpoint (last.pt or best.pt)."
+        )
+
+
+# Bounds of a checkpoint's nested data: dltrain writes a few levels and some thousand values (a
+# text model's vocabulary: tens of thousands); only a crafted file has cycles, deeper nesting,
+# or shared references that multiply into more nodes than this
+MAX_DEPTH = 64
+MAX_NODES = 2_000_000
+
+
+def _check_structure(state: Any, path: Path) -> None:
+    """Walk the loaded data once, iteratively, before anything else walks it (the digest, the
+    recipe's validation): a cycle, nesting deeper than MAX_DEPTH or more than MAX_NODES values
+    (shared references counted each time they are reached) is "damaged", exit 2."""
+    stack: list[tuple[Any, int, tuple[int, ...]]] = [(state, 0, ())]
+    nodes = 0
+    while stack:
+        value, depth, parents = stack.pop()
+        nodes += 1
+        problem = (
+            "nests deeper than any checkpoint dltrain writes" if depth > MAX_DEPTH
+            else f"holds more than {MAX_NODES:,} values" if nodes > MAX_NODES
+            else "holds a value that contains itself" if id(value) in parents
+            else None
+        )  # fmt: skip
+        if problem:
+            raise UserError(
+                f"{path} is damaged: it {problem}. Use another checkpoint (last.pt or best.pt)."
+            )
+        if isinstance(value, dict):
+            children = [*value.keys(), *value.values()]
+        elif isinstance(value, list | tuple):
+            children = list(value)
+        else:
+            continue
+        inside = (*parents, id(value))
+        stack.extend((child, depth + 1, inside) for child in children)
 
 
 def refuse_replacing_a_checkpoint(output: Path, source: Path | None, force: bool) -> None:
@@ -149,7 +199,13 @@ def _reason(exc: BaseException) -> str:
 def _checked(state: Any, path: Path) -> dict[str, Any]:
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
         raise UserError(f"{path} is not a dltrain checkpoint (keys {REQUIRED_KEYS} expected).")
-    if not isinstance(state["format"], int) or state["format"] > FORMAT:
+    known = type(state["format"]) is int and state["format"] >= 1
+    if not known:
+        raise UserError(
+            f"{path} is damaged: its checkpoint format is {state['format']!r}, which no dltrain "
+            f"writes (1 to {FORMAT}). Use another checkpoint (last.pt or best.pt)."
+        )
+    if state["format"] > FORMAT:
         raise UserError(
             f"{path} has checkpoint format {state['format']}, newer than this dltrain reads "
             f"({FORMAT}); upgrade dltrain (it was written by {state.get('dltrain_version')})."

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from dltrain.data.images import IMAGE_EXTENSIONS, decode_image
+from dltrain.data.npy_headers import check_npy_file
 from dltrain.data.table_encoding import TableEncoding
 from dltrain.data.text import PAD_ID, Vocabulary, encode_texts
 from dltrain.errors import UserError
@@ -277,6 +278,7 @@ def _kind_words(predictor: Predictor) -> str:
 
 def _read_npy(path: Path, predictor: Predictor, expected: str) -> Samples:
     try:
+        check_npy_file(path)  # before numpy allocates what the header declares
         array = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
         raise UserError(

@@ -6,6 +6,7 @@ One tiny tabular run is trained per module; each test works on copies of its che
 
 from __future__ import annotations
 
+import functools
 import shutil
 import textwrap
 import time
@@ -151,6 +152,58 @@ def test_a_checkpoint_of_the_first_format_still_loads(checkpoint, tmp_path):
     state = {**{k: v for k, v in state.items() if k != "digest"}, "format": 1}
     torch.save(state, tmp_path / "old.pt")
     assert load_checkpoint(tmp_path / "old.pt")["format"] == 1
+
+
+@pytest.mark.parametrize("format_", [True, -5, 0, "1", 2.0, None])
+def test_a_format_no_dltrain_writes_is_damaged(checkpoint, tmp_path, format_):
+    state = {**torch.load(checkpoint, weights_only=True), "format": format_}
+    torch.save(state, tmp_path / "odd.pt")
+    with pytest.raises(UserError, match=f"its checkpoint format is {format_!r}, which no dltrain"):
+        load_checkpoint(tmp_path / "odd.pt")
+
+
+def shared_bomb(depth: int) -> list:
+    """[a, a] nested `depth` deep: a few bytes per level in the file, 2^depth values walked."""
+    level: list = ["x"]
+    for _ in range(depth):
+        level = [level, level]
+    return level
+
+
+def self_referencing() -> list:
+    loop: list = ["x"]
+    loop.append(loop)
+    return loop
+
+
+@pytest.mark.parametrize(
+    "planted, problem",
+    [
+        (self_referencing, "holds a value that contains itself"),
+        (lambda: shared_bomb(60), "holds more than 2,000,000 values"),
+        (lambda: functools.reduce(lambda inner, _: [inner], range(200), []), "nests deeper"),
+    ],
+)
+def test_a_crafted_structure_is_damaged_without_walking_it_forever(
+    checkpoint, tmp_path, planted, problem
+):
+    for format_ in (1, 2):  # with a digest to check or without
+        state = torch.load(checkpoint, weights_only=True)
+        state = {**state, "format": format_, "recipe": {**state["recipe"], "notes": planted()}}
+        torch.save(state, tmp_path / "crafted.pt")
+        assert (tmp_path / "crafted.pt").stat().st_size < 1_000_000
+        with pytest.raises(UserError, match=f"is damaged: it {problem}"):
+            load_checkpoint(tmp_path / "crafted.pt")
+
+
+def test_a_compressed_member_is_refused_before_it_is_inflated(checkpoint, tmp_path):
+    # torch.save never compresses; a DEFLATEd data member could inflate to any size on reading
+    target = tmp_path / "deflated.pt"
+    with zipfile.ZipFile(checkpoint) as source, zipfile.ZipFile(target, "w") as packed:
+        for info in source.infolist():
+            packed.writestr(info.filename, source.read(info), compress_type=zipfile.ZIP_DEFLATED)
+    with pytest.raises(UserError, match="is damaged: its member .* is compressed"):
+        load_checkpoint(target)
 
 
 def test_the_digest_covers_dtype_shape_and_structure():
