@@ -105,13 +105,22 @@ def in_use(root: Path) -> bool:
 
 def holding_enclosing_run(path: Path, doing: str) -> contextlib.AbstractContextManager:
     """Hold the lock of the run folder that `path` lies in (none: nothing to hold)."""
+    run = _enclosing_run(path)
+    return holding(run, doing) if run is not None else contextlib.nullcontext()
+
+
+def holding_output(folder: Path, doing: str) -> contextlib.AbstractContextManager:
+    """Hold the lock of the run folder that the output `folder` lies in, else of `folder`
+    itself: one process writes an output folder at a time (a second `eval --output SAME` is
+    refused, never left to race the first's recovery of its staged files)."""
+    return holding(_enclosing_run(folder) or Path(folder).absolute(), doing)
+
+
+def _enclosing_run(path: Path) -> Path | None:
     from dltrain.runs.folder import RunFolder
 
     path = Path(path).absolute()
-    for folder in (path, *path.parents):
-        if RunFolder(folder).holds_a_run():
-            return holding(folder, doing)
-    return contextlib.nullcontext()
+    return next((f for f in (path, *path.parents) if RunFolder(f).holds_a_run()), None)
 
 
 def _note_path(root: Path) -> Path:

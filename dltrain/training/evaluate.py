@@ -20,7 +20,7 @@ from dltrain.errors import UserError
 from dltrain.reporting.progress import Progress
 from dltrain.runs.checkpoint import load_checkpoint, load_weights, which_weights
 from dltrain.runs.folder import RunFolder
-from dltrain.runs.lock import holding_enclosing_run
+from dltrain.runs.lock import holding_output
 from dltrain.system.out_of_memory import out_of_memory_is_a_run_failure
 from dltrain.training.build import Setup, build_setup, split_batches
 from dltrain.training.tasks import Evaluation
@@ -69,8 +69,26 @@ def evaluate_checkpoint(
     never from the checkpoint. An `output` folder that holds a training run is refused unless
     `force` (its report would be replaced).
     """
-    if output is not None:
-        _refuse_replacing_a_run(Path(output), force)
+    if output is None:
+        return _evaluate_checkpoint(
+            checkpoint_path, None, progress, split, device, overrides, imports
+        )
+    _refuse_replacing_a_run(Path(output), force)
+    with holding_output(Path(output), "evaluating a checkpoint"):  # from the start: one writer
+        return _evaluate_checkpoint(
+            checkpoint_path, Path(output), progress, split, device, overrides, imports
+        )
+
+
+def _evaluate_checkpoint(
+    checkpoint_path: Path,
+    output: Path | None,
+    progress: Progress,
+    split: str | None,
+    device: str | None,
+    overrides: list[str],
+    imports: list[str],
+) -> dict:
     checkpoint = load_checkpoint(checkpoint_path)
     source = f"checkpoint {checkpoint_path}"
     saved = dict(checkpoint["recipe"])
@@ -126,7 +144,7 @@ def report_on_split(
     }
     progress.evaluated(report)
     if setup.world.is_main:
-        with holding_enclosing_run(output, "writing a report"):
+        with holding_output(output, "writing a report"):
             write_report(output, report, history=history, title=setup.recipe.name)
     progress.report(report)
     return report

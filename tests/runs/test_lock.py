@@ -144,6 +144,24 @@ def test_eval_into_a_run_folder_another_process_writes_is_refused(
         holder.wait()
 
 
+def test_two_evals_into_one_output_folder_the_second_is_refused_before_any_work(invoke, tmp_path):
+    run, _ = train(tmp_path, TABULAR, "done", "train.epochs=1")
+    output = tmp_path / "reports"
+    holder = hold_in_another_process(output)  # what a first `eval --output reports` holds
+    try:
+        result = invoke("eval", str(run.best_path), "--output", str(output))
+        assert result.exit_code == 2, result.output
+        said = words(result.stderr)
+        assert f"{output} is in use" in said and f"pid {holder.pid}" in said
+        assert not (output / "report.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # once the first is done, the folder is free again
+    assert invoke("eval", str(run.best_path), "--output", str(output)).exit_code == 0
+    assert (output / "report.json").exists()
+
+
 def test_an_unfinished_run_is_never_silently_started_over(invoke, tmp_path):
     recipe = tmp_path / "tab.yaml"
     recipe.write_text(yaml.safe_dump({**TABULAR, "name": "tab", "output": str(tmp_path / "r")}))
