@@ -15,7 +15,7 @@ import filelock
 
 from dltrain.config.loading import load_recipe
 from dltrain.config.schema import Recipe
-from dltrain.errors import UserError
+from dltrain.errors import UserError, first_line
 from dltrain.experiments.sweep_space import (
     CategoricalParam,
     FloatParam,
@@ -172,15 +172,22 @@ def _storage(url: str | None, root: Path) -> Any:
     writer of another process instead of failing)."""
     import optuna
 
+    given = url is not None
     url = url or f"sqlite:///{(root / STUDY_FILE).absolute()}"
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
     try:
         return optuna.storages.RDBStorage(url, engine_kwargs=engine)
-    except Exception as exc:  # a bad URL, a missing driver, a refused connection
+    except Exception as exc:  # a bad URL, a missing driver, a refused connection, a damaged file
+        why = first_line(exc, with_type=True)
+        if not given:  # the sweep's own file: blame it, not an option the user never gave
+            raise UserError(
+                f"the sweep's study {root / STUDY_FILE} cannot be opened ({why}): it is damaged "
+                "or not an Optuna study. Move it aside to start the search again, or use "
+                "another output folder."
+            ) from None
         raise UserError(
-            f"--storage {url}: cannot open it as an Optuna storage ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}). Give a database URL such as "
-            "sqlite:///study.db or postgresql://user@host/db (its driver installed)."
+            f"--storage {url}: cannot open it as an Optuna storage ({why}). Give a database URL "
+            "such as sqlite:///study.db or postgresql://user@host/db (its driver installed)."
         ) from None
 
 

@@ -152,6 +152,7 @@ def _reported(uri: str, output: Path):
 
     mlflow = _mlflow()
     output.mkdir(parents=True, exist_ok=True)
+    probe_store(uri)
     try:
         with filelock.FileLock(output / ".mlflow.lock"):
             yield
@@ -159,6 +160,62 @@ def _reported(uri: str, output: Path):
         raise UserError(
             f"logging.mlflow: cannot log to {uri} ({first_line(exc)}). Check "
             "logging.mlflow.tracking_uri, or set logging.mlflow=false."
+        ) from None
+
+
+PROBE_SECONDS = 5  # how long a tracking store may take to answer before the run is refused
+
+
+def probe_store(uri: str) -> None:
+    """Fail fast, before MLflow's own retries (minutes of them): a local SQLite store that is
+    not a database or cannot be written, a server that does not answer within PROBE_SECONDS.
+    Each is the user's to fix: exit 2, naming the store. Other URIs are left to MLflow."""
+    if uri.startswith("sqlite:///"):
+        _probe_sqlite(Path(uri.removeprefix("sqlite:///")), uri)
+    elif uri.startswith(("http://", "https://")):
+        _probe_server(uri)
+
+
+def _probe_sqlite(path: Path, uri: str) -> None:
+    import os
+    import sqlite3
+
+    fix = "Fix or move it, set logging.mlflow.tracking_uri, or set logging.mlflow=false."
+    folder = path if path.is_dir() else path.parent
+    if (
+        path.is_dir()
+        or not os.access(folder, os.W_OK)
+        or (path.exists() and not os.access(path, os.W_OK))
+    ):
+        raise UserError(f"logging.mlflow: cannot write the MLflow store {path}. {fix}")
+    if not path.exists():
+        return  # MLflow creates it
+    try:
+        with contextlib.closing(
+            sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=PROBE_SECONDS)
+        ) as db:
+            db.execute("PRAGMA schema_version").fetchone()
+    except sqlite3.DatabaseError as exc:
+        raise UserError(
+            f"logging.mlflow: the MLflow store {path} ({uri}) is damaged or not an SQLite "
+            f"database ({first_line(exc)}). {fix}"
+        ) from None
+
+
+def _probe_server(uri: str) -> None:
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=PROBE_SECONDS).close()
+    except urllib.error.HTTPError:
+        return  # it answered: what it says about the path is MLflow's business
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise UserError(
+            f"logging.mlflow: the tracking server {uri} does not answer ({reason}; waited at "
+            f"most {PROBE_SECONDS} s). Start it, check logging.mlflow.tracking_uri, or set "
+            "logging.mlflow=false."
         ) from None
 
 

@@ -159,6 +159,23 @@ def _check_structure(state: Any, path: Path) -> None:
         stack.extend((child, depth + 1, inside) for child in children)
 
 
+def _misfit(model: torch.nn.Module, weights: dict[str, Any]) -> str:
+    """The first layer whose saved weights do not fit, with both shapes, or a key one side
+    lacks ('' when nothing is named: torch's own first line is used)."""
+    built = model.state_dict()
+    for name, tensor in built.items():
+        saved = weights.get(name)
+        if saved is None:
+            return f"{name} is missing from the checkpoint"
+        if isinstance(saved, torch.Tensor) and saved.shape != tensor.shape:
+            return (
+                f"{name} is {tuple(saved.shape)} in the checkpoint but {tuple(tensor.shape)} in "
+                "the model"
+            )
+    extra = next((name for name in weights if name not in built), None)
+    return f"the checkpoint has {extra}, which the model does not" if extra else ""
+
+
 def refuse_replacing_a_checkpoint(output: Path, source: Path | None, force: bool) -> None:
     """An output path that is the checkpoint being read (`source`), or another checkpoint, is
     refused (exit 2) unless --force: an export or a picture must never replace trained weights.
@@ -353,9 +370,9 @@ def load_weights(
                 f"the weights in {path} do not fit this recipe's model ({built_from}): they were "
                 f"trained with model {trained}. Use that model section (drop model.* overrides)."
             ) from None
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(
-            f"the weights in {path} do not fit the model its recipe names ({trained}): {first}. "
+            f"the weights in {path} do not fit the model its recipe names ({trained}): "
+            f"{_misfit(model, checkpoint['model']) or first_line(exc)}. "
             "The checkpoint is damaged or was written by different model code; use another "
             "checkpoint."
         ) from None

@@ -100,6 +100,18 @@ def test_a_grid_is_counted_before_it_is_built(tmp_path, invoke):
     assert not (tmp_path / "runs/search/trials").exists()
 
 
+def test_a_damaged_study_file_is_blamed_on_itself_not_on_storage(tmp_path, invoke):
+    recipe, space = write(tmp_path)
+    study = tmp_path / "runs/search/study.db"
+    study.parent.mkdir(parents=True)
+    study.write_bytes(b"not a database at all" * 200)
+    result = invoke("sweep", str(recipe), str(space), "--trials", "1")
+    assert result.exit_code == 2, result.output
+    said = words(result.stderr)
+    assert f"the sweep's study {study} cannot be opened" in said and "--storage" not in said
+    assert study.read_bytes().startswith(b"not a database")
+
+
 def test_a_sweep_judges_trials_on_validation_and_tests_only_the_best(tmp_path, invoke):
     recipe, space = write(tmp_path)
     first = invoke("sweep", str(recipe), str(space), "--trials", "3")

@@ -4,6 +4,7 @@ per-epoch metrics, report metrics, artifacts, tags), and a sweep's trials nest u
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -87,3 +88,28 @@ def test_a_tracking_uri_mlflow_cannot_use_is_the_users_error(tmp_path, invoke):
     result = invoke("fit", str(recipe))
     assert result.exit_code == 2, result.output
     assert "logging.mlflow: cannot log to nosuchscheme://nowhere" in result.stderr
+
+
+def test_a_damaged_local_store_is_refused_at_once_naming_it(tmp_path, invoke):
+    recipe = write_recipe(tmp_path)
+    store = tmp_path / "runs" / "mlflow.db"
+    store.parent.mkdir()
+    store.write_bytes(b"this is not an SQLite database" * 100)
+    result = invoke("fit", str(recipe))
+    assert result.exit_code == 2, result.output
+    said = " ".join(result.stderr.split())
+    assert f"the MLflow store {store}" in said and "not an SQLite database" in said
+    assert "internal error" not in said
+    assert store.read_bytes().startswith(b"this is not")  # left as it was
+
+
+def test_a_tracking_server_that_does_not_answer_is_refused_at_once(tmp_path, invoke):
+    with socket.socket() as probe:  # a port on this machine that nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    recipe = write_recipe(tmp_path, tracking_uri=f"http://127.0.0.1:{port}")
+    result = invoke("fit", str(recipe))
+    assert result.exit_code == 2, result.output
+    said = " ".join(result.stderr.split())
+    assert f"the tracking server http://127.0.0.1:{port} does not answer" in said
+    assert not (tmp_path / "runs" / "tracked" / "checkpoints").exists()  # nothing trained

@@ -7,6 +7,7 @@ One tiny tabular run is trained per module; each test works on copies of its che
 from __future__ import annotations
 
 import functools
+import re
 import shutil
 import textwrap
 import time
@@ -366,3 +367,16 @@ def test_a_resumed_optimizer_state_of_the_wrong_shape_is_refused(checkpoint, tmp
     save_checkpoint(tmp_path / "bad.pt", {k: v for k, v in state.items() if k != "digest"})
     with pytest.raises(UserError, match=f"its optimizer state does not fit this run .*'{key}'"):
         train(tmp_path, TABULAR, "resumed", "train.epochs=2", resume=tmp_path / "bad.pt")
+
+
+def test_weights_of_the_wrong_shape_name_the_layer_and_both_shapes(checkpoint, tmp_path):
+    from dltrain.use.inference import load_for_inference
+
+    state = load_checkpoint(checkpoint)
+    name, tensor = next((k, v) for k, v in state["model"].items() if v.dim() == 2)
+    state["model"][name] = torch.zeros(tensor.shape[0] + 1, tensor.shape[1])
+    save_checkpoint(tmp_path / "bad.pt", {k: v for k, v in state.items() if k != "digest"})
+    wrong, right = (tensor.shape[0] + 1, tensor.shape[1]), tuple(tensor.shape)
+    said = f"{name} is {wrong} in the checkpoint but {right} in the model"
+    with pytest.raises(UserError, match=re.escape(said)):
+        load_for_inference(tmp_path / "bad.pt")
