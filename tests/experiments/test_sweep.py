@@ -15,6 +15,8 @@ import optuna
 import pytest
 import yaml
 
+from dltrain.runs.metrics_csv import read_metrics
+
 from helpers.cli import REPO, dltrain, words
 from helpers.training import TABULAR
 
@@ -127,11 +129,26 @@ def test_a_sweep_judges_trials_on_validation_and_tests_only_the_best(tmp_path, i
             "val_accuracy"
         )
         assert t["params"]["model.hidden"] in ([16], [32, 32])
+        # its value is its best epoch's, as its own metrics.csv has it (not the last or worst)
+        epochs = [row["val_accuracy"] for row in read_metrics(run / "metrics.csv")]
+        assert len(epochs) == 2 and t["value"] == pytest.approx(max(epochs))
     best = max(trials, key=lambda t: t["value"])
     assert summary["best_trial"] == best["number"] and summary["best_value"] == best["value"]
     tested = json.loads((tmp_path / "runs/search/best-test/report.json").read_text())
     assert tested["split"] == "test" and summary["best_test"]["accuracy"] == tested["accuracy"]
     assert "epoch" not in summary["best_test"]
+    # the test figures are the best trial's best.pt (its best epoch), as `dltrain eval` reads it
+    assert tested["checkpoint"].endswith("checkpoints/best.pt") and tested["best_by"]
+    rows = read_metrics(tmp_path / "runs/search" / best["run"] / "metrics.csv")
+    accuracies = [row["val_accuracy"] for row in rows]
+    assert tested["epoch"] == accuracies.index(max(accuracies)) + 1
+    best_pt = tmp_path / "runs/search" / best["run"] / "checkpoints/best.pt"
+    evaluated = invoke("eval", str(best_pt), "--split", "test", "--output", str(tmp_path / "e"))
+    assert evaluated.exit_code == 0, evaluated.output
+    again_tested = json.loads((tmp_path / "e/report.json").read_text())
+    assert again_tested["accuracy"] == tested["accuracy"] and again_tested["loss"] == pytest.approx(
+        tested["loss"]
+    )
     folder = tmp_path / "runs/search"
     assert all((folder / name).stat().st_size > 5000 for name in ("history.png", "slices.png"))
     assert "test accuracy" in first.stdout
