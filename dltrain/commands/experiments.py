@@ -10,6 +10,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.measure import Measurement
 
 from dltrain.commands import exit_stopped, force_option
 
@@ -53,11 +54,15 @@ def compare(
         print(json.dumps({**compare_json(loaded), "plot": str(written)}, indent=2))
         return
     console = Console()
-    if len(differing_keys(loaded)) > WIDE_TABLE_KEYS:
+    table = compare_table(loaded)
+    # keys in rows when there are many, or when their columns would not fit the terminal: a
+    # key cut to `model…` would hide the one thing the table is for
+    natural_width = Measurement.get(console, console.options.update(max_width=10**4), table).maximum
+    if len(differing_keys(loaded)) > WIDE_TABLE_KEYS or natural_width > console.width:
         console.print(keys_table(loaded))
         console.print(compare_table(loaded, key_columns=False))
     else:
-        console.print(compare_table(loaded))
+        console.print(table)
     console.print(f"curves: {escape(str(written))}", highlight=False, soft_wrap=True)
 
 

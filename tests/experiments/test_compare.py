@@ -307,3 +307,28 @@ def test_the_command_prints_the_table_and_writes_the_plot(trained, invoke, tmp_p
     assert json.loads(as_json.stdout)["differing_keys"] == ["optimizer.lr", "train.epochs"]
     refused = invoke("compare", str(trained["slow"]))
     assert refused.exit_code == 2 and "at least 2 run folders" in refused.stderr, refused.stderr
+
+
+def fake_run(folder: Path, recipe: str) -> Path:
+    """A finished run's recipe.yaml and metrics.csv (compare reads nothing else)."""
+    folder.mkdir(parents=True)
+    (folder / "recipe.yaml").write_text(recipe)
+    (folder / "metrics.csv").write_text(
+        "epoch,train_loss,val_loss,val_accuracy,lr,seconds,samples_per_s\n"
+        "1,0.5,0.5,0.8,0.01,1,100\n"
+    )
+    return folder
+
+
+@pytest.mark.console_width(80)
+def test_differing_keys_are_shown_whole_in_a_narrow_terminal(invoke, tmp_path):
+    a = fake_run(tmp_path / "a", "model: {name: mlp, hidden: [32]}\ntrain: {ema: {decay: 0.9}}\n")
+    b = fake_run(
+        tmp_path / "b", "model: {name: mlp, hidden: [32, 32]}\ntrain: {ema: {decay: 0.99}}\n"
+    )
+    result = invoke("compare", str(a), str(b), "--output", str(tmp_path / "c.png"))
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert any("model.hidden" in line and "[32, 32]" in line for line in lines), result.stdout
+    assert any("train.ema.decay" in line and "0.99" in line for line in lines), result.stdout
+    assert "…" not in result.stdout
