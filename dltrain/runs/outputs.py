@@ -41,9 +41,7 @@ RUN_MARKERS = ("recipe.yaml", "report.json", "cv_report.json", "study.db", "swee
 CHECKPOINTS, CHECKPOINT_FILES = "checkpoints", frozenset({"last.pt", "best.pt"})
 
 
-def refuse_replacing_run_files(
-    output: Path, force: bool, source: Path | None = None, option: str = "--output"
-) -> None:
+def refuse_replacing_run_files(output: Path, force: bool, source: Path | None = None) -> None:
     """Refuse (UserError, exit 2) an output path that is a run's own file or a checkpoint
     (`source`: the checkpoint being read), unless `force`."""
     if force:
@@ -51,7 +49,7 @@ def refuse_replacing_run_files(
     owner = run_owning(Path(output))
     if owner is not None:
         raise UserError(
-            f"{option} {output} is one of the files of the run in {owner}; writing there would "
+            f"--output {output} is one of the files of the run in {owner}; writing there would "
             "replace it. Choose another path, or add --force to replace it."
         )
     refuse_replacing_a_checkpoint(Path(output), source, force)
