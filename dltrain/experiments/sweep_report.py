@@ -159,8 +159,11 @@ def _markdown(summary: dict[str, Any], images: list[str]) -> str:
     lines = [f"# Sweep `{summary['study']}`", ""]
     best = summary["best_trial"]
     ended = [t for t in summary["trials"] if t["state"] != "running"]
+    interrupted = sum(1 for t in ended if t.get("interrupted"))  # stopped: they do not count
     lines.append(
-        f"{len(ended)} trials ended of {summary['trials_requested']} requested · metric "
+        f"{len(ended) - interrupted} trials ended of {summary['trials_requested']} requested"
+        + (f" ({interrupted} more interrupted, not counted)" if interrupted else "")
+        + " · metric "
         f"`{summary['metric']}` ({summary['direction']}d)"
         + (f" · the mean over {summary['folds']} folds" if summary["folds"] else "")
     )
@@ -197,5 +200,8 @@ def _figures(test: dict[str, Any]) -> str:
     return ", ".join(
         f"{k} {v:.4f}"
         for k, v in test.items()
-        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+        if k != "trial"  # which trial, not a figure of it
+        and isinstance(v, int | float)
+        and not isinstance(v, bool)
+        and math.isfinite(v)
     )

@@ -152,6 +152,8 @@ def test_a_sweep_judges_trials_on_validation_and_tests_only_the_best(tmp_path, i
     folder = tmp_path / "runs/search"
     assert all((folder / name).stat().st_size > 5000 for name in ("history.png", "slices.png"))
     assert "test accuracy" in first.stdout
+    said = words((folder / "sweep_report.md").read_text())
+    assert "3 trials ended of 3 requested" in said and f"trial {best['number']}." not in said
 
     # --trials is the total: the same command with 4 continues the study by one trial
     again = invoke("sweep", str(recipe), str(space), "--trials", "4")
@@ -194,6 +196,8 @@ def test_ctrl_c_stops_after_the_running_trial_and_a_rerun_completes_the_count(tm
     retried = [t for t in trials if t.number > 0 and t.params == interrupted[0].params]
     assert retried, "the interrupted trial's parameters are tried again first"
     assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials) == 2
+    said = words((tmp_path / "runs/search/sweep_report.md").read_text())
+    assert "2 trials ended of 2 requested (1 more interrupted, not counted)" in said
 
 
 def test_two_processes_share_one_study_without_duplicate_trials(tmp_path):
