@@ -63,3 +63,15 @@ def trained_run(tmp_path_factory):
         return done[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """The URL of a database on a real PostgreSQL server (helpers/postgres.py), or a skip."""
+    from helpers.postgres import missing, postgres_server
+
+    why = missing()
+    if why:
+        pytest.skip(f"no PostgreSQL server: {why}")
+    with postgres_server() as url:
+        yield url

@@ -93,17 +93,17 @@ def sweep(
     """Search hyperparameters with Optuna: each trial is a run folder in OUTPUT/NAME/trials/.
 
     Trials are judged on validation only; the best one is then evaluated on the test split.
-    Writes OUTPUT/NAME/sweep_report.json and .md with plots. Ctrl-C stops after saving the
-    running trial; the same command continues the study.
+    Writes OUTPUT/NAME/sweep_report.json and .md with plots. Ctrl-C stops the running trial
+    and reports the trials so far; the same command continues the study.
 
     [bold]Examples[/]
 
       dltrain sweep recipes/quickstart.yaml space.yaml --trials 20
 
-      dltrain sweep recipe.yaml space.yaml --trials 50 --storage postgresql://host/db
+      dltrain sweep recipe.yaml space.yaml --trials 50 --storage postgresql+psycopg://host/db
     """
     from dltrain.experiments.sweep import run_sweep
-    from dltrain.experiments.sweep_report import REPORT_JSON
+    from dltrain.experiments.sweep_report import REPORT_JSON, write_sweep_report
     from dltrain.experiments.sweep_study import open_sweep
     from dltrain.reporting.progress import Progress
     from dltrain.system.interrupts import GracefulStop, Interrupted
@@ -118,10 +118,11 @@ def sweep(
             f"({'higher' if opened.metric.endswith('accuracy') else 'lower'} is better) · "
             f"{opened.root}"
         )
-        progress = Progress(Console(stderr=True), quiet=True)
+        progress = Progress(Console(stderr=True), live_only=True)
         try:
             summary = run_sweep(opened, progress, stop, say)
         except Interrupted as stopped:
+            write_sweep_report(opened, None)  # the trials so far
             ended, _ = opened.ended()
             exit_stopped(
                 console,

@@ -3,6 +3,7 @@ numbers kept for messages, and anchors/aliases bounded (a "billion laughs" file 
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import yaml
@@ -10,6 +11,7 @@ import yaml
 from dltrain.errors import UserError
 
 MAX_YAML_VALUES = 100_000  # values after expanding &anchors/*aliases (a recipe has hundreds)
+MAX_INT_DIGITS = sys.get_int_max_str_digits() or 4300  # Python's own limit (0: none set)
 
 
 class RecipeLoader(yaml.SafeLoader):
@@ -43,9 +45,30 @@ class RecipeLoader(yaml.SafeLoader):
             )
         return node
 
+    def construct_yaml_int(self, node):
+        """Integers past Python's digit limit refused with the recipe's line, not with
+        Python's advice to raise the limit (a recipe's numbers have a few digits)."""
+        digits = sum(character.isdigit() for character in node.value)
+        if digits > MAX_INT_DIGITS:
+            raise _TooManyDigits(
+                None,
+                None,
+                f"a number of {digits:,} digits (at most {MAX_INT_DIGITS:,} are read). Write "
+                "a smaller number",
+                node.start_mark,
+            )
+        return super().construct_yaml_int(node)
+
+
+RecipeLoader.add_constructor("tag:yaml.org,2002:int", RecipeLoader.construct_yaml_int)
+
 
 class _TooLarge(yaml.YAMLError):
     """A document whose aliases expand beyond MAX_YAML_VALUES."""
+
+
+class _TooManyDigits(yaml.constructor.ConstructorError):
+    """An integer longer than Python converts (well-formed YAML, so not a syntax error)."""
 
 
 def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_nodes: set[int]) -> int:
@@ -78,13 +101,15 @@ def parse_yaml(text: str, source: str) -> dict[str, Any]:
         data = yaml.load(text, Loader=RecipeLoader)  # a SafeLoader: builds plain data only
     except _TooLarge as exc:
         raise UserError(f"{source}: {exc}") from None
+    except _TooManyDigits as exc:
+        raise UserError(f"{_where(exc, source)}: {exc.problem}.") from None
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark
-        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
-        raise UserError(f"{where}: invalid YAML: {exc.problem}. Fix the syntax there.") from None
+        raise UserError(
+            f"{_where(exc, source)}: invalid YAML: {exc.problem}. Fix the syntax there."
+        ) from None
     except yaml.YAMLError as exc:
         raise UserError(f"{source}: invalid YAML: {exc}") from None
-    except (ValueError, RecursionError) as exc:  # int()'s digit limit; very deep nesting
+    except (ValueError, RecursionError) as exc:  # very deep nesting
         raise UserError(f"{source}: cannot read the YAML: {exc}") from None
     if data is None:
         raise UserError(f"{source}: the recipe is empty. See recipes/quickstart.yaml for one.")
@@ -94,3 +119,8 @@ def parse_yaml(text: str, source: str) -> dict[str, Any]:
             f"not a {type(data).__name__}."
         )
     return data
+
+
+def _where(exc: yaml.MarkedYAMLError, source: str) -> str:
+    mark = exc.problem_mark
+    return f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source

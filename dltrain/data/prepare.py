@@ -15,7 +15,12 @@ import torch
 from dltrain.config.registry import DATASETS
 from dltrain.config.schema import DataSection
 from dltrain.data.base import ArraySplit, DatasetSplits, Split
-from dltrain.data.splits import random_split, stratified_folds, stratified_split
+from dltrain.data.splits import (
+    random_split,
+    singleton_classes,
+    stratified_folds,
+    stratified_split,
+)
 from dltrain.data.table_encoding import RawColumn, TableEncoding, fit_encoding
 from dltrain.errors import UserError
 from dltrain.models.torchvision_models import pretrained_statistics
@@ -255,9 +260,23 @@ def _carve(split: Split, fraction: float, seed: int, task: str) -> tuple[Split, 
     if len(carved) == 0:
         raise UserError(
             f"data.val_split={fraction} leaves no validation samples from {len(keep)} training "
-            "samples; raise it or set data.val_split=0."
+            f"samples{_why_nothing_carved(split, task)}; raise it or set data.val_split=0."
         )
     return _subset(split, keep), _subset(split, carved)
+
+
+def _why_nothing_carved(split: Split, task: str) -> str:
+    """For classification: the classes too small to give a sample, when they are the cause."""
+    if task != "classification":
+        return ""
+    single, classes = singleton_classes(_targets(split).numpy())
+    if single == 0:
+        return ""
+    return (
+        f": {single:,} of its {classes:,} classes have a single sample, which a stratified "
+        "split keeps for training (a label with a value per row is rarely a class: for a "
+        "quantity set data.task=regression)"
+    )
 
 
 def _fold(split: Split, index: int, of: int, seed: int) -> tuple[Split, Split]:

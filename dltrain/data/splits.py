@@ -31,7 +31,7 @@ def stratified_split(
     if fraction == 0:
         return np.arange(len(labels), dtype=np.int64), np.empty(0, dtype=np.int64)
     rng = np.random.default_rng(seed)
-    carved = [_carve_class(rng, np.flatnonzero(labels == c), fraction) for c in np.unique(labels)]
+    carved = [_carve_class(rng, indices, fraction) for indices in _class_indices(labels)]
     carved_idx = np.sort(np.concatenate(carved)) if carved else np.empty(0, dtype=np.int64)
     mask = np.ones(len(labels), dtype=bool)
     mask[carved_idx] = False
@@ -47,6 +47,22 @@ def random_split(targets: np.ndarray, fraction: float, seed: int) -> tuple[np.nd
     order = np.random.default_rng(seed).permutation(len(targets))
     cut = round(len(targets) * fraction)
     return np.sort(order[cut:]).astype(np.int64), np.sort(order[:cut]).astype(np.int64)
+
+
+def _class_indices(labels: np.ndarray) -> list[np.ndarray]:
+    """Each class's sample indices (ascending), classes in sorted order: one sort, not one
+    scan per class (a label with 20,000 values would take 20,000 scans)."""
+    classes, inverse = np.unique(labels, return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    bounds = np.cumsum(np.bincount(inverse.ravel(), minlength=len(classes)))[:-1]
+    return np.split(order, bounds)
+
+
+def singleton_classes(labels: np.ndarray) -> tuple[int, int]:
+    """(classes with a single sample, all classes): a stratified split keeps the former for
+    training, so labels made mostly of them leave nothing to carve off."""
+    _, counts = np.unique(np.asarray(labels), return_counts=True)
+    return int((counts == 1).sum()), len(counts)
 
 
 def _carve_class(rng: np.random.Generator, indices: np.ndarray, fraction: float) -> np.ndarray:

@@ -15,8 +15,9 @@ with `folds: K`) and the report (`sweep_report.json` / `.md`, plots: experiments
   storage), may run the same command at once: trial numbers come from the storage, and each
   process stops once the trials ended and running reach N.
 - A trial that fails (NaN loss, a setting the model refuses) is recorded as failed and the
-  search goes on. Ctrl-C finishes the running trial's save and stops; that trial does not
-  count, and the next run of the command tries its parameters again first.
+  search goes on. Ctrl-C stops the running trial and writes the report of the trials so far;
+  that trial does not count (its checkpoints are deleted, its metrics.csv kept), and the next
+  run of the command tries its parameters again first, from the start.
 - Trials never look at the test split: each run's final report is on its validation split, and
   its value is the best epoch's metric (best.pt is chosen by that metric). Only the best trial
   is evaluated on the test split, once the N trials are done.
@@ -28,6 +29,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -107,11 +109,17 @@ def run_trials(
             sweep.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
             say(f"trial {trial.number}: pruned")
             continue
-        except Interrupted:
+        except Interrupted as stopped:
             trial.set_user_attr(INTERRUPTED, True)
             sweep.study.tell(trial, state=optuna.trial.TrialState.FAIL)
             sweep.study.enqueue_trial(trial.params)  # tried again first
-            raise
+            _drop_checkpoints(sweep.root / TRIALS_FOLDER / trial_name(trial.number))
+            raise Interrupted(
+                stopped.signum,
+                None,
+                f"during trial {trial.number}",
+                saved="the trials so far are in the sweep's report",
+            ) from None
         except DltrainError as exc:
             trial.set_user_attr("error", str(exc)[:1000])
             sweep.study.tell(trial, state=optuna.trial.TrialState.FAIL)
@@ -128,6 +136,14 @@ def run_trials(
             f"trial {trial.number}: {sweep.metric} {value:.4f} · best {best.value:.4f} "
             f"(trial {best.number})"
         )
+
+
+def _drop_checkpoints(trial_folder: Path) -> None:
+    """An interrupted trial is run again from its start as a new trial: its checkpoints
+    (often the largest files of a sweep) would never be read. Its metrics.csv stays, a record
+    of how far it got."""
+    for folder in [trial_folder, *trial_folder.glob("fold-*")]:
+        shutil.rmtree(RunFolder(folder).checkpoints, ignore_errors=True)
 
 
 def _pruning(trial: Any, sweep: Sweep) -> Callable[[dict[str, Any]], None] | None:

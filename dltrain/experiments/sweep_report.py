@@ -1,5 +1,5 @@
 """A sweep's report: sweep_report.json (best trial, every trial) and sweep_report.md with
-three plots: the optimisation history, the parameters' importances (Optuna's fANOVA) and a
+three plots: the optimisation history, the parameters' importances (Optuna's PED-ANOVA) and a
 slice per parameter (the metric against its values)."""
 
 from __future__ import annotations
@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import textwrap
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -72,25 +74,48 @@ def write_sweep_report(sweep: Sweep, best_test: dict[str, Any] | None) -> dict[s
     if completed:
         images.append(_history(completed, sweep.metric, summary["direction"], root / HISTORY_PNG))
         images.append(_slices(completed, sweep, root / SLICES_PNG))
-        importances = _importances(sweep)
+        importances = _importances(sweep) if len(completed) >= 2 else None  # one: no spread
         if importances:
-            images.append(_importance_plot(importances, root / IMPORTANCE_PNG))
+            note = _importances_note(len(completed))
+            images.append(_importance_plot(importances, note, root / IMPORTANCE_PNG))
             summary["importances"] = importances
+            summary["importances_note"] = note
             atomic_write_text(root / REPORT_JSON, json.dumps(summary, indent=2) + "\n")
     atomic_write_text(root / REPORT_MD, _markdown(summary, [p.name for p in images]))
     return summary
 
 
 def _importances(sweep: Sweep) -> dict[str, float] | None:
-    """fANOVA importances (needs two completed trials and a varied parameter)."""
+    """PED-ANOVA importances (Optuna's own default, named so that the label stays true on
+    every Optuna version); None when they cannot tell the parameters apart (all equal, as
+    with too few trials) — a plot of equal bars would look like a finding."""
     import optuna
 
-    try:
-        return {
-            k: float(v) for k, v in optuna.importance.get_param_importances(sweep.study).items()
-        }
-    except (ValueError, RuntimeError, ZeroDivisionError):
+    evaluator = optuna.importance.PedAnovaImportanceEvaluator()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # its advice on too few trials: the note says it
+        try:
+            found = optuna.importance.get_param_importances(sweep.study, evaluator=evaluator)
+        except (ValueError, RuntimeError, ZeroDivisionError):
+            return None
+    values = {k: float(v) for k, v in found.items()}
+    if len(values) > 1 and max(values.values()) - min(values.values()) < 1e-9:
         return None
+    return values
+
+
+# Importances compare the best trials with the rest: below this many completed trials they say
+# more about which trials happened to be drawn than about the parameters
+MIN_TRIALS_FOR_IMPORTANCES = 10
+
+
+def _importances_note(completed: int) -> str:
+    if completed < MIN_TRIALS_FOR_IMPORTANCES:
+        return (
+            f"from {completed} completed trials only: a rough guide (importances need "
+            f"{MIN_TRIALS_FOR_IMPORTANCES} or more to be trusted)"
+        )
+    return f"from {completed} completed trials"
 
 
 def _history(trials: list[dict], metric: str, direction: str, path: Path) -> Path:
@@ -118,47 +143,52 @@ def _slices(trials: list[dict], sweep: Sweep, path: Path) -> Path:
     """One panel per parameter: the metric against the parameter's values."""
     keys = list(sweep.space.params)
     figure_class, canvas_class = figure_classes()
-    from matplotlib.ticker import NullFormatter
+    from matplotlib.ticker import MaxNLocator, NullFormatter
 
-    fig = figure_class(figsize=(3.2 * len(keys), 3.2))
+    fig = figure_class(figsize=(3.2 * len(keys) + 1.0, 3.4), layout="constrained")
     canvas_class(fig)
     values = [t["value"] for t in trials]
-    for i, key in enumerate(keys):
-        ax = fig.add_subplot(1, len(keys), i + 1)
+    numbers = [t["number"] for t in trials]
+    colours = {"c": numbers, "cmap": "viridis", "vmin": min(numbers), "vmax": max(numbers)}
+    axes = [fig.add_subplot(1, len(keys), i + 1) for i in range(len(keys))]
+    for i, (key, ax) in enumerate(zip(keys, axes)):
         param = sweep.space.params[key]
         xs = [t["params"].get(key) for t in trials]
         if isinstance(param, FloatParam | IntParam):
-            ax.scatter(xs, values, c=[t["number"] for t in trials], cmap="viridis")
+            points = ax.scatter(xs, values, **colours)
             if param.log:  # major ticks labelled only: minor labels overlap in a decade
                 ax.set_xscale("log")
                 ax.xaxis.set_minor_formatter(NullFormatter())
         else:
             labels = sorted({str(x) for x in xs})
-            ax.scatter([labels.index(str(x)) for x in xs], values)
+            points = ax.scatter([labels.index(str(x)) for x in xs], values, **colours)
             ax.set_xticks(range(len(labels)), labels, rotation=30)
         ax.set(xlabel=key, ylabel=sweep.metric if i == 0 else None)
         ax.grid(alpha=0.3)
-    fig.suptitle("each parameter against the metric (colour: trial number)")
-    fig.tight_layout()
+    bar = fig.colorbar(points, ax=axes, label="trial number")
+    bar.locator = MaxNLocator(integer=True)
+    bar.update_ticks()
+    fig.suptitle("each parameter against the metric")
     return save_figure(fig, path)
 
 
-def _importance_plot(importances: dict[str, float], path: Path) -> Path:
+def _importance_plot(importances: dict[str, float], note: str, path: Path) -> Path:
     figure_class, canvas_class = figure_classes()
-    fig = figure_class(figsize=(6, 0.6 * len(importances) + 1.5))
+    fig = figure_class(figsize=(7, 0.6 * len(importances) + 2.0))
     canvas_class(fig)
     ax = fig.add_subplot()
     names = list(importances)[::-1]
     ax.barh(names, [importances[n] for n in names])
-    ax.set(xlabel="importance (fANOVA)", title="parameter importances")
-    fig.tight_layout()
+    ax.set(xlabel="importance (PED-ANOVA)", title="parameter importances")
+    fig.text(0.5, 0.01, textwrap.fill(note, 80), ha="center", va="bottom", fontsize="small")
+    fig.tight_layout(rect=(0, 0.1, 1, 1))  # room for the note below
     return save_figure(fig, path)
 
 
 def _markdown(summary: dict[str, Any], images: list[str]) -> str:
     lines = [f"# Sweep `{summary['study']}`", ""]
     best = summary["best_trial"]
-    ended = [t for t in summary["trials"] if t["state"] != "running"]
+    ended = [t for t in summary["trials"] if t["state"] in ("complete", "pruned", "fail")]
     interrupted = sum(1 for t in ended if t.get("interrupted"))  # stopped: they do not count
     lines.append(
         f"{len(ended) - interrupted} trials ended of {summary['trials_requested']} requested"
@@ -179,6 +209,8 @@ def _markdown(summary: dict[str, Any], images: list[str]) -> str:
     for t in sorted(ended, key=lambda t: _sort_key(t, summary["direction"])):
         value = "—" if t["value"] is None else f"{t['value']:.4f}"
         lines.append(f"| {t['number']} | {t['state']} | {value} | {_params_text(t['params'])} |")
+    if "importances" in summary:
+        lines += ["", f"Parameter importances (PED-ANOVA), {summary['importances_note']}."]
     lines += [""] + [f"![{name}]({name})" for name in images]
     return "\n".join(lines) + "\n"
 

@@ -174,7 +174,7 @@ def _storage(url: str | None, root: Path) -> Any:
 
     given = url is not None
     url = url or f"sqlite:///{(root / STUDY_FILE).absolute()}"
-    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
+    engine = {"connect_args": _connect_args(url)}
     try:
         return optuna.storages.RDBStorage(url, engine_kwargs=engine)
     except Exception as exc:  # a bad URL, a missing driver, a refused connection, a damaged file
@@ -185,10 +185,32 @@ def _storage(url: str | None, root: Path) -> Any:
                 "or not an Optuna study. Move it aside to start the search again, or use "
                 "another output folder."
             ) from None
+        fix = (
+            "Install the database's driver: pip install 'psycopg[binary]' for "
+            "postgresql+psycopg://user@host/db, pymysql for mysql+pymysql://user@host/db."
+            if isinstance(exc, ImportError)
+            else "Give a database URL such as sqlite:///study.db or "
+            "postgresql+psycopg://user@host/db, its server running and reachable."
+        )
         raise UserError(
-            f"--storage {url}: cannot open it as an Optuna storage ({why}). Give a database URL "
-            "such as sqlite:///study.db or postgresql://user@host/db (its driver installed)."
+            f"--storage {url}: cannot open it as an Optuna storage ({why}). {fix}"
         ) from None
+
+
+# How long a database server may take to accept a connection: a server that does not answer
+# is reported in seconds, not after the operating system's minutes of TCP retries
+CONNECT_SECONDS = 10
+
+
+def _connect_args(url: str) -> dict[str, Any]:
+    """The driver's options: SQLite waits for another process's write (processes of one
+    machine share its file); a server's driver gives up connecting after CONNECT_SECONDS."""
+    scheme = url.partition(":")[0].partition("+")[0]
+    if scheme == "sqlite":
+        return {"timeout": 60}
+    if scheme in ("postgresql", "postgres", "mysql"):
+        return {"connect_timeout": CONNECT_SECONDS}
+    return {}
 
 
 def _sampler(space: SearchSpace, seed: int) -> Any:

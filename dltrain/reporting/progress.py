@@ -34,10 +34,17 @@ class Progress:
     """Live training display: a bar per epoch with loss, samples/s and ETA, then a summary line."""
 
     def __init__(
-        self, console: Console | None = None, quiet: bool = False, log_every: float | None = None
+        self,
+        console: Console | None = None,
+        quiet: bool = False,
+        log_every: float | None = None,
+        live_only: bool = False,
     ):
         self.console = console or Console()
         self.quiet = quiet
+        # only what shows the work going on (the bar, or plain lines without a terminal), no
+        # summaries: a sweep prints one line per trial of its own
+        self.live_only = live_only
         # seconds between plain progress lines without a terminal: `fit --log-every` sets the
         # variable, so the processes of --nproc and --folds runs see it too
         self.log_every = log_every or _seconds(os.environ.get(LOG_EVERY_VARIABLE), 30.0)
@@ -113,7 +120,7 @@ class Progress:
         if self._plain is not None:
             line = self._plain.line_due(done, seen, loss_sum, count)
             if line:
-                self._print(line)
+                self._print(line, live=True)
             return
         if self._bar is None:
             return
@@ -164,7 +171,7 @@ class Progress:
 
     def report(self, report: dict[str, Any]) -> None:
         """The evaluation as tables: per-class metrics, averages, and the confusion matrix."""
-        if self.quiet:
+        if self.quiet or self.live_only:
             return
         if "confusion_matrix" not in report:  # regression, seq2seq: their few figures
             figures = " · ".join(f"{k} {v:.4f}" for k, v in report_scalars(report).items())
@@ -189,8 +196,8 @@ class Progress:
             self._bar.stop()
             self._bar = None
 
-    def _print(self, text: str) -> None:
-        if not self.quiet:
+    def _print(self, text: str, live: bool = False) -> None:
+        if not self.quiet and (live or not self.live_only):
             self.console.print(text, highlight=False, soft_wrap=True)
 
 

@@ -29,6 +29,7 @@ class RunFolder:
         self.best_path = self.checkpoints / "best.pt"
         self.recipe_path = self.root / "recipe.yaml"
         self.metrics_path = self.root / "metrics.csv"
+        self.replacing: Path | None = None  # --force: the old run, set aside until a save
 
     @classmethod
     def for_recipe(cls, recipe: Recipe) -> RunFolder:
@@ -107,10 +108,19 @@ class RunFolder:
             if improved:
                 save_checkpoint(tx.staged(self.best_path), state)
             atomic_write_text(tx.staged(self.metrics_path), metrics_csv(history))
+        self._drop_replaced()
 
     def save_last(self, state: dict[str, Any]) -> None:
         """A mid-epoch save: last.pt alone (metrics.csv and best.pt change at epoch ends)."""
         save_checkpoint(self.last_path, state)
+        self._drop_replaced()
+
+    def _drop_replaced(self) -> None:
+        """--force: the new run saved progress, so the run it replaces goes now (its disk
+        space back at the first checkpoint, not at the end of the new run)."""
+        if self.replacing is not None:
+            shutil.rmtree(self.replacing, ignore_errors=True)
+            self.replacing = None
 
     def set_aside(self) -> Path | None:
         """--force: move the run folder aside (to .NAME.replaced) so that the new run starts
@@ -120,13 +130,15 @@ class RunFolder:
         aside = self.root.with_name(f".{self.root.name}.replaced")
         shutil.rmtree(aside, ignore_errors=True)
         os.replace(self.root, aside)
+        self.replacing = aside
         return aside
 
     def settle_replacement(self, aside: Path) -> None:
         """After a --force run: the replaced run is deleted once the new one has saved
         progress; a new run that saved nothing gives the folder back to the replaced one."""
+        self.replacing = None
         if self.last_path.is_file():
-            shutil.rmtree(aside, ignore_errors=True)
+            shutil.rmtree(aside, ignore_errors=True)  # gone already unless another process saved
             return
         shutil.rmtree(self.root, ignore_errors=True)
         os.replace(aside, self.root)
@@ -147,6 +159,15 @@ class UnfinishedRun(UserError):
 # How many numbers past the highest version a new run tries (names taken by files, or held by
 # other processes) before saying no folder is free
 MAX_SKIPPED_VERSIONS = 100
+
+
+def _what_holds(held: RunFolder, recipe: Recipe, taken: Callable[[Path], bool]) -> str:
+    """Why a new run does not go to `held`, as the note says it."""
+    if taken(held.root):  # another fit of any recipe (it may not have written its recipe yet)
+        return "is in use by another fit"
+    if not held.root.is_dir():
+        return "is a file, not a run folder"
+    return "holds a finished run" if held.same_recipe(recipe) else "holds a run of another recipe"
 
 
 def versions(base: Path) -> list[tuple[int, Path]]:
@@ -193,9 +214,8 @@ def choose_version(
         if not taken(run.root) and run.holds_nothing_of_another(recipe):
             if number == 1:
                 return run, None
-            held = RunFolder(base)
-            what = "a run of another recipe" if not held.same_recipe(recipe) else "a finished run"
-            return run, f"{base} holds {what}: this run goes to {run.root}"
+            why = _what_holds(RunFolder(base), recipe, taken)
+            return run, f"{base} {why}: this run goes to {run.root}"
     raise UserError(
         f"no folder for a new run of {base.name} is free in {base.parent} (up to "
         f"{version_path(base, after[-1]).name}, each held, in use or not a folder). Choose "

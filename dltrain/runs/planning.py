@@ -57,7 +57,7 @@ def planned_run(
 
     recipe = load_recipe(recipe_path, overrides)
     check_input_paths(recipe.data.dataset_args)  # input problems first, then the run folder
-    chosen = os.environ.get(RUN_DIR_VARIABLE)
+    chosen = os.environ.get(RUN_DIR_VARIABLE) or _moved_run(recipe_path, recipe, resume)
     base = RunFolder(Path(chosen)) if chosen else RunFolder.for_recipe(recipe)
     versioned = not chosen and not force and check and not _launched()
     with contextlib.ExitStack() as held:
@@ -82,6 +82,18 @@ def planned_run(
         finally:
             if aside is not None:
                 run.settle_replacement(aside)
+
+
+def _moved_run(recipe_path: Path, recipe: Recipe, resume: str | None) -> str | None:
+    """`fit RUN/recipe.yaml --resume auto` continues RUN itself, wherever it was moved to
+    (its recipe still names the output folder it was trained in)."""
+    home = RunFolder(Path(recipe_path).parent)
+    if resume != "auto" or Path(recipe_path).name != "recipe.yaml" or not home.holds_a_run():
+        return None
+    named = RunFolder.for_recipe(recipe).root
+    if any(path.absolute() == home.root.absolute() for _, path in versions(named)):
+        return None  # where it was trained: the newest version of the name is resumed
+    return str(home.root)
 
 
 def _launched() -> bool:

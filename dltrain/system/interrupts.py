@@ -29,12 +29,15 @@ class Interrupted(DltrainError):
 
     same_on_every_process = True  # under DDP all processes agree to stop at the same step
 
-    def __init__(self, signum: int, checkpoint: str | None, when: str = ""):
+    def __init__(
+        self, signum: int, checkpoint: str | None, when: str = "", saved: str | None = None
+    ):
         self.signum = signum
         self.checkpoint = checkpoint
         self.exit_code = SIGNAL_EXIT_CODES.get(signum, 130)
         name = signal.Signals(signum).name
-        saved = f"progress saved to {checkpoint}" if checkpoint else "nothing was saved"
+        if saved is None:
+            saved = f"progress saved to {checkpoint}" if checkpoint else "nothing was saved"
         super().__init__(f"stopped by {name}{f' {when}' if when else ''}; {saved}")
 
 

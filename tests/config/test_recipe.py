@@ -419,3 +419,14 @@ def test_paths_in_a_recipe_file_start_at_its_folder_and_overrides_at_the_working
     assert switched.data.model_extra["path"] == str(work / "arrays.npz")
     # recipe.yaml (and every checkpoint) names the file as seen from anywhere
     assert f"train: {recipes / 'data' / 't.csv'}" in to_yaml(loaded)
+
+
+@pytest.mark.parametrize("digits", [4_301, 100_000])
+def test_an_integer_too_long_to_read_names_its_line_not_pythons_limit(tmp_path, digits):
+    path = write(tmp_path, MINIMAL + "train:\n  epochs: 2\n  batch_size: " + "7" * digits + "\n")
+    message = user_error(path)
+    assert f"recipe.yaml:7:15: a number of {digits:,} digits" in message
+    assert "set_int_max_str_digits" not in message
+    assert "train.epochs" not in message  # the YAML around it was read as written
+    digits_in_override = user_error(write(tmp_path, MINIMAL), ["train.epochs=" + "7" * digits])
+    assert "train.epochs" in digits_in_override and "set_int_max" not in digits_in_override

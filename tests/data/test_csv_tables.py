@@ -320,3 +320,17 @@ def test_a_mixed_table_trains_evaluates_and_predicts_unseen_categories_and_blank
         for entry in answer:
             at = info["classes"].index(entry["class"])
             assert float(row[at]) == pytest.approx(entry["probability"], abs=1e-5)
+
+
+def test_a_label_with_a_class_per_row_says_why_no_validation_is_left(tmp_path):
+    rows = [[i, f"order-{i:05d}"] for i in range(2_000)]
+    train = write_csv(tmp_path / "train.csv", ["x", "id"], rows)
+    recipe = Recipe.model_validate(
+        {"name": "t", "data": {"name": "csv", "train": str(train), "label": "id"}, "model": {}}
+    )
+    with pytest.raises(UserError) as info:
+        prepare_data(recipe.data, seed=0)
+    message = " ".join(str(info.value).split())
+    assert "data.val_split=0.1 leaves no validation samples" in message
+    assert "2,000 of its 2,000 classes have a single sample" in message
+    assert "data.task=regression" in message

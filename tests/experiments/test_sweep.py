@@ -5,7 +5,10 @@ Ctrl-C stops after the running trial's save, and two processes share one SQLite 
 from __future__ import annotations
 
 import json
+import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,6 +18,7 @@ import optuna
 import pytest
 import yaml
 
+from dltrain.reporting.progress import LOG_EVERY_VARIABLE
 from dltrain.runs.metrics_csv import read_metrics
 
 from helpers.cli import REPO, dltrain, words
@@ -154,6 +158,11 @@ def test_a_sweep_judges_trials_on_validation_and_tests_only_the_best(tmp_path, i
     assert "test accuracy" in first.stdout
     said = words((folder / "sweep_report.md").read_text())
     assert "3 trials ended of 3 requested" in said and f"trial {best['number']}." not in said
+    if "importances" in summary:  # unless they cannot tell the two parameters apart
+        assert "from 3 completed trials only: a rough guide" in said
+        assert summary["importances_note"].startswith("from 3 completed trials only")
+    else:
+        assert "importances" not in said and not (folder / "importances.png").exists()
 
     # --trials is the total: the same command with 4 continues the study by one trial
     again = invoke("sweep", str(recipe), str(space), "--trials", "4")
@@ -174,16 +183,28 @@ def test_ctrl_c_stops_after_the_running_trial_and_a_rerun_completes_the_count(tm
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        env={**os.environ, LOG_EVERY_VARIABLE: "0.001"},  # off a terminal: lines during a trial
     )
     metrics = tmp_path / "runs/search/trials/000/metrics.csv"
     deadline = time.monotonic() + 120
     while not metrics.exists() and time.monotonic() < deadline and sweep.poll() is None:
         time.sleep(0.1)
+    while len(read_metrics(metrics)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)  # the trial is under way: past its first epoch's line
     sweep.send_signal(signal.SIGINT)
     output, _ = sweep.communicate(timeout=120)
     assert sweep.returncode == 130, output
     assert "0 of 2 trials ended" in words(output) and "the same command continues" in output
-    assert (tmp_path / "runs/search/trials/000/checkpoints/last.pt").exists()  # its save
+    assert re.search(r"\d\d:\d\d:\d\d +epoch \d+/30 +batch \d+/\d+", output), output
+    stopped = report(tmp_path)  # the report of the trials so far, written on the way out
+    states = [(t["number"], t["state"], t.get("interrupted")) for t in stopped["trials"]]
+    assert states == [(0, "fail", True), (1, "waiting", None)]  # its parameters queued again
+    assert "0 trials ended of 2 requested (1 more interrupted" in words(
+        (tmp_path / "runs/search/sweep_report.md").read_text()
+    )
+    trial = tmp_path / "runs/search/trials/000"
+    assert not (trial / "checkpoints").exists()  # never resumed: run again from its start
+    assert len(read_metrics(trial / "metrics.csv")) >= 2  # the record of how far it got
 
     rerun = dltrain("sweep", recipe, space, "--trials", "2", "train.epochs=2", cwd=tmp_path)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
@@ -227,3 +248,108 @@ def test_every_shipped_search_space_fits_its_recipe():
     assert spaces
     for space in spaces:  # spaces/NAME.yaml searches recipes/NAME.yaml
         check_space(load_space(space), root / space.name, [])
+
+
+def test_a_space_with_folds_values_each_trial_by_the_mean_of_its_folds(tmp_path, invoke):
+    recipe, space = write(tmp_path, epochs=2, folds=2, sampler="random")
+    result = invoke("sweep", str(recipe), str(space), "--trials", "2")
+    assert result.exit_code == 0, result.output
+    summary = report(tmp_path)
+    assert summary["folds"] == 2 and len(summary["trials"]) == 2
+    for t in summary["trials"]:
+        folds = sorted((tmp_path / "runs/search" / t["run"]).glob("fold-*"))
+        assert [f.name for f in folds] == ["fold-1", "fold-2"]
+        bests = [max(r["val_accuracy"] for r in read_metrics(f / "metrics.csv")) for f in folds]
+        assert t["value"] == pytest.approx(sum(bests) / 2)
+    tested = sorted(p.name for p in (tmp_path / "runs/search/best-test").iterdir() if p.is_dir())
+    assert tested == ["fold-1", "fold-2"]  # each fold's best.pt on the test split
+    figures = [
+        json.loads((tmp_path / f"runs/search/best-test/{f}/report.json").read_text())["accuracy"]
+        for f in tested
+    ]
+    assert summary["best_test"]["accuracy"] == pytest.approx(sum(figures) / 2)
+
+
+def test_the_pruner_ends_trials_whose_epochs_fall_behind_and_the_count_goes_on(tmp_path):
+    from dltrain.experiments.sweep import run_trials
+    from dltrain.experiments.sweep_report import write_sweep_report
+    from dltrain.experiments.sweep_study import open_sweep
+
+    recipe, space = write(tmp_path, epochs=4, pruner="median")
+    sweep = open_sweep(recipe, space, [], 10, None, None)
+    epochs_run: dict[int, int] = {}
+
+    def train(trial_recipe, after_epoch):
+        """Trials 0-4 learn (the pruner's start-up trials); after them, odd ones lag."""
+        number = int(trial_recipe.name)
+        lagging = number >= 5 and number % 2 == 1
+        for epoch in range(1, 5):
+            epochs_run[number] = epoch
+            after_epoch({"epoch": epoch, "val_accuracy": (0.1 if lagging else 0.5) + epoch / 10})
+        return 0.9
+
+    run_trials(sweep, train, lambda text: None)
+    states = {t.number: t.state.name for t in sweep.study.get_trials()}
+    assert len(states) == 10  # pruned trials count towards --trials
+    assert {n for n, s in states.items() if s == "PRUNED"} == {5, 7, 9}
+    assert [epochs_run[n] for n in (5, 7, 9)] == [1, 1, 1]  # ended at their first report
+    assert all(epochs_run[n] == 4 for n in (0, 1, 2, 3, 4, 6, 8))
+    pruned = [t for t in write_sweep_report(sweep, None)["trials"] if t["state"] == "pruned"]
+    assert [t["number"] for t in pruned] == [5, 7, 9]
+
+
+def test_importances_that_cannot_tell_parameters_apart_are_left_out(tmp_path):
+    from dltrain.experiments.sweep_report import write_sweep_report
+    from dltrain.experiments.sweep_study import open_sweep
+
+    def told(folder: Path, value) -> dict:
+        folder.mkdir()
+        sweep = open_sweep(*write(folder), [], 20, None, None)
+        for _ in range(20):
+            trial = sweep.study.ask()
+            lr = trial.suggest_float("optimizer.lr", 0.001, 0.3, log=True)
+            trial.suggest_categorical("model.hidden", ["[16]", "[32, 32]"])
+            sweep.study.tell(trial, value(lr))
+        return write_sweep_report(sweep, None)
+
+    same = told(tmp_path / "same", lambda lr: 0.5)  # no parameter matters more than another
+    assert "importances" not in same
+    assert not (tmp_path / "same/runs/search/importances.png").exists()
+    decided = told(tmp_path / "lr", lambda lr: lr)  # the learning rate decides
+    assert max(decided["importances"], key=decided["importances"].get) == "optimizer.lr"
+    assert decided["importances_note"] == "from 20 completed trials"
+    assert (tmp_path / "lr/runs/search/importances.png").exists()
+
+
+def test_processes_share_one_study_on_a_postgresql_server(tmp_path, postgres_url):
+    recipe, space = write(tmp_path)
+    command = [sys.executable, "-m", "dltrain", "sweep", str(recipe), str(space), "--trials", "3"]
+    command += ["--storage", postgres_url]
+    workers = [
+        subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for _ in range(2)
+    ]
+    outputs = [w.communicate(timeout=300)[0].decode() for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], outputs
+    study = optuna.load_study(study_name="search", storage=postgres_url)
+    numbers = [t.number for t in study.get_trials()]
+    assert numbers == list(range(len(numbers))) and 3 <= len(numbers) <= 4
+    summary = report(tmp_path)
+    assert summary["storage"] == postgres_url
+    assert summary["best_test"]["trial"] == summary["best_trial"]  # once every trial ended
+    folders = sorted(p.name for p in (tmp_path / "runs/search/trials").iterdir() if p.is_dir())
+    assert folders == [f"{n:03d}" for n in numbers]  # a run folder each, none shared
+    assert not (tmp_path / "runs/search/study.db").exists()  # the server holds the study
+
+
+def test_a_database_server_that_never_answers_is_reported_not_waited_for(tmp_path):
+    recipe, space = write(tmp_path)
+    with socket.socket() as silent:  # accepts connections (the kernel's backlog), says nothing
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = f"postgresql+psycopg://user@127.0.0.1:{silent.getsockname()[1]}/db"
+        refused = dltrain("sweep", recipe, space, "--trials", "1", "--storage", url, cwd=tmp_path)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    said = words(refused.stderr)
+    assert f"--storage {url}: cannot open it as an Optuna storage" in said
+    assert "timeout expired" in said and "Traceback" not in said

@@ -4,6 +4,7 @@ process is taken over with a note, and an unfinished run is never silently start
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -297,3 +298,55 @@ def test_resume_auto_starts_a_new_run_when_there_is_none_and_refuses_another_rec
     assert other.exit_code == 2
     assert "optimizer.lr" in words(other.stderr)
     assert run.last_path.read_bytes() == saved
+
+
+def test_the_note_says_why_the_named_folder_was_passed_over(tmp_path):
+    mine = Recipe.model_validate({**TABULAR, "name": "tab"})
+    other = Recipe.model_validate({**TABULAR, "name": "tab", "seed": 1})
+    base = tmp_path / "tab"
+    never = lambda path: False  # noqa: E731
+    busy = lambda path: path == base  # noqa: E731 - the same recipe, started a moment before
+    base.mkdir()  # its fit holds the folder but has not written recipe.yaml yet
+    assert (
+        choose_version(base, mine, busy)[1]
+        == f"{base} is in use by another fit: this run goes to {base}-2"
+    )
+    _fake_run(base, other, "last report")
+    assert "holds a run of another recipe" in choose_version(base, mine, never)[1]
+    assert "holds a finished run" in choose_version(base, other, never)[1]
+    shutil.rmtree(base)
+    base.write_text("a file")
+    assert (
+        choose_version(base, mine, never)[1]
+        == f"{base} is a file, not a run folder: this run goes to {base}-2"
+    )
+
+
+def test_resume_auto_continues_the_newest_of_two_unfinished_versions(invoke, tmp_path):
+    recipe = tmp_path / "tab.yaml"
+    recipe.write_text(yaml.safe_dump({**TABULAR, "name": "tab", "output": str(tmp_path / "r")}))
+    assert invoke("fit", str(recipe), "-q").exit_code == 0
+    assert invoke("fit", str(recipe), "-q").exit_code == 0  # tab was finished: tab-2
+    older, newer = RunFolder(tmp_path / "r" / "tab"), RunFolder(tmp_path / "r" / "tab-2")
+    for run in (older, newer):
+        (run.root / "report.json").unlink()  # both stopped before their ends
+    resumed = invoke("fit", str(recipe), "--resume", "auto", "-q")
+    assert resumed.exit_code == 0, resumed.output
+    assert (newer.root / "report.json").exists() and not (older.root / "report.json").exists()
+
+
+def test_resume_auto_of_a_moved_run_folder_continues_it_where_it_now_is(invoke, tmp_path):
+    recipe = tmp_path / "tab.yaml"
+    recipe.write_text(yaml.safe_dump({**TABULAR, "name": "tab", "output": str(tmp_path / "r")}))
+    assert invoke("fit", str(recipe), "-q").exit_code == 0
+    (tmp_path / "r" / "tab" / "report.json").unlink()  # stopped before its end
+    moved = RunFolder(tmp_path / "archive" / "tab")
+    moved.root.parent.mkdir()
+    (tmp_path / "r" / "tab").rename(moved.root)
+    saved = moved.last_path.read_bytes()
+
+    resumed = invoke("fit", str(moved.recipe_path), "--resume", "auto")
+    assert resumed.exit_code == 0, resumed.output
+    assert "no checkpoint" not in words(resumed.output)
+    assert (moved.root / "report.json").exists() and moved.last_path.read_bytes() == saved
+    assert not (tmp_path / "r" / "tab").exists()  # nothing started over at the old place

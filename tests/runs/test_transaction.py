@@ -202,3 +202,18 @@ def test_force_starts_in_an_empty_folder_and_drops_the_old_run_once_the_new_one_
     assert events.count('"event": "start"') == 1  # the old run's events did not leak in
     assert len(metric_rows(run)) == 2
     assert not run.root.with_name(".fresh.replaced").exists()
+
+
+def test_force_deletes_the_replaced_run_at_the_new_runs_first_save(invoke, tmp_path):
+    from dltrain.runs.planning import planned_run
+
+    recipe = small_recipe(tmp_path, "swap")
+    assert invoke("fit", str(recipe), "train.epochs=1", "-q").exit_code == 0
+    aside = tmp_path / "runs" / ".swap.replaced"
+    with planned_run(recipe, [], None, True, None, "dltrain fit") as plan:
+        assert aside.is_dir() and not plan.run.root.exists()  # set aside: the new run is empty
+        plan.run.start(plan.recipe)
+        assert aside.is_dir()  # nothing saved yet: the old run can still come back
+        plan.run.save_last({"epoch": 0})
+        assert not aside.exists()  # its disk space back now, not when the new run ends
+    assert plan.run.last_path.is_file() and not aside.exists()
