@@ -12,11 +12,6 @@ from typing import BinaryIO
 
 import numpy as np
 
-HEADER_READERS = {
-    (1, 0): np.lib.format.read_array_header_1_0,
-    (2, 0): np.lib.format.read_array_header_2_0,
-}
-
 
 class DamagedArray(ValueError):
     """A header that its file cannot back (the caller turns it into its own UserError)."""
@@ -54,6 +49,12 @@ def _check_header(stream: BinaryIO, size: int, name: str) -> None:
         return  # refused by allow_pickle=False, with numpy's own message
     declared = math.prod(shape) * dtype.itemsize
     available = size - stream.tell()
+    if math.prod(d for d in shape if d) * dtype.itemsize > np.iinfo(np.intp).max:
+        # numpy refuses such a shape even when a 0 makes it empty: no writer makes one
+        raise DamagedArray(
+            f"{name} declares a {'×'.join(map(str, shape))} {dtype} array, larger than any "
+            "array can be"
+        )
     if declared > available:
         raise DamagedArray(
             f"{name} declares a {'×'.join(map(str, shape)) or 'scalar'} {dtype} array "

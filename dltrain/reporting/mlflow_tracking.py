@@ -203,6 +203,7 @@ def _probe_sqlite(path: Path, uri: str) -> None:
 
 
 def _probe_server(uri: str) -> None:
+    import http.client
     import urllib.error
     import urllib.request
 
@@ -210,6 +211,11 @@ def _probe_server(uri: str) -> None:
         urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=PROBE_SECONDS).close()
     except urllib.error.HTTPError:
         return  # it answered: what it says about the path is MLflow's business
+    except (ValueError, http.client.InvalidURL) as exc:  # not a URL (an unclosed [, a space)
+        raise UserError(
+            f"logging.mlflow: the tracking URI {uri} is not a valid URL ({exc}). Fix "
+            "logging.mlflow.tracking_uri, e.g. http://host:5000, or set logging.mlflow=false."
+        ) from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise UserError(

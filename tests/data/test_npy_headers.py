@@ -4,11 +4,14 @@ file holds is refused before numpy allocates it — a few hundred bytes never as
 from __future__ import annotations
 
 import io
+import math
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dltrain.config.registry import DATASETS
 from dltrain.data.npy_headers import DamagedArray, check_npy_file, check_npz_file
@@ -64,3 +67,37 @@ def test_predict_on_an_npy_that_lies_exits_2(trained_run, invoke, tmp_path):
     result = invoke("predict", str(run.best_path), str(path))
     assert result.exit_code == 2, result.output
     assert "declares a 100000000000×8×8 float32 array" in " ".join(result.output.split())
+
+
+# -- any header: refused exactly when its file cannot back it -----------------------------------
+
+DTYPES = ("<f4", "<f8", "|u1", "<i8", "<c16", "|b1", "<U3")
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(
+    shape=st.lists(st.one_of(st.integers(0, 9), st.integers(0, 10**12)), max_size=4),
+    dtype=st.sampled_from(DTYPES),
+    data=st.integers(0, 4096),
+    version=st.sampled_from([(1, 0), (2, 0)]),
+)
+def test_any_header_is_refused_exactly_when_its_file_is_too_small(
+    tmp_path_factory, shape, dtype, data, version
+):
+    out = io.BytesIO()
+    header = {"descr": dtype, "fortran_order": False, "shape": tuple(shape)}
+    writer = {(1, 0): np.lib.format.write_array_header_1_0}.get(
+        version, np.lib.format.write_array_header_2_0
+    )
+    writer(out, header)
+    path = tmp_path_factory.mktemp("npy") / "a.npy"
+    path.write_bytes(out.getvalue() + b"\1" * data)
+    declared = math.prod(shape) * np.dtype(dtype).itemsize
+    impossible = math.prod(d for d in shape if d) * np.dtype(dtype).itemsize >= 2**63
+    if declared > data or impossible:
+        with pytest.raises(DamagedArray, match="declares a"):
+            check_npy_file(path)
+        return
+    check_npy_file(path)
+    loaded = np.load(path, allow_pickle=False)  # what passes is what numpy reads at its size
+    assert loaded.shape == tuple(shape) and loaded.nbytes == declared

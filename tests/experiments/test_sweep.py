@@ -5,18 +5,22 @@ Ctrl-C stops after the running trial's save, and two processes share one SQLite 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import optuna
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from dltrain.reporting.progress import LOG_EVERY_VARIABLE
 from dltrain.runs.metrics_csv import read_metrics
@@ -353,3 +357,85 @@ def test_a_database_server_that_never_answers_is_reported_not_waited_for(tmp_pat
     said = words(refused.stderr)
     assert f"--storage {url}: cannot open it as an Optuna storage" in said
     assert "timeout expired" in said and "Traceback" not in said
+
+
+# -- any search space: opened, or refused naming the key ------------------------------------
+
+KEYS = ("optimizer.lr", "model.hidden", "data.batch_size", "train.epochs", "optimizer.lrr")
+JUNK = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**30), 10**30),
+    st.floats(allow_subnormal=False),  # torch may set flush-to-zero in this process
+    st.text(max_size=6),
+    st.lists(st.integers(-3, 3), max_size=3),
+)
+NUMBER = st.one_of(st.integers(-5, 10**12), st.floats(-1e3, 1e3, allow_subnormal=False), JUNK)
+
+
+@st.composite
+def well_formed(draw) -> dict:
+    """A parameter as a user writes one (its range may still be too large for a grid)."""
+    kind = draw(st.sampled_from(["int", "float", "categorical"]))
+    if kind == "categorical":
+        return {"type": kind, "choices": draw(st.lists(st.integers(1, 64), min_size=1, max_size=5))}
+    if kind == "int":
+        low = draw(st.integers(1, 50))
+        spec = {"type": kind, "low": low, "high": low + draw(st.integers(1, 10**10))}
+        return spec | draw(st.fixed_dictionaries({}, optional={"step": st.integers(1, 10**6)}))
+    low = draw(st.floats(1e-5, 1.0, allow_subnormal=False))
+    spec = {
+        "type": kind,
+        "low": low,
+        "high": low + draw(st.floats(1e-3, 10.0, allow_subnormal=False)),
+    }
+    return spec | draw(
+        st.fixed_dictionaries({}, optional={"step": st.floats(1e-4, 1.0, allow_subnormal=False)})
+    )
+
+
+SPEC = st.one_of(
+    well_formed(),
+    well_formed(),
+    JUNK,
+    st.fixed_dictionaries(
+        {"type": st.sampled_from(["float", "int"]), "low": NUMBER, "high": NUMBER},
+        optional={"log": st.one_of(st.booleans(), JUNK), "step": NUMBER},
+    ),
+    st.fixed_dictionaries(
+        {"type": st.just("categorical"), "choices": st.one_of(st.lists(JUNK, max_size=4), JUNK)}
+    ),
+    st.dictionaries(st.sampled_from(["type", "low", "choices", "extra"]), JUNK, max_size=3),
+)
+
+
+@settings(
+    max_examples=80,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    params=st.dictionaries(st.sampled_from(KEYS), SPEC, max_size=3),
+    sampler=st.sampled_from(["grid", "random", "tpe", "annealing"]),
+)
+def test_any_search_space_opens_or_is_refused_naming_its_key(tmp_path, params, sampler):
+    from dltrain.errors import UserError
+    from dltrain.experiments.sweep_study import MAX_GRID_POINTS, open_sweep
+
+    folder = Path(tempfile.mkdtemp(dir=tmp_path))
+    recipe, space = write(folder, sampler=sampler, params=params)
+    try:
+        sweep = open_sweep(recipe, space, [], 1, None, None)
+    except UserError as exc:
+        message = str(exc)
+        named = re.search(
+            r"params\.[\w.]+|params: dictionary should have at least 1|sampler: |the grid has",
+            message,
+        )
+        assert named, message  # never "invalid value None" without the parameter's key
+        return
+    assert sweep.space.params and sampler != "annealing"
+    if sampler == "grid":
+        grid = sweep.study.sampler._search_space
+        assert math.prod(len(values) for values in grid.values()) <= MAX_GRID_POINTS

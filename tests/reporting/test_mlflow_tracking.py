@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 import socket
+import tempfile
 from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from helpers.cli import dltrain
 from helpers.training import TABULAR
@@ -113,3 +116,49 @@ def test_a_tracking_server_that_does_not_answer_is_refused_at_once(tmp_path, inv
     said = " ".join(result.stderr.split())
     assert f"the tracking server http://127.0.0.1:{port} does not answer" in said
     assert not (tmp_path / "runs" / "tracked" / "checkpoints").exists()  # nothing trained
+
+
+# -- any store URL: used, or refused with one message naming it ---------------------------------
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]  # free once closed: nothing listens there
+
+
+SCHEMES = ("sqlite:///", "sqlite://", "http://", "https://", "file://", "junk://", "", "//")
+HOSTS = ("127.0.0.1:{port}", "localhost:{port}", "", "[::1]:{port}", "[::1", "h st", "%zz", ":x")
+PLACES = ("{tmp}/store.db", "{tmp}", "{tmp}/garbage.db", "{tmp}/missing/dir/x.db", "", "?a=b", "#")
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    scheme=st.sampled_from(SCHEMES),
+    host=st.sampled_from(HOSTS),
+    place=st.sampled_from(PLACES),
+    store=st.sampled_from(["mlflow", "optuna"]),
+)
+def test_any_store_url_is_used_or_refused_naming_it(tmp_path, scheme, host, place, store):
+    """A tracking URI (probed as a fit does before MLflow's own minutes of retries) and a sweep's
+    --storage: opened, or one UserError that names the URL — never another exception."""
+    from dltrain.errors import UserError
+    from dltrain.experiments.sweep_study import _storage
+    from dltrain.reporting.mlflow_tracking import probe_store
+
+    folder = Path(tempfile.mkdtemp(dir=tmp_path))
+    (folder / "garbage.db").write_bytes(b"not a database at all" * 50)
+    where = place.format(tmp=folder).lstrip("/") if scheme.endswith("///") else place
+    url = scheme + host.format(port=_closed_port()) + where.format(tmp=folder)
+    try:
+        if store == "mlflow":
+            probe_store(url)
+        else:
+            _storage(url, folder)
+    except UserError as exc:
+        assert url in str(exc) or url.removeprefix("sqlite:///") in str(exc), str(exc)

@@ -19,7 +19,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dltrain.runs.checkpoint import load_checkpoint, save_checkpoint
+from dltrain.errors import UserError
+from dltrain.runs.checkpoint import MAX_DEPTH, MAX_NODES, load_checkpoint, save_checkpoint
 
 from helpers.training import TABULAR
 
@@ -103,3 +104,58 @@ def test_any_damaged_checkpoint_is_used_or_refused_with_one_message(
             assert "internal error" not in said and "Traceback" not in said, (path, how, said)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+# -- nested structures: depth, shared references, cycles ---------------------------------------
+
+LEVELS = ("list", "shared", "dict", "tuple")  # one level of nesting; "shared": [inner, inner]
+
+
+@st.composite
+def nested(draw) -> tuple[Any, int, int, bool]:
+    """(structure, its depth, its values counted as a walk reaches them, whether it holds
+    itself): a leaf wrapped in up to 90 levels, shared ones doubling the values reached."""
+    value: Any = draw(st.one_of(st.integers(), st.text(max_size=4), st.none(), st.booleans()))
+    depth, count = 0, 1
+    levels = draw(st.integers(0, 90))
+    kinds = st.sampled_from(LEVELS) if draw(st.booleans()) else st.just("shared")
+    for level in draw(st.lists(kinds, min_size=levels, max_size=levels)):
+        if level == "shared" and count > 2 * MAX_NODES:
+            level = "list"  # already far past the bound: keep the count a number we can hold
+        value = {"shared": [value, value], "list": [value], "dict": {"k": value}}.get(
+            level, (value,)
+        )
+        depth += 1
+        count = 1 + {"shared": 2 * count, "dict": count + 1}.get(level, count)
+    cycle = draw(st.booleans())
+    if cycle:
+        value = [value]
+        value.append(value)  # a list that holds itself (pickle keeps the reference)
+    return value, depth, count, cycle
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(case=nested())
+def test_any_nesting_loads_within_its_bounds_or_is_damaged(trained, tmp_path, case):
+    """Within the bounds, a checkpoint with the structure inside loads and holds it; beyond
+    them (deeper than MAX_DEPTH, more values than MAX_NODES, a cycle), "damaged", exit 2, found
+    by one bounded walk (never a RecursionError, never a walk of 2^90 values)."""
+    structure, depth, count, cycle = case
+    state, _ = trained
+    path = tmp_path / f"nested-{depth}-{count}-{cycle}.pt"
+    # the structure sits at state["notes"], one level below the top
+    beyond = cycle or depth + 1 > MAX_DEPTH or count > MAX_NODES
+    if beyond:  # no digest can be computed for it: saved as a crafted file would be
+        torch.save({**state, "notes": structure}, path)
+        with pytest.raises(UserError, match="is damaged: it"):
+            load_checkpoint(path)
+    elif count < MAX_NODES // 2:  # well inside (the model's own values need room too)
+        save_checkpoint(
+            path, {k: v for k, v in state.items() if k != "digest"} | {"notes": structure}
+        )
+        assert load_checkpoint(path)["notes"] == structure
