@@ -19,6 +19,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from dltrain.config.registry import LOSSES
+from dltrain.config.task_fit import TASK_LOSSES, loss_misfit
 from dltrain.errors import UserError
 
 ClassWeights = list[Annotated[float, Field(ge=0)]] | Literal["balanced"] | None
@@ -167,15 +168,29 @@ class SmoothL1(nn.Module):
         return F.smooth_l1_loss(logits, one_hot_like(logits, targets), beta=self.beta)
 
 
-def _needs_task(loss: str, task: str, allowed: tuple[str, ...], instead: str) -> None:
-    if task not in allowed:
-        raise UserError(
-            f"loss.name: '{loss}' does not fit a {task} task (it works for "
-            f"{' and '.join(allowed)}); use loss: {{name: {instead}}}."
-        )
+CLASSIFYING = ("classification", "seq2seq")
+SCORING = ("classification", "regression")  # one-hot targets, or the values themselves
 
 
-@LOSSES.register()
+def _needs_task(loss: str, task: str) -> None:
+    """At build time (a table's task detected from its data): the loss must fit it."""
+    message = loss_misfit(loss, task)
+    if message:
+        raise UserError(f"loss.name: {message}")
+
+
+@LOSSES.register(tasks=("classification", "regression", "seq2seq"))
+def auto(
+    num_classes: int, class_counts: Tensor | None = None, task: str = "classification"
+) -> nn.Module:
+    """The task's own loss, chosen once the task is known: cross_entropy for classification
+    and seq2seq, mse for regression (the default)."""
+    return LOSSES.build(
+        {"name": TASK_LOSSES[task]}, num_classes=num_classes, class_counts=class_counts, task=task
+    )
+
+
+@LOSSES.register(tasks=CLASSIFYING)
 def cross_entropy(
     num_classes: int,
     class_counts: Tensor | None = None,
@@ -184,12 +199,12 @@ def cross_entropy(
     task: str = "classification",
 ) -> nn.Module:
     """Softmax cross-entropy; optional label smoothing and class weights (list or 'balanced')."""
-    _needs_task("cross_entropy", task, ("classification", "seq2seq"), "mse")
+    _needs_task("cross_entropy", task)
     weight = class_weight_tensor(class_weights, num_classes, class_counts)
     return CrossEntropy(weight, label_smoothing, PAD_ID if task == "seq2seq" else -100)
 
 
-@LOSSES.register()
+@LOSSES.register(tasks=CLASSIFYING)
 def nll(
     num_classes: int,
     class_counts: Tensor | None = None,
@@ -197,33 +212,33 @@ def nll(
     task: str = "classification",
 ) -> nn.Module:
     """Negative log-likelihood of log_softmax(logits); optional class weights."""
-    _needs_task("nll", task, ("classification", "seq2seq"), "mse")
+    _needs_task("nll", task)
     weight = class_weight_tensor(class_weights, num_classes, class_counts)
     return NegativeLogLikelihood(weight, PAD_ID if task == "seq2seq" else -100)
 
 
-@LOSSES.register()
+@LOSSES.register(tasks=SCORING)
 def mse(task: str = "classification") -> nn.Module:
     """Mean squared error: to the target values (regression) or one-hot targets (raw logits)."""
-    _needs_task("mse", task, ("classification", "regression"), "cross_entropy")
+    _needs_task("mse", task)
     return MeanSquaredError(regression=task == "regression")
 
 
-@LOSSES.register()
+@LOSSES.register(tasks=("classification",))
 def bce_with_logits(
     num_classes: int,
     pos_weight: Annotated[float, Field(gt=0)] | None = None,
     task: str = "classification",
 ) -> nn.Module:
     """Sigmoid binary cross-entropy per class against one-hot targets; optional pos_weight."""
-    _needs_task("bce_with_logits", task, ("classification",), "cross_entropy")
+    _needs_task("bce_with_logits", task)
     # pos_weight > 1 counters the C-1 negatives each sample brings against its one positive.
     weight = None if pos_weight is None else torch.full((num_classes,), float(pos_weight))
     return BinaryCrossEntropy(weight)
 
 
-@LOSSES.register()
+@LOSSES.register(tasks=SCORING)
 def smooth_l1(beta: Annotated[float, Field(gt=0)] = 1.0, task: str = "classification") -> nn.Module:
     """Smooth L1 loss to the target values (regression) or one-hot targets (raw logits)."""
-    _needs_task("smooth_l1", task, ("classification", "regression"), "cross_entropy")
+    _needs_task("smooth_l1", task)
     return SmoothL1(beta, regression=task == "regression")

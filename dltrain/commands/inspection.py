@@ -105,6 +105,7 @@ def check(
 
     from dltrain.config.loading import load_recipe
     from dltrain.config.schema import to_yaml
+    from dltrain.config.task_fit import planned_loss
     from dltrain.data.prepare import split_sources
 
     console = Console()
@@ -116,6 +117,8 @@ def check(
         sys.stdout.write(text)
     said = Console(stderr=True)
     said.print(split_sources(resolved.data), highlight=False, markup=False, soft_wrap=True)
+    loss = planned_loss(resolved.loss, resolved.data.task, resolved.data.name)
+    said.print(loss, highlight=False, markup=False, soft_wrap=True)
     said.print(f"[green]✓[/] {recipe} is valid", highlight=False)
 
 

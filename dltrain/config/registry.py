@@ -88,6 +88,7 @@ class Registry:
         self._families: dict[str, Family] = {}
         self._schemas: dict[Callable[..., Any], type[BaseModel]] = {}
         self._common: dict[str, Any] = {}  # name -> annotation; each defaults to None
+        self._tasks: dict[str, tuple[str, ...]] = {}  # the tasks a component is for, if known
 
     def load(self) -> None:
         """Import the modules that register dltrain's components (once; later calls are free)."""
@@ -97,8 +98,12 @@ class Registry:
         for module in self.modules:
             importlib.import_module(module)
 
-    def register(self, name: str | None = None) -> Callable[[Callable], Callable]:
-        """Decorator: register a factory under `name` (default: the function's name)."""
+    def register(
+        self, name: str | None = None, tasks: tuple[str, ...] | None = None
+    ) -> Callable[[Callable], Callable]:
+        """Decorator: register a factory under `name` (default: the function's name). `tasks`:
+        the only tasks it is for (a dataset's own task, the tasks a loss fits), so that a
+        recipe that mixes them is refused before any data is read."""
 
         def decorate(factory: Callable) -> Callable:
             if factory.__module__ not in self.modules:
@@ -107,9 +112,16 @@ class Registry:
             if key in self._factories:
                 raise ValueError(f"{self.kind} '{key}' is registered twice")
             self._factories[key] = factory
+            if tasks is not None:
+                self._tasks[key] = tuple(tasks)
             return factory
 
         return decorate
+
+    def tasks(self, name: str) -> tuple[str, ...] | None:
+        """The tasks `name` was registered for (None: any, or not known before its data)."""
+        self.load()
+        return self._tasks.get(name)
 
     def register_family(
         self, prefix: str, factory: Callable, members: Callable[[], list[str]], summary: str

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from dltrain.config.kinds import Task
 from dltrain.config.messages import recipe_error
 from dltrain.config.registry import AUGMENTATIONS, DATASETS, LOSSES, MODELS, OPTIMIZERS, SCHEDULERS
+from dltrain.config.task_fit import known_task, loss_misfit
 from dltrain.errors import RecipeError, UserError, did_you_mean
 
 PositiveInt = Annotated[int, Field(ge=1)]
@@ -176,7 +177,7 @@ class Recipe(BaseModel):
     output: str = "runs"
     data: DataSection
     model: dict[str, Any]
-    loss: dict[str, Any] = {"name": "cross_entropy"}
+    loss: dict[str, Any] = {"name": "auto"}  # the task's own (config/task_fit.py)
     optimizer: dict[str, Any] = {"name": "adam"}
     scheduler: dict[str, Any] | None = None
     train: TrainSection = TrainSection()
@@ -248,7 +249,18 @@ def resolve(raw: dict[str, Any]) -> Recipe:
         if recipe.scheduler
         else None,
     }
+    _check_loss_fits(updates["loss"]["name"], updates["data"])
     return recipe.model_copy(update=updates)
+
+
+def _check_loss_fits(loss: str, data: DataSection) -> None:
+    """A loss that cannot train the task the recipe fixes is refused now, not after the data
+    is read (or, worse, after training)."""
+    task = known_task(data.task, data.name)
+    source = " (data.task)" if data.task != "auto" else f" (dataset '{data.name}')"
+    message = loss_misfit(loss, task, source) if task else None
+    if message:
+        raise RecipeError("loss.name", message)
 
 
 def expand_shorthand(raw: dict[str, Any]) -> dict[str, Any]:

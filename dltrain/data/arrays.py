@@ -16,7 +16,7 @@ from dltrain.data.tensors import to_tensor
 from dltrain.errors import UserError
 
 
-@DATASETS.register()
+@DATASETS.register(tasks=("classification",))
 def npz(path: InputPath, layout: Literal["auto", "nchw", "nhwc"] = "auto") -> DatasetSplits:
     """Arrays in a NumPy .npz file: images (N×H×W, N×H×W×C, N×C×H×W) or features (N×F).
 

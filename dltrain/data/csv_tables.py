@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import csv as csvlib
 import functools
-import io
+import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import Field
 
 from dltrain.config.registry import DATASETS
 from dltrain.data.base import ArraySplit, DatasetSplits
+from dltrain.data.csv_files import Dialect, reader, sniff
 from dltrain.data.paths import InputPath, existing_path
 from dltrain.data.splits import random_split, stratified_split
 from dltrain.data.table_encoding import UNSEEN_CODE, RawColumn, is_missing
@@ -36,15 +37,22 @@ class CsvTable:
     header: list[str]
     rows: list[list[str]]
     lines: list[int]
+    dialect: Dialect = Dialect()
 
     def column(self, name: str, key: str) -> int:
         """The index of a column, or a UserError listing the columns and the nearest one."""
         if name not in self.header:
             raise UserError(
-                f"{key}: column '{name}' not found in '{self.file}'. Columns: "
+                f"{key}: column '{name}' not found in '{self.file}' (read as "
+                f"{self.dialect.describe()}; data.delimiter sets another). Columns: "
                 f"{', '.join(self.header)}.{did_you_mean(name, self.header)}"
             )
         return self.header.index(name)
+
+    def number(self, cell: str) -> float | None:
+        """A cell's finite value as this file writes numbers, or None."""
+        value = self.dialect.number(cell)
+        return value if value is not None and np.isfinite(value) else None
 
 
 def check_file_choice(path: str | None, train: str | None, test: str | None) -> None:
@@ -71,6 +79,8 @@ def csv(
     test_split: Annotated[float, Field(gt=0, lt=1)] = 0.2,
     seed: int = 0,
     task: str = "auto",
+    delimiter: Literal["auto", ",", ";", "tab", "|"] = "auto",
+    decimal: Literal["auto", ".", ","] = "auto",
 ) -> DatasetSplits:
     """A table of features and one label column, from CSV files with a header row.
 
@@ -79,25 +89,25 @@ def csv(
     adds a validation file to either (data.val_split is then not used). `label` names the
     target column, `features` the input columns (default: every other column).
 
-    data.task auto reads the label column: text labels are classes; numbers with a fraction
-    (a price) are a regression target, and so are integers with more distinct values than
-    classes usually have (over 20, and over a tenth of the rows); integers that could be
-    either (class ids 0..K-1 with few rows each) are a question to answer with data.task.
+    data.task auto reads the label column (see `_task_of`): text labels are classes, numbers
+    with a fraction or many distinct integers a regression target.
 
     Feature columns are numeric, or categorical when they hold text or are listed in
-    `categorical`; empty cells (or NA, N/A, NaN, null, None, ?) are missing. Preprocessing is
-    learned from the training split and stored in the checkpoint: numeric columns standardised,
-    missing values imputed (median / most frequent) with a `<column>_missing` indicator,
-    categorical columns one-hot over their `max_categories` most frequent values plus an
-    `<unknown>` bucket for values never seen in training.
+    `categorical`; empty cells (or NA, N/A, NaN, null, None, ?) are missing, and rows without
+    a label are left out. The preprocessing (dltrain.data.table_encoding) is learned from the
+    training split. Each file's `delimiter` (`,` `;` tab `|`) and `decimal` mark are read off
+    its first lines unless given.
     """
     check_file_choice(path, train, test)
-    main = read_table(path or train, "data.path" if path else "data.train")
+
+    def read(file: str, key: str) -> CsvTable:
+        table = read_table(file, key, delimiter=delimiter, decimal=decimal)
+        return _labelled_rows(table, label)
+
+    main = read(path or train, "data.path" if path else "data.train")
     names = _feature_names(main, label, features, categorical)
     layout = _raw_layout(main, names, set(categorical or ()))
-    raw_labels = _label_values(main, label)
-    chosen = _task_of(main, label, raw_labels, task)
-    classes, targets = _label_encoding(chosen, label, raw_labels)
+    chosen, classes, targets = _targets_of(main, label, task)
 
     def labelled(table: CsvTable) -> tuple[np.ndarray, np.ndarray]:
         """A file's raw features (columns matched by name) and its encoded targets."""
@@ -110,12 +120,29 @@ def csv(
         train_part, test_part = (x[kept], y[kept]), (x[carved], y[carved])
     else:
         train_part = (x, y)
-        test_part = labelled(read_table(test, "data.test")) if test else None
-    val_part = labelled(read_table(val, "data.val")) if val else None
+        test_part = labelled(read(test, "data.test")) if test else None
+    val_part = labelled(read(val, "data.val")) if val else None
     meta = {
         "table_layout": {"columns": [asdict(c) for c in layout], "max_categories": max_categories}
     }
     return _tabular(classes, chosen, meta, train_part, test_part, val_part)
+
+
+def _targets_of(
+    table: CsvTable, label: str, task: str
+) -> tuple[str, list[str], Callable[[CsvTable, list[str]], np.ndarray]]:
+    """The task (data.task, or read off the label column), the classes and the encoding of
+    labels into targets; a single class is refused (there is nothing to learn)."""
+    raw_labels = _label_values(table, label)
+    chosen = _task_of(table, label, raw_labels, task)
+    classes, targets = _label_encoding(chosen, label, raw_labels)
+    if chosen == "classification" and len(classes) < 2:
+        raise UserError(
+            f"data.label: every labelled row of '{table.file}' has the class "
+            f"'{classes[0]}': there is nothing to tell apart. Add rows of other classes, or "
+            "check data.label names the column you mean."
+        )
+    return chosen, classes, targets
 
 
 def _label_encoding(
@@ -161,25 +188,32 @@ QUOTE_THE_TEXTS = 'Quote texts that contain commas or line breaks ("like, this")
 
 
 def read_table(
-    path: str, key: str, row_hint: str = FIX_THE_ROW, columns_example: str = ""
+    path: str,
+    key: str,
+    row_hint: str = FIX_THE_ROW,
+    columns_example: str = "",
+    delimiter: str = "auto",
+    decimal: str = "auto",
 ) -> CsvTable:
     """Parse a UTF-8 CSV file with a header; rows must have as many values as the header.
 
-    Quoted cells may span lines (texts): a row's line is the one it starts on. Undecodable
-    bytes are reported with their line. `row_hint` says how to fix a row of the wrong width;
+    The delimiter and decimal mark are sniffed unless given (data/csv_files.py). Quoted cells
+    may span lines (texts): a row's line is the one it starts on. Undecodable bytes are
+    reported with their line. `row_hint` says how to fix a row of the wrong width;
     `columns_example` (e.g. " (e.g. text,label)") completes the message for a file without
     a header or rows.
     """
     file = existing_path(path, key)
     content = _utf8(file, key)
+    dialect = sniff(content, delimiter, decimal)
     rows: list[list[str]] = []
     lines: list[int] = []
-    reader = csvlib.reader(io.StringIO(content, newline=""))
+    parsed = reader(content, dialect)
     try:
-        header = [name.strip() for name in next(reader, [])]
+        header = [name.strip() for name in next(parsed, [])]
         while True:
-            start = reader.line_num + 1  # a quoted text may span lines: report the first
-            row = next(reader, None)
+            start = parsed.line_num + 1  # a quoted text may span lines: report the first
+            row = next(parsed, None)
             if row is None:
                 break
             if not any(cell.strip() for cell in row):
@@ -187,13 +221,14 @@ def read_table(
             if len(row) != len(header):
                 raise UserError(
                     f"{key}: '{file}' line {start} has {len(row)} values but the header has "
-                    f"{len(header)} columns. {row_hint}"
+                    f"{len(header)} columns (read as {dialect.describe()}; data.delimiter "
+                    f"sets another). {row_hint}"
                 )
             rows.append(row)
             lines.append(start)
     except csvlib.Error as exc:
         raise UserError(
-            f"{key}: cannot parse '{file}' as CSV near line {reader.line_num} ({exc}). Re-save "
+            f"{key}: cannot parse '{file}' as CSV near line {parsed.line_num} ({exc}). Re-save "
             "it as comma-separated values with a header row, texts quoted where needed."
         ) from None
     if not header or not rows:
@@ -201,7 +236,7 @@ def read_table(
             f"{key}: '{file}' has no {'header' if not header else 'data rows'}. Expected a "
             f"header row naming the columns{columns_example}, then one row per sample."
         )
-    return CsvTable(file, key, header, rows, lines)
+    return CsvTable(file, key, header, rows, lines, dialect)
 
 
 def _utf8(file: Path, key: str) -> str:
@@ -243,15 +278,6 @@ def _feature_names(
     return names
 
 
-def _number(cell: str) -> float | None:
-    """A cell's finite value, or None when it is not a finite number."""
-    try:
-        value = float(cell)
-    except ValueError:
-        return None
-    return value if np.isfinite(value) else None
-
-
 def _raw_layout(table: CsvTable, names: list[str], categorical: set[str]) -> list[RawColumn]:
     """Each feature column's kind, read from the training file: categorical when listed in
     data.categorical or when its values are mostly not numbers; a numeric column's odd
@@ -260,7 +286,7 @@ def _raw_layout(table: CsvTable, names: list[str], categorical: set[str]) -> lis
     for name in names:
         at = table.column(name, "data.features")
         cells = [row[at].strip() for row in table.rows if not is_missing(row[at])]
-        numbers = sum(_number(cell) is not None for cell in cells)
+        numbers = sum(table.number(cell) is not None for cell in cells)
         if name in categorical or 2 * numbers < len(cells):
             layout.append(RawColumn(name, "categorical", sorted(set(cells))))
         else:
@@ -281,7 +307,7 @@ def _raw_features(table: CsvTable, layout: list[RawColumn]) -> np.ndarray:
                 raw[r, c] = np.nan
             elif column.kind == "categorical":
                 raw[r, c] = codes.get(cell, UNSEEN_CODE)
-            elif (value := _number(cell)) is not None:
+            elif (value := table.number(cell)) is not None:
                 raw[r, c] = value
             else:
                 raise UserError(
@@ -293,24 +319,46 @@ def _raw_features(table: CsvTable, layout: list[RawColumn]) -> np.ndarray:
     return raw
 
 
-def _label_values(table: CsvTable, label: str) -> list[str]:
-    """The label column's cells; an empty one is a UserError naming its line."""
+def _labelled_rows(table: CsvTable, label: str) -> CsvTable:
+    """The rows that have a label: a blank, NA, NaN, null, None or ? label is no class (and
+    no target) — those rows are left out of training and evaluation, and their count said."""
     at = table.column(label, "data.label")
-    raw = [row[at].strip() for row in table.rows]
-    for i, value in enumerate(raw):
-        if not value:
-            raise UserError(
-                f"data.label: '{table.file}' line {table.lines[i]} has an empty "
-                f"'{label}' value. Fill it in or drop the row."
-            )
-    return raw
+    keep = [i for i, row in enumerate(table.rows) if not is_missing(row[at])]
+    if len(keep) == len(table.rows):
+        return table
+    kept = set(keep)
+    left_out = [line for i, line in enumerate(table.lines) if i not in kept]
+    if not keep:
+        raise UserError(
+            f"data.label: no row of '{table.file}' has a '{label}' value (all {len(left_out)} "
+            "are blank or NA). Check data.label names the label column."
+        )
+    shown = ", ".join(map(str, left_out[:5])) + (", …" if len(left_out) > 5 else "")
+    warnings.warn(
+        f"{table.key}: {len(left_out)} of {len(table.rows)} rows of '{table.file}' have no "
+        f"'{label}' value (blank or NA; line{'s' if len(left_out) > 1 else ''} {shown}): left "
+        "out of training and evaluation",
+        stacklevel=2,
+    )
+    return replace(table, rows=[table.rows[i] for i in keep], lines=[table.lines[i] for i in keep])
+
+
+def _label_values(table: CsvTable, label: str) -> list[str]:
+    """The label column's cells (every row has one: see _labelled_rows)."""
+    at = table.column(label, "data.label")
+    return [row[at].strip() for row in table.rows]
 
 
 MANY_CLASSES = 20  # integer labels with more distinct values (and few rows each) are quantities
 
 
 def _task_of(table: CsvTable, label: str, raw: list[str], requested: str) -> str:
-    """The task the label column asks for (data.task auto), or the one the recipe names."""
+    """The task the label column asks for (data.task auto), or the one the recipe names.
+
+    Text labels are classes; numbers with a fraction (a price) are a regression target, and
+    so are integers with more distinct values than classes usually have (over MANY_CLASSES,
+    and over a tenth of the rows); integers that could be either (class ids 0..K-1 or 1..K
+    with few rows each) are a question to answer with data.task."""
     if requested not in ("auto", "classification", "regression"):
         raise UserError(
             f"data.task: 'csv' tables are classification or regression; data.task={requested} "
@@ -318,7 +366,7 @@ def _task_of(table: CsvTable, label: str, raw: list[str], requested: str) -> str
         )
     if requested != "auto":
         return requested
-    numbers = [_number(value) for value in raw]
+    numbers = [table.number(value) for value in raw]
     if any(n is None for n in numbers):
         return "classification"  # text labels are class names
     if any(not n.is_integer() for n in numbers):
@@ -340,7 +388,7 @@ def _regression_targets(table: CsvTable, raw: list[str]) -> np.ndarray:
     """The label column as float32 targets; a cell that is not a number is a UserError."""
     y = np.empty(len(raw), dtype=np.float32)
     for i, value in enumerate(raw):
-        number = _number(value)
+        number = table.number(value)
         if number is None:
             raise UserError(
                 f"data.label: '{table.file}' line {table.lines[i]} has label {value!r}, which "

@@ -11,7 +11,7 @@ from dltrain.config.registry import DATASETS
 from dltrain.data.base import ArraySplit, DatasetSplits
 
 
-@DATASETS.register()
+@DATASETS.register(tasks=("classification",))
 def digits() -> DatasetSplits:
     """1,797 real 8×8 handwritten digits (UCI), bundled: 1,438 train / 359 test, 10 classes."""
     with resources.files("dltrain.data.assets").joinpath("digits.npz").open("rb") as f:

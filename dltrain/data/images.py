@@ -45,7 +45,7 @@ _LAYOUT_HELP = (
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
-@DATASETS.register()
+@DATASETS.register(tasks=("classification",))
 def image_folder(
     path: InputPath,
     image_size: int | tuple[int, int] | Literal["auto"] = "auto",

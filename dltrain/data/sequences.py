@@ -31,7 +31,7 @@ Size = Annotated[int, Field(ge=1)]
 # -- the adding problem ---------------------------------------------------------------------
 
 
-@DATASETS.register()
+@DATASETS.register(tasks=("regression",))
 def adding(
     length: Annotated[int, Field(ge=2)] = 100,
     train_size: Size = 10000,
@@ -75,7 +75,7 @@ def _adding_split(rng: np.random.Generator, n: int, length: int) -> ArraySplit:
 # -- digit strings: reverse and sort ----------------------------------------------------------
 
 
-@DATASETS.register()
+@DATASETS.register(tasks=("seq2seq",))
 def reverse(
     min_length: Size = 1,
     max_length: Size = 10,
@@ -94,7 +94,7 @@ def reverse(
     return _digit_task("reverse", min_length, max_length, train_size, test_size, seed)
 
 
-@DATASETS.register()
+@DATASETS.register(tasks=("seq2seq",))
 def sort(
     min_length: Size = 1,
     max_length: Size = 10,

@@ -12,7 +12,7 @@ from dltrain.data.base import ArraySplit, DatasetSplits
 from dltrain.errors import RecipeError
 
 
-@DATASETS.register()
+@DATASETS.register(tasks=("classification",))
 def synthetic(
     seed: int,
     shape: list[Annotated[int, Field(ge=1)]] = [3, 32, 32],  # noqa: B006 (validated copy)

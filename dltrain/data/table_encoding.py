@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from dltrain.data.csv_files import Dialect
 from dltrain.errors import UserError
 
 UNKNOWN = "<unknown>"
@@ -131,12 +132,15 @@ class TableEncoding:
 
     # -- string cells (predict) ---------------------------------------------------------------
 
-    def encode_cells(self, cells: list[list[str]], where: list[str]) -> np.ndarray:
+    def encode_cells(
+        self, cells: list[list[str]], where: list[str], dialect: Dialect = Dialect()
+    ) -> np.ndarray:
         """Rows of string cells, one per column in `self.columns` order → features.
 
-        `where` names each row in messages (e.g. "input x.csv line 3"). A numeric cell that is
-        not a finite number is a UserError; an empty cell (or NA, N/A, NaN, null, None, ?) is
-        imputed when training learned a fill value (else a UserError).
+        `where` names each row in messages (e.g. "input x.csv line 3"); `dialect` says how the
+        file writes numbers (a decimal comma). A numeric cell that is not a finite number is a
+        UserError; an empty cell (or NA, N/A, NaN, null, None, ?) is imputed when training
+        learned a fill value (else a UserError).
         """
         raw = np.empty((len(cells), len(self.columns)), dtype=np.float64)
         layout = []
@@ -147,9 +151,38 @@ class TableEncoding:
                 raw[:, at] = [np.nan if not t else index.get(t, UNSEEN_CODE) for t in texts]
                 layout.append(RawColumn(column.name, "categorical", column.categories))
             else:
-                raw[:, at] = [_number(t, column, where[r]) for r, t in enumerate(texts)]
+                raw[:, at] = [_number(t, column, where[r], dialect) for r, t in enumerate(texts)]
                 layout.append(RawColumn(column.name, "numeric"))
         return self.encode(raw, layout)
+
+
+def cell_notes(encoding: TableEncoding, cells: list[list[str]]) -> str | None:
+    """What a prediction's rows hold that training never showed, per column: category values
+    it read as <unknown>, and missing cells it imputed (None: nothing of the kind)."""
+    unseen: dict[str, Counter] = {}
+    missing: Counter = Counter()
+    for at, column in enumerate(encoding.columns):
+        known = set(column.categories)
+        for row in cells:
+            if is_missing(row[at]):
+                missing[column.name] += 1
+            elif column.kind == "categorical" and row[at].strip() not in known:
+                unseen.setdefault(column.name, Counter())[row[at].strip()] += 1
+    notes = []
+    if unseen:
+        parts = [
+            f"{name}: {sum(seen.values())} ({', '.join(map(repr, list(seen)[:3]))}"
+            f"{', …' if len(seen) > 3 else ''})"
+            for name, seen in unseen.items()
+        ]
+        total = sum(sum(seen.values()) for seen in unseen.values())
+        notes.append(
+            f"{total} values never seen in training, read as {UNKNOWN} ({'; '.join(parts)})"
+        )
+    if missing:
+        parts = [f"{name}: {count}" for name, count in missing.items()]
+        notes.append(f"{sum(missing.values())} missing cells, imputed ({', '.join(parts)})")
+    return "; ".join(notes) or None
 
 
 def fit_encoding(
@@ -190,15 +223,12 @@ def _one_hot(index: np.ndarray, column: ColumnEncoding) -> np.ndarray:
     return hot
 
 
-def _number(text: str, column: ColumnEncoding, where: str) -> float:
+def _number(text: str, column: ColumnEncoding, where: str, dialect: Dialect) -> float:
     """A numeric cell's value; NaN (imputed) for an empty one when the column has a fill."""
     if not text and column.fill is not None:
         return np.nan
-    try:
-        value = float(text)
-    except ValueError:
-        value = np.nan
-    if not np.isfinite(value):
+    value = dialect.number(text) if text else None
+    if value is None or not np.isfinite(value):
         shown = "an empty value" if not text else repr(text)
         raise UserError(
             f"{where}: column '{column.name}' holds {shown}, not a finite number. The model "

@@ -17,6 +17,7 @@ Conventions (also what `encode_texts` reproduces from a checkpoint's data_meta):
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -153,7 +154,7 @@ def encode_texts(texts: list[str], meta: dict[str, Any]) -> torch.Tensor:
 # -- the dataset ----------------------------------------------------------------------------
 
 
-@DATASETS.register()
+@DATASETS.register(tasks=("classification",))
 def text_csv(
     path: InputPath | None = None,
     train: InputPath | None = None,
@@ -168,13 +169,14 @@ def text_csv(
     max_length: Annotated[int, Field(ge=1)] = 200,
     test_split: Annotated[float, Field(gt=0, lt=1)] = 0.2,
     seed: int = 0,
+    delimiter: Literal["auto", ",", ";", "tab", "|"] = "auto",
 ) -> DatasetSplits:
     """Text classification from CSV files: a text column and a label, as word or char tokens.
 
     Give `path` (one file; a stratified test split of `test_split` is carved with the run's
     seed) or `train` with an optional `test` file, and optionally a `val` file (data.val_split
-    is then not used); each needs a header row. UTF-8, quoted texts
-    may span lines. Classes are the sorted training labels (numerically when all are integers).
+    is then not used); each needs a header row. Quoted texts may span lines; the `delimiter`
+    is sniffed unless given. Classes: the sorted training labels (numerically if integers).
     The vocabulary (`<pad>` 0, `<unk>` 1, then by frequency; `max_size` counts the specials;
     tokens seen fewer than `min_freq` times are `<unk>`) comes from the training split only.
     Texts become token ids padded with 0 at the end to L = min(max_length, longest training
@@ -182,14 +184,15 @@ def text_csv(
     """
     check_file_choice(path, train, test)
     _check_distinct_columns(text_column, label_column)
-    main = _read_text_table(path or train, "data.path" if path else "data.train")
+    read = functools.partial(_read_text_table, delimiter=delimiter)
+    main = read(path or train, "data.path" if path else "data.train")
     texts, raw = _texts_and_labels(main, text_column, label_column)
     classes, numeric = class_names(raw)
     y = encode_labels(main, raw, classes, numeric)
 
     def labelled(file: str, key: str) -> tuple[list[str], np.ndarray]:
         """Another file's texts, and its labels as the training file's classes."""
-        other = _read_text_table(file, key)
+        other = read(file, key)
         other_texts, other_raw = _texts_and_labels(other, text_column, label_column)
         return other_texts, encode_labels(other, other_raw, classes, numeric)
 
@@ -264,9 +267,11 @@ def _token_splits(
     )
 
 
-def _read_text_table(path: str, key: str) -> CsvTable:
+def _read_text_table(path: str, key: str, delimiter: str = "auto") -> CsvTable:
     """A CSV file of texts and labels (texts may contain commas and span lines, quoted)."""
-    return read_table(path, key, QUOTE_THE_TEXTS, columns_example=" (e.g. text,label)")
+    return read_table(
+        path, key, QUOTE_THE_TEXTS, " (e.g. text,label)", delimiter=delimiter, decimal="."
+    )
 
 
 def _texts_and_labels(

@@ -33,25 +33,25 @@ _SOURCES = {
 }
 
 
-@DATASETS.register()
+@DATASETS.register(tasks=("classification",))
 def cifar10(root: str = "data", download: bool = False) -> DatasetSplits:
     """CIFAR-10: 60,000 32x32 colour images of 10 object classes (torchvision)."""
     return load_torchvision("cifar10", root, download)
 
 
-@DATASETS.register()
+@DATASETS.register(tasks=("classification",))
 def cifar100(root: str = "data", download: bool = False) -> DatasetSplits:
     """CIFAR-100: 60,000 32x32 colour images of 100 object classes (torchvision)."""
     return load_torchvision("cifar100", root, download)
 
 
-@DATASETS.register()
+@DATASETS.register(tasks=("classification",))
 def mnist(root: str = "data", download: bool = False) -> DatasetSplits:
     """MNIST: 70,000 28x28 grayscale handwritten digits 0-9 (torchvision)."""
     return load_torchvision("mnist", root, download)
 
 
-@DATASETS.register()
+@DATASETS.register(tasks=("classification",))
 def fashion_mnist(root: str = "data", download: bool = False) -> DatasetSplits:
     """Fashion-MNIST: 70,000 28x28 grayscale images of 10 clothing classes (torchvision)."""
     return load_torchvision("fashion_mnist", root, download)

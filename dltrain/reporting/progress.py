@@ -23,6 +23,7 @@ from rich.progress import (
 )
 from rich.progress import Progress as RichProgress
 
+from dltrain.config.task_fit import loss_label
 from dltrain.reporting.console_tables import confusion_table, report_table
 from dltrain.reporting.report import report_scalars, weights_label
 
@@ -76,7 +77,7 @@ class Progress:
         self._print(
             f"[bold]{recipe.name}[/]: {escape(recipe.model['name'])} ({counted}) "
             f"on {recipe.data.name} ({sizes}; {_learned(data)}) · device {device} · "
-            f"{precision} · data path: {loader}"
+            f"{precision} · loss {escape(loss_label(recipe.loss, data.task))} · data path: {loader}"
         )
 
     def data_parallel(self, processes: int, batch_size: int, accumulate: int) -> None:
@@ -174,7 +175,11 @@ class Progress:
         if self.quiet or self.live_only:
             return
         if "confusion_matrix" not in report:  # regression, seq2seq: their few figures
-            figures = " · ".join(f"{k} {v:.4f}" for k, v in report_scalars(report).items())
+            scaled = "target_scale" in report or "r2" in report  # regression learns z-scores
+            figures = " · ".join(
+                f"{'loss (standardised)' if k == 'loss' and scaled else k} {v:.4f}"
+                for k, v in report_scalars(report).items()
+            )
             held = weights_label(report)
             self._print(
                 f"[bold]{report['split']}[/]: {figures} · {report['num_samples']:,} samples"

@@ -46,9 +46,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from dltrain.data.csv_files import reader as csv_reader
+from dltrain.data.csv_files import sniff
 from dltrain.data.images import IMAGE_EXTENSIONS, decode_image
 from dltrain.data.npy_headers import check_npy_file
-from dltrain.data.table_encoding import TableEncoding
+from dltrain.data.table_encoding import TableEncoding, cell_notes
 from dltrain.data.text import PAD_ID, Vocabulary, encode_texts
 from dltrain.errors import UserError
 from dltrain.use.inference import Predictor
@@ -356,7 +358,8 @@ def _read_text_column(
 ) -> tuple[list[str], list[str]]:
     """A .csv table: the text column the model was trained on (other columns are ignored)."""
     column = predictor.meta.get("text_column", "text")
-    reader = csvlib.reader(io.StringIO(_read_text_file(path, expected), newline=""))
+    text = _read_text_file(path, expected)
+    reader = csv_reader(text, sniff(text, decimal="."))
     try:
         header = [name.strip() for name in next(reader, [])]
         rows = [(reader.line_num, row) for row in reader if any(c.strip() for c in row)]
@@ -385,14 +388,15 @@ def _read_text_column(
 def _read_csv(path: Path, predictor: Predictor, expected: str) -> Samples:
     """A table's rows encoded as in training: the checkpoint's table encoding (imputation,
     categories, indicators) picks its columns by name; other columns are ignored."""
+    text = _read_text_file(path, expected)
+    dialect = sniff(text)  # the input's own: a spreadsheet's export may differ from training's
     try:
-        with open(path, newline="", encoding="utf-8-sig") as handle:
-            reader = csvlib.reader(handle)
-            header = [name.strip() for name in next(reader, [])]
-            rows = [(reader.line_num, row) for row in reader if any(c.strip() for c in row)]
-    except (UnicodeDecodeError, csvlib.Error) as exc:
+        reader = csv_reader(text, dialect)
+        header = [name.strip() for name in next(reader, [])]
+        rows = [(reader.line_num, row) for row in reader if any(c.strip() for c in row)]
+    except csvlib.Error as exc:
         raise UserError(
-            f"input {path}: cannot parse it as UTF-8 CSV ({exc}). Expected {expected}."
+            f"input {path}: cannot parse it as CSV ({exc}). Expected {expected}."
         ) from None
     if not header or not rows:
         missing = "header" if not header else "data rows"
@@ -403,10 +407,14 @@ def _read_csv(path: Path, predictor: Predictor, expected: str) -> Samples:
         if len(row) != len(header):
             raise UserError(
                 f"input {path} line {line} has {len(row)} values but the header has "
-                f"{len(header)} columns. Fix that row."
+                f"{len(header)} columns (read as {dialect.describe()}). Fix that row."
             )
     cells = [[row[c] for c in columns] for _, row in rows]
-    values = encoding.encode_cells(cells, [f"input {path} line {line}" for line, _ in rows])
+    where = [f"input {path} line {line}" for line, _ in rows]
+    values = encoding.encode_cells(cells, where, dialect)
+    noted = cell_notes(encoding, cells) if "table" in predictor.meta else None
+    if noted:
+        warnings.warn(f"input {path}: {noted}", stacklevel=2)
     return Samples([f"{path}[{i}]" for i in range(len(rows))], torch.from_numpy(values))
 
 

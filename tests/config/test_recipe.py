@@ -70,7 +70,7 @@ def test_minimal_recipe_gets_contract_defaults_and_file_stem_as_name(tmp_path):
 
     assert recipe.name == "my-run"
     assert (recipe.seed, recipe.device, recipe.output) == (0, "auto", "runs")
-    assert recipe.loss["name"] == "cross_entropy"
+    assert recipe.loss["name"] == "auto"  # the task's own: cross_entropy for digits
     assert recipe.optimizer["name"] == "adam"
     assert recipe.optimizer["lr"] == 0.001
     assert recipe.scheduler is None

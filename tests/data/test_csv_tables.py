@@ -23,6 +23,7 @@ from dltrain.data.prepare import prepare_data
 from dltrain.data.table_encoding import RawColumn, TableEncoding, fit_encoding
 from dltrain.errors import UserError
 
+from helpers.cli import words
 from helpers.training import model_outputs
 
 
@@ -183,13 +184,12 @@ def test_diabetes_as_a_csv_trains_as_regression_and_reports_what_sklearn_compute
         tmp_path / "diabetes.yaml",
         {"path": "diabetes.csv", "label": "progression", "batch_size": 32},
         {"name": "mlp", "hidden": [64]},
-        loss={"name": "mse"},
         optimizer={"name": "adam", "lr": 0.001, "weight_decay": 0.01},
         train={"epochs": 40},
     )
     result = invoke("fit", str(recipe))
     assert result.exit_code == 0, result.output
-    assert "regression of progression" in result.output
+    assert "regression of progression" in result.output and "loss auto → mse" in result.output
     assert not re.search(r"epoch \d+\.\d{4}", result.output)  # the epoch is not a figure
     report = json.loads((tmp_path / "runs/diabetes/report.json").read_text())
     assert report["task"] == "regression" and report["num_samples"] == 88
@@ -306,6 +306,12 @@ def test_a_mixed_table_trains_evaluates_and_predicts_unseen_categories_and_blank
     answers = [r["predictions"] for r in json.loads(result.stdout)]
     assert [a[0]["class"] for a in answers][::3] == ["high", "low"]  # large size; south, small
     assert answers[1][0]["class"] == "high"  # Paris, whatever its size
+    said = words(result.stderr)  # what it met that training never showed, per column
+    assert (
+        "2 values never seen in training, read as <unknown> (city: 1 ('Atlantis'); grade: 1 ('9'))"
+        in said
+    )
+    assert "4 missing cells, imputed (city: 1, size: 2, grade: 1)" in said
 
     result = invoke("export", "runs/homes/checkpoints/best.pt", "--format", "onnx")
     assert result.exit_code == 0, result.output
@@ -334,3 +340,90 @@ def test_a_label_with_a_class_per_row_says_why_no_validation_is_left(tmp_path):
     assert "data.val_split=0.1 leaves no validation samples" in message
     assert "2,000 of its 2,000 classes have a single sample" in message
     assert "data.task=regression" in message
+
+
+def test_the_shortest_regression_recipe_trains_with_the_tasks_own_loss(tmp_path, invoke):
+    _diabetes_csv(tmp_path / "diabetes.csv")
+    recipe = tmp_path / "short.yaml"
+    recipe.write_text(
+        "data:\n  name: csv\n  path: diabetes.csv\n  label: progression\nmodel: {name: mlp}\n"
+    )
+    checked = invoke("check", str(recipe))
+    assert (
+        checked.exit_code == 0
+        and "loss: auto → cross_entropy (classification, seq2seq) or mse" in words(checked.output)
+    )
+    result = invoke("fit", str(recipe), "device=cpu")
+    assert result.exit_code == 0, result.output
+    assert "loss auto → mse" in result.output and "loss (standardised)" in result.output
+    report = json.loads((tmp_path / "runs/short/report.json").read_text())
+    assert report["task"] == "regression" and report["r2"] > 0.2  # far better than the mean (0)
+
+
+@pytest.mark.parametrize(
+    ("data", "loss", "expected"),
+    [
+        (
+            {"name": "csv", "path": "missing.csv", "task": "regression"},
+            "cross_entropy",
+            "(data.task)",
+        ),
+        ({"name": "adding"}, "nll", "(dataset 'adding')"),
+        ({"name": "digits"}, "smooth_l1", None),  # one-hot targets: a classification loss too
+        ({"name": "reverse"}, "mse", "(dataset 'reverse')"),
+    ],
+)
+def test_a_loss_that_cannot_train_the_recipes_task_is_refused_before_any_data(
+    tmp_path, invoke, data, loss, expected
+):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"data": data, "model": {"name": "mlp"}, "loss": loss}))
+    result = invoke("check", str(recipe))
+    if expected is None:
+        assert result.exit_code == 0, result.output
+        return
+    assert result.exit_code == 2, result.output
+    said = words(result.stderr)
+    assert f"loss.name: '{loss}' does not fit a" in said and expected in said
+    assert "use loss: auto" in said
+    fitted = invoke("fit", str(recipe))  # refused before the missing file is even looked for
+    assert fitted.exit_code == 2 and "does not fit a" in words(fitted.stderr)
+
+
+def test_a_detected_regression_with_a_classification_loss_stops_before_training(tmp_path, invoke):
+    _diabetes_csv(tmp_path / "diabetes.csv")
+    recipe = write_recipe(
+        tmp_path / "ce.yaml", {"path": "diabetes.csv", "label": "progression"}, loss="cross_entropy"
+    )
+    assert invoke("check", str(recipe)).exit_code == 0  # the task is the data's to tell
+    result = invoke("fit", str(recipe))
+    assert result.exit_code == 2
+    assert "'cross_entropy' does not fit a regression task" in words(result.stderr)
+    assert not (tmp_path / "runs/ce/metrics.csv").exists()  # no epoch was trained
+
+
+def test_rows_without_a_label_are_left_out_and_counted_never_a_class(tmp_path):
+    rows = [[i, ["yes", "no"][i % 2]] for i in range(40)]
+    for i, marker in zip((3, 8, 13, 21, 30, 31), ("", "NA", "nan", "null", "?", " N/A ")):
+        rows[i][1] = marker
+    write_csv(tmp_path / "t.csv", ["x", "y"], rows)
+    with pytest.warns(
+        UserWarning,
+        match=r"6 of 40 rows of .* have no 'y' value .*lines 5, 10, 15, 23, 32, …\): left out",
+    ):
+        loaded = csv_tables.csv(path=str(tmp_path / "t.csv"), label="y")
+    assert loaded.classes == ["no", "yes"]  # NA is no third class
+    assert len(loaded.train) + len(loaded.test) == 34
+
+
+@pytest.mark.parametrize("labels", [["spam"] * 30, ["spam"] * 29 + ["NA"]])
+def test_a_label_with_one_class_is_refused_before_training(tmp_path, labels):
+    write_csv(tmp_path / "t.csv", ["x", "y"], [[i, v] for i, v in enumerate(labels)])
+    with pytest.raises(UserError, match="every labelled row of .* has the class 'spam'"):
+        csv_tables.csv(path=str(tmp_path / "t.csv"), label="y")
+
+
+def test_a_label_column_with_no_value_at_all_is_named(tmp_path):
+    write_csv(tmp_path / "t.csv", ["x", "y"], [[i, ""] for i in range(5)])
+    with pytest.raises(UserError, match="no row of .* has a 'y' value"):
+        csv_tables.csv(path=str(tmp_path / "t.csv"), label="y")
