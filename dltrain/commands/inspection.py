@@ -94,12 +94,21 @@ def devices(as_json: bool = typer.Option(False, "--json", help="Print JSON for s
 def check(
     recipe: Path = typer.Argument(..., help="The recipe YAML file.", show_default=False),
     overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
+    data: bool = typer.Option(
+        False,
+        "--data",
+        help="Also read the data (trains nothing): the splits' sizes, the task, and for a "
+        "table what each column became.",
+    ),
 ) -> None:
-    """Validate a recipe and print it fully resolved (all defaults filled in). Reads no data.
+    """Validate a recipe and print it fully resolved (all defaults filled in). Reads no data
+    unless --data.
 
-    [bold]Example[/]
+    [bold]Examples[/]
 
       dltrain check recipes/quickstart.yaml optimizer.lr=0.01
+
+      dltrain check my_table.yaml --data
     """
     from rich.syntax import Syntax
 
@@ -119,7 +128,31 @@ def check(
     said.print(split_sources(resolved.data), highlight=False, markup=False, soft_wrap=True)
     loss = planned_loss(resolved.loss, resolved.data.task, resolved.data.name)
     said.print(loss, highlight=False, markup=False, soft_wrap=True)
+    if data:
+        _show_data(resolved, said)
     said.print(f"[green]✓[/] {recipe} is valid", highlight=False)
+
+
+def _show_data(recipe, console: Console) -> None:
+    """check --data: what the data is once read, as fit would read it (nothing trained)."""
+    from dltrain.config.task_fit import loss_label
+    from dltrain.data.prepare import prepare_data
+    from dltrain.reporting.console_tables import columns_table
+
+    prepared = prepare_data(recipe.data, recipe.seed, pretrained_on=recipe.model)
+    sizes = ", ".join(f"{name} {len(split):,}" for name, split in prepared.splits.items())
+    learned = (
+        f"{prepared.num_classes} classes" if prepared.task == "classification" else prepared.task
+    )
+    console.print(
+        f"data: {sizes} · {learned} · input {tuple(prepared.input_shape)} · loss "
+        f"{loss_label(recipe.loss, prepared.task)}",
+        highlight=False,
+        markup=False,
+        soft_wrap=True,
+    )
+    if "table_columns" in prepared.extra:
+        console.print(columns_table(prepared.extra["table_columns"]))
 
 
 def list_components(

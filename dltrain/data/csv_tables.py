@@ -23,6 +23,7 @@ from dltrain.data.base import ArraySplit, DatasetSplits
 from dltrain.data.csv_files import Dialect, reader, sniff
 from dltrain.data.paths import InputPath, existing_path
 from dltrain.data.splits import random_split, stratified_split
+from dltrain.data.table_columns import ColumnKind, Dropped, choose_columns
 from dltrain.data.table_encoding import UNSEEN_CODE, RawColumn, is_missing
 from dltrain.data.tensors import to_tensor
 from dltrain.errors import UserError, did_you_mean
@@ -75,6 +76,7 @@ def csv(
     label: str = "label",
     features: list[str] | None = None,
     categorical: list[str] | None = None,
+    columns: dict[str, ColumnKind] | None = None,
     max_categories: Annotated[int, Field(ge=1)] = 100,
     test_split: Annotated[float, Field(gt=0, lt=1)] = 0.2,
     seed: int = 0,
@@ -92,21 +94,18 @@ def csv(
     data.task auto reads the label column (see `_task_of`): text labels are classes, numbers
     with a fraction or many distinct integers a regression target.
 
-    Feature columns are numeric, or categorical when they hold text or are listed in
-    `categorical`; empty cells (or NA, N/A, NaN, null, None, ?) are missing, and rows without
-    a label are left out. The preprocessing (dltrain.data.table_encoding) is learned from the
-    training split. Each file's `delimiter` (`,` `;` tab `|`) and `decimal` mark are read off
-    its first lines unless given.
+    Feature columns are numeric, or categorical when they hold text; empty, constant, id-like
+    and text-like ones are dropped (dltrain.data.table_columns); `columns: {name: numeric|
+    categorical|drop}` (or `categorical: [..]`) overrides that. Empty cells (NA, NaN, null,
+    ?) are missing; rows without a label are left out. The preprocessing is learned from the
+    training split (dltrain.data.table_encoding). Each file's `delimiter` and `decimal` mark
+    are read off its first lines unless given.
     """
     check_file_choice(path, train, test)
-
-    def read(file: str, key: str) -> CsvTable:
-        table = read_table(file, key, delimiter=delimiter, decimal=decimal)
-        return _labelled_rows(table, label)
-
+    read = functools.partial(_labelled_table, label=label, delimiter=delimiter, decimal=decimal)
     main = read(path or train, "data.path" if path else "data.train")
-    names = _feature_names(main, label, features, categorical)
-    layout = _raw_layout(main, names, set(categorical or ()))
+    names = _feature_names(main, label, features)
+    layout, dropped = _layout(main, names, _chosen_kinds(names, categorical, columns))
     chosen, classes, targets = _targets_of(main, label, task)
 
     def labelled(table: CsvTable) -> tuple[np.ndarray, np.ndarray]:
@@ -122,10 +121,34 @@ def csv(
         train_part = (x, y)
         test_part = labelled(read(test, "data.test")) if test else None
     val_part = labelled(read(val, "data.val")) if val else None
-    meta = {
-        "table_layout": {"columns": [asdict(c) for c in layout], "max_categories": max_categories}
-    }
+    meta = {"table_layout": _layout_meta(layout, dropped, names, max_categories)}
     return _tabular(classes, chosen, meta, train_part, test_part, val_part)
+
+
+def _labelled_table(file: str, key: str, label: str, delimiter: str, decimal: str) -> CsvTable:
+    """A table file's rows that have a label (see _labelled_rows)."""
+    return _labelled_rows(read_table(file, key, delimiter=delimiter, decimal=decimal), label)
+
+
+def _layout_meta(
+    layout: list[RawColumn], dropped: list[Dropped], names: list[str], max_categories: int
+) -> dict[str, Any]:
+    """What prepare_data needs to encode the table and to show its columns."""
+    return {
+        "columns": [asdict(c) for c in layout],
+        "dropped": [asdict(d) for d in dropped],
+        "features": names,
+        "max_categories": max_categories,
+    }
+
+
+def _chosen_kinds(
+    names: list[str], categorical: list[str] | None, columns: dict[str, ColumnKind] | None
+) -> dict[str, ColumnKind]:
+    """The kinds the recipe gives columns (data.categorical, data.columns), each a feature."""
+    _check_named(names, "data.categorical", categorical or [])
+    _check_named(names, "data.columns", list(columns or {}))
+    return {**dict.fromkeys(categorical or (), "categorical"), **(columns or {})}
 
 
 def _targets_of(
@@ -251,9 +274,7 @@ def _utf8(file: Path, key: str) -> str:
         ) from None
 
 
-def _feature_names(
-    table: CsvTable, label: str, features: list[str] | None, categorical: list[str] | None
-) -> list[str]:
+def _feature_names(table: CsvTable, label: str, features: list[str] | None) -> list[str]:
     """The feature columns: the given ones (each must exist) or all except the label."""
     table.column(label, "data.label")
     if features is None:
@@ -269,29 +290,35 @@ def _feature_names(
             f"data.features: '{table.file}' has no feature columns besides "
             f"'{label}'. Add feature columns."
         )
-    for name in categorical or ():
-        if name not in names:
-            raise UserError(
-                f"data.categorical: '{name}' is not a feature column (features: "
-                f"{', '.join(names)}).{did_you_mean(name, names)}"
-            )
     return names
 
 
-def _raw_layout(table: CsvTable, names: list[str], categorical: set[str]) -> list[RawColumn]:
-    """Each feature column's kind, read from the training file: categorical when listed in
-    data.categorical or when its values are mostly not numbers; a numeric column's odd
-    non-number is reported rather than turning the column categorical."""
-    layout = []
-    for name in names:
-        at = table.column(name, "data.features")
-        cells = [row[at].strip() for row in table.rows if not is_missing(row[at])]
-        numbers = sum(table.number(cell) is not None for cell in cells)
-        if name in categorical or 2 * numbers < len(cells):
-            layout.append(RawColumn(name, "categorical", sorted(set(cells))))
-        else:
-            layout.append(RawColumn(name, "numeric"))
-    return layout
+def _check_named(names: list[str], key: str, named: list[str]) -> None:
+    """Each column a recipe key names (data.categorical, data.columns) is a feature column."""
+    for name in named:
+        if name not in names:
+            raise UserError(
+                f"{key}: '{name}' is not a feature column (features: "
+                f"{', '.join(names)}).{did_you_mean(name, names)}"
+            )
+
+
+def _layout(
+    table: CsvTable, names: list[str], chosen: dict[str, ColumnKind]
+) -> tuple[list[RawColumn], list[Dropped]]:
+    """The kept feature columns' raw layout and the dropped ones (dltrain.data.table_columns),
+    read from the training file; at least one column must be left."""
+    cells = {
+        name: [row[table.column(name, "data.features")] for row in table.rows] for name in names
+    }
+    layout, dropped = choose_columns(cells, table.number, chosen)
+    if not layout:
+        reasons = "; ".join(f"{d.name}: {d.why}" for d in dropped)
+        raise UserError(
+            f"data.features: no feature column of '{table.file}' is left ({reasons}). Keep one "
+            "with data.columns: {name: numeric} (or categorical)."
+        )
+    return layout, dropped
 
 
 def _raw_features(table: CsvTable, layout: list[RawColumn]) -> np.ndarray:
@@ -313,8 +340,8 @@ def _raw_features(table: CsvTable, layout: list[RawColumn]) -> np.ndarray:
                 raise UserError(
                     f"{table.key}: '{table.file}' line {table.lines[r]}, column '{column.name}': "
                     f"{cell!r} is not a finite number, and the column is numeric. Fix the "
-                    "value, leave the cell empty (a missing value), or list the column in "
-                    "data.categorical."
+                    "value, leave the cell empty (a missing value), or make the column "
+                    f"categorical (data.columns: {{{column.name}: categorical}})."
                 )
     return raw
 

@@ -21,6 +21,7 @@ from dltrain.data.splits import (
     stratified_folds,
     stratified_split,
 )
+from dltrain.data.table_columns import Dropped, column_summary
 from dltrain.data.table_encoding import RawColumn, TableEncoding, fit_encoding
 from dltrain.errors import UserError
 from dltrain.models.torchvision_models import pretrained_statistics
@@ -112,6 +113,7 @@ def prepare_data(
     layout = extra.pop("table_layout", None)
     if layout is not None:  # a table: features encoded as learned from the train split
         encoding = _table_encoding(layout, splits["train"], meta)
+        extra["table_columns"] = _column_summary(layout, encoding, splits["train"])
         splits = {name: _encoded(split, encoding, layout) for name, split in splits.items()}
         extra["table"] = encoding.to_dict()
     _check_splits(data.name, splits)
@@ -195,6 +197,19 @@ def _table_encoding(
             "data.features to those columns."
         )
     return encoding
+
+
+def _column_summary(
+    layout: dict[str, Any], encoding: TableEncoding, train: ArraySplit
+) -> list[dict[str, Any]]:
+    """What each of the file's feature columns became (the header's and check's table)."""
+    return column_summary(
+        [RawColumn(**column) for column in layout["columns"]],
+        [Dropped(**column) for column in layout.get("dropped", [])],
+        encoding,
+        train.x.double().numpy(),
+        layout.get("features") or [column["name"] for column in layout["columns"]],
+    )
 
 
 def _encoded(split: ArraySplit, encoding: TableEncoding, layout: dict[str, Any]) -> ArraySplit:

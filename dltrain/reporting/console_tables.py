@@ -249,3 +249,18 @@ def outputs_table(results: list[dict[str, Any]], key: str, header: str) -> Table
 def _shortened(text: str, limit: int = 60) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def columns_table(columns: list[dict[str, Any]]) -> Table:
+    """A table's feature columns: kind, missing cells in training, and what each became."""
+    table = Table(title="columns", title_justify="left")
+    for header, justify in (("column", "left"), ("kind", "left"), ("missing", "right")):
+        table.add_column(header, justify=justify)
+    table.add_column("encoding (or why dropped)", overflow="fold")
+    for row in columns:
+        missing = "—" if row["missing"] is None else f"{row['missing']:,}"
+        style = "dim" if row["kind"] == "dropped" else None
+        table.add_row(
+            escape(row["column"]), row["kind"], missing, escape(row["encoding"]), style=style
+        )
+    return table

@@ -24,7 +24,7 @@ from rich.progress import (
 from rich.progress import Progress as RichProgress
 
 from dltrain.config.task_fit import loss_label
-from dltrain.reporting.console_tables import confusion_table, report_table
+from dltrain.reporting.console_tables import columns_table, confusion_table, report_table
 from dltrain.reporting.report import report_scalars, weights_label
 
 REFRESH_SECONDS = 0.25
@@ -79,6 +79,9 @@ class Progress:
             f"on {recipe.data.name} ({sizes}; {_learned(data)}) · device {device} · "
             f"{precision} · loss {escape(loss_label(recipe.loss, data.task))} · data path: {loader}"
         )
+        columns = data.extra.get("table_columns")
+        if columns and not self.quiet and not self.live_only:
+            self.console.print(columns_table(columns))
 
     def data_parallel(self, processes: int, batch_size: int, accumulate: int) -> None:
         """Under torchrun: how one optimizer step's samples are shared out."""

@@ -61,7 +61,7 @@ def write_recipe(path: Path, data: dict, model: dict | None = None, **top) -> Pa
     ],
 )
 def test_task_auto_reads_the_label_column(tmp_path, labels, task):
-    path = write_csv(tmp_path / "t.csv", ["x", "y"], [[i, v] for i, v in enumerate(labels)])
+    path = write_csv(tmp_path / "t.csv", ["x", "y"], [[i % 7, v] for i, v in enumerate(labels)])
     loaded = csv_tables.csv(path=path, label="y")
     assert loaded.task == task
     if task == "regression":
@@ -72,7 +72,7 @@ def test_task_auto_reads_the_label_column(tmp_path, labels, task):
 
 
 def test_many_class_ids_with_few_rows_each_are_a_question_not_a_guess(tmp_path):
-    rows = [[i, i % 30] for i in range(60)]  # ids 0..29, two rows each: classes or amounts?
+    rows = [[i % 7, i % 30] for i in range(60)]  # ids 0..29, two rows each: classes or amounts?
     path = write_csv(tmp_path / "t.csv", ["x", "grade"], rows)
     with pytest.raises(UserError) as info:
         csv_tables.csv(path=path, label="grade")
@@ -159,7 +159,7 @@ def test_a_typo_in_a_numeric_column_is_reported_not_read_as_categories(tmp_path)
     with pytest.raises(UserError) as info:
         csv_tables.csv(path=path)
     assert "line 4, column 'size': '3,5' is not a finite number" in str(info.value)
-    assert "data.categorical" in str(info.value)
+    assert "data.columns: {size: categorical}" in str(info.value)
 
 
 def test_categorical_names_a_feature_column(tmp_path):
@@ -329,7 +329,7 @@ def test_a_mixed_table_trains_evaluates_and_predicts_unseen_categories_and_blank
 
 
 def test_a_label_with_a_class_per_row_says_why_no_validation_is_left(tmp_path):
-    rows = [[i, f"order-{i:05d}"] for i in range(2_000)]
+    rows = [[i % 7, f"order-{i:05d}"] for i in range(2_000)]
     train = write_csv(tmp_path / "train.csv", ["x", "id"], rows)
     recipe = Recipe.model_validate(
         {"name": "t", "data": {"name": "csv", "train": str(train), "label": "id"}, "model": {}}
@@ -403,7 +403,7 @@ def test_a_detected_regression_with_a_classification_loss_stops_before_training(
 
 
 def test_rows_without_a_label_are_left_out_and_counted_never_a_class(tmp_path):
-    rows = [[i, ["yes", "no"][i % 2]] for i in range(40)]
+    rows = [[i % 7, ["yes", "no"][i % 2]] for i in range(40)]
     for i, marker in zip((3, 8, 13, 21, 30, 31), ("", "NA", "nan", "null", "?", " N/A ")):
         rows[i][1] = marker
     write_csv(tmp_path / "t.csv", ["x", "y"], rows)
@@ -418,7 +418,7 @@ def test_rows_without_a_label_are_left_out_and_counted_never_a_class(tmp_path):
 
 @pytest.mark.parametrize("labels", [["spam"] * 30, ["spam"] * 29 + ["NA"]])
 def test_a_label_with_one_class_is_refused_before_training(tmp_path, labels):
-    write_csv(tmp_path / "t.csv", ["x", "y"], [[i, v] for i, v in enumerate(labels)])
+    write_csv(tmp_path / "t.csv", ["x", "y"], [[i % 7, v] for i, v in enumerate(labels)])
     with pytest.raises(UserError, match="every labelled row of .* has the class 'spam'"):
         csv_tables.csv(path=str(tmp_path / "t.csv"), label="y")
 
@@ -427,3 +427,43 @@ def test_a_label_column_with_no_value_at_all_is_named(tmp_path):
     write_csv(tmp_path / "t.csv", ["x", "y"], [[i, ""] for i in range(5)])
     with pytest.raises(UserError, match="no row of .* has a 'y' value"):
         csv_tables.csv(path=str(tmp_path / "t.csv"), label="y")
+
+
+def test_with_one_file_the_encoding_is_learned_from_the_training_rows_only(tmp_path):
+    """data.path carves test (and then val) rows out of one file: changing only those rows
+    changes nothing of the medians, categories, fills or normalisation — and changing one
+    training row does (so the comparison can tell)."""
+    from dltrain.data.splits import stratified_split
+
+    rng = np.random.default_rng(1)
+    rows = _mixed_rows(rng, 300)
+    labels = np.array([row[-1] for row in rows])
+    kept, test_rows = stratified_split(labels, 0.2, 0)
+    _, val_of_kept = stratified_split(labels[kept], 0.1, 0)
+    held_out = [*test_rows, *kept[val_of_kept]]
+
+    def prepared(changed: list[int], name: str):
+        table = [list(row) for row in rows]
+        for i in changed:
+            table[i][:3] = ["Atlantis", "99999.0", 77]  # unseen city, huge size, odd grade
+        write_csv(tmp_path / f"{name}.csv", ["city", "size", "grade", "label"], table)
+        recipe = Recipe.model_validate(
+            {
+                "name": "t",
+                "data": {
+                    "name": "csv",
+                    "path": str(tmp_path / f"{name}.csv"),
+                    "categorical": ["grade"],
+                },
+                "model": {},
+            }
+        )
+        return prepare_data(recipe.data, seed=0)
+
+    base, other = prepared([], "base"), prepared(held_out, "held-out")
+    assert other.extra["table"] == base.extra["table"]
+    assert (other.mean, other.std) == (base.mean, base.std)
+    assert not torch.equal(other.splits["test"].x, base.splits["test"].x)  # the rows did change
+    assert not torch.equal(other.splits["val"].x, base.splits["val"].x)
+    train_row = int(kept[np.setdiff1d(np.arange(len(kept)), val_of_kept)[0]])
+    assert prepared([train_row], "train-row").extra["table"] != base.extra["table"]
