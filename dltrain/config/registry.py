@@ -309,7 +309,16 @@ MODELS = Registry(
     runtime_args=("input_shape", "num_classes", "input_kind", "vocab_size", "task", "data_meta"),
     modules=tuple(
         f"dltrain.models.{m}"
-        for m in ("cnn", "mlp", "resnet", "rnn", "speednet", "torchvision_models", "transformer")
+        for m in (
+            "cnn",
+            "mlp",
+            "resnet",
+            "rnn",
+            "speednet",
+            "tabular",
+            "torchvision_models",
+            "transformer",
+        )  # fmt: skip
     ),
 )
 DATASETS = Registry(

@@ -20,7 +20,6 @@ from pydantic import Field
 from torch import nn
 
 from dltrain.config.registry import MODELS
-from dltrain.data.table_encoding import TableEncoding
 from dltrain.errors import UserError
 from dltrain.models.inputs import refuse_sequences
 from dltrain.models.mlp import HiddenSizes
@@ -31,13 +30,13 @@ def feature_groups(data_meta: dict[str, Any] | None, width: int) -> list[tuple[s
     if not data_meta or "table" not in data_meta:
         return [("numeric", slice(i, i + 1)) for i in range(width)]
     groups, start = [], 0
-    for column in TableEncoding.from_dict(data_meta["table"]).columns:
-        if column.kind == "categorical":
-            groups.append(("categorical", slice(start, start + 1 + len(column.categories))))
+    for column in data_meta["table"]["columns"]:  # dltrain.data.table_encoding's, as stored
+        if column["kind"] == "categorical":
+            groups.append(("categorical", slice(start, start + 1 + len(column["categories"]))))
         else:
             groups.append(("numeric", slice(start, start + 1)))
         start = groups[-1][1].stop
-        if column.indicator:
+        if column["indicator"]:
             groups.append(("numeric", slice(start, start + 1)))
             start += 1
     return groups
