@@ -92,6 +92,8 @@ def predict(
     if output is not None:
         write_predictions(output, results)
         Console(stderr=True).print(f"wrote {len(results):,} predictions to {output}", markup=False)
+        if not as_json:
+            return  # the file holds them: thousands of rows are not for the terminal
     if as_json:
         sys.stdout.write(json.dumps(results, indent=2) + "\n")
     elif predictor.task == "regression":

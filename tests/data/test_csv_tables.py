@@ -467,3 +467,25 @@ def test_with_one_file_the_encoding_is_learned_from_the_training_rows_only(tmp_p
     assert not torch.equal(other.splits["val"].x, base.splits["val"].x)
     train_row = int(kept[np.setdiff1d(np.arange(len(kept)), val_of_kept)[0]])
     assert prepared([train_row], "train-row").extra["table"] != base.extra["table"]
+
+
+@pytest.mark.parametrize(
+    ("labels", "expected"),
+    [
+        ([1 + i % 3 for i in range(60)], "classification"),  # ids from 1, many rows each
+        ([i % 20 for i in range(60)], "classification"),  # 20 classes: at MANY_CLASSES
+        ([i % 21 for i in range(60)], "question"),  # 21 consecutive ids from 0, 2-3 rows each
+        ([1 + i % 21 for i in range(60)], "question"),  # ... from 1
+        ([5 + i % 21 for i in range(60)], "regression"),  # consecutive, but not class ids
+        ([3 * (i % 21) for i in range(60)], "regression"),  # 21 values with gaps
+        ([i % 30 for i in range(300)], "classification"),  # 30 ≤ a tenth of 300 rows
+        ([i % 31 for i in range(300)], "question"),  # one more than a tenth
+    ],
+)
+def test_task_auto_at_its_thresholds(tmp_path, labels, expected):
+    path = write_csv(tmp_path / "t.csv", ["x", "y"], [[i % 7, v] for i, v in enumerate(labels)])
+    if expected == "question":
+        with pytest.raises(UserError, match="class ids with few rows each, or a quantity"):
+            csv_tables.csv(path=path, label="y")
+        return
+    assert csv_tables.csv(path=path, label="y").task == expected
