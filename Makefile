@@ -8,7 +8,7 @@ XLA_VENV  := .venv-xla
 XLA_STAMP := $(XLA_VENV)/.installed
 XLA_PINS  := torch==2.9.0 torchvision==0.24.0 torch_xla==2.9.0
 
-.PHONY: demo test test-fast test-xla lint format bench gpu-prep clean
+.PHONY: demo test test-fast test-xla lint format bench bench-tables gpu-prep clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,10 @@ lint: $(STAMP)  ## ruff check + format check
 
 bench: $(STAMP)  ## samples/s vs a hand-written loop, the CIFAR tutorial, Lightning (BENCH_SCALE=small|full)
 	$(BIN)/python bench/run.py
+
+bench-tables: $(STAMP)  ## table models vs HistGradientBoosting on tables that install offline
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	$(BIN)/python bench/tables.py
 
 # What bench/gpu_check.sh needs on a lent GPU machine that its image lacks (carry both folders):
 # dltrain's pure-Python dependencies and pytest as wheels for several Pythons, and the CIFAR-10
