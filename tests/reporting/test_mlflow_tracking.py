@@ -144,9 +144,12 @@ PLACES = ("{tmp}/store.db", "{tmp}", "{tmp}/garbage.db", "{tmp}/missing/dir/x.db
     place=st.sampled_from(PLACES),
     store=st.sampled_from(["mlflow", "optuna"]),
 )
-def test_any_store_url_is_used_or_refused_naming_it(tmp_path, scheme, host, place, store):
+def test_any_store_url_is_used_or_refused_naming_it(
+    tmp_path, monkeypatch, scheme, host, place, store
+):
     """A tracking URI (probed as a fit does before MLflow's own minutes of retries) and a sweep's
     --storage: opened, or one UserError that names the URL — never another exception."""
+    monkeypatch.chdir(tmp_path)  # a relative SQLite path is a file in the working folder
     from dltrain.errors import UserError
     from dltrain.experiments.sweep_study import _storage
     from dltrain.reporting.mlflow_tracking import probe_store
