@@ -18,6 +18,13 @@ def decode_cache_in_the_tests_own_folder(tmp_path_factory):
     os.environ["DLTRAIN_CACHE"] = str(tmp_path_factory.mktemp("decode-cache"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread_for_every_run():
+    # train.threads: auto takes an explicit OMP_NUM_THREADS as given: runs in the tests use
+    # one thread without timing steps first (tests/system/test_threads.py unsets it)
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+
 @pytest.fixture(autouse=True)
 def one_cpu_thread():
     # every test on one torch thread (see one_torch_thread); module and session fixtures run

@@ -124,6 +124,9 @@ class TrainSection(BaseModel):
     tf32: bool = True  # CUDA: TF32 tensor cores for float32 matmuls/convolutions
     checkpoint_every_steps: PositiveInt | None = None  # also write last.pt mid-epoch
     on_nonfinite: Literal["stop", "skip_step"] = "stop"  # skip_step costs a sync per step
+    # CPU threads of torch's kernels: auto times a few steps at 1 and at every usable core
+    # (dltrain.system.threads); N is used as given
+    threads: Literal["auto"] | PositiveInt = "auto"
     ema: EmaSettings | None = (
         None  # a moving average of the weights evaluates (dltrain.training.ema)
     )

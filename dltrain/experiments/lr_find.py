@@ -42,8 +42,10 @@ from dltrain.errors import UserError
 from dltrain.optim import build_optimizer
 from dltrain.reporting.plots import DPI, figure_classes
 from dltrain.system.atomic import atomic_write, atomic_write_text
+from dltrain.system.threads import choose_threads
 from dltrain.training.build import Setup, build_setup, split_batches
 from dltrain.training.step import ForwardLoss, Step, train_step
+from dltrain.training.thread_probe import probe_step
 
 # The suggestion (suggest_index): the loss's slope at each point is fitted over ±WINDOW_DECADES
 # of lr; the first SKIP_SHARE of the points (at least 1, at most MAX_SKIP) are skipped; at least
@@ -107,6 +109,7 @@ def find_lr(
     """
     _check_arguments(start_lr, end_lr, steps, smoothing, diverge)
     setup = build_setup(recipe)  # seeds python, numpy and torch from the recipe
+    choose_threads(recipe.train.threads, setup.device, lambda: probe_step(setup))
     step = _eager_step(setup)
     set_lr = _lr_setter(step.optimizer)
     micro_batches = _cycle(split_batches(setup, "train", shuffle=True))

@@ -16,7 +16,7 @@ import tempfile
 
 from rich.console import Console
 
-from dltrain.system.host import usable_cores
+from dltrain.system.threads import cores_per_process
 
 
 def launch_local(nproc: int, fit_args: list[str], max_restarts: int = 0) -> int:
@@ -25,7 +25,8 @@ def launch_local(nproc: int, fit_args: list[str], max_restarts: int = 0) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, usable_cores() // nproc)))
+    # each process's share of the cores (the one rule: system/threads.py)
+    os.environ.setdefault("OMP_NUM_THREADS", str(cores_per_process(nproc)))
     _quiet_launcher_logs()
     # torchrun makes a log folder per run in the system temp folder and leaves it there; its
     # files hold nothing the processes do not print, so it goes when the launch ends

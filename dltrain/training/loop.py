@@ -39,6 +39,7 @@ from dltrain.system.devices import resolve_device
 from dltrain.system.distributed import World, process_device, process_group, world_from_environment
 from dltrain.system.interrupts import LAUNCHER_ECHO_SECONDS, GracefulStop, Interrupted
 from dltrain.system.out_of_memory import out_of_memory_is_a_run_failure
+from dltrain.system.threads import choose_threads
 from dltrain.training.build import Setup, build_schedule, build_setup, split_batches
 from dltrain.training.ema import WeightAverage
 from dltrain.training.evaluate import evaluate, report_on_split, report_split
@@ -46,6 +47,7 @@ from dltrain.training.resume import checkpoint_state, restore
 from dltrain.training.state import TrainState, fallback_note
 from dltrain.training.step import Step, train_step
 from dltrain.training.step_policy import StepPolicy, check_weights_finite
+from dltrain.training.thread_probe import probe_step
 from dltrain.training.wrapping import TrainingModules, training_modules
 
 
@@ -207,6 +209,7 @@ def _start_training(
     """Build the run, restore a resumed one, open the run folder and the log, say what runs."""
     started = time.perf_counter()
     setup = build_setup(recipe, device, world=world, sample_limit=sample_limit)
+    threads = choose_threads(recipe.train.threads, setup.device, lambda: probe_step(setup))
     train_batches = split_batches(setup, "train", shuffle=True)
     val_batches = split_batches(setup, "val", shuffle=False) if "val" in setup.data.splits else None
     optimizer = build_optimizer(recipe.optimizer, setup.model, setup.device.type)
@@ -232,8 +235,10 @@ def _start_training(
         resumed_from=str(resume) if resume else None,
         epoch=state.epoch,
         step=state.step,
+        **threads.event(),
     )
     _say_what_runs(progress, setup, train_batches, val_batches, resume, state)
+    progress.note(threads.describe())
     modules = training_modules(setup, averaged=ema.module if ema else None)
     step = _optimizer_step(setup, modules, optimizer, schedule, resume)
     training = Training(setup, modules, step, optimizer, schedule, run, progress, log, stop, state)

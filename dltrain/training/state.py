@@ -20,6 +20,7 @@ RESUMABLE_CHANGES = (
     "device",
     "train.epochs",
     "train.checkpoint_every_steps",
+    "train.threads",  # how fast the CPU computes it (1 and 2 threads train the same weights)
     "data.loader",
     "data.num_workers",
     "data.eval_batch_size",

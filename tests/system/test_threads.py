@@ -1,0 +1,82 @@
+"""system/threads.py: `train.threads: auto` times real steps on copies and keeps the faster
+count (said in the header and events.jsonl), never more than the usable cores, without
+changing what the run computes; a number is used as given, and an explicit OMP_NUM_THREADS
+wins over auto."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dltrain.system.host import usable_cores
+from dltrain.system.threads import ThreadChoice, choose_threads, cores_per_process
+
+from helpers.training import TABULAR, assert_same_tensors, train, weights
+
+DROPOUT = ("model.dropout=0.3",)  # dropout draws from the random stream at each step
+
+
+def start_event(run) -> dict:
+    lines = (run.root / "events.jsonl").read_text().splitlines()
+    return next(json.loads(line) for line in lines if '"start"' in line)
+
+
+@pytest.fixture
+def no_thread_variable(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+
+
+def test_auto_times_each_count_and_trains_as_the_count_it_picked(tmp_path, no_thread_variable):
+    auto_run, _ = train(tmp_path, TABULAR, "auto", "train.epochs=2", *DROPOUT)
+    event = start_event(auto_run)
+    assert event["threads_chosen"] == "auto" and 1 <= event["threads"] <= usable_cores()
+    timed = {int(n) for n in event["step_ms_by_threads"]}
+    assert timed == ({1, usable_cores()} if usable_cores() > 1 else set())
+    # the steps it timed ran on copies, with the random streams put back: the run is the
+    # one a fixed count gives, bit for bit
+    fixed_run, _ = train(
+        tmp_path, TABULAR, "fixed", "train.epochs=2", *DROPOUT, f"train.threads={event['threads']}"
+    )
+    assert start_event(fixed_run)["threads_chosen"] == "recipe"
+    assert_same_tensors(weights(auto_run.last_path), weights(fixed_run.last_path))
+
+
+def test_one_and_two_threads_train_the_same_weights(tmp_path, no_thread_variable):
+    one, _ = train(tmp_path, TABULAR, "one", "train.epochs=2", *DROPOUT, "train.threads=1")
+    two, _ = train(tmp_path, TABULAR, "two", "train.epochs=2", *DROPOUT, "train.threads=2")
+    assert (start_event(one)["threads"], start_event(two)["threads"]) == (1, 2)
+    assert_same_tensors(weights(one.last_path), weights(two.last_path))
+
+
+def test_an_explicit_thread_variable_wins_over_auto(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    run, _ = train(tmp_path, TABULAR, "env", "train.epochs=1")
+    event = start_event(run)
+    assert (event["threads"], event["threads_chosen"], event["step_ms_by_threads"]) == (
+        1,
+        "environment",
+        {},
+    )
+
+
+def test_processes_share_the_cores_and_auto_stays_within_its_share(monkeypatch, no_thread_variable):
+    assert cores_per_process(1) == usable_cores()
+    assert cores_per_process(usable_cores()) == 1 and cores_per_process(10 * usable_cores()) == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(usable_cores()))  # under fit --nproc
+    never = lambda: pytest.fail("nothing to time with one core each")  # noqa: E731
+    assert choose_threads("auto", torch.device("cpu"), never) == ThreadChoice(1, "auto", {})
+
+
+def test_auto_keeps_fewer_threads_unless_more_are_clearly_faster(monkeypatch, no_thread_variable):
+    import dltrain.system.threads as threads
+
+    monkeypatch.setattr(threads, "usable_cores", lambda: 4)
+    for timed, expected in (({1: 10.0, 4: 9.5}, 1), ({1: 10.0, 4: 5.0}, 4), ({1: 3.0, 4: 40.0}, 1)):
+        monkeypatch.setattr(threads, "_step_ms", lambda step, count, t=timed: t[count])
+        choice = choose_threads("auto", torch.device("cpu"), lambda: lambda: None)
+        assert (choice.threads, choice.step_ms) == (expected, timed)
+        assert torch.get_num_threads() == expected
+    torch.set_num_threads(1)
