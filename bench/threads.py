@@ -106,11 +106,13 @@ def hand_loop(case: str, folder: Path, threads: int, steps: int) -> float:
 
 def dltrain_rate(case: str, folder: Path) -> tuple[float, dict]:
     """Median samples/s of dltrain's epochs after the first, and its thread choice."""
+    folder = Path(tempfile.mkdtemp(dir=folder))  # a fresh run folder for every fit
     recipe = recipe_for(case, folder)
     run = RunFolder(folder / case)
     fit(recipe, run, Progress(Console(file=io.StringIO()), quiet=True))
     rates = [row["samples_per_s"] for row in read_metrics(run.metrics_path)][1:]
-    start = json.loads((run.root / "events.jsonl").read_text().splitlines()[0])
+    events = [json.loads(line) for line in (run.root / "events.jsonl").read_text().splitlines()]
+    start = next(event for event in events if event["event"] == "start")
     choice = {k: start.get(k) for k in ("threads", "threads_chosen", "step_ms_by_threads")}
     return statistics.median(rates), choice
 
