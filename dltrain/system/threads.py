@@ -7,7 +7,9 @@ batch 4 with 2 threads instead of 1 on a busy 2-core VM (issue 24). So `auto` ti
 optimizer steps at 1 thread and at every core this process may use, on copies of the model and
 optimizer (the run's weights and random streams are untouched: `threads: auto` trains exactly as
 the count it picks), and keeps the faster; within 10 % it keeps fewer threads, which leave the
-cores to other work. `threads: N` is honoured as given.
+cores to other work. When an epoch's steps later take over twice as long (or half as long) as
+the first epoch's after the choice, the load changed: the counts are timed again. `threads: N`
+is honoured as given.
 
 The one rule for sharing cores: each of `fit --nproc`'s processes gets usable cores / processes
 (`cores_per_process`), and auto measures within that; DataLoader workers run one thread each
@@ -55,6 +57,16 @@ class ThreadChoice:
         """What events.jsonl's start event records."""
         timed = {str(n): round(ms, 3) for n, ms in self.step_ms.items()}
         return {"threads": self.threads, "threads_chosen": self.how, "step_ms_by_threads": timed}
+
+
+# An epoch whose steps take this many times longer (or shorter) than the first epoch's after a
+# choice means the machine's load changed: auto times the counts again
+DRIFT = 2.0
+
+
+def drifted(ms_per_step: float, baseline_ms: float) -> bool:
+    """Whether an epoch's step time moved by more than DRIFT against the baseline."""
+    return not baseline_ms / DRIFT <= ms_per_step <= baseline_ms * DRIFT
 
 
 def cores_per_process(processes: int) -> int:

@@ -39,7 +39,7 @@ from dltrain.system.devices import resolve_device
 from dltrain.system.distributed import World, process_device, process_group, world_from_environment
 from dltrain.system.interrupts import LAUNCHER_ECHO_SECONDS, GracefulStop, Interrupted
 from dltrain.system.out_of_memory import out_of_memory_is_a_run_failure
-from dltrain.system.threads import choose_threads
+from dltrain.system.threads import ThreadChoice, choose_threads, drifted
 from dltrain.training.build import Setup, build_schedule, build_setup, split_batches
 from dltrain.training.ema import WeightAverage
 from dltrain.training.evaluate import evaluate, report_on_split, report_split
@@ -69,6 +69,8 @@ class Training:
     stepped: bool = False  # has this process taken an optimizer step yet
     resumed_from: Path | None = None
     ema: WeightAverage | None = None  # train.ema: the moving average that evaluates
+    threads: ThreadChoice | None = None  # train.threads as chosen (timed again on drift)
+    thread_baseline_ms: float | None = None  # the first epoch's step time after the choice
 
     def checkpoint(self, epoch: int) -> dict[str, Any]:
         """What last.pt/best.pt hold now; refused when the weights became non-finite."""
@@ -163,6 +165,7 @@ def _train_epochs(
 
         # record, decide, checkpoint
         row = _metrics_row(training, epoch, train_loss, validation)
+        _recheck_threads(training, 1000 * row["seconds"] / max(len(train_batches), 1))
         state.epoch = epoch
         state.start_epoch()
         improved = state.record_epoch(row, train.monitor, train.early_stopping)
@@ -173,6 +176,26 @@ def _train_epochs(
             raise Interrupted(training.stop.signum or signal.SIGTERM, str(training.run.last_path))
         if after_epoch is not None:
             after_epoch(row)
+
+
+def _recheck_threads(training: Training, ms_per_step: float) -> None:
+    """train.threads auto: time the counts again when the epoch's steps drifted far from the
+    first epoch's after the last choice (the machine's load changed); said and logged."""
+    choice = training.threads
+    if choice is None or choice.how != "auto" or not choice.step_ms:
+        return
+    baseline = training.thread_baseline_ms
+    if baseline is None or not drifted(ms_per_step, baseline):
+        training.thread_baseline_ms = baseline or ms_per_step
+        return
+    setup = training.setup
+    training.threads = choose_threads("auto", setup.device, lambda: probe_step(setup))
+    training.thread_baseline_ms = None  # the next epoch's time, at the new choice
+    training.progress.note(
+        f"steps took {ms_per_step:.1f} ms against {baseline:.1f} ms: timed again, "
+        f"{training.threads.describe()}"
+    )
+    training.log.event("threads", ms_per_step=round(ms_per_step, 3), **training.threads.event())
 
 
 def _final_report(training: Training, report_on: str | None) -> dict:
@@ -243,6 +266,7 @@ def _start_training(
     step = _optimizer_step(setup, modules, optimizer, schedule, resume)
     training = Training(setup, modules, step, optimizer, schedule, run, progress, log, stop, state)
     training.started, training.resumed_from, training.ema = started, resume, ema
+    training.threads = threads
     return training, train_batches, val_batches
 
 

@@ -80,3 +80,34 @@ def test_auto_keeps_fewer_threads_unless_more_are_clearly_faster(monkeypatch, no
         assert (choice.threads, choice.step_ms) == (expected, timed)
         assert torch.get_num_threads() == expected
     torch.set_num_threads(1)
+
+
+def test_drift_is_twice_as_slow_or_twice_as_fast():
+    from dltrain.system.threads import drifted
+
+    assert not drifted(2.0, 1.0) and not drifted(0.5, 1.0) and not drifted(1.3, 1.0)
+    assert drifted(2.01, 1.0) and drifted(0.49, 1.0)
+
+
+def test_a_drifting_step_time_is_timed_again_without_changing_the_run(
+    tmp_path, monkeypatch, no_thread_variable
+):
+    import dltrain.training.loop as loop
+
+    epochs_seen = []
+
+    def drift_after_the_second_epoch(ms_per_step: float, baseline_ms: float) -> bool:
+        epochs_seen.append(ms_per_step)
+        return len(epochs_seen) == 2  # looked at from epoch 2 on: the load changed in epoch 3
+
+    monkeypatch.setattr(loop, "drifted", drift_after_the_second_epoch)
+    timed, _ = train(tmp_path, TABULAR, "timed", "train.epochs=4", *DROPOUT)
+    events = [json.loads(line) for line in (timed.root / "events.jsonl").read_text().splitlines()]
+    again = [event for event in events if event["event"] == "threads"]
+    if usable_cores() == 1:
+        assert again == []  # nothing to choose between
+        return
+    assert len(again) == 1 and again[0]["threads_chosen"] == "auto"
+    assert {int(n) for n in again[0]["step_ms_by_threads"]} == {1, usable_cores()}
+    fixed, _ = train(tmp_path, TABULAR, "fixed", "train.epochs=4", *DROPOUT, "train.threads=1")
+    assert_same_tensors(weights(timed.last_path), weights(fixed.last_path))
