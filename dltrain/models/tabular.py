@@ -64,19 +64,17 @@ class ColumnTokens(nn.Module):
 
     def __init__(self, groups: list[tuple[str, slice]], d: int, frequencies: int, scale: float):
         super().__init__()
-        self.numeric = [i for i, (kind, _) in enumerate(groups) if kind == "numeric"]
-        self.categorical = [i for i, (kind, _) in enumerate(groups) if kind == "categorical"]
-        self.register_buffer(
-            "numeric_at", torch.tensor([groups[i][1].start for i in self.numeric], dtype=torch.long)
-        )
-        self.spans = [groups[i][1] for i in self.categorical]
-        self.periodic = (
-            PeriodicEmbeddings(len(self.numeric), d, frequencies, scale) if self.numeric else None
-        )
-        # a linear map of a one-hot group without bias is a lookup in an embedding table
+        numeric = [i for i, (kind, _) in enumerate(groups) if kind == "numeric"]
+        categorical = [i for i, (kind, _) in enumerate(groups) if kind == "categorical"]
+        at = [groups[i][1].start for i in numeric]
+        self.register_buffer("numeric_at", torch.tensor(at, dtype=torch.long))
+        self.spans = [groups[i][1] for i in categorical]
+        self.periodic = PeriodicEmbeddings(len(numeric), d, frequencies, scale) if numeric else None
+        # a linear map of a one-hot group is a lookup in an embedding table (plus the column's
+        # own offset, its bias)
         self.tables = nn.ModuleList(nn.Linear(s.stop - s.start, d) for s in self.spans)
-        order = self.numeric + self.categorical  # tokens are made in this order...
-        self.register_buffer("order", torch.tensor([order.index(i) for i in range(len(groups))]))
+        made = numeric + categorical  # tokens are made in this order...
+        self.register_buffer("order", torch.tensor([made.index(i) for i in range(len(groups))]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = []
