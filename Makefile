@@ -42,8 +42,9 @@ lint: $(STAMP)  ## ruff check + format check
 	$(BIN)/ruff check dltrain tests bench
 	$(BIN)/ruff format --check dltrain tests bench
 
-bench: $(STAMP)  ## samples/s vs a hand-written loop, the CIFAR tutorial, Lightning (BENCH_SCALE=small|full)
+bench: $(STAMP)  ## samples/s vs a hand-written loop, the CIFAR tutorial, Lightning; threads quiet and loaded
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/threads.py
 
 bench-tables: $(STAMP)  ## table models vs HistGradientBoosting on tables that install offline
 	$(BIN)/python -m pip install --quiet -e '.[bench]'

@@ -34,7 +34,7 @@ class Settings:
     device: torch.device
     precision: str  # fp32 | bf16 | fp16
     channels_last: bool
-    fused: bool  # fused Adam kernel (dltrain: on CUDA)
+    fused: bool  # fused Adam kernel (dltrain: on CUDA and the CPU)
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:

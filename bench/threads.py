@@ -5,9 +5,14 @@ bench makes itself (one CPU-burning process per usable core, stopped before it e
 Cases (issue 24): the seed recipe's CNN at batch 4 (CIFAR-shaped synthetic images), a table
 MLP 26→256→128→2 at batch 64, and a small LSTM (the adding problem, 50 steps, hidden 64) at
 batch 32. The hand-written loop trains the same model (dltrain's factory) on the same resident
-tensors with Adam; dltrain trains the recipe with `dltrain.training.loop.fit` and its figure is
-the median of metrics.csv's `samples_per_s` over the epochs after the first. Rounds alternate
-the variants within the same minute; figures are medians over rounds.
+tensors, in a shuffled order, with Adam: torch's default Adam (a per-parameter loop on the
+CPU) at torch's default thread count and at 1 thread — the plain loop —, and the same two with
+`fused=True`, the one-kernel update dltrain uses by default, so that the engine's own per-step
+work shows apart from the kernel choice. dltrain trains the recipe with
+`dltrain.training.loop.fit` and its figure is the median of metrics.csv's `samples_per_s` over
+the epochs after the first. Rounds alternate the variants within the same minute; figures are
+medians over rounds. Every variant runs with dltrain's CPU process settings (denormals flushed,
+freed memory kept: dltrain.system.host).
 
     .venv/bin/python bench/threads.py            # JSON: bench/results/threads.json
 """
@@ -35,7 +40,7 @@ from dltrain.config.schema import Recipe, resolve  # noqa: E402
 from dltrain.reporting.progress import Progress  # noqa: E402
 from dltrain.runs.folder import RunFolder  # noqa: E402
 from dltrain.runs.metrics_csv import read_metrics  # noqa: E402
-from dltrain.system.host import usable_cores  # noqa: E402
+from dltrain.system.host import tune_for_training, usable_cores  # noqa: E402
 from dltrain.training.build import build_setup  # noqa: E402
 from dltrain.training.loop import fit  # noqa: E402
 
@@ -71,22 +76,26 @@ def recipe_for(case: str, folder: Path, threads: str | int = "auto") -> Recipe:
     )  # fmt: skip
 
 
-def hand_loop(case: str, folder: Path, threads: int, steps: int) -> float:
+def hand_loop(case: str, folder: Path, threads: int, steps: int, fused: bool = False) -> float:
     """Samples/s of a plain loop: the model from dltrain's factory, the resident training
-    tensors, Adam, the loss the recipe's task trains with."""
+    tensors drawn in a shuffled order (as any SGD loop must), Adam — torch's default
+    per-parameter kernel, or with `fused` the one-kernel update dltrain uses on the CPU —, the
+    loss the recipe's task trains with."""
     torch.set_num_threads(threads)
     setup = build_setup(recipe_for(case, folder, threads))
     model, split = setup.model.train(), setup.data.splits["train"]
     x, y = split.x, split.y
     x = x.float().div(255) if x.dtype == torch.uint8 else x.float()
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.001)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.001, fused=fused or None)
     batch = setup.recipe.data.batch_size
     regression = setup.data.task == "regression"
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
 
     def step(i: int) -> None:
         at = (i * batch) % (len(x) - batch)
-        out = model(x[at : at + batch])
-        target = y[at : at + batch]
+        index = order[at : at + batch]
+        out = model(x.index_select(0, index))
+        target = y.index_select(0, index)
         loss = (
             torch.nn.functional.mse_loss(out.squeeze(-1), target.float())
             if regression
@@ -144,22 +153,34 @@ class Load:
 STEPS = {"seed_cnn_b4": 300, "table_mlp_b64": 300, "lstm_b32": 60}
 
 
+HAND_VARIANTS = {  # name: (threads: None = torch's default, one per core; fused Adam)
+    "hand_default": (None, False),
+    "hand_1": (1, False),
+    "hand_default_fused": (None, True),
+    "hand_1_fused": (1, True),
+}
+
+
 def measure(case: str, folder: Path) -> dict:
     cores = usable_cores()
-    rows: dict[str, list] = {"hand_default": [], "hand_1": [], "dltrain_auto": []}
+    rows: dict[str, list] = {name: [] for name in HAND_VARIANTS} | {"dltrain_auto": []}
     choices = []
     for _ in range(ROUNDS):
-        rows["hand_default"].append(hand_loop(case, folder, cores, STEPS[case]))
-        rows["hand_1"].append(hand_loop(case, folder, 1, STEPS[case]))
+        for name, (threads, fused) in HAND_VARIANTS.items():
+            rows[name].append(hand_loop(case, folder, threads or cores, STEPS[case], fused))
         rate, choice = dltrain_rate(case, folder)
         rows["dltrain_auto"].append(rate)
         choices.append(choice)
     result = {k: statistics.median(v) for k, v in rows.items()}
     best = max(result["hand_default"], result["hand_1"])
+    best_fused = max(result["hand_default_fused"], result["hand_1_fused"])
+    dltrain = result["dltrain_auto"]
     result |= {
         "hand_best": best,
-        "vs_hand_default": result["dltrain_auto"] / result["hand_default"],
-        "vs_hand_best": result["dltrain_auto"] / best,
+        "hand_best_fused": best_fused,
+        "vs_hand_default": dltrain / result["hand_default"],
+        "vs_hand_best": dltrain / best,
+        "vs_hand_best_fused": dltrain / best_fused,
         "choices": choices,
         "samples": rows,
     }
@@ -168,7 +189,7 @@ def measure(case: str, folder: Path) -> dict:
 
 def main() -> None:
     os.environ.pop("OMP_NUM_THREADS", None)
-    torch.set_flush_denormal(True)
+    tune_for_training(torch.device("cpu"), cudnn_benchmark=False, tf32=False)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -183,9 +204,11 @@ def main() -> None:
                 r = results[condition][case]
                 print(
                     f"{condition:6} {case:14} hand(default {usable_cores()}) "
-                    f"{r['hand_default']:9.0f}  hand(1) {r['hand_1']:9.0f}  dltrain(auto) "
-                    f"{r['dltrain_auto']:9.0f}  ×default {r['vs_hand_default']:.2f}  ×best "
-                    f"{r['vs_hand_best']:.2f}  picked {[c['threads'] for c in r['choices']]}",
+                    f"{r['hand_default']:9.0f}  hand(1) {r['hand_1']:9.0f}  hand fused best "
+                    f"{r['hand_best_fused']:9.0f}  dltrain(auto) {r['dltrain_auto']:9.0f}  "
+                    f"×default {r['vs_hand_default']:.2f}  ×best {r['vs_hand_best']:.2f}  "
+                    f"×fused best {r['vs_hand_best_fused']:.2f}  "
+                    f"picked {[c['threads'] for c in r['choices']]}",
                     flush=True,
                 )
     out = Path(os.environ.get("BENCH_JSON", "bench/results/threads.json"))

@@ -44,6 +44,9 @@ Params = Iterable[Any]  # tensors, or param-group dicts as torch optimizers acce
 # -- optimizers -------------------------------------------------------------------------------
 
 
+FUSED_BY_DEFAULT = ("cuda", "cpu")
+
+
 def _fused_devices() -> list[str]:
     """Device types with fused optimizer kernels in this PyTorch build."""
     try:
@@ -57,8 +60,10 @@ def fused_kwargs(cls: type[Optimizer], fused: Fused, device_type: str) -> dict[s
     """The `fused=` keyword for optimizer class `cls`, or a UserError for an impossible request."""
     supported = "fused" in inspect.signature(cls).parameters
     if fused == "auto":
-        # Fused kernels pay off on CUDA; elsewhere torch's default (foreach) is the safe choice.
-        return {"fused": True} if supported and device_type == "cuda" else {}
+        # One kernel for the whole update instead of several per parameter: on CUDA and on the
+        # CPU alike it is the faster step (bench/RESULTS.md: Adam 1.3x on a small MLP's step,
+        # 6x on 4M parameters on the CPU). Other devices keep torch's default.
+        return {"fused": True} if supported and device_type in FUSED_BY_DEFAULT else {}
     if not fused:
         return {}
     if not supported:

@@ -150,18 +150,42 @@ def test_each_optimizer_lowers_a_quadratic(section):
     assert loss_fn().item() < before.item()
 
 
-def test_fused_auto_only_on_cuda():
+def test_fused_auto_on_cuda_and_cpu_only():
     params = [torch.nn.Parameter(torch.zeros(2))]
-    cpu = OPTIMIZERS.build(OPTIMIZERS.validate({"name": "adam"}, "o"), params=params)
-    assert not cpu.defaults["fused"]
-    cuda = OPTIMIZERS.build(
-        OPTIMIZERS.validate({"name": "adam"}, "o"), params=params, device_type="cuda"
-    )
-    assert cuda.defaults["fused"]  # constructed only: fused kernels are checked at step time
+    adam = OPTIMIZERS.validate({"name": "adam"}, "o")
+    for device_type in ("cpu", "cuda"):  # constructed only: kernels are checked at step time
+        assert OPTIMIZERS.build(adam, params=params, device_type=device_type).defaults["fused"]
+    assert not OPTIMIZERS.build(adam, params=params, device_type="mps").defaults["fused"]
     rms = OPTIMIZERS.build(
         OPTIMIZERS.validate({"name": "rmsprop"}, "o"), params=params, device_type="cuda"
     )
     assert "fused" not in rms.defaults
+
+
+def test_fused_auto_on_the_cpu_steps_as_torchs_fused_adam():
+    """The default on the CPU is torch's fused kernel: the same update as fused=True by hand,
+    and within rounding of the per-parameter loop."""
+    torch.manual_seed(0)
+    start = [torch.randn(5, 3), torch.randn(3)]
+    grads = [torch.randn(5, 3), torch.randn(3)]
+
+    def stepped(**kwargs):
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        optimizer = (
+            OPTIMIZERS.build(OPTIMIZERS.validate({"name": "adam", "lr": 0.1}, "o"), params=params)
+            if kwargs.get("ours")
+            else torch.optim.Adam(params, lr=0.1, fused=kwargs.get("fused"))
+        )
+        for _ in range(3):
+            optimizer.step()
+        return params
+
+    ours, fused, loop = stepped(ours=True), stepped(fused=True), stepped(fused=False)
+    for a, b, c in zip(ours, fused, loop):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, c)
 
 
 def test_fused_true_where_unsupported_is_a_user_error():

@@ -113,6 +113,7 @@ def test_one_sgd_step_equals_torch_sgd_with_explicit_groups():
         ],
         lr=1.5,
         **settings,
+        fused=True,  # fused: auto on the CPU
     )
     take_steps(ours, optimizer)
     take_steps(theirs, by_hand)

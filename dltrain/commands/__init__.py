@@ -29,6 +29,18 @@ def imports_option():
     )
 
 
+def threads_option(default: str):
+    """--threads, for the commands that run a model on the CPU without a recipe of their own."""
+    return typer.Option(
+        None,
+        "--threads",
+        metavar="auto|N",
+        help=f"CPU threads: auto times a few batches at 1 and at every usable core and keeps the "
+        f"faster; N uses N (default: {default}).",
+        show_default=False,
+    )
+
+
 def force_option():
     """--force, for every command with an --output: runs/outputs.py refuses the rest."""
     return typer.Option(

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from dltrain.commands import choices, imports_option
+from dltrain.commands import choices, imports_option, threads_option
 from dltrain.commands.training import OVERRIDES_HELP
 
 Split = choices("Split", "test", "val", "train")
@@ -40,6 +40,7 @@ def evaluate(
     force: bool = typer.Option(
         False, "--force", help="Write the report even into a folder that holds a run."
     ),
+    threads: str = threads_option("the recipe's train.threads"),
 ) -> None:
     """Evaluate a checkpoint: everything it needs (recipe, classes, normalisation) is inside it.
 
@@ -50,6 +51,7 @@ def evaluate(
       dltrain eval best.pt --split val --output reports/ --json
     """
     from dltrain.reporting.progress import Progress
+    from dltrain.system.threads import parse_threads
     from dltrain.training.evaluate import evaluate_checkpoint
 
     console = Console(stderr=True) if as_json else Console()
@@ -62,6 +64,7 @@ def evaluate(
         overrides=overrides or [],
         imports=imports or [],
         force=force,
+        threads=parse_threads(threads, "--threads") if threads else None,
     )
     if as_json:
         sys.stdout.write(json.dumps(report, indent=2) + "\n")

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from dltrain.commands import choices, force_option, imports_option
+from dltrain.commands import choices, force_option, imports_option, threads_option
 
 ExportFormat = choices("ExportFormat", "onnx", "torchscript")
 ExplainMethod = choices("ExplainMethod", "gradxinput", "gradcam", "both")
@@ -53,6 +53,7 @@ def predict(
     ),
     force: bool = force_option(),
     imports: list[str] = imports_option(),
+    threads: str = threads_option("auto"),
 ) -> None:
     """Predict from files or texts, prepared as in training, from the checkpoint alone.
 
@@ -79,16 +80,20 @@ def predict(
     from dltrain.reporting.console_tables import outputs_table, predictions_table, top_classes_table
     from dltrain.runs.outputs import refuse_replacing_run_files
     from dltrain.system.out_of_memory import out_of_memory_is_a_run_failure
+    from dltrain.system.threads import parse_threads
     from dltrain.use.inference import load_for_inference
     from dltrain.use.predict import check_predictions_path, predict_files, write_predictions
 
     console = Console(stderr=True) if as_json else Console()
+    threads = parse_threads(threads or "auto", "--threads")
     if output is not None:
         check_predictions_path(output)
         refuse_replacing_run_files(output, force, source=checkpoint)
     with out_of_memory_is_a_run_failure(device):
         predictor = load_for_inference(checkpoint, device, imports or [])
-        results = predict_files(predictor, inputs or [], top_k, texts or [])
+        results, choice = predict_files(predictor, inputs or [], top_k, texts or [], threads)
+    if choice.step_ms:  # timed: many inputs; said apart from the predictions
+        Console(stderr=True).print(choice.describe(), style="dim", markup=False)
     if output is not None:
         write_predictions(output, results)
         Console(stderr=True).print(f"wrote {len(results):,} predictions to {output}", markup=False)

@@ -141,7 +141,9 @@ class ResidentBatches:
         for i in range(start, len(self)):
             a, b = plan.span(i)
             index = order[a:b]
-            yield self.x[index], self.y[index]
+            # index_select, not x[index]: the same gather without Python's indexing rules,
+            # ~10 µs a batch that show on millisecond steps
+            yield self.x.index_select(0, index), self.y.index_select(0, index)
 
     def _lazy_epoch(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         # On XLA a slice position is a constant of the graph: slicing on the device would make

@@ -4,9 +4,10 @@ torch's default is one intra-op thread per core. On a machine where other work h
 (CI runners, shared servers, laptops) its threads spin-wait for each other and small steps
 collapse: measured 14.6× slower for a table MLP at batch 64 and 11× for the tutorial CNN at
 batch 4 with 2 threads instead of 1 on a busy 2-core VM (issue 24). So `auto` times a few real
-optimizer steps at 1 thread and at every core this process may use, on copies of the model and
+optimizer steps at 1 thread and at every core this process may use (windows of steps long
+enough to catch the stalls other work causes), on copies of the model and
 optimizer (the run's weights and random streams are untouched: `threads: auto` trains exactly as
-the count it picks), and keeps the faster; within 10 % it keeps fewer threads, which leave the
+the count it picks), and keeps the faster; within 5 % it keeps fewer threads, which leave the
 cores to other work. When an epoch's steps later take over twice as long (or half as long) as
 the first epoch's after the choice, the load changed: the counts are timed again. `threads: N`
 is honoured as given.
@@ -29,11 +30,22 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from dltrain.errors import UserError
 from dltrain.system.host import usable_cores
 
-WARMUP_STEPS = 2  # untimed: the first steps allocate and pick kernels
-TIMED_STEPS = 5  # the median of these is a count's step time
-FEWER_IF_WITHIN = 1.10  # fewer threads win unless the other count is >10 % faster
+WARMUP_STEPS = 2  # untimed, at each count: the first steps allocate and pick kernels
+# A count's step time is the mean over a window of steps at least WINDOW_SECONDS long (and of
+# at least WINDOW_STEPS steps), so that it spans several of the OS scheduler's time slices: a
+# thread that other work holds up stalls the whole step now and then, and the mean counts those
+# stalls where a median of single steps would hide them. Counts alternate over ROUNDS windows
+# (load that comes and goes hits each) and the median window is the count's time.
+WINDOW_SECONDS = 0.03
+WINDOW_STEPS = 2
+ROUNDS = 3
+# Timing takes 2 counts × (WARMUP_STEPS + ROUNDS × WINDOW_STEPS) = 16 steps at least: a job of
+# fewer than ten times that (a short eval or predict) is not timed
+MIN_WORK_STEPS = 160
+FEWER_IF_WITHIN = 1.05  # fewer threads win unless the other count is >5 % faster
 THREADS_VARIABLE = "OMP_NUM_THREADS"  # an explicit count from the environment wins over auto
 
 
@@ -42,7 +54,7 @@ class ThreadChoice:
     """The intra-op thread count in use and how it was chosen."""
 
     threads: int
-    how: str  # "auto" (measured), "recipe", "environment", "device"
+    how: str  # "auto" (measured), "recipe" (a number given), "environment", "short", "device"
     step_ms: dict[int, float] = field(default_factory=dict)  # measured: count → ms a step
 
     def describe(self) -> str:
@@ -50,8 +62,17 @@ class ThreadChoice:
         if self.how == "auto":
             timed = ", ".join(f"{n} → {ms:.1f} ms" for n, ms in sorted(self.step_ms.items()))
             return f"threads {self.threads} (auto: {timed} a step)"
-        said = {"recipe": "train.threads", "environment": THREADS_VARIABLE}.get(self.how)
-        return f"threads {self.threads}" + (f" ({said})" if said else " (torch's, for the GPU)")
+        said = {
+            "recipe": "as set",
+            "environment": THREADS_VARIABLE,
+            "short": "torch's: too little work to time",
+            "device": "torch's, for the GPU",
+        }[self.how]
+        return f"threads {self.threads} ({said})"
+
+    def chosen_ms(self) -> float | None:
+        """The measured ms a step at the chosen count (None when nothing was timed)."""
+        return self.step_ms.get(self.threads)
 
     def event(self) -> dict:
         """What events.jsonl's start event records."""
@@ -75,10 +96,15 @@ def cores_per_process(processes: int) -> int:
 
 
 def choose_threads(
-    setting: str | int, device: torch.device, make_step: Callable[[], Callable[[], None]]
+    setting: str | int,
+    device: torch.device,
+    make_step: Callable[[], Callable[[], None]],
+    work_steps: int | None = None,
 ) -> ThreadChoice:
     """Set torch's intra-op thread count as `setting` says and return the choice. `make_step`
-    builds a closure that runs one optimizer step on copies (called once, only for auto)."""
+    builds a closure that runs one step (an optimizer step on copies, or a forward pass) and is
+    called once, only for auto. `work_steps`: how many such steps the job has (eval, predict),
+    when known: auto does not time a job too short to repay it (torch's count stays)."""
     if device.type != "cpu":
         return ThreadChoice(torch.get_num_threads(), "device")
     if setting != "auto":
@@ -88,7 +114,18 @@ def choose_threads(
         count = max(1, int(os.environ[THREADS_VARIABLE]))
         torch.set_num_threads(count)
         return ThreadChoice(count, "environment")
+    if work_steps is not None and work_steps < MIN_WORK_STEPS:
+        return ThreadChoice(torch.get_num_threads(), "short")
     return _measured(make_step)
+
+
+def parse_threads(text: str, where: str) -> str | int:
+    """`auto` or a positive count, from the command line (`--threads`)."""
+    if text.strip() == "auto":
+        return "auto"
+    if text.strip().isdigit() and int(text) > 0:
+        return int(text)
+    raise UserError(f"{where}: '{text}' is not a thread count; give auto or a number ≥ 1.")
 
 
 def _measured(make_step: Callable[[], Callable[[], None]]) -> ThreadChoice:
@@ -98,12 +135,24 @@ def _measured(make_step: Callable[[], Callable[[], None]]) -> ThreadChoice:
         torch.set_num_threads(1)
         return ThreadChoice(1, "auto", {})
     with _random_streams_kept():
-        step = make_step()
-        timed = {count: _step_ms(step, count) for count in counts}
+        timed = _timed_counts(make_step(), counts)
     fastest = min(timed, key=timed.get)
     chosen = 1 if timed[1] <= timed[fastest] * FEWER_IF_WITHIN else fastest
     torch.set_num_threads(chosen)
     return ThreadChoice(chosen, "auto", timed)
+
+
+def _timed_counts(step: Callable[[], None], counts: list[int]) -> dict[int, float]:
+    """ms a step at each count: warm-up at each, then ROUNDS windows alternating the counts."""
+    for count in counts:
+        torch.set_num_threads(count)
+        for _ in range(WARMUP_STEPS):
+            step()
+    windows: dict[int, list[float]] = {count: [] for count in counts}
+    for _ in range(ROUNDS):
+        for count in counts:
+            windows[count].append(_window_ms(step, count))
+    return {count: statistics.median(times) for count, times in windows.items()}
 
 
 def _launched_share() -> int:
@@ -112,16 +161,14 @@ def _launched_share() -> int:
     return cores_per_process(processes)
 
 
-def _step_ms(step: Callable[[], None], threads: int) -> float:
+def _window_ms(step: Callable[[], None], threads: int) -> float:
+    """Mean ms a step over one window of steps at `threads` (stalls included)."""
     torch.set_num_threads(threads)
-    for _ in range(WARMUP_STEPS):
+    steps, start = 0, time.perf_counter()
+    while steps < WINDOW_STEPS or time.perf_counter() - start < WINDOW_SECONDS:
         step()
-    times = []
-    for _ in range(TIMED_STEPS):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+        steps += 1
+    return 1000 * (time.perf_counter() - start) / steps
 
 
 class _random_streams_kept:

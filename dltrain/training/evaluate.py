@@ -22,8 +22,10 @@ from dltrain.runs.checkpoint import load_checkpoint, load_weights, which_weights
 from dltrain.runs.folder import RunFolder
 from dltrain.runs.lock import holding_output
 from dltrain.system.out_of_memory import out_of_memory_is_a_run_failure
+from dltrain.system.threads import choose_threads
 from dltrain.training.build import Setup, build_setup, split_batches
 from dltrain.training.tasks import Evaluation
+from dltrain.training.thread_probe import probe_forward
 from dltrain.training.tta import with_tta
 
 
@@ -61,23 +63,22 @@ def evaluate_checkpoint(
     overrides: list[str] = (),
     imports: list[str] = (),
     force: bool = False,
+    threads: str | int | None = None,
 ) -> dict:
     """Rebuild the checkpoint's setup, load its weights, and report on a split.
 
     The report goes to `output` (default: eval-SPLIT beside the checkpoint), with
     confusion_matrix.png. The user's own components come from `imports` (the command line),
     never from the checkpoint. An `output` folder that holds a training run is refused unless
-    `force` (its report would be replaced).
+    `force` (its report would be replaced). `threads` (auto or a count; default: the recipe's
+    train.threads) is chosen as fit chooses it, timing the evaluation's forward pass.
     """
+    where = (split, device, overrides, imports, threads)
     if output is None:
-        return _evaluate_checkpoint(
-            checkpoint_path, None, progress, split, device, overrides, imports
-        )
+        return _evaluate_checkpoint(checkpoint_path, None, progress, *where)
     _refuse_replacing_a_run(Path(output), force)
     with holding_output(Path(output), "evaluating a checkpoint"):  # from the start: one writer
-        return _evaluate_checkpoint(
-            checkpoint_path, Path(output), progress, split, device, overrides, imports
-        )
+        return _evaluate_checkpoint(checkpoint_path, Path(output), progress, *where)
 
 
 def _evaluate_checkpoint(
@@ -88,6 +89,7 @@ def _evaluate_checkpoint(
     device: str | None,
     overrides: list[str],
     imports: list[str],
+    threads: str | int | None,
 ) -> dict:
     checkpoint = load_checkpoint(checkpoint_path)
     source = f"checkpoint {checkpoint_path}"
@@ -97,7 +99,10 @@ def _evaluate_checkpoint(
     setup = build_setup(recipe, device, meta=checkpoint["data_meta"])
     load_weights(setup.model, checkpoint, checkpoint_path, built_from=recipe.model)
     held = which_weights(checkpoint)
-    return report_on_split(setup, checkpoint_path, output, progress, split, held=held)
+    threads = threads or recipe.train.threads
+    return report_on_split(
+        setup, checkpoint_path, output, progress, split, held=held, threads=threads
+    )
 
 
 def report_split(splits: Collection[str]) -> str:
@@ -115,10 +120,12 @@ def report_on_split(
     history: list[dict[str, Any]] | None = None,
     between_batches: Callable[[], None] | None = None,
     held: dict[str, Any] | None = None,
+    threads: str | int | None = None,
 ) -> dict:
     """Evaluate setup.model (with eval.tta's views, if any) on a split and (rank 0) write
     report.json/.md and the plots; curves.png too when the training `history` is given. `held`
-    says which weights these are (their epoch, and what made them the best: `which_weights`)."""
+    says which weights these are (their epoch, and what made them the best: `which_weights`).
+    `threads`: the CPU thread count to choose first (None: as it is, e.g. fit's choice)."""
     from dltrain.reporting.report import write_report
 
     split = split or report_split(setup.data.splits)
@@ -129,6 +136,11 @@ def report_on_split(
     output = output or Path(checkpoint_path).parent / f"eval-{split}"
     progress.evaluating(split, len(setup.data.splits[split]))
     batches = split_batches(setup, split, shuffle=False)
+    if threads is not None:
+        choice = choose_threads(
+            threads, setup.device, lambda: probe_forward(setup, batches), len(batches)
+        )
+        progress.note(choice.describe())
     with out_of_memory_is_a_run_failure(
         setup.device, setup.recipe, setup.precision.name, eval_batch_size=batches.batch_size
     ):

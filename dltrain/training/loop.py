@@ -70,7 +70,8 @@ class Training:
     resumed_from: Path | None = None
     ema: WeightAverage | None = None  # train.ema: the moving average that evaluates
     threads: ThreadChoice | None = None  # train.threads as chosen (timed again on drift)
-    thread_baseline_ms: float | None = None  # the first epoch's step time after the choice
+    thread_baseline_ms: float | None = None  # the first epoch's step time after a choice
+    thread_probe_ms: float | None = None  # the start's measured step time, for the first epoch
 
     def checkpoint(self, epoch: int) -> dict[str, Any]:
         """What last.pt/best.pt hold now; refused when the weights became non-finite."""
@@ -179,20 +180,23 @@ def _train_epochs(
 
 
 def _recheck_threads(training: Training, ms_per_step: float) -> None:
-    """train.threads auto: time the counts again when the epoch's steps drifted far from the
-    first epoch's after the last choice (the machine's load changed); said and logged."""
+    """train.threads auto: time the counts again when the first epoch's steps drifted far from
+    the step time the start's choice measured (a choice made in a lull of the machine's load),
+    or a later epoch's from the first epoch's after a choice (the load changed); said and
+    logged."""
     choice = training.threads
     if choice is None or choice.how != "auto" or not choice.step_ms:
         return
-    baseline = training.thread_baseline_ms
-    if baseline is None or not drifted(ms_per_step, baseline):
-        training.thread_baseline_ms = baseline or ms_per_step
+    reference = training.thread_baseline_ms or training.thread_probe_ms
+    training.thread_probe_ms = None  # once: a data-bound epoch is slower than the probe's step
+    if reference is None or not drifted(ms_per_step, reference):
+        training.thread_baseline_ms = training.thread_baseline_ms or ms_per_step
         return
     setup = training.setup
     training.threads = choose_threads("auto", setup.device, lambda: probe_step(setup))
     training.thread_baseline_ms = None  # the next epoch's time, at the new choice
     training.progress.note(
-        f"steps took {ms_per_step:.1f} ms against {baseline:.1f} ms: timed again, "
+        f"steps took {ms_per_step:.1f} ms against {reference:.1f} ms: timed again, "
         f"{training.threads.describe()}"
     )
     training.log.event("threads", ms_per_step=round(ms_per_step, 3), **training.threads.event())
@@ -266,7 +270,7 @@ def _start_training(
     step = _optimizer_step(setup, modules, optimizer, schedule, resume)
     training = Training(setup, modules, step, optimizer, schedule, run, progress, log, stop, state)
     training.started, training.resumed_from, training.ema = started, resume, ema
-    training.threads = threads
+    training.threads, training.thread_probe_ms = threads, threads.chosen_ms()
     return training, train_batches, val_batches
 
 

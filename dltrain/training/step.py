@@ -64,8 +64,8 @@ class ForwardLoss(torch.nn.Module):
         with self.precision.autocast():
             loss = self.task.training_loss(self.model, self.pipeline.train(x), y, self.loss_fn)
             objective = loss + self.l1 * _l1_norm(self.penalised) if self.l1 else loss
-        if self.sums_loss:
-            self.loss_sum += loss.detach().float() * y.shape[0]
+        if self.sums_loss:  # one in-place kernel: the step's only bookkeeping on the device
+            self.loss_sum.add_(loss.detach().float(), alpha=y.shape[0])
         return loss, objective
 
 
@@ -86,9 +86,12 @@ class Step:
     end_step: Callable[[], None] = lambda: None  # lazy devices run the step's graph (XLA)
     resumed_from: Path | None = None  # until the first update after a resume: blamed on it
     parameters: list[torch.Tensor] = field(init=False)
+    data_parallel: torch.nn.parallel.DistributedDataParallel | None = field(init=False)
 
     def __post_init__(self) -> None:
+        # looked up once: on steps of a millisecond, the per-step Python is what a step costs
         self.parameters = list(self.model.parameters())
+        self.data_parallel = data_parallel_module(self.model)
 
 
 def train_step(
@@ -99,21 +102,28 @@ def train_step(
     micro-batch's loss, or None when skip_step dropped it. Nothing here waits for the device,
     unless train.on_nonfinite=skip_step must look at each loss."""
     # forward backward (DDP all-reduces the gradients on a group's last micro-batch only)
-    with _gradient_sync(step.model, steps_now):
+    with _gradient_sync(step.data_parallel, steps_now):
         loss, objective = step.forward_loss(x, y)
     kept = step.keeps is None or step.keeps(loss)
     if kept:
-        with _gradient_sync(step.model, steps_now):
+        with _gradient_sync(step.data_parallel, steps_now):
             step.precision.backward(objective / group if group > 1 else objective)
-    # update on a group's last micro-batch
-    if steps_now:
+    if steps_now:  # update on a group's last micro-batch
+        _update(step)
+    step.end_step()
+    return loss if kept else None
+
+
+def _update(step: Step) -> None:
+    """The optimizer step, gradients cleared, the schedule moved on."""
+    if step.resumed_from is None:
+        step.precision.step(step.optimizer, step.parameters, step.grad_clip)
+    else:
         with _blamed_on_checkpoint(step.resumed_from):
             step.precision.step(step.optimizer, step.parameters, step.grad_clip)
         step.resumed_from = None
-        step.optimizer.zero_grad(set_to_none=True)
-        step.after_update()
-    step.end_step()
-    return loss if kept else None
+    step.optimizer.zero_grad(set_to_none=True)
+    step.after_update()
 
 
 def data_parallel_module(model: torch.nn.Module) -> torch.nn.Module | None:
@@ -122,19 +132,20 @@ def data_parallel_module(model: torch.nn.Module) -> torch.nn.Module | None:
     return module if isinstance(module, torch.nn.parallel.DistributedDataParallel) else None
 
 
-def _gradient_sync(model: torch.nn.Module, steps_now: bool) -> contextlib.AbstractContextManager:
+_NO_CONTEXT = contextlib.nullcontext()
+
+
+def _gradient_sync(
+    ddp: torch.nn.parallel.DistributedDataParallel | None, steps_now: bool
+) -> contextlib.AbstractContextManager:
     """DDP's no_sync() for micro-batches that only accumulate (saves an all-reduce each)."""
-    ddp = data_parallel_module(model)
-    return ddp.no_sync() if ddp is not None and not steps_now else contextlib.nullcontext()
+    return ddp.no_sync() if ddp is not None and not steps_now else _NO_CONTEXT
 
 
 @contextlib.contextmanager
-def _blamed_on_checkpoint(resumed_from: Path | None):
+def _blamed_on_checkpoint(resumed_from: Path):
     """The first optimizer step after a resume: a saved optimizer state that loads but cannot
     step (a damaged checkpoint) is the checkpoint's fault, said so (exit 2)."""
-    if resumed_from is None:
-        yield
-        return
     try:
         yield
     except torch.OutOfMemoryError:

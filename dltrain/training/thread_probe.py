@@ -1,14 +1,17 @@
-"""One optimizer step on copies of a run's model and optimizer, for `train.threads: auto`
-(dltrain.system.threads) to time: fit's own step (training/step.py) on the first training
+"""What `threads: auto` (dltrain.system.threads) times: for fit, one optimizer step on copies
+of the run's model and optimizer — fit's own step (training/step.py) on the first training
 batch, so the measurement sees the run's real kernels and sizes, while the run's weights,
-optimizer state and batches stay untouched."""
+optimizer state and batches stay untouched —; for eval, the evaluation's forward pass on the
+split's first batch."""
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable
 
-from dltrain.data.loaders import make_batches
+import torch
+
+from dltrain.data.loaders import Batches, make_batches
 from dltrain.data.prepare import first_samples
 from dltrain.optim import build_optimizer
 from dltrain.training.build import Setup, per_process_batch_size
@@ -33,3 +36,15 @@ def probe_step(setup: Setup) -> Callable[[], None]:
     )  # fmt: skip
     x, y = next(iter(batches.epoch(0)))
     return lambda: train_step(step, x, y, 1, steps_now=True)
+
+
+def probe_forward(setup: Setup, batches: Batches) -> Callable[[], None]:
+    """A closure that runs the evaluation's forward pass on the first of `batches`."""
+    x, _ = next(iter(batches.epoch(0)))
+    model = setup.model.eval()
+
+    def forward() -> None:
+        with torch.inference_mode(), setup.precision.autocast():
+            model(setup.pipeline.eval(x))
+
+    return forward

@@ -38,6 +38,7 @@ from __future__ import annotations
 import csv as csvlib
 import io
 import json
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,7 @@ from dltrain.data.npy_headers import check_npy_file
 from dltrain.data.table_encoding import TableEncoding, cell_notes
 from dltrain.data.text import PAD_ID, Vocabulary, encode_texts
 from dltrain.errors import UserError
+from dltrain.system.threads import ThreadChoice, choose_threads
 from dltrain.use.inference import Predictor
 
 BATCH_SIZE = 256  # samples per forward pass: bounds memory for large .npy / .csv inputs
@@ -86,8 +88,11 @@ def predict_files(
     paths: list[Path],
     top_k: int | None = None,
     texts: list[str] = (),
-) -> list[dict[str, Any]]:
-    """One result per sample: the files' samples first, then the `texts` (text models).
+    threads: str | int = "auto",
+) -> tuple[list[dict[str, Any]], ThreadChoice]:
+    """One result per sample: the files' samples first, then the `texts` (text models); and the
+    CPU thread count used (`threads`: auto times a batch at 1 and at every usable core when
+    there are enough batches to repay it, as fit does).
 
     classification: {"input", "predictions": [{"class", "probability"}, ...]}, best first;
     regression: {"input", "prediction": value}; seq2seq: {"input", "output": decoded string}.
@@ -109,6 +114,10 @@ def predict_files(
         raise UserError(
             f"nothing to predict: no input files{texts_too}. Expected {expected_inputs(predictor)}."
         )
+    batches = sum(math.ceil(len(samples.names) / BATCH_SIZE) for samples in read)
+    first = read[0].x[:BATCH_SIZE]
+    probe = lambda: lambda: _predict_batch(predictor, first, top_k)  # noqa: E731
+    choice = choose_threads(threads, predictor.device, probe, work_steps=batches)
     results = []
     for samples in read:
         for start in range(0, len(samples.names), BATCH_SIZE):
@@ -120,7 +129,7 @@ def predict_files(
                 if texts_part is not None:
                     result["text"] = texts_part[i]
                 results.append({**result, **output})
-    return results
+    return results, choice
 
 
 def _predict_batch(

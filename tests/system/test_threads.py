@@ -6,6 +6,7 @@ wins over auto."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -74,11 +75,33 @@ def test_auto_keeps_fewer_threads_unless_more_are_clearly_faster(monkeypatch, no
     import dltrain.system.threads as threads
 
     monkeypatch.setattr(threads, "usable_cores", lambda: 4)
-    for timed, expected in (({1: 10.0, 4: 9.5}, 1), ({1: 10.0, 4: 5.0}, 4), ({1: 3.0, 4: 40.0}, 1)):
-        monkeypatch.setattr(threads, "_step_ms", lambda step, count, t=timed: t[count])
+    for timed, expected in (({1: 10.0, 4: 9.6}, 1), ({1: 10.0, 4: 9.4}, 4), ({1: 3.0, 4: 40.0}, 1)):
+        monkeypatch.setattr(threads, "_window_ms", lambda step, count, t=timed: t[count])
         choice = choose_threads("auto", torch.device("cpu"), lambda: lambda: None)
         assert (choice.threads, choice.step_ms) == (expected, timed)
         assert torch.get_num_threads() == expected
+    torch.set_num_threads(1)
+
+
+def test_auto_counts_the_stalls_that_a_busy_machine_causes(monkeypatch, no_thread_variable):
+    """At 2 threads most steps are faster, but every fourth one stalls (a thread held up by
+    other work, as on a loaded machine): per step that is slower on the whole, and auto must
+    see it — a median of single steps would pick 2 threads here."""
+    import dltrain.system.threads as threads
+
+    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    calls = {"at 2": 0}
+
+    def stalling_step() -> None:
+        if torch.get_num_threads() == 1:
+            time.sleep(0.0015)
+            return
+        calls["at 2"] += 1
+        time.sleep(0.015 if calls["at 2"] % 4 == 0 else 0.001)
+
+    choice = choose_threads("auto", torch.device("cpu"), lambda: stalling_step)
+    assert choice.threads == 1, choice.step_ms
+    assert choice.step_ms[2] > choice.step_ms[1]
     torch.set_num_threads(1)
 
 
@@ -98,7 +121,7 @@ def test_a_drifting_step_time_is_timed_again_without_changing_the_run(
 
     def drift_after_the_second_epoch(ms_per_step: float, baseline_ms: float) -> bool:
         epochs_seen.append(ms_per_step)
-        return len(epochs_seen) == 2  # looked at from epoch 2 on: the load changed in epoch 3
+        return len(epochs_seen) == 2  # the load changed in epoch 2
 
     monkeypatch.setattr(loop, "drifted", drift_after_the_second_epoch)
     timed, _ = train(tmp_path, TABULAR, "timed", "train.epochs=4", *DROPOUT)
@@ -111,3 +134,51 @@ def test_a_drifting_step_time_is_timed_again_without_changing_the_run(
     assert {int(n) for n in again[0]["step_ms_by_threads"]} == {1, usable_cores()}
     fixed, _ = train(tmp_path, TABULAR, "fixed", "train.epochs=4", *DROPOUT, "train.threads=1")
     assert_same_tensors(weights(timed.last_path), weights(fixed.last_path))
+
+
+def test_the_first_epoch_is_held_against_the_step_time_the_choice_measured(
+    tmp_path, monkeypatch, no_thread_variable
+):
+    """A choice made in a lull of the load is caught after one epoch: epoch 1 is compared with
+    the measured step time of the chosen count, later epochs with epoch 1."""
+    import dltrain.training.loop as loop
+
+    compared = []
+    monkeypatch.setattr(loop, "drifted", lambda ms, baseline: compared.append((ms, baseline)))
+    run, _ = train(tmp_path, TABULAR, "probe", "train.epochs=3")
+    if usable_cores() == 1:
+        return  # nothing was timed
+    chosen = start_event(run)
+    measured = chosen["step_ms_by_threads"][str(chosen["threads"])]
+    assert len(compared) == 3
+    assert compared[0][1] == pytest.approx(measured, abs=1e-3)  # events.jsonl rounds it
+    assert compared[1][1] == compared[2][1] == compared[0][0]
+
+
+def test_eval_and_predict_choose_threads_as_fit_does(
+    tmp_path, invoke, monkeypatch, no_thread_variable
+):
+    """--threads N is used as given; auto does not time a job too short to repay it, and times
+    one that is long enough (here: made so by lowering the bar) as fit does."""
+    import numpy as np
+
+    import dltrain.system.threads as threads
+
+    run, _ = train(tmp_path, TABULAR, "used")
+    best = run.best_path
+    np.save(tmp_path / "rows.npy", np.random.default_rng(0).normal(size=(5, 8)).astype("float32"))
+
+    given = invoke("eval", best, "--threads", "1", "--output", tmp_path / "one")
+    assert given.exit_code == 0 and "threads 1 (as set)" in given.output, given.output
+    short = invoke("eval", best, "--output", tmp_path / "short")
+    assert "too little work to time" in short.output, short.output
+    wrong = invoke("predict", best, "rows.npy", "--threads", "0")
+    assert wrong.exit_code == 2 and "'0' is not a thread count" in wrong.output, wrong.output
+
+    monkeypatch.setattr(threads, "MIN_WORK_STEPS", 1)
+    timed_eval = invoke("eval", best, "--output", tmp_path / "timed")
+    timed_predict = invoke("predict", best, "rows.npy")
+    assert timed_eval.exit_code == timed_predict.exit_code == 0, timed_predict.output
+    if usable_cores() > 1:
+        assert "(auto: 1 → " in timed_eval.output and "(auto: 1 → " in timed_predict.output
+    torch.set_num_threads(1)
