@@ -60,7 +60,7 @@ class ThreadChoice:
     def describe(self) -> str:
         """'threads 1 (auto: 1 → 3.1 ms, 2 → 44.0 ms a step)' for the run's header."""
         if self.how == "auto":
-            timed = ", ".join(f"{n} → {ms:.1f} ms" for n, ms in sorted(self.step_ms.items()))
+            timed = ", ".join(f"{n} → {_ms(ms)} ms" for n, ms in sorted(self.step_ms.items()))
             return f"threads {self.threads} (auto: {timed} a step)"
         said = {
             "recipe": "as set",
@@ -78,6 +78,11 @@ class ThreadChoice:
         """What events.jsonl's start event records."""
         timed = {str(n): round(ms, 3) for n, ms in self.step_ms.items()}
         return {"threads": self.threads, "threads_chosen": self.how, "step_ms_by_threads": timed}
+
+
+def _ms(ms: float) -> str:
+    """Sub-millisecond steps keep two decimals: 0.63 against 0.60, not 0.6 against 0.6."""
+    return f"{ms:.2f}" if ms < 1 else f"{ms:.1f}"
 
 
 # An epoch whose steps take this many times longer (or shorter) than the first epoch's after a
