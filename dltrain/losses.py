@@ -2,10 +2,10 @@
 
 Every factory returns an nn.Module called as `loss(logits, targets)` and returning a scalar tensor
 (the batch mean). Classification: logits B×C, targets B int64 class indices. Regression: outputs
-B×1, targets B float (mse, smooth_l1). Seq2seq: logits B×T×V, targets B×T int64 token ids, where
-id 0 (<pad>) is ignored (cross_entropy, nll). Losses
-that compare against one-hot vectors build them inside with `scatter_`, on the logits' device,
-so a step never waits for the host. Losses are computed in float32 (as autocast would) because
+B×1, targets B float (mse, smooth_l1, huber). Seq2seq: logits B×T×V, targets B×T int64 token
+ids, where id 0 (<pad>) is ignored (cross_entropy, nll). Losses that compare against one-hot
+vectors build them inside with `scatter_`, on the logits' device, so a step never waits for the
+host. Losses are computed in float32 (as autocast would) because
 log-softmax and squared errors lose too much precision in half types.
 """
 
@@ -164,8 +164,19 @@ class SmoothL1(nn.Module):
     def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
         logits = logits.float()
         if self.regression:
-            return F.smooth_l1_loss(logits.squeeze(-1), targets.float(), beta=self.beta)
-        return F.smooth_l1_loss(logits, one_hot_like(logits, targets), beta=self.beta)
+            return self.distance(logits.squeeze(-1), targets.float())
+        return self.distance(logits, one_hot_like(logits, targets))
+
+    def distance(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        return F.smooth_l1_loss(outputs, targets, beta=self.beta)
+
+
+class Huber(SmoothL1):
+    """Huber loss: squared within `beta` (Huber's delta) of the target, linear beyond — smooth
+    L1 scaled by delta, so large errors pull with the same force whatever delta is."""
+
+    def distance(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        return F.huber_loss(outputs, targets, delta=self.beta)
 
 
 CLASSIFYING = ("classification", "seq2seq")
@@ -242,3 +253,11 @@ def smooth_l1(beta: Annotated[float, Field(gt=0)] = 1.0, task: str = "classifica
     """Smooth L1 loss to the target values (regression) or one-hot targets (raw logits)."""
     _needs_task("smooth_l1", task)
     return SmoothL1(beta, regression=task == "regression")
+
+
+@LOSSES.register(tasks=SCORING)
+def huber(delta: Annotated[float, Field(gt=0)] = 1.0, task: str = "classification") -> nn.Module:
+    """Huber loss to the target values (regression; with dltrain's standardised targets, delta
+    is in standard deviations) or one-hot targets (raw logits)."""
+    _needs_task("huber", task)
+    return Huber(delta, regression=task == "regression")

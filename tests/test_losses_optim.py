@@ -104,6 +104,7 @@ def test_mse_is_against_one_hot(batch):
         {"name": "bce_with_logits"},
         {"name": "bce_with_logits", "pos_weight": 3.0},
         {"name": "smooth_l1", "beta": 0.5},
+        {"name": "huber", "delta": 2.0},
     ],
 )
 def test_each_loss_is_a_finite_scalar_with_gradients(section, batch):
@@ -113,6 +114,19 @@ def test_each_loss_is_a_finite_scalar_with_gradients(section, batch):
     value.backward()
     assert logits.grad is not None and torch.isfinite(logits.grad).all()
     assert logits.grad.abs().sum() > 0
+
+
+def test_huber_is_torchs_huber_loss_and_delta_times_smooth_l1():
+    """On values (regression): torch's HuberLoss; and delta × smooth L1 with beta = delta."""
+    outputs = torch.tensor([[0.0], [0.5], [3.0], [-4.0]])
+    targets = torch.tensor([0.2, -0.5, 0.0, 1.0])
+    huber = LOSSES.validate({"name": "huber", "delta": 1.5}, "loss")
+    ours = LOSSES.build(huber, num_classes=1, task="regression")
+    expected = torch.nn.HuberLoss(delta=1.5)(outputs.squeeze(-1), targets)
+    torch.testing.assert_close(ours(outputs, targets), expected)
+    smooth_l1 = LOSSES.validate({"name": "smooth_l1", "beta": 1.5}, "loss")
+    smooth = LOSSES.build(smooth_l1, num_classes=1, task="regression")
+    torch.testing.assert_close(ours(outputs, targets), 1.5 * smooth(outputs, targets))
 
 
 def test_loss_handles_half_logits(batch):

@@ -81,6 +81,7 @@ class Registry:
         self, kind: str, runtime_args: tuple[str, ...] = (), modules: tuple[str, ...] = ()
     ):
         self.kind = kind
+        self.singular = kind.removesuffix("es") if kind.endswith("sses") else kind.removesuffix("s")
         self.runtime_args = frozenset(runtime_args)
         self.modules = modules  # dltrain's own modules that register into this registry
         self._loaded = False
@@ -241,12 +242,12 @@ class Registry:
             if member not in members:
                 raise RecipeError(
                     where,
-                    f"unknown {prefix} {self.kind[:-1]} '{member}'.{did_you_mean(member, members)}",
+                    f"unknown {prefix} {self.singular} '{member}'.{did_you_mean(member, members)}",
                 )
             return family.factory, member
         known = list(self._factories) + [f"{p}:" for p in self._families]
         hint = did_you_mean(name, known) or f" Known: {', '.join(sorted(self._factories))}."
-        raise RecipeError(where, f"unknown {self.kind[:-1]} '{name}'.{hint}")
+        raise RecipeError(where, f"unknown {self.singular} '{name}'.{hint}")
 
     def _user_parameters(self, factory: Callable) -> list[inspect.Parameter]:
         params = list(inspect.signature(factory).parameters.values())
@@ -275,8 +276,8 @@ class Registry:
             clash = set(fields) & set(self._common)
             if clash:
                 raise ValueError(
-                    f"{self.kind[:-1]} factory {factory.__name__} takes {sorted(clash)}, which "
-                    f"every {self.kind[:-1]} section accepts for dltrain; rename the argument."
+                    f"{self.singular} factory {factory.__name__} takes {sorted(clash)}, which "
+                    f"every {self.singular} section accepts for dltrain; rename the argument."
                 )
             # The default None is not validated: unset, the key is left out (see validate).
             fields |= {k: (a, None) for k, a in self._common.items()}
