@@ -383,9 +383,10 @@ def _task_of(table: CsvTable, label: str, raw: list[str], requested: str) -> str
     """The task the label column asks for (data.task auto), or the one the recipe names.
 
     Text labels are classes; numbers with a fraction (a price) are a regression target, and
-    so are integers with more distinct values than classes usually have (over MANY_CLASSES,
-    and over a tenth of the rows); integers that could be either (class ids 0..K-1 or 1..K
-    with few rows each) are a question to answer with data.task."""
+    so are integers with more distinct values than classes usually have (over MANY_CLASSES)
+    unless they are class ids as encoders write them — 0..K-1 or 1..K, no gaps: counts (visits,
+    items) and years are quantities. Class ids with many rows each are classes; with few rows
+    each (over a tenth of the rows are distinct) they are a question to answer with data.task."""
     if requested not in ("auto", "classification", "regression"):
         raise UserError(
             f"data.task: 'csv' tables are classification or regression; data.task={requested} "
@@ -399,16 +400,19 @@ def _task_of(table: CsvTable, label: str, raw: list[str], requested: str) -> str
     if any(not n.is_integer() for n in numbers):
         return "regression"
     distinct = sorted({int(n) for n in numbers})
-    if len(distinct) <= max(MANY_CLASSES, len(raw) // 10):
+    if len(distinct) <= MANY_CLASSES:
         return "classification"
-    if distinct == list(range(distinct[0], distinct[0] + len(distinct))) and distinct[0] in (0, 1):
-        raise UserError(
-            f"data.task: label '{label}' in '{table.file}' holds {len(distinct)} distinct "
-            f"integers ({distinct[0]}..{distinct[-1]}) over {len(raw)} rows: class ids with "
-            "few rows each, or a quantity? Set data.task: classification or data.task: "
-            "regression."
-        )
-    return "regression"
+    consecutive = distinct == list(range(distinct[0], distinct[0] + len(distinct)))
+    if not (consecutive and distinct[0] in (0, 1)):
+        return "regression"
+    if len(distinct) <= len(raw) // 10:
+        return "classification"
+    raise UserError(
+        f"data.task: label '{label}' in '{table.file}' holds {len(distinct)} distinct "
+        f"integers ({distinct[0]}..{distinct[-1]}) over {len(raw)} rows: class ids with "
+        "few rows each, or a quantity? Set data.task: classification or data.task: "
+        "regression."
+    )
 
 
 def _regression_targets(table: CsvTable, raw: list[str]) -> np.ndarray:

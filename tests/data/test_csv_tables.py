@@ -480,6 +480,8 @@ def test_with_one_file_the_encoding_is_learned_from_the_training_rows_only(tmp_p
         ([3 * (i % 21) for i in range(60)], "regression"),  # 21 values with gaps
         ([i % 30 for i in range(300)], "classification"),  # 30 ≤ a tenth of 300 rows
         ([i % 31 for i in range(300)], "question"),  # one more than a tenth
+        ([(i % 23) + (i % 23 > 20) * 9 for i in range(3000)], "regression"),  # counts with gaps
+        ([1990 + i % 31 for i in range(3000)], "regression"),  # years: not ids from 0 or 1
     ],
 )
 def test_task_auto_at_its_thresholds(tmp_path, labels, expected):
