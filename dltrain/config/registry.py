@@ -24,6 +24,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
+from dltrain.config.dataset_defaults import RecipeDefault
 from dltrain.config.messages import recipe_error
 from dltrain.errors import RecipeError, did_you_mean
 
@@ -90,6 +91,7 @@ class Registry:
         self._schemas: dict[Callable[..., Any], type[BaseModel]] = {}
         self._common: dict[str, Any] = {}  # name -> annotation; each defaults to None
         self._tasks: dict[str, tuple[str, ...]] = {}  # the tasks a component is for, if known
+        self._recipe_defaults: dict[str, tuple[RecipeDefault, ...]] = {}
 
     def load(self) -> None:
         """Import the modules that register dltrain's components (once; later calls are free)."""
@@ -100,11 +102,15 @@ class Registry:
             importlib.import_module(module)
 
     def register(
-        self, name: str | None = None, tasks: tuple[str, ...] | None = None
+        self,
+        name: str | None = None,
+        tasks: tuple[str, ...] | None = None,
+        recipe_defaults: tuple[RecipeDefault, ...] = (),
     ) -> Callable[[Callable], Callable]:
         """Decorator: register a factory under `name` (default: the function's name). `tasks`:
         the only tasks it is for (a dataset's own task, the tasks a loss fits), so that a
-        recipe that mixes them is refused before any data is read."""
+        recipe that mixes them is refused before any data is read. `recipe_defaults`: what a
+        recipe that uses it gets where it says nothing (config/dataset_defaults.py)."""
 
         def decorate(factory: Callable) -> Callable:
             if factory.__module__ not in self.modules:
@@ -115,6 +121,8 @@ class Registry:
             self._factories[key] = factory
             if tasks is not None:
                 self._tasks[key] = tuple(tasks)
+            if recipe_defaults:
+                self._recipe_defaults[key] = tuple(recipe_defaults)
             return factory
 
         return decorate
@@ -123,6 +131,11 @@ class Registry:
         """The tasks `name` was registered for (None: any, or not known before its data)."""
         self.load()
         return self._tasks.get(name)
+
+    def recipe_defaults(self, name: Any) -> tuple[RecipeDefault, ...]:
+        """The recipe values `name` was registered with (none for unknown names)."""
+        self.load()
+        return self._recipe_defaults.get(name, ()) if isinstance(name, str) else ()
 
     def register_family(
         self, prefix: str, factory: Callable, members: Callable[[], list[str]], summary: str

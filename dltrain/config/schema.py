@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from dltrain.config.dataset_defaults import with_dataset_defaults
 from dltrain.config.kinds import Task
 from dltrain.config.messages import recipe_error
 from dltrain.config.registry import AUGMENTATIONS, DATASETS, LOSSES, MODELS, OPTIMIZERS, SCHEDULERS
@@ -231,6 +232,9 @@ def resolve(raw: dict[str, Any]) -> Recipe:
     resolve_with_context does), so that the components they register can be named."""
     raw = expand_shorthand(raw)
     _check_top_level_keys(raw)
+    data = raw.get("data")
+    if isinstance(data, dict):
+        raw = with_dataset_defaults(raw, DATASETS.recipe_defaults(data.get("name")))
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as exc:
