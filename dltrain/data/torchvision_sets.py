@@ -4,32 +4,36 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.error import URLError
 
 import numpy as np
 import torch
-from torchvision import datasets
 
 from dltrain.config.registry import DATASETS
 from dltrain.data.base import ArraySplit, DatasetSplits
 from dltrain.errors import UserError
+
+if TYPE_CHECKING:
+    from torchvision.datasets import VisionDataset
 
 
 @dataclass(frozen=True)
 class _Source:
     """How to find and name one torchvision dataset."""
 
-    cls: type
+    cls: str  # the class in torchvision.datasets: imported when loaded (torchvision's import
+    # costs about a second, which every command would pay for naming these datasets)
     folder: str  # where torchvision keeps the files, relative to root
     classes: tuple[str, ...] | None = None  # None: use the dataset's own `.classes`
 
 
 _SOURCES = {
-    "cifar10": _Source(datasets.CIFAR10, "cifar-10-batches-py"),
-    "cifar100": _Source(datasets.CIFAR100, "cifar-100-python"),
+    "cifar10": _Source("CIFAR10", "cifar-10-batches-py"),
+    "cifar100": _Source("CIFAR100", "cifar-100-python"),
     # MNIST's own class names are '0 - zero', ...; the digit alone reads better in reports.
-    "mnist": _Source(datasets.MNIST, "MNIST/raw", tuple(str(i) for i in range(10))),
-    "fashion_mnist": _Source(datasets.FashionMNIST, "FashionMNIST/raw"),
+    "mnist": _Source("MNIST", "MNIST/raw", tuple(str(i) for i in range(10))),
+    "fashion_mnist": _Source("FashionMNIST", "FashionMNIST/raw"),
 }
 
 
@@ -76,10 +80,12 @@ def load_torchvision(name: str, root: str, download: bool) -> DatasetSplits:
 
 def _open(
     name: str, source: _Source, root: str, expected: Path, train: bool, download: bool
-) -> datasets.VisionDataset:
+) -> VisionDataset:
     """Construct the torchvision dataset, turning its failures into one UserError."""
+    from torchvision import datasets
+
     try:
-        return source.cls(root, train=train, download=download)
+        return getattr(datasets, source.cls)(root, train=train, download=download)
     except (URLError, OSError, RuntimeError) as exc:
         reason = " ".join(str(exc).split()) or type(exc).__name__
         if download:
@@ -94,7 +100,7 @@ def _open(
         ) from None
 
 
-def _to_split(dataset: datasets.VisionDataset) -> ArraySplit:
+def _to_split(dataset: VisionDataset) -> ArraySplit:
     """The dataset's images as N×C×H×W uint8 and its labels as int64, without rescaling."""
     data = dataset.data
     if isinstance(data, np.ndarray):  # CIFAR: N×H×W×C numpy

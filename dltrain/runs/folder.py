@@ -16,7 +16,7 @@ from dltrain.errors import UserError
 from dltrain.runs.checkpoint import save_checkpoint
 from dltrain.runs.metrics_csv import metrics_csv
 from dltrain.runs.transaction import recover, transaction
-from dltrain.system.atomic import atomic_write_text
+from dltrain.system.atomic import atomic_write, atomic_write_text
 
 
 class RunFolder:
@@ -104,9 +104,11 @@ class RunFolder:
         """An epoch's end as one transaction: metrics.csv, last.pt and (when the monitored
         metric improved) best.pt are all replaced, or none is."""
         with transaction(self.root) as tx:
-            save_checkpoint(tx.staged(self.last_path), state)
-            if improved:
-                save_checkpoint(tx.staged(self.best_path), state)
+            last = tx.staged(self.last_path)
+            save_checkpoint(last, state)
+            if improved:  # the same state: its bytes, not a second serialisation and digest
+                best = last.read_bytes()
+                atomic_write(tx.staged(self.best_path), lambda f: f.write(best), len(best))
             atomic_write_text(tx.staged(self.metrics_path), metrics_csv(history))
         self._drop_replaced()
 

@@ -90,6 +90,11 @@ def _ms(ms: float) -> str:
 DRIFT = 2.0
 
 
+# Epochs shorter than this are not judged: a few steps' time is noise, and timing the counts
+# again (~0.2 s) would cost a tenth of such an epoch
+RECHECK_MIN_EPOCH_SECONDS = 2.0
+
+
 def drifted(ms_per_step: float, baseline_ms: float) -> bool:
     """Whether an epoch's step time moved by more than DRIFT against the baseline."""
     return not baseline_ms / DRIFT <= ms_per_step <= baseline_ms * DRIFT

@@ -39,7 +39,12 @@ from dltrain.system.devices import resolve_device
 from dltrain.system.distributed import World, process_device, process_group, world_from_environment
 from dltrain.system.interrupts import LAUNCHER_ECHO_SECONDS, GracefulStop, Interrupted
 from dltrain.system.out_of_memory import out_of_memory_is_a_run_failure
-from dltrain.system.threads import ThreadChoice, choose_threads, drifted
+from dltrain.system.threads import (
+    RECHECK_MIN_EPOCH_SECONDS,
+    ThreadChoice,
+    choose_threads,
+    drifted,
+)
 from dltrain.training.build import Setup, build_schedule, build_setup, split_batches
 from dltrain.training.ema import WeightAverage
 from dltrain.training.evaluate import evaluate, report_on_split, report_split
@@ -166,7 +171,7 @@ def _train_epochs(
 
         # record, decide, checkpoint
         row = _metrics_row(training, epoch, train_loss, validation)
-        _recheck_threads(training, 1000 * row["seconds"] / max(len(train_batches), 1))
+        _recheck_threads(training, row["seconds"], len(train_batches))
         state.epoch = epoch
         state.start_epoch()
         improved = state.record_epoch(row, train.monitor, train.early_stopping)
@@ -179,7 +184,7 @@ def _train_epochs(
             after_epoch(row)
 
 
-def _recheck_threads(training: Training, ms_per_step: float) -> None:
+def _recheck_threads(training: Training, epoch_seconds: float, steps: int) -> None:
     """train.threads auto: time the counts again when the first epoch's steps drifted far from
     the step time the start's choice measured (a choice made in a lull of the machine's load),
     or a later epoch's from the first epoch's after a choice (the load changed); said and
@@ -187,6 +192,9 @@ def _recheck_threads(training: Training, ms_per_step: float) -> None:
     choice = training.threads
     if choice is None or choice.how != "auto" or not choice.step_ms:
         return
+    if epoch_seconds < RECHECK_MIN_EPOCH_SECONDS:
+        return
+    ms_per_step = 1000 * epoch_seconds / max(steps, 1)
     reference = training.thread_baseline_ms or training.thread_probe_ms
     training.thread_probe_ms = None  # once: a data-bound epoch is slower than the probe's step
     if reference is None or not drifted(ms_per_step, reference):

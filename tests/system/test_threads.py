@@ -123,6 +123,7 @@ def test_a_drifting_step_time_is_timed_again_without_changing_the_run(
         epochs_seen.append(ms_per_step)
         return len(epochs_seen) == 2  # the load changed in epoch 2
 
+    monkeypatch.setattr(loop, "RECHECK_MIN_EPOCH_SECONDS", 0.0)  # these epochs are short
     monkeypatch.setattr(loop, "drifted", drift_after_the_second_epoch)
     timed, _ = train(tmp_path, TABULAR, "timed", "train.epochs=4", *DROPOUT)
     events = [json.loads(line) for line in (timed.root / "events.jsonl").read_text().splitlines()]
@@ -144,6 +145,7 @@ def test_the_first_epoch_is_held_against_the_step_time_the_choice_measured(
     import dltrain.training.loop as loop
 
     compared = []
+    monkeypatch.setattr(loop, "RECHECK_MIN_EPOCH_SECONDS", 0.0)  # these epochs are short
     monkeypatch.setattr(loop, "drifted", lambda ms, baseline: compared.append((ms, baseline)))
     run, _ = train(tmp_path, TABULAR, "probe", "train.epochs=3")
     if usable_cores() == 1:
@@ -153,6 +155,17 @@ def test_the_first_epoch_is_held_against_the_step_time_the_choice_measured(
     assert len(compared) == 3
     assert compared[0][1] == pytest.approx(measured, abs=1e-3)  # events.jsonl rounds it
     assert compared[1][1] == compared[2][1] == compared[0][0]
+
+
+def test_epochs_too_short_to_judge_are_not_compared(tmp_path, monkeypatch, no_thread_variable):
+    """Epochs of a few steps: their time is noise, and timing again would cost more than it
+    could save — no comparison, no re-timing."""
+    import dltrain.training.loop as loop
+
+    monkeypatch.setattr(loop, "drifted", lambda ms, baseline: pytest.fail("compared"))
+    run, _ = train(tmp_path, TABULAR, "short", "train.epochs=3")
+    events = (run.root / "events.jsonl").read_text()
+    assert '"event": "threads"' not in events
 
 
 def test_eval_and_predict_choose_threads_as_fit_does(
