@@ -160,12 +160,20 @@ def _show_data(recipe, console: Console) -> None:
 
 def list_components(
     kind: Kind = typer.Argument(None, help="What to list (default: everything)."),
+    pattern: str = typer.Argument(
+        "*",
+        help="Only names matching this glob; 'timm:convnext*' or 'torchvision:resnet*' lists a "
+        "family's models.",
+        show_default=False,
+    ),
 ) -> None:
     """List registered components with one-line descriptions and accepted arguments.
 
     [bold]Examples[/]
 
       dltrain list models
+
+      dltrain list models 'timm:convnext*'
 
       dltrain list optimizers
     """
@@ -174,7 +182,7 @@ def list_components(
 
     console = Console()
     for name in [kind.value] if kind else list(REGISTRIES):
-        console.print(registry_table(REGISTRIES[name]))
+        console.print(registry_table(REGISTRIES[name], pattern))
 
 
 def runs(

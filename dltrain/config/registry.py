@@ -155,8 +155,13 @@ class Registry:
         self._schemas.clear()
 
     def names(self, pattern: str = "*") -> list[str]:
-        """Registered names matching a glob pattern, sorted; families appear as 'prefix:<name>'."""
+        """Registered names matching a glob pattern, sorted; families appear as 'prefix:<name>',
+        or, for a pattern in one family ('timm:convnext*'), as its matching members."""
         self.load()
+        prefix, colon, members = pattern.partition(":")
+        if colon and prefix in self._families:
+            listed = self._families[prefix].members()
+            return sorted(f"{prefix}:{m}" for m in fnmatch.filter(listed, members or "*"))
         keys = list(self._factories) + [f"{p}:<name>" for p in self._families]
         return sorted(k for k in keys if fnmatch.fnmatch(k, pattern))
 
@@ -330,6 +335,7 @@ MODELS = Registry(
             "rnn",
             "speednet",
             "tabular",
+            "timm_models",
             "torchvision_models",
             "transformer",
         )  # fmt: skip

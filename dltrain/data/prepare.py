@@ -24,7 +24,7 @@ from dltrain.data.splits import (
 from dltrain.data.table_columns import Dropped, column_summary
 from dltrain.data.table_encoding import RawColumn, TableEncoding, fit_encoding
 from dltrain.errors import UserError
-from dltrain.models.torchvision_models import pretrained_statistics
+from dltrain.models.pretrained import pretrained_statistics
 
 STATS_SAMPLE = 4096  # lazily decoded splits: estimate normalisation from this many samples
 

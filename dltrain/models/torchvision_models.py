@@ -76,7 +76,7 @@ def torchvision_model(
     return GrayToRGB(model) if channels == 1 else model
 
 
-def pretrained_statistics(section: dict[str, Any], channels: int) -> tuple[list, list] | None:
+def torchvision_statistics(section: dict[str, Any], channels: int) -> tuple[list, list] | None:
     """The normalisation a `torchvision:<name>` model's pretrained weights were trained with
     (mean, std per channel; averaged for 1-channel input), or None for any other model."""
     name, weights = section.get("name", ""), section.get("weights")

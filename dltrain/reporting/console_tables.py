@@ -89,13 +89,14 @@ def _details(d: dict[str, Any]) -> str:
     return ""
 
 
-def registry_table(registry: Registry) -> Table:
-    """Names, one-line descriptions and accepted arguments (with defaults) of a registry."""
+def registry_table(registry: Registry, pattern: str = "*") -> Table:
+    """Names, one-line descriptions and accepted arguments (with defaults) of a registry's
+    components matching `pattern` (a family's members for 'timm:convnext*')."""
     table = Table(title=registry.kind, title_justify="left", show_lines=False)
     table.add_column("name", style="bold", no_wrap=True)
     table.add_column("description")
     table.add_column("arguments")
-    for name in registry.names():
+    for name in registry.names(pattern):
         arguments = ", ".join(str(a) for a in registry.arguments(name))
         table.add_row(escape(name), escape(registry.summary(name)), escape(arguments))
     return table

@@ -23,6 +23,7 @@ from dltrain.data.loaders import Batches, Shard, make_batches
 from dltrain.data.pipeline import BatchPipeline
 from dltrain.data.prepare import PreparedData, first_samples, prepare_data
 from dltrain.errors import UserError
+from dltrain.models.pretrained import without_pretrained_weights
 from dltrain.optim import LrSchedule, constant_schedule
 from dltrain.system.devices import free_memory, resolve_device, step_marker
 from dltrain.system.distributed import World
@@ -162,9 +163,7 @@ def fit_to_training_data(
 def check_model_fits(section: dict[str, Any], data: PreparedData, device: torch.device) -> None:
     """Refuse (exit 2) a model whose weights alone exceed the device's free memory, before
     allocating them: built first on the meta device, which allocates nothing."""
-    shapes_only = section
-    if section["name"].startswith("torchvision:"):  # pretrained weights: the shapes of random
-        shapes_only = {**section, "weights": None, "freeze": "none"}  # ones, never fetched twice
+    shapes_only = without_pretrained_weights(section)  # the shapes alone: nothing fetched
     try:
         with torch.device("meta"):
             probe = build_model(shapes_only, data)

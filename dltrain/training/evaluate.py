@@ -17,6 +17,7 @@ from dltrain.config.loading import resolve_with_context
 from dltrain.config.user_imports import import_for_checkpoint
 from dltrain.data.loaders import Batches
 from dltrain.errors import UserError
+from dltrain.models.pretrained import without_pretrained_weights
 from dltrain.reporting.progress import Progress
 from dltrain.runs.checkpoint import load_checkpoint, load_weights, which_weights
 from dltrain.runs.folder import RunFolder
@@ -96,6 +97,8 @@ def _evaluate_checkpoint(
     saved = dict(checkpoint["recipe"])
     saved["imports"] = import_for_checkpoint(saved, list(imports), source)
     recipe = resolve_with_context(saved, list(overrides), source)
+    # the checkpoint's weights go over the model at once: pretrained ones are not fetched again
+    recipe = recipe.model_copy(update={"model": without_pretrained_weights(recipe.model)})
     setup = build_setup(recipe, device, meta=checkpoint["data_meta"])
     load_weights(setup.model, checkpoint, checkpoint_path, built_from=recipe.model)
     held = which_weights(checkpoint)

@@ -20,6 +20,7 @@ from dltrain.config.registry import MODELS
 from dltrain.data.pipeline import BatchPipeline
 from dltrain.data.prepare import PreparedData
 from dltrain.errors import RecipeError, UserError
+from dltrain.models.pretrained import without_pretrained_weights
 from dltrain.runs.checkpoint import load_checkpoint, load_weights
 from dltrain.system.devices import resolve_device
 
@@ -113,7 +114,7 @@ def load_for_inference(
     import_for_checkpoint(recipe, list(imports), f"checkpoint {path}", needed=("model",))
     try:
         section = MODELS.validate(section, "model")  # the checkpoint's section is data: check it
-        offline = _without_pretrained_weights(section)
+        offline = without_pretrained_weights(section)
         model = _build_model(offline, meta)
         if offline is not section and not _fits(model, checkpoint["model"]):
             model = _build_model(section, meta)  # the pretrained form differs: build it as trained
@@ -163,26 +164,6 @@ def _prepared(meta: dict[str, Any]) -> PreparedData:
         extra={k: v for k, v in meta.items() if k not in _OWN_KEYS},
         as_sequence=meta.get("as_sequence"),
     )
-
-
-# torchvision builds these differently when given pretrained weights (e.g. transform_input).
-_PRETRAINED_FORM_DIFFERS = frozenset({"torchvision:googlenet", "torchvision:inception_v3"})
-
-
-def _without_pretrained_weights(section: dict[str, Any]) -> dict[str, Any]:
-    """The model section to build, without fetching pretrained torchvision weights again.
-
-    The checkpoint's own weights replace them right away, so downloading them would only make
-    inference need the network (and fail offline).
-    """
-    name = section["name"]
-    if (
-        name.startswith("torchvision:")
-        and section.get("weights") is not None
-        and name not in _PRETRAINED_FORM_DIFFERS
-    ):
-        return {**section, "weights": None}
-    return section
 
 
 def _build_model(section: dict[str, Any], meta: dict[str, Any]) -> nn.Module:

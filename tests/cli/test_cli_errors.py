@@ -206,14 +206,15 @@ def test_help_does_not_import_torch(tmp_path, command):
 
 
 def test_a_recipe_that_needs_no_torchvision_does_not_import_it(tmp_path):
-    """torchvision's import costs about a second: naming its datasets and models in the
-    registries must not pay it; a table recipe resolves without it."""
+    """torchvision's and timm's imports cost a second or more: naming their datasets and
+    models in the registries must not pay them; a table recipe resolves without either."""
     (tmp_path / "t.csv").write_text("a,b,label\n1,2,x\n3,4,y\n")
     probe = (
         "import sys\n"
         "from dltrain.config.loading import load_recipe\n"
         "load_recipe(sys.argv[1], [])\n"
         "print('TORCHVISION_IMPORTED=' + str('torchvision' in sys.modules))\n"
+        "print('TIMM_IMPORTED=' + str('timm' in sys.modules))\n"
     )
     (tmp_path / "t.yaml").write_text("data: {name: csv, path: t.csv, label: label}\nmodel: mlp\n")
     proc = subprocess.run(
@@ -221,6 +222,7 @@ def test_a_recipe_that_needs_no_torchvision_does_not_import_it(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "TORCHVISION_IMPORTED=False" in proc.stdout
+    assert "TIMM_IMPORTED=False" in proc.stdout
 
 
 def test_python_m_dltrain_help_lists_every_command(tmp_path):

@@ -1,0 +1,33 @@
+"""What pretrained model families (torchvision:, timm:) tell the rest of dltrain: the input
+statistics their weights expect, and the same model without fetching those weights (when a
+checkpoint's own weights go over them at once)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dltrain.models.timm_models import timm_statistics
+from dltrain.models.torchvision_models import torchvision_statistics
+
+# Their pretrained form is built differently from the random one (extra input transforms)
+_PRETRAINED_FORM_DIFFERS = frozenset({"torchvision:googlenet", "torchvision:inception_v3"})
+
+
+def pretrained_statistics(section: dict[str, Any], channels: int) -> tuple[list, list] | None:
+    """Mean and std per channel that a pretrained model expects, or None (not pretrained)."""
+    family = section.get("name", "").partition(":")[0]
+    by_family = {"torchvision": torchvision_statistics, "timm": timm_statistics}
+    return by_family[family](section, channels) if family in by_family else None
+
+
+def without_pretrained_weights(section: dict[str, Any]) -> dict[str, Any]:
+    """The model section to build when a checkpoint's weights replace the pretrained ones right
+    away: the same architecture, nothing fetched (so eval and predict work offline)."""
+    name = section["name"]
+    if name in _PRETRAINED_FORM_DIFFERS:
+        return section
+    if name.startswith("torchvision:") and section.get("weights") is not None:
+        return {**section, "weights": None, "freeze": "none"}
+    if name.startswith("timm:") and section.get("pretrained", False) is not False:
+        return {**section, "pretrained": False, "freeze": "none"}
+    return section
