@@ -1,5 +1,5 @@
 """models/timm_models.py: timm's image models as `timm:<name>` — trained from an image folder,
-resumed bit for bit, served from the run folder with no network; pretrained weights from a
+resumed bit for bit, served and exported (ONNX, TorchScript) from the run folder with no network; pretrained weights from a
 local file (their statistics then normalise the input); an unreachable hub said at once."""
 
 from __future__ import annotations
@@ -73,6 +73,11 @@ def test_a_timm_model_learns_resumes_bitwise_and_predicts_offline(tmp_path, invo
     )
     assert predicted.exit_code == 0, predicted.output
     assert json.loads(predicted.stdout)[0]["predictions"][0]["class"] == "bright"
+    for form in ("onnx", "torchscript"):
+        exported = invoke(
+            "export", "runs/convnext/checkpoints/best.pt", "--format", form, "--output", f"m.{form}"
+        )
+        assert exported.exit_code == 0, exported.output
 
 
 def test_pretrained_weights_from_a_file_and_their_statistics(tmp_path, invoke, offline):
