@@ -24,7 +24,7 @@ from dltrain.data.splits import (
 from dltrain.data.table_columns import Dropped, column_summary
 from dltrain.data.table_encoding import RawColumn, TableEncoding, fit_encoding
 from dltrain.errors import UserError
-from dltrain.models.pretrained import pretrained_statistics
+from dltrain.models.pretrained import pretrained_input_size, pretrained_statistics
 
 STATS_SAMPLE = 4096  # lazily decoded splits: estimate normalisation from this many samples
 
@@ -101,7 +101,8 @@ def prepare_data(
     carved with `seed` (the run's), or `data.split_seed` when the recipe fixes it.
     """
     seed = seed if data.split_seed is None else data.split_seed  # what carves the splits
-    loaded: DatasetSplits = DATASETS.build(data.dataset_args, seed=seed, task=data.task)
+    args = _sized_for_the_model(data.dataset_args, pretrained_on, meta)
+    loaded: DatasetSplits = DATASETS.build(args, seed=seed, task=data.task)
     task = _task(data, loaded)
     if data.as_sequence and loaded.kind != "image":
         raise UserError(
@@ -256,6 +257,20 @@ def _check_splits(name: str, splits: dict[str, Split]) -> None:
                     f"values in {int(bad.sum())} sample(s) (rows {rows}…, counted from 0). "
                     "Fill or drop them before training."
                 )
+
+
+def _sized_for_the_model(
+    args: dict[str, Any], model: dict[str, Any] | None, meta: dict[str, Any] | None
+) -> dict[str, Any]:
+    """`image_size: auto` with a pretrained model: the size its weights were trained at (a
+    checkpoint's own size when rebuilding from one), not the images' own."""
+    if args.get("image_size") != "auto" or model is None:
+        return args
+    if meta is not None:  # eval: the images as the model was trained on them
+        shape = meta.get("input_shape")
+        return {**args, "image_size": list(shape[1:])} if shape and len(shape) == 3 else args
+    size = pretrained_input_size(model)
+    return {**args, "image_size": list(size)} if size else args
 
 
 def _task(data: DataSection, loaded: DatasetSplits) -> str:

@@ -1,13 +1,13 @@
 """What pretrained model families (torchvision:, timm:) tell the rest of dltrain: the input
-statistics their weights expect, and the same model without fetching those weights (when a
-checkpoint's own weights go over them at once)."""
+statistics and image size their weights expect, and the same model without fetching those
+weights (when a checkpoint's own weights go over them at once)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from dltrain.models.timm_models import timm_statistics
-from dltrain.models.torchvision_models import torchvision_statistics
+from dltrain.models.timm_models import timm_input_size, timm_statistics
+from dltrain.models.torchvision_models import torchvision_input_size, torchvision_statistics
 
 # Their pretrained form is built differently from the random one (extra input transforms)
 _PRETRAINED_FORM_DIFFERS = frozenset({"torchvision:googlenet", "torchvision:inception_v3"})
@@ -18,6 +18,13 @@ def pretrained_statistics(section: dict[str, Any], channels: int) -> tuple[list,
     family = section.get("name", "").partition(":")[0]
     by_family = {"torchvision": torchvision_statistics, "timm": timm_statistics}
     return by_family[family](section, channels) if family in by_family else None
+
+
+def pretrained_input_size(section: dict[str, Any]) -> tuple[int, int] | None:
+    """The image size (height, width) a pretrained model's weights were trained at, or None."""
+    family = section.get("name", "").partition(":")[0]
+    by_family = {"torchvision": torchvision_input_size, "timm": timm_input_size}
+    return by_family[family](section) if family in by_family else None
 
 
 def without_pretrained_weights(section: dict[str, Any]) -> dict[str, Any]:

@@ -156,6 +156,14 @@ def timm_statistics(section: dict[str, Any], channels: int) -> tuple[list, list]
     return mean, std
 
 
+def timm_input_size(section: dict[str, Any]) -> tuple[int, int] | None:
+    """(height, width) of a pretrained timm model's pretrained_cfg; None when not pretrained."""
+    if section.get("pretrained", False) is False:
+        return None
+    config = _timm(section["name"]).models.get_pretrained_cfg(section["name"].partition(":")[2])
+    return tuple(config.input_size[1:]) if config is not None else None
+
+
 MODELS.register_family(
     "timm",
     timm_model,

@@ -89,6 +89,16 @@ def torchvision_statistics(section: dict[str, Any], channels: int) -> tuple[list
     return mean, std
 
 
+def torchvision_input_size(section: dict[str, Any]) -> tuple[int, int] | None:
+    """(height, width) the pretrained weights' transforms crop to; None without weights."""
+    name, weights = section.get("name", ""), section.get("weights")
+    if not name.startswith("torchvision:") or weights is None:
+        return None
+    transforms = _resolve_weights(name.partition(":")[2], weights).transforms()
+    crop = getattr(transforms, "crop_size", None)
+    return (crop[0], crop[-1]) if crop else None
+
+
 def _from_scratch(arch: str, num_classes: int) -> nn.Module:
     """A randomly initialized model with a `num_classes`-way head."""
     import torchvision.models

@@ -1,6 +1,7 @@
 """models/timm_models.py: timm's image models as `timm:<name>` — trained from an image folder,
-resumed bit for bit, served and exported (ONNX, TorchScript) from the run folder with no network; pretrained weights from a
-local file (their statistics then normalise the input); an unreachable hub said at once."""
+resumed bit for bit, served and exported (ONNX, TorchScript) from the run folder with no
+network; pretrained weights from a local file (their statistics and size then shape the
+input); an unreachable hub said at once."""
 
 from __future__ import annotations
 
@@ -101,6 +102,8 @@ def test_pretrained_weights_from_a_file_and_their_statistics(tmp_path, invoke, o
     config = timm.models.get_pretrained_cfg("test_convnext")
     assert saved["data_meta"]["mean"] == pytest.approx(list(config.mean))
     assert saved["data_meta"]["std"] == pytest.approx(list(config.std))
+    # image_size: auto (the default) is the size the weights were trained at, not 32×32
+    assert saved["data_meta"]["input_shape"] == list(config.input_size) == [3, 160, 160]
 
 
 def test_pretrained_true_takes_the_cache_offline_and_serves_without_it(
@@ -119,6 +122,9 @@ def test_pretrained_true_takes_the_cache_offline_and_serves_without_it(
     predicted = invoke("predict", "runs/hub/checkpoints/best.pt", "images/dark/0.png")
     assert evaluated.exit_code == 0, evaluated.output
     assert predicted.exit_code == 0, predicted.output
+    # the images at the size the model was trained at (160×160), as in the fit's own report
+    trained = json.loads((tmp_path / "runs/hub/report.json").read_text())
+    assert json.loads(evaluated.stdout)["loss"] == pytest.approx(trained["loss"])
 
 
 def test_an_unreachable_hub_is_one_message_at_once(tmp_path, invoke, offline):
