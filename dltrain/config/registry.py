@@ -330,6 +330,7 @@ MODELS = Registry(
         f"dltrain.models.{m}"
         for m in (
             "cnn",
+            "hf_text",
             "mlp",
             "resnet",
             "rnn",
@@ -343,7 +344,10 @@ MODELS = Registry(
 )
 DATASETS = Registry(
     "datasets",
-    runtime_args=("seed", "task"),  # task: data.task as the recipe asks for it (auto, ...)
+    # task: data.task as the recipe asks for it (auto, ...); model: the recipe's model section
+    # (a Hugging Face model's tokenizer encodes the texts); saved_meta: a checkpoint's
+    # data_meta when its data is read again (eval): encode as in training
+    runtime_args=("seed", "task", "model", "saved_meta"),
     modules=tuple(
         f"dltrain.data.{m}"
         for m in (

@@ -102,7 +102,9 @@ def prepare_data(
     """
     seed = seed if data.split_seed is None else data.split_seed  # what carves the splits
     args = _sized_for_the_model(data.dataset_args, pretrained_on, meta)
-    loaded: DatasetSplits = DATASETS.build(args, seed=seed, task=data.task)
+    loaded: DatasetSplits = DATASETS.build(
+        args, seed=seed, task=data.task, model=pretrained_on, saved_meta=meta
+    )
     task = _task(data, loaded)
     if data.as_sequence and loaded.kind != "image":
         raise UserError(

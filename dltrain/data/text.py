@@ -29,6 +29,7 @@ import torch
 from pydantic import Field
 
 from dltrain.config.registry import DATASETS
+from dltrain.data import hf_tokens
 from dltrain.data.base import ArraySplit, DatasetSplits
 from dltrain.data.csv_tables import (
     QUOTE_THE_TEXTS,
@@ -41,6 +42,7 @@ from dltrain.data.csv_tables import (
 from dltrain.data.paths import InputPath
 from dltrain.data.splits import stratified_split
 from dltrain.errors import UserError
+from dltrain.system.hub import load_pretrained, transformers_module
 
 PAD, UNK = "<pad>", "<unk>"
 PAD_ID, UNK_ID = 0, 1
@@ -139,6 +141,8 @@ def pad_sequences(sequences: Sequence[Sequence[int]], length: int) -> np.ndarray
 
 def encode_texts(texts: list[str], meta: dict[str, Any]) -> torch.Tensor:
     """Raw texts as the N×L int64 ids a text model was trained on, from its data_meta alone."""
+    if "hf_tokenizer" in meta:
+        return hf_tokens.encode_with_meta(texts, meta)
     missing = [key for key in ("vocab", "tokenizer", "max_length") if key not in meta]
     if missing:
         raise UserError(
@@ -162,7 +166,7 @@ def text_csv(
     val: InputPath | None = None,
     text_column: str = "text",
     label_column: str = "label",
-    tokenizer: Literal["char", "word"] = "word",
+    tokenizer: Literal["char", "word", "hf"] = "word",
     lower: bool = True,
     min_freq: Annotated[int, Field(ge=1)] = 1,
     max_size: Annotated[int, Field(ge=2)] | None = 20000,
@@ -170,8 +174,11 @@ def text_csv(
     test_split: Annotated[float, Field(gt=0, lt=1)] = 0.2,
     seed: int = 0,
     delimiter: Literal["auto", ",", ";", "tab", "|"] = "auto",
+    model: dict[str, Any] | None = None,
+    saved_meta: dict[str, Any] | None = None,
 ) -> DatasetSplits:
-    """Text classification from CSV files: a text column and a label, as word or char tokens.
+    """Text classification from CSV files: a text column and a label, as word or char tokens,
+    or (`tokenizer: hf`, with `model: {name: hf}`) the model's own tokenizer.
 
     Give `path` (one file; a stratified test split of `test_split` is carved with the run's
     seed) or `train` with an optional `test` file, and optionally a `val` file (data.val_split
@@ -205,15 +212,56 @@ def text_csv(
         test_texts, test_y = labelled(test, "data.test") if test else ([], y[:0])
     val_texts, val_y = labelled(val, "data.val") if val else (None, None)
 
+    columns = {"text_column": text_column, "label_column": label_column}
+    parts = (train_texts, train_y), (test_texts, test_y), (val_texts, val_y)
+    if tokenizer == "hf":
+        return _hf_token_splits(classes, model, max_length, parts, columns, saved_meta)
     vocab = Vocabulary.build(train_texts, Tokenizer(tokenizer, lower), min_freq, max_size)
-    return _token_splits(
-        classes,
-        vocab,
-        max_length,
-        (train_texts, train_y),
-        (test_texts, test_y),
-        (val_texts, val_y),
-        columns={"text_column": text_column, "label_column": label_column},
+    return _token_splits(classes, vocab, max_length, *parts, columns=columns)
+
+
+def _hf_token_splits(
+    classes: list[str],
+    model: dict[str, Any] | None,
+    max_length: int,
+    parts: tuple,
+    columns: dict,
+    saved_meta: dict[str, Any] | None,
+) -> DatasetSplits:
+    """The splits as the Hugging Face model's tokenizer encodes them (data/hf_tokens.py), to
+    L = min(max_length, the longest training text) — or, read again for a checkpoint, with the
+    tokenizer and L that the checkpoint holds (no hub, no model folder needed)."""
+    if not model or model.get("name") != "hf":
+        raise UserError(
+            "data.tokenizer: hf encodes texts with a Hugging Face model's own tokenizer; use it "
+            "with model: {name: hf, checkpoint: <hub id or folder>}, or tokenizer: word."
+        )
+    (train_texts, train_y), (test_texts, test_y), (val_texts, val_y) = parts
+    if saved_meta and "hf_tokenizer" in saved_meta:
+        tokenizer = hf_tokens.tokenizer_from_files(saved_meta["hf_tokenizer"])
+        longest = int(saved_meta["max_length"])
+        keys = ("hf_tokenizer", "hf_config", "pad_id", "max_length")
+        meta = {key: saved_meta[key] for key in keys}
+    else:
+        transformers = transformers_module("data.tokenizer: hf")
+        checkpoint = model["checkpoint"]
+        tokenizer = load_pretrained(transformers.AutoTokenizer, checkpoint, "tokenizer")
+        encoded = tokenizer(train_texts, truncation=True, max_length=max_length)["input_ids"]
+        longest = max(len(ids) for ids in encoded)
+        meta = hf_tokens.hf_meta(checkpoint, tokenizer, longest)
+
+    def split(texts: list[str], labels: np.ndarray) -> ArraySplit:
+        y = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64))
+        return ArraySplit(hf_tokens.encode(tokenizer, texts, longest), y)
+
+    return DatasetSplits(
+        kind="tokens",
+        task="classification",
+        classes=classes,
+        train=split(train_texts, train_y),
+        test=split(test_texts, test_y) if test_texts else None,
+        val=split(val_texts, val_y) if val_texts is not None else None,
+        meta={**meta, **columns},
     )
 
 

@@ -37,4 +37,6 @@ def without_pretrained_weights(section: dict[str, Any]) -> dict[str, Any]:
         return {**section, "weights": None, "freeze": "none"}
     if name.startswith("timm:") and section.get("pretrained", False) is not False:
         return {**section, "pretrained": False, "freeze": "none"}
+    if name == "hf" and section.get("pretrained", True):
+        return {**section, "pretrained": False}  # built from the config in the checkpoint
     return section

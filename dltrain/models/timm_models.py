@@ -10,11 +10,8 @@ connection attempt), not after the hub client's retries.
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -22,8 +19,8 @@ from torch import nn
 from dltrain.config.registry import MODELS
 from dltrain.errors import UserError, first_line
 from dltrain.models.cnn import require_image
+from dltrain.system.hub import hub_endpoint, hub_reachable
 
-HUB_CONNECT_SECONDS = 3.0
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
 
 
@@ -103,11 +100,11 @@ def _source(arch: str, pretrained: bool | str) -> dict[str, Any]:
                 f"timm:{arch} (.safetensors, .pth or .bin), true for timm's own weights, or false."
             )
         return {"pretrained_cfg_overlay": {"file": str(path.resolve())}}
-    if _hub_reachable():
+    if hub_reachable():
         return {}
     cached = _cached_weights(arch)
     if cached is None:
-        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+        endpoint = hub_endpoint()
         raise UserError(
             f"model.pretrained: timm:{arch}'s weights are not in the local Hugging Face cache "
             f"($HF_HOME) and {endpoint} cannot be reached from here. Fetch them on a machine "
@@ -115,17 +112,6 @@ def _source(arch: str, pretrained: bool | str) -> dict[str, Any]:
             "model.pretrained to that file, or use pretrained: false."
         )
     return {"pretrained_cfg_overlay": {"file": cached}}
-
-
-def _hub_reachable() -> bool:
-    """One TCP connection to the hub's endpoint, within HUB_CONNECT_SECONDS."""
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
-    try:
-        socket.create_connection((endpoint.hostname, port), HUB_CONNECT_SECONDS).close()
-    except OSError:
-        return False
-    return True
 
 
 def _cached_weights(arch: str) -> str | None:

@@ -206,8 +206,9 @@ def test_help_does_not_import_torch(tmp_path, command):
 
 
 def test_a_recipe_that_needs_no_torchvision_does_not_import_it(tmp_path):
-    """torchvision's and timm's imports cost a second or more: naming their datasets and
-    models in the registries must not pay them; a table recipe resolves without either."""
+    """torchvision's, timm's and transformers' imports cost a second or more each: naming
+    their datasets and models in the registries must not pay them; a table recipe resolves
+    without any of them."""
     (tmp_path / "t.csv").write_text("a,b,label\n1,2,x\n3,4,y\n")
     probe = (
         "import sys\n"
@@ -215,6 +216,7 @@ def test_a_recipe_that_needs_no_torchvision_does_not_import_it(tmp_path):
         "load_recipe(sys.argv[1], [])\n"
         "print('TORCHVISION_IMPORTED=' + str('torchvision' in sys.modules))\n"
         "print('TIMM_IMPORTED=' + str('timm' in sys.modules))\n"
+        "print('TRANSFORMERS_IMPORTED=' + str('transformers' in sys.modules))\n"
     )
     (tmp_path / "t.yaml").write_text("data: {name: csv, path: t.csv, label: label}\nmodel: mlp\n")
     proc = subprocess.run(
@@ -223,6 +225,7 @@ def test_a_recipe_that_needs_no_torchvision_does_not_import_it(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "TORCHVISION_IMPORTED=False" in proc.stdout
     assert "TIMM_IMPORTED=False" in proc.stdout
+    assert "TRANSFORMERS_IMPORTED=False" in proc.stdout
 
 
 def test_python_m_dltrain_help_lists_every_command(tmp_path):
