@@ -49,12 +49,10 @@ def timm_model(
     timm = _timm(name)
     settings = {"num_classes": num_classes, "in_chans": input_shape[0]}
     _check_input_size(timm, arch, settings, input_shape)
-    model = timm.create_model(arch, pretrained=pretrained is not False, **settings, **_source(
-        arch, pretrained
-    ))  # fmt: skip
+    source = _source(arch, pretrained)
+    model = timm.create_model(arch, pretrained=pretrained is not False, **settings, **source)
     if freeze == "backbone":
-        for parameter in model.parameters():
-            parameter.requires_grad_(False)
+        model.requires_grad_(False)
         model.get_classifier().requires_grad_(True)
     return model
 
