@@ -59,22 +59,58 @@ class PeriodicEmbeddings(nn.Module):
         return torch.relu(torch.einsum("bnk,nkd->bnd", periodic, self.weight) + self.bias)
 
 
-class ColumnTokens(nn.Module):
-    """The input features → one d-sized token per column (B×columns×d), in column order."""
+class PiecewiseLinearEmbeddings(nn.Module):
+    """n numeric features → n tokens of size d: ReLU(Linear_j(PLE(x_j))), where PLE (Gorishniy
+    et al. 2022) encodes x by `bins` quantile bins of the training values: 1 for each bin below
+    x, x's position within its own bin, 0 above — the threshold-like view of a value that trees
+    split on. The bin edges are a buffer set by `fit` from training inputs (build.py calls it
+    through ColumnTokens.fit_to_data) and saved with the weights."""
 
-    def __init__(self, groups: list[tuple[str, slice]], d: int, frequencies: int, scale: float):
+    def __init__(self, n: int, d: int, bins: int):
+        super().__init__()
+        # until fitted: even bins over ±2 standard deviations (the inputs are standardised)
+        self.register_buffer("edges", torch.linspace(-2, 2, bins + 1).repeat(n, 1))
+        bound = 1 / math.sqrt(bins)
+        self.weight = nn.Parameter(torch.empty(n, bins, d).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(n, d).uniform_(-bound, bound))
+
+    def fit(self, values: torch.Tensor) -> None:  # B×n training values
+        quantiles = torch.linspace(0, 1, self.edges.shape[1], device=values.device)
+        edges = torch.quantile(values.float(), quantiles, dim=0).T  # n×(bins+1)
+        # a column with few distinct values repeats edges: keep the bins ordered and non-empty
+        steps = torch.diff(edges, dim=1).clamp(min=1e-6)
+        self.edges.copy_(torch.cat([edges[:, :1], edges[:, :1] + steps.cumsum(1)], dim=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # B×n → B×n×d
+        low, high = self.edges[:, :-1], self.edges[:, 1:]
+        encoded = ((x.unsqueeze(-1) - low) / (high - low)).clamp(0, 1)
+        return torch.relu(torch.einsum("bnk,nkd->bnd", encoded, self.weight) + self.bias)
+
+
+class ColumnTokens(nn.Module):
+    """The input features → one d-sized token per column (B×columns×d), in column order;
+    numeric columns through `numeric(n)` (PeriodicEmbeddings or PiecewiseLinearEmbeddings)."""
+
+    def __init__(self, groups: list[tuple[str, slice]], d: int, numeric_embeddings):
         super().__init__()
         numeric = [i for i, (kind, _) in enumerate(groups) if kind == "numeric"]
         categorical = [i for i, (kind, _) in enumerate(groups) if kind == "categorical"]
         at = [groups[i][1].start for i in numeric]
         self.register_buffer("numeric_at", torch.tensor(at, dtype=torch.long))
         self.spans = [groups[i][1] for i in categorical]
-        self.periodic = PeriodicEmbeddings(len(numeric), d, frequencies, scale) if numeric else None
+        # named `periodic` whatever the embedding: the key in checkpoints written before
+        # piecewise-linear embeddings existed
+        self.periodic = numeric_embeddings(len(numeric)) if numeric else None
         # a linear map of a one-hot group is a lookup in an embedding table (plus the column's
         # own offset, its bias)
         self.tables = nn.ModuleList(nn.Linear(s.stop - s.start, d) for s in self.spans)
         made = numeric + categorical  # tokens are made in this order...
         self.register_buffer("order", torch.tensor([made.index(i) for i in range(len(groups))]))
+
+    def fit_to_data(self, inputs: torch.Tensor) -> None:
+        """Embeddings fitted to the training values (piecewise-linear bins) see them here."""
+        if self.periodic is not None and hasattr(self.periodic, "fit"):
+            self.periodic.fit(inputs.flatten(1)[:, self.numeric_at])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = []
@@ -103,15 +139,39 @@ def mlp_plr(
     (Gorishniy et al. 2022: "MLP-PLR"); for tables."""
     refuse_sequences("mlp_plr", input_shape, input_kind, "tabular input")
     groups = feature_groups(data_meta, math.prod(input_shape))
-    layers: list[nn.Module] = [
-        ColumnTokens(groups, d_embedding, frequencies, frequency_scale),
-        nn.Flatten(),
-    ]
-    width = len(groups) * d_embedding
+    periodic = lambda n: PeriodicEmbeddings(n, d_embedding, frequencies, frequency_scale)  # noqa: E731
+    return _tokens_mlp(ColumnTokens(groups, d_embedding, periodic), len(groups) * d_embedding,
+                       hidden, dropout, num_classes)  # fmt: skip
+
+
+@MODELS.register()
+def mlp_ple(
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    data_meta: dict[str, Any] | None = None,
+    hidden: HiddenSizes = (256, 256),
+    dropout: Dropout = 0.1,
+    d_embedding: Annotated[int, Field(ge=1)] = 16,
+    bins: Annotated[int, Field(ge=2)] = 32,
+    input_kind: str = "tabular",
+) -> nn.Module:
+    """MLP over piecewise-linear encodings of numeric columns (quantile bins of the training
+    values) and embeddings of categorical ones (Gorishniy et al. 2022: "MLP-PLE"); for tables."""
+    refuse_sequences("mlp_ple", input_shape, input_kind, "tabular input")
+    groups = feature_groups(data_meta, math.prod(input_shape))
+    piecewise = lambda n: PiecewiseLinearEmbeddings(n, d_embedding, bins)  # noqa: E731
+    return _tokens_mlp(ColumnTokens(groups, d_embedding, piecewise), len(groups) * d_embedding,
+                       hidden, dropout, num_classes)  # fmt: skip
+
+
+def _tokens_mlp(
+    tokens: ColumnTokens, width: int, hidden: tuple[int, ...], dropout: float, out: int
+) -> nn.Module:
+    layers: list[nn.Module] = [tokens, nn.Flatten()]
     for size in hidden:
         layers += [nn.Linear(width, size), nn.ReLU(), nn.Dropout(dropout)]
         width = size
-    layers.append(nn.Linear(width, num_classes))
+    layers.append(nn.Linear(width, out))
     return nn.Sequential(*layers)
 
 
@@ -154,5 +214,6 @@ def ft_transformer(
     if d_token % heads:
         raise UserError(f"model.d_token ({d_token}) must be a multiple of model.heads ({heads}).")
     groups = feature_groups(data_meta, math.prod(input_shape))
-    tokens = ColumnTokens(groups, d_token, frequencies, frequency_scale)
+    periodic = lambda n: PeriodicEmbeddings(n, d_token, frequencies, frequency_scale)  # noqa: E731
+    tokens = ColumnTokens(groups, d_token, periodic)
     return FTTransformer(tokens, d_token, blocks, heads, dropout, num_classes)
