@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from dltrain.models.timm_models import timm_input_size, timm_statistics
+from dltrain.models.timm_models import check_timm_weights, timm_input_size, timm_statistics
 from dltrain.models.torchvision_models import torchvision_input_size, torchvision_statistics
+from dltrain.system.hub import check_checkpoint_available
 
 # Their pretrained form is built differently from the random one (extra input transforms)
 _PRETRAINED_FORM_DIFFERS = frozenset({"torchvision:googlenet", "torchvision:inception_v3"})
@@ -25,6 +26,16 @@ def pretrained_input_size(section: dict[str, Any]) -> tuple[int, int] | None:
     family = section.get("name", "").partition(":")[0]
     by_family = {"torchvision": torchvision_input_size, "timm": timm_input_size}
     return by_family[family](section) if family in by_family else None
+
+
+def check_pretrained_available(section: dict[str, Any]) -> None:
+    """Pretrained weights that can be neither found here nor fetched: one message (exit 2)
+    before any data is read."""
+    name = section.get("name", "")
+    if name.startswith("timm:") and section.get("pretrained", False) is not False:
+        check_timm_weights(name.partition(":")[2], section["pretrained"])
+    elif name == "hf" and section.get("pretrained", True):
+        check_checkpoint_available(section["checkpoint"])
 
 
 def without_pretrained_weights(section: dict[str, Any]) -> dict[str, Any]:

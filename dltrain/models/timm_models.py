@@ -85,6 +85,12 @@ def _timm(name: str):
     return timm
 
 
+def check_timm_weights(arch: str, pretrained: bool | str) -> None:
+    """The weights `pretrained` names can be had (a file, the hub, or its cache), else the
+    UserError that building the model would raise — said before any data is read."""
+    _source(arch, pretrained)
+
+
 def _source(arch: str, pretrained: bool | str) -> dict[str, Any]:
     """Where create_model takes the pretrained weights from: a local file, the hub's cache when
     the hub cannot be reached, else the hub."""

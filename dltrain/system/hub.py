@@ -64,3 +64,20 @@ def load_pretrained(loader, checkpoint: str, what: str):
             f"{str(exc).splitlines()[0]} Give a folder saved with save_pretrained (the model's "
             "and tokenizer's files), or a hub id that is in the local cache ($HF_HOME)."
         ) from None
+
+
+def check_checkpoint_available(checkpoint: str) -> None:
+    """A Hugging Face checkpoint (folder or hub id) that can be neither read locally nor fetched
+    is one message now, before any data is read — not after the tokenizer's first request."""
+    if Path(checkpoint).expanduser().is_dir() or hub_reachable():
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(checkpoint, "config.json"), str):
+        return
+    raise UserError(
+        f"model.checkpoint: '{checkpoint}' is not a folder here, is not in the local Hugging "
+        f"Face cache ($HF_HOME), and {hub_endpoint()} cannot be reached from here. Give a "
+        "folder saved with save_pretrained (the model's and tokenizer's files), or fetch the "
+        "model into the cache on a machine with network access."
+    )

@@ -23,7 +23,7 @@ from dltrain.data.loaders import Batches, Shard, make_batches
 from dltrain.data.pipeline import BatchPipeline
 from dltrain.data.prepare import PreparedData, first_samples, prepare_data
 from dltrain.errors import UserError
-from dltrain.models.pretrained import without_pretrained_weights
+from dltrain.models.pretrained import check_pretrained_available, without_pretrained_weights
 from dltrain.optim import LrSchedule, constant_schedule
 from dltrain.system.devices import free_memory, resolve_device, step_marker
 from dltrain.system.distributed import World
@@ -78,6 +78,7 @@ def build_setup(
     seed_everything(recipe.seed)
     dev = device if isinstance(device, torch.device) else resolve_device(device or recipe.device)
     tune_for_training(dev, recipe.train.cudnn_benchmark, recipe.train.tf32)
+    check_pretrained_available(recipe.model)  # before the data: a missing model is said first
     if world.local_rank != 0:
         world.barrier()
     data = prepare_data(recipe.data, recipe.seed, meta, pretrained_on=recipe.model)

@@ -121,7 +121,8 @@ def test_a_local_bert_fine_tunes_resumes_bitwise_and_predicts_offline(tmp_path, 
 
 
 def test_an_unreachable_hub_id_is_one_message_at_once(tmp_path, invoke, offline):
-    reviews(tmp_path / "reviews.csv", rows=20)
+    """Said before any data is read: here reviews.csv is empty (reading it would fail)."""
+    (tmp_path / "reviews.csv").write_text("")
     refused = invoke(
         "fit", write_recipe(tmp_path, "hub", checkpoint="google/bert_uncased_L-2_H-128"), "-q"
     )

@@ -128,7 +128,8 @@ def test_pretrained_true_takes_the_cache_offline_and_serves_without_it(
 
 
 def test_an_unreachable_hub_is_one_message_at_once(tmp_path, invoke, offline):
-    bright_and_dark(tmp_path / "images", per_class=4)
+    """Said before any data is read: here the image folder is empty (reading it would fail)."""
+    (tmp_path / "images").mkdir()
     refused = invoke("fit", write_recipe(tmp_path, "hub", pretrained=True), "-q")
     assert refused.exit_code == 2, refused.output
     assert "cannot be reached" in refused.output and "model.pretrained" in refused.output
