@@ -119,7 +119,7 @@ def csv(
     main = read(path or train, "data.path" if path else "data.train")
     names = _feature_names(main, label, features)
     layout, dropped = _layout(main, names, _chosen_kinds(names, categorical, columns))
-    chosen, classes, targets = _targets_of(main, label, task)
+    chosen, classes, targets = label_targets(main, label, task)
 
     def labelled(table: CsvTable) -> tuple[np.ndarray, np.ndarray]:
         """A file's raw features (columns matched by name) and its encoded targets."""
@@ -164,7 +164,7 @@ def _chosen_kinds(
     return {**dict.fromkeys(categorical or (), "categorical"), **(columns or {})}
 
 
-def _targets_of(
+def label_targets(
     table: CsvTable, label: str, task: str
 ) -> tuple[str, list[str], Callable[[CsvTable, list[str]], np.ndarray]]:
     """The task (data.task, or read off the label column), the classes and the encoding of

@@ -21,7 +21,7 @@ import functools
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -35,12 +35,11 @@ from dltrain.data.csv_tables import (
     QUOTE_THE_TEXTS,
     CsvTable,
     check_file_choice,
-    class_names,
-    encode_labels,
+    label_targets,
     read_table,
 )
 from dltrain.data.paths import InputPath
-from dltrain.data.splits import stratified_split
+from dltrain.data.splits import random_split, stratified_split
 from dltrain.errors import UserError
 from dltrain.system.hub import load_pretrained, transformers_module
 
@@ -158,7 +157,7 @@ def encode_texts(texts: list[str], meta: dict[str, Any]) -> torch.Tensor:
 # -- the dataset ----------------------------------------------------------------------------
 
 
-@DATASETS.register(tasks=("classification",))
+@DATASETS.register()
 def text_csv(
     path: InputPath | None = None,
     train: InputPath | None = None,
@@ -176,9 +175,11 @@ def text_csv(
     delimiter: Literal["auto", ",", ";", "tab", "|"] = "auto",
     model: dict[str, Any] | None = None,
     saved_meta: dict[str, Any] | None = None,
+    task: str = "auto",
 ) -> DatasetSplits:
-    """Text classification from CSV files: a text column and a label, as word or char tokens,
-    or (`tokenizer: hf`, with `model: {name: hf}`) the model's own tokenizer.
+    """Texts from CSV files: a text column and a label, as word or char tokens, or
+    (`tokenizer: hf`, with `model: {name: hf}`) the model's own tokenizer. The label is a class,
+    or a number to predict (regression), read off the column as for csv tables (data.task).
 
     Give `path` (one file; a stratified test split of `test_split` is carved with the run's
     seed) or `train` with an optional `test` file, and optionally a `val` file (data.val_split
@@ -194,30 +195,37 @@ def text_csv(
     read = functools.partial(_read_text_table, delimiter=delimiter)
     main = read(path or train, "data.path" if path else "data.train")
     texts, raw = _texts_and_labels(main, text_column, label_column)
-    classes, numeric = class_names(raw)
-    y = encode_labels(main, raw, classes, numeric)
+    chosen, classes, targets = label_targets(main, label_column, task)
+    y = targets(main, raw)
 
     def labelled(file: str, key: str) -> tuple[list[str], np.ndarray]:
-        """Another file's texts, and its labels as the training file's classes."""
+        """Another file's texts, and its labels as the training file's targets."""
         other = read(file, key)
         other_texts, other_raw = _texts_and_labels(other, text_column, label_column)
-        return other_texts, encode_labels(other, other_raw, classes, numeric)
+        return other_texts, targets(other, other_raw)
 
     if path is not None:
-        kept, carved = stratified_split(y, test_split, seed)
-        train_texts, train_y = [texts[i] for i in kept], y[kept]
-        test_texts, test_y = [texts[i] for i in carved], y[carved]
+        (train_texts, train_y), test_part = _carved(texts, y, chosen, test_split, seed)
     else:
         train_texts, train_y = texts, y
-        test_texts, test_y = labelled(test, "data.test") if test else ([], y[:0])
-    val_texts, val_y = labelled(val, "data.val") if val else (None, None)
-
+        test_part = labelled(test, "data.test") if test else ([], y[:0])
+    val_part = labelled(val, "data.val") if val else (None, None)
     columns = {"text_column": text_column, "label_column": label_column}
-    parts = (train_texts, train_y), (test_texts, test_y), (val_texts, val_y)
+    parts = (train_texts, train_y), test_part, val_part
     if tokenizer == "hf":
-        return _hf_token_splits(classes, model, max_length, parts, columns, saved_meta)
-    vocab = Vocabulary.build(train_texts, Tokenizer(tokenizer, lower), min_freq, max_size)
-    return _token_splits(classes, vocab, max_length, *parts, columns=columns)
+        splits = _hf_token_splits(classes, model, max_length, parts, columns, saved_meta)
+    else:
+        vocab = Vocabulary.build(train_texts, Tokenizer(tokenizer, lower), min_freq, max_size)
+        splits = _token_splits(classes, vocab, max_length, *parts, columns=columns)
+    return replace(splits, task=chosen)
+
+
+def _carved(texts: list[str], y: np.ndarray, task: str, fraction: float, seed: int) -> tuple:
+    """(train texts, targets), (test texts, targets): a test split carved from one file,
+    stratified by class (a regression target has none: at random)."""
+    carve = stratified_split if task == "classification" else random_split
+    kept, carved = carve(y, fraction, seed)
+    return ([texts[i] for i in kept], y[kept]), ([texts[i] for i in carved], y[carved])
 
 
 def _hf_token_splits(
@@ -251,7 +259,7 @@ def _hf_token_splits(
         meta = hf_tokens.hf_meta(checkpoint, tokenizer, longest)
 
     def split(texts: list[str], labels: np.ndarray) -> ArraySplit:
-        y = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64))
+        y = torch.from_numpy(np.ascontiguousarray(labels))  # class ids, or float targets
         return ArraySplit(hf_tokens.encode(tokenizer, texts, longest), y)
 
     return DatasetSplits(
@@ -294,7 +302,7 @@ def _token_splits(
 
     def split(ids: list[list[int]], labels: np.ndarray) -> ArraySplit:
         x = torch.from_numpy(pad_sequences(ids, length))
-        return ArraySplit(x, torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64)))
+        return ArraySplit(x, torch.from_numpy(np.ascontiguousarray(labels)))
 
     test_texts, test_y = test
     test_part = None

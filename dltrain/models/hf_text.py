@@ -42,7 +42,7 @@ class HfClassifier(nn.Module):
         return self.head(self.dropout(pooled))
 
 
-@MODELS.register(tasks=("classification",))
+@MODELS.register(tasks=("classification", "regression"))
 def hf(
     checkpoint: str,
     num_classes: int,
@@ -52,8 +52,8 @@ def hf(
     input_kind: str = "tokens",
     data_meta: dict[str, Any] | None = None,
 ) -> nn.Module:
-    """A Hugging Face encoder (hub id or saved folder) with a classification head; texts
-    encoded by its own tokenizer (data.tokenizer: hf)."""
+    """A Hugging Face encoder (hub id or saved folder) with a linear head (the classes, or one
+    value for regression); texts encoded by its own tokenizer (data.tokenizer: hf)."""
     meta = data_meta or {}
     if input_kind != "tokens" or "hf_config" not in meta:
         raise UserError(

@@ -78,14 +78,12 @@ def build_setup(
     seed_everything(recipe.seed)
     dev = device if isinstance(device, torch.device) else resolve_device(device or recipe.device)
     tune_for_training(dev, recipe.train.cudnn_benchmark, recipe.train.tf32)
-    check_pretrained_available(recipe.model)  # before the data: a missing model is said first
+    check_pretrained_available(recipe.model)  # said before any data is read
     if world.local_rank != 0:
         world.barrier()
     data = prepare_data(recipe.data, recipe.seed, meta, pretrained_on=recipe.model)
     if sample_limit is not None:  # fit --smoke: the first samples of each split only
-        data.splits = {
-            name: first_samples(split, sample_limit) for name, split in data.splits.items()
-        }
+        data.splits = {k: first_samples(v, sample_limit) for k, v in data.splits.items()}
     if world.local_rank == 0:
         world.barrier()
     check_tta(recipe.eval.tta, data.model_kind)  # now, not after training

@@ -129,3 +129,27 @@ def test_an_unreachable_hub_id_is_one_message_at_once(tmp_path, invoke, offline)
     assert refused.exit_code == 2, refused.output
     assert "cannot be reached" in refused.output and "save_pretrained" in refused.output
     assert "Traceback" not in refused.output
+
+
+def test_a_numeric_label_fine_tunes_as_regression_and_answers_in_its_units(
+    tmp_path, invoke, offline
+):
+    """A score with a fraction is a regression target (data.task auto, loss auto → mse); the
+    model answers in the score's units."""
+    texts = reviews(tmp_path / "labels.csv")
+    with open(tmp_path / "reviews.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        for text in texts:
+            good = any(word in text.split() for word in GOOD)
+            writer.writerow([text, "7.5" if good else "2.25"])
+    tiny_bert(tmp_path / "tiny-bert", texts)
+    fitted = invoke("fit", write_recipe(tmp_path, "score"), "-q")
+    assert fitted.exit_code == 0, fitted.output
+    report = json.loads((tmp_path / "runs/score/report.json").read_text())
+    assert report["task"] == "regression" and report["r2"] > 0.8, report
+    predicted = invoke(
+        "predict", "runs/score/checkpoints/best.pt", "--text", "a lovely film", "--json"
+    )
+    assert predicted.exit_code == 0, predicted.output
+    assert json.loads(predicted.stdout)[0]["prediction"] == pytest.approx(7.5, abs=1.0)
