@@ -1,6 +1,7 @@
-"""What pretrained model families (torchvision:, timm:) tell the rest of dltrain: the input
-statistics and image size their weights expect, and the same model without fetching those
-weights (when a checkpoint's own weights go over them at once)."""
+"""What pretrained model families (torchvision:, timm:, hf) tell the rest of dltrain: the input
+statistics and image size their weights expect, whether those weights can be had at all (said
+before any data is read), and the same model without fetching them (when a checkpoint's own
+weights go over them at once)."""
 
 from __future__ import annotations
 
