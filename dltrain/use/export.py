@@ -35,6 +35,7 @@ import contextlib
 import importlib.util
 import io
 import json
+import logging
 import os
 import tempfile
 import warnings
@@ -355,9 +356,24 @@ def _quiet() -> Iterator[None]:
         warnings.catch_warnings(),
         contextlib.redirect_stdout(io.StringIO()),
         torch.no_grad(),
+        _loggers_quiet("onnxscript", "torch.onnx"),  # e.g. onnxscript's constant folding
     ):
         warnings.simplefilter("ignore")
         yield
+
+
+@contextlib.contextmanager
+def _loggers_quiet(*names: str) -> Iterator[None]:
+    """Only errors from these loggers while the block runs (their levels put back after)."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def _installed(package: str) -> bool:
