@@ -174,3 +174,15 @@ def mid_epoch_saves(tmp_path: Path, base: dict, *overrides: str) -> list[tuple[i
     finally:
         RunFolder.save_last = real_save
     return saved
+
+
+def assert_resumes_bitwise(invoke, recipe: str, halt_after: int, uninterrupted: Path) -> None:
+    """`dltrain fit RECIPE` stopped after `halt_after` epochs, then resumed from its last.pt to
+    the recipe's own end, ends with the weights of the `uninterrupted` run's last.pt (the same
+    recipe under another name). Runs in the working folder (the `invoke` fixture's tmp_path)."""
+    halted = invoke("fit", recipe, "-q", f"train.epochs={halt_after}")
+    assert halted.exit_code == 0, halted.output
+    last = Path("runs") / Path(recipe).stem / "checkpoints" / "last.pt"
+    resumed = invoke("fit", recipe, "-q", "--resume", str(last))
+    assert resumed.exit_code == 0, resumed.output
+    assert_same_tensors(weights(uninterrupted), weights(last))

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from helpers.cli import dltrain
-from helpers.training import assert_same_tensors, weights
+from helpers.training import assert_resumes_bitwise
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -95,14 +95,7 @@ def test_a_local_bert_fine_tunes_resumes_bitwise_and_predicts_offline(tmp_path, 
     run = tmp_path / "runs" / "bert"
     assert json.loads((run / "report.json").read_text())["accuracy"] >= 0.9
 
-    halted = invoke("fit", write_recipe(tmp_path, "halted"), "-q", "train.epochs=3")
-    assert halted.exit_code == 0, halted.output
-    resumed = invoke("fit", "halted.yaml", "-q", "--resume", "runs/halted/checkpoints/last.pt")
-    assert resumed.exit_code == 0, resumed.output
-    assert_same_tensors(
-        weights(run / "checkpoints" / "last.pt"),
-        weights(tmp_path / "runs" / "halted" / "checkpoints" / "last.pt"),
-    )
+    assert_resumes_bitwise(invoke, write_recipe(tmp_path, "halted"), 3, run / "checkpoints/last.pt")
 
     (tmp_path / "tiny-bert").rename(tmp_path / "gone")  # the run folder alone from here on
     predicted = invoke(

@@ -13,7 +13,7 @@ import torch
 import yaml
 from PIL import Image
 
-from helpers.training import assert_same_tensors, weights
+from helpers.training import assert_resumes_bitwise
 
 timm = pytest.importorskip("timm")
 
@@ -58,16 +58,7 @@ def test_a_timm_model_learns_resumes_bitwise_and_predicts_offline(tmp_path, invo
     run = tmp_path / "runs" / "convnext"
     assert json.loads((run / "report.json").read_text())["accuracy"] >= 0.9
 
-    halted = invoke("fit", write_recipe(tmp_path, "halted"), "-q", "train.epochs=2")
-    assert halted.exit_code == 0, halted.output
-    resumed = invoke(
-        "fit", "halted.yaml", "-q", "--resume", "runs/halted/checkpoints/last.pt"
-    )  # the same recipe (4 epochs), from epoch 2's checkpoint
-    assert resumed.exit_code == 0, resumed.output
-    assert_same_tensors(
-        weights(run / "checkpoints" / "last.pt"),
-        weights(tmp_path / "runs" / "halted" / "checkpoints" / "last.pt"),
-    )
+    assert_resumes_bitwise(invoke, write_recipe(tmp_path, "halted"), 2, run / "checkpoints/last.pt")
 
     predicted = invoke(
         "predict", "runs/convnext/checkpoints/best.pt", "images/bright/0.png", "--json"
