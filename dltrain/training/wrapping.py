@@ -4,6 +4,7 @@ module that evaluates (the model or its moving average)."""
 
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass
 
@@ -39,6 +40,9 @@ def training_modules(setup: Setup, averaged: torch.nn.Module | None = None) -> T
     model = _data_parallel(setup) if setup.world.launched else setup.model
     choice = setup.recipe.train.compile
     mode = None if choice in (True, "default") else choice
+    if choice:  # inductor's C++ build on a CPU-only machine warns "No CUDA runtime is found,
+        # using CUDA_HOME=…" once: nothing a user can act on, and not dltrain's output
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     if choice and setup.world.launched:
         model = torch.compile(model, mode=mode)
     train = setup.recipe.train

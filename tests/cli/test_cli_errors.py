@@ -217,6 +217,7 @@ def test_a_recipe_that_needs_no_torchvision_does_not_import_it(tmp_path):
         "print('TORCHVISION_IMPORTED=' + str('torchvision' in sys.modules))\n"
         "print('TIMM_IMPORTED=' + str('timm' in sys.modules))\n"
         "print('TRANSFORMERS_IMPORTED=' + str('transformers' in sys.modules))\n"
+        "print('PEFT_IMPORTED=' + str('peft' in sys.modules))\n"
     )
     (tmp_path / "t.yaml").write_text("data: {name: csv, path: t.csv, label: label}\nmodel: mlp\n")
     proc = subprocess.run(
@@ -226,6 +227,7 @@ def test_a_recipe_that_needs_no_torchvision_does_not_import_it(tmp_path):
     assert "TORCHVISION_IMPORTED=False" in proc.stdout
     assert "TIMM_IMPORTED=False" in proc.stdout
     assert "TRANSFORMERS_IMPORTED=False" in proc.stdout
+    assert "PEFT_IMPORTED=False" in proc.stdout
 
 
 def test_python_m_dltrain_help_lists_every_command(tmp_path):
