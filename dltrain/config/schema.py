@@ -133,6 +133,35 @@ class TrainSection(BaseModel):
     )
 
 
+class PrivacySection(BaseModel):
+    """`privacy:` differentially private training, DP-SGD through Opacus
+    (dltrain.training.privacy): each sample's gradient clipped to max_grad_norm, Gaussian noise
+    added, batches drawn by Poisson sampling, the spent ε tracked by Opacus' accountant."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    # the ε to spend over the run's epochs (the noise is chosen for it), or a given noise
+    # multiplier; neither: epsilon 8
+    epsilon: Annotated[float, Field(gt=0)] | None = None
+    noise_multiplier: Annotated[float, Field(gt=0)] | None = None
+    delta: Literal["auto"] | Annotated[float, Field(gt=0, lt=1)] = "auto"  # auto: ~1/n_train
+    max_grad_norm: Annotated[float, Field(gt=0)] = 1.0  # each sample's gradient clipped to it
+    accountant: Literal["prv", "rdp"] = "prv"
+    # replace the layers Opacus cannot train (BatchNorm → GroupNorm, LSTM → DPLSTM) with
+    # Opacus' ModuleValidator.fix; eval and predict rebuild the model the same way
+    fix_model: bool = False
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> PrivacySection:
+        if self.epsilon is not None and self.noise_multiplier is not None:
+            raise ValueError(
+                "give epsilon (a target: the noise is chosen for it) or noise_multiplier "
+                "(the ε it spends is reported), not both"
+            )
+        if self.epsilon is None and self.noise_multiplier is None:
+            self.epsilon = 8.0
+        return self
+
+
 class EvalSection(BaseModel):
     """`eval:` how the final report (and `dltrain eval`) evaluates."""
 
@@ -185,6 +214,7 @@ class Recipe(BaseModel):
     optimizer: dict[str, Any] = {"name": "adam"}
     scheduler: dict[str, Any] | None = None
     train: TrainSection = TrainSection()
+    privacy: PrivacySection | None = None  # DP-SGD (dltrain.training.privacy)
     eval: EvalSection = EvalSection()
     distributed: DistributedSection = DistributedSection()
     logging: LoggingSection = LoggingSection()
@@ -193,9 +223,9 @@ class Recipe(BaseModel):
         """The resolved recipe as plain data (what recipe.yaml and checkpoints store).
 
         Sections and keys that are unset and newer than the first recipes (`imports`,
-        `data.fold`, `data.global_batch_size`, `data.split_seed`, `train.ema`, `distributed`,
-        `eval`, `logging.mlflow`) are left out, so recipes that use none of them read as before
-        (and a run folder of such a recipe still holds "this recipe").
+        `data.fold`, `data.global_batch_size`, `data.split_seed`, `train.ema`, `privacy`,
+        `distributed`, `eval`, `logging.mlflow`) are left out, so recipes that use none of
+        them read as before (and a run folder of such a recipe still holds "this recipe").
         """
         data = self.model_dump(mode="json")
         if not data["imports"]:
@@ -208,6 +238,8 @@ class Recipe(BaseModel):
                 del data[section]
         if data["train"].get("ema") is None:
             del data["train"]["ema"]
+        if data["privacy"] is None:
+            del data["privacy"]
         if data["logging"].get("mlflow") is False:
             del data["logging"]["mlflow"]
         return data

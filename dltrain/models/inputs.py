@@ -48,6 +48,17 @@ def refuse_sequences(
         )
 
 
+def require_table(model: str, input_shape: tuple[int, ...], input_kind: str | None) -> None:
+    """UserError when a table model (per-column embeddings) is given anything but table rows."""
+    refuse_sequences(model, input_shape, input_kind, "table rows (csv data)")
+    if input_kind_of(input_shape, input_kind) != "tabular":
+        raise UserError(
+            f"model '{model}' takes table rows (csv data), but the dataset gives "
+            f"{describe(input_kind_of(input_shape, input_kind), input_shape)}; use mlp (it "
+            "flattens images) or an image model: seed_cnn, resnet18"
+        )
+
+
 def require_sequence(
     model: str,
     input_shape: tuple[int, ...],

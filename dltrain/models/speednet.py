@@ -132,11 +132,11 @@ class ScaledLinear(nn.Linear):
 def speednet(
     input_shape: tuple[int, ...],
     num_classes: int,
-    widths: Annotated[list[PositiveInt], Field(min_length=_POOLS, max_length=_POOLS)] = (
-        64,
-        256,
-        256,
-    ),
+    # validate_default: the tuple default becomes the list a recipe's value is (else pydantic
+    # warns when the resolved recipe is written)
+    widths: Annotated[
+        list[PositiveInt], Field(min_length=_POOLS, max_length=_POOLS, validate_default=True)
+    ] = (64, 256, 256),
     stem: Literal["whiten", "conv"] = "whiten",
     bn_scale: Literal["fixed", "learn"] = "fixed",
     identity_init: bool = True,

@@ -21,7 +21,7 @@ from torch import nn
 
 from dltrain.config.registry import MODELS
 from dltrain.errors import UserError
-from dltrain.models.inputs import refuse_sequences
+from dltrain.models.inputs import require_table
 from dltrain.models.mlp import HiddenSizes
 
 
@@ -137,7 +137,7 @@ def mlp_plr(
 ) -> nn.Module:
     """MLP over periodic embeddings of numeric columns and embeddings of categorical ones
     (Gorishniy et al. 2022: "MLP-PLR"); for tables."""
-    refuse_sequences("mlp_plr", input_shape, input_kind, "tabular input")
+    require_table("mlp_plr", input_shape, input_kind)
     groups = feature_groups(data_meta, math.prod(input_shape))
     periodic = lambda n: PeriodicEmbeddings(n, d_embedding, frequencies, frequency_scale)  # noqa: E731
     return _tokens_mlp(ColumnTokens(groups, d_embedding, periodic), len(groups) * d_embedding,
@@ -157,7 +157,7 @@ def mlp_ple(
 ) -> nn.Module:
     """MLP over piecewise-linear encodings of numeric columns (quantile bins of the training
     values) and embeddings of categorical ones (Gorishniy et al. 2022: "MLP-PLE"); for tables."""
-    refuse_sequences("mlp_ple", input_shape, input_kind, "tabular input")
+    require_table("mlp_ple", input_shape, input_kind)
     groups = feature_groups(data_meta, math.prod(input_shape))
     piecewise = lambda n: PiecewiseLinearEmbeddings(n, d_embedding, bins)  # noqa: E731
     return _tokens_mlp(ColumnTokens(groups, d_embedding, piecewise), len(groups) * d_embedding,
@@ -210,7 +210,7 @@ def ft_transformer(
 ) -> nn.Module:
     """FT-Transformer (Gorishniy et al. 2021) over per-column tokens (periodic embeddings for
     numeric columns); for tables. d_token must be a multiple of heads."""
-    refuse_sequences("ft_transformer", input_shape, input_kind, "tabular input")
+    require_table("ft_transformer", input_shape, input_kind)
     if d_token % heads:
         raise UserError(f"model.d_token ({d_token}) must be a multiple of model.heads ({heads}).")
     groups = feature_groups(data_meta, math.prod(input_shape))

@@ -131,10 +131,11 @@ RUN_HEADERS = {
     "test_mse": "test MSE",
     "test_r2": "test R²",
     "exact_match": "exact match",
+    "epsilon": "ε (DP)",
     "modified": "modified",
 }
-# shown only when a listed run has them: most listings are of one task
-TASK_COLUMNS = {"test_mse", "test_r2", "exact_match"}
+# shown only when a listed run has them: most listings are of one task, most runs not private
+TASK_COLUMNS = {"test_mse", "test_r2", "exact_match", "epsilon"}
 REPORT_COLUMNS = {"test_accuracy", "f1_macro", "test_mse", "test_r2", "exact_match"}
 
 

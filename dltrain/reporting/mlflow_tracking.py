@@ -77,6 +77,8 @@ class MlflowRun:
 
         split = report.get("split", "test")
         scalars = {f"{split}_{k}": v for k, v in report_scalars(report).items()}
+        privacy = report.get("privacy") or {}  # a private run's ε, δ, noise... (privacy_epsilon)
+        scalars |= {f"privacy_{k}": v for k, v in privacy.items()}
         self._log_metrics(scalars, step=0)
 
     def _log_metrics(self, values: dict[str, Any], step: int) -> None:

@@ -25,7 +25,7 @@ from rich.progress import Progress as RichProgress
 
 from dltrain.config.task_fit import loss_label
 from dltrain.reporting.console_tables import columns_table, confusion_table, report_table
-from dltrain.reporting.report import report_scalars, weights_label
+from dltrain.reporting.report import privacy_line, report_scalars, weights_label
 
 REFRESH_SECONDS = 0.25
 LOG_EVERY_VARIABLE = "DLTRAIN_LOG_EVERY"
@@ -149,6 +149,8 @@ class Progress:
             parts.append(f"val_loss {row['val_loss']:.4f}")
         if row["val_accuracy"] is not None:
             parts.append(f"val_acc {row['val_accuracy']:.4f}")
+        if row.get("epsilon") is not None:  # a private run: the ε spent so far
+            parts.append(f"ε {row['epsilon']:.2f}")
         parts += [f"lr {row['lr']:.1e}", f"{row['seconds']:.1f}s", f"{_si(row['samples_per_s'])}/s"]
         self._print("  ".join(parts) + ("  [green]★[/]" if improved else ""))
 
@@ -174,9 +176,15 @@ class Progress:
         """The final evaluation is done; its files are written next (a hook for timing it)."""
 
     def report(self, report: dict[str, Any]) -> None:
-        """The evaluation as tables: per-class metrics, averages, and the confusion matrix."""
+        """The evaluation as tables: per-class metrics, averages, and the confusion matrix
+        (and what privacy a private run spent)."""
         if self.quiet or self.live_only:
             return
+        self._report_figures(report)
+        if privacy_line(report):
+            self._print(privacy_line(report))
+
+    def _report_figures(self, report: dict[str, Any]) -> None:
         if "confusion_matrix" not in report:  # regression, seq2seq: their few figures
             scaled = "target_scale" in report or "r2" in report  # regression learns z-scores
             figures = " · ".join(

@@ -151,10 +151,23 @@ def _in_parentheses(text: str) -> str:
     return f" ({text})" if text else ""
 
 
+def privacy_line(report: dict[str, Any]) -> str:
+    """What a private run (`privacy:`) spent, in one line; '' for any other report."""
+    spent = report.get("privacy")
+    if not spent:
+        return ""
+    target = f" (target {spent['target_epsilon']:g})" if spent.get("target_epsilon") else ""
+    return (
+        f"DP-SGD: ε {spent['epsilon']:.3g} spent{target} at δ {spent['delta']:g} · noise σ "
+        f"{spent['noise_multiplier']:.3g} · clip {spent['max_grad_norm']:g} · sample rate "
+        f"{spent['sample_rate']:.3g} · {spent['steps']:,} steps · {spent['accountant']} accountant"
+    )
+
+
 def _summary(
     report: dict[str, Any], task: str, figures: str, images: Sequence[tuple[str, str]]
 ) -> list[str]:
-    """report.md's title, its line of figures, then the plots."""
+    """report.md's title, its line of figures (and what privacy the run spent), the plots."""
     lines = [
         f"# Evaluation on the {report['split']} split{task}",
         "",
@@ -162,6 +175,8 @@ def _summary(
         f"{report['num_samples']:,} samples · {figures}",
         "",
     ]
+    if privacy_line(report):
+        lines += [privacy_line(report), ""]
     for alt, file in images:
         lines += [f"![{alt}]({file})", ""]
     return lines
@@ -169,6 +184,8 @@ def _summary(
 
 # numeric report.json scalars that are not metrics: a count, and the epoch the weights are from
 NOT_METRICS = {"num_samples", "epoch"}  # counts and positions, not figures of the split
+# said on their own line (privacy_line), not figures of the split either
+NOT_SPLIT_FIGURES = {"privacy"}
 
 
 def report_scalars(report: dict[str, Any]) -> dict[str, float]:
@@ -177,7 +194,7 @@ def report_scalars(report: dict[str, Any]) -> dict[str, float]:
     values, the confusion matrix and counts are not metrics of the whole split: left out."""
     scalars = {}
     for key, value in report.items():
-        if key in NOT_METRICS:
+        if key in NOT_METRICS or key in NOT_SPLIT_FIGURES:
             continue
         if _is_number(value):
             scalars[key] = float(value)

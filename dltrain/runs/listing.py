@@ -34,9 +34,10 @@ COLUMNS = (
     "test_mse",  # regression
     "test_r2",
     "exact_match",  # seq2seq
+    "epsilon",  # a private run's ε spent (privacy:)
     "modified",
 )
-ASCENDING = {"name", "model", "dataset", "best_val_loss", "test_mse"}  # the rest: largest first
+ASCENDING = {"name", "model", "dataset", "best_val_loss", "test_mse", "epsilon"}  # the rest: largest first
 # Each task's figures from report.json (on the test split, else the split `report_split` names)
 REPORT_FIGURES = {
     "test_accuracy": ("accuracy",),
@@ -80,9 +81,17 @@ def summarize_run(run: Path, root: Path) -> dict[str, Any]:
         "epochs_planned": train.get("epochs") if isinstance(train.get("epochs"), int) else None,
         **best_val_metrics(rows),
         **{key: _finite(_figure(report, path)) for key, path in REPORT_FIGURES.items()},
+        "epsilon": _spent_epsilon(report, rows),
         "report_split": _text(report.get("split")),
         "modified": _modified(run),
     }
+
+
+def _spent_epsilon(report: dict[str, Any], rows: list[dict[str, float | None]]) -> float | None:
+    """A private run's ε: the report's (the whole run), else its last epoch's (still training);
+    None for a run without privacy."""
+    reported = _finite(_figure(report, ("privacy", "epsilon")))
+    return reported if reported is not None else (rows[-1].get("epsilon") if rows else None)
 
 
 def list_runs(folder: Path, sort: str = DEFAULT_SORT) -> list[dict[str, Any]]:

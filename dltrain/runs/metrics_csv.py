@@ -19,6 +19,8 @@ METRIC_COLUMNS = (
     "seconds",
     "samples_per_s",
 )
+# a private run's (`privacy:`) column after them: the ε spent by the end of each epoch
+PRIVATE_COLUMNS = ("epsilon",)
 
 
 def read_metrics(path: Path) -> list[dict[str, float | None]]:
@@ -46,10 +48,12 @@ def best_val_metrics(rows: list[dict[str, float | None]]) -> dict[str, float | N
 def metrics_csv(history: list[dict[str, Any]]) -> str:
     """metrics.csv: one row per finished epoch."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, METRIC_COLUMNS, lineterminator="\n")
+    private = any("epsilon" in row for row in history)
+    columns = METRIC_COLUMNS + (PRIVATE_COLUMNS if private else ())
+    writer = csv.DictWriter(buffer, columns, lineterminator="\n")
     writer.writeheader()
     for row in history:
-        writer.writerow({k: _csv_value(row.get(k)) for k in METRIC_COLUMNS})
+        writer.writerow({k: _csv_value(row.get(k)) for k in columns})
     return buffer.getvalue()
 
 

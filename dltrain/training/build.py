@@ -29,6 +29,7 @@ from dltrain.system.devices import free_memory, resolve_device, step_marker
 from dltrain.system.distributed import World
 from dltrain.system.host import tune_for_training
 from dltrain.training.precision import MixedPrecision
+from dltrain.training.privacy import check_privacy_fits, private_model
 from dltrain.training.tasks import Classification, Regression, Seq2Seq, TargetScaled, task_for
 from dltrain.training.tta import check_tta
 
@@ -79,6 +80,7 @@ def build_setup(
     dev = device if isinstance(device, torch.device) else resolve_device(device or recipe.device)
     tune_for_training(dev, recipe.train.cudnn_benchmark, recipe.train.tf32)
     check_pretrained_available(recipe.model)  # said before any data is read
+    check_privacy_fits(recipe, world)
     if world.local_rank != 0:
         world.barrier()
     data = prepare_data(recipe.data, recipe.seed, meta, pretrained_on=recipe.model)
@@ -88,7 +90,7 @@ def build_setup(
         world.barrier()
     check_tta(recipe.eval.tta, data.model_kind)  # now, not after training
     check_model_fits(recipe.model, data, dev)
-    model = build_model(recipe.model, data)
+    model = _model_for(recipe, data)
     channels_last = use_channels_last(recipe.train.channels_last, dev, data.model_kind)
     model = model.to(dev, memory_format=torch.channels_last if channels_last else None)
     loss_fn = LOSSES.build(
@@ -114,7 +116,7 @@ def build_setup(
         data,
         model,
         loss_fn,
-        MixedPrecision(recipe.train.precision, dev),
+        MixedPrecision("fp32" if recipe.privacy else recipe.train.precision, dev),
         pipeline,
         task_for(data.task, data.extra),
         world,
@@ -122,9 +124,23 @@ def build_setup(
     )
 
 
-def build_model(section: dict[str, Any], data: PreparedData) -> torch.nn.Module:
+def _model_for(recipe: Recipe, data: PreparedData) -> torch.nn.Module:
+    """The recipe's model; with `privacy:`, as Opacus can train it (fixed on request), or
+    refused before training with the layers it cannot."""
+    privacy = recipe.privacy
+    model = build_model(recipe.model, data, fix_for_privacy=bool(privacy and privacy.fix_model))
+    if privacy is not None:
+        private_model(model, privacy)
+    return model
+
+
+def build_model(
+    section: dict[str, Any], data: PreparedData, fix_for_privacy: bool = False
+) -> torch.nn.Module:
     """A model section built for the data: dltrain supplies every run-time argument. A
-    regression model with a target scale answers in the target's units (TargetScaled)."""
+    regression model with a target scale answers in the target's units (TargetScaled).
+    `fix_for_privacy` (privacy.fix_model): the layers Opacus cannot train replaced by its
+    ModuleValidator.fix, as fit trained them (eval and predict rebuild it so too)."""
     model = MODELS.build(
         section,
         input_shape=data.model_input_shape,
@@ -135,7 +151,12 @@ def build_model(section: dict[str, Any], data: PreparedData) -> torch.nn.Module:
         data_meta=data.meta(),
     )
     scale = data.extra.get("target_scale") if data.task == "regression" else None
-    return TargetScaled(model, scale) if scale else model
+    model = TargetScaled(model, scale) if scale else model
+    if fix_for_privacy:
+        from opacus.validators import ModuleValidator
+
+        model = ModuleValidator.fix(model)
+    return model
 
 
 # How many training samples a model's data-fitted layers (speednet's whitening) see

@@ -48,6 +48,7 @@ from dltrain.system.threads import (
 from dltrain.training.build import Setup, build_schedule, build_setup, split_batches
 from dltrain.training.ema import WeightAverage
 from dltrain.training.evaluate import evaluate, report_on_split, report_split
+from dltrain.training.privacy import PrivateTraining, make_private
 from dltrain.training.resume import checkpoint_state, restore
 from dltrain.training.state import TrainState, fallback_note
 from dltrain.training.step import Step, train_step
@@ -77,11 +78,14 @@ class Training:
     threads: ThreadChoice | None = None  # train.threads as chosen (timed again on drift)
     thread_baseline_ms: float | None = None  # the first epoch's step time after a choice
     thread_probe_ms: float | None = None  # the start's measured step time, for the first epoch
+    privacy: PrivateTraining | None = None  # `privacy:`: Opacus' parts and the ε spent
 
     def checkpoint(self, epoch: int) -> dict[str, Any]:
         """What last.pt/best.pt hold now; refused when the weights became non-finite."""
         check_weights_finite(self.setup.model, epoch, self.run.last_path)  # never save those
-        return checkpoint_state(self.setup, self.optimizer, self.schedule, self.state, self.ema)
+        return checkpoint_state(
+            self.setup, self.optimizer, self.schedule, self.state, self.ema, self.privacy
+        )
 
 
 def fit(
@@ -192,6 +196,8 @@ def _recheck_threads(training: Training, epoch_seconds: float, steps: int) -> No
     choice = training.threads
     if choice is None or choice.how != "auto" or not choice.step_ms:
         return
+    if training.privacy is not None:  # the probe's step on a copy would carry Opacus' hooks
+        return
     if epoch_seconds < RECHECK_MIN_EPOCH_SECONDS:
         return
     ms_per_step = 1000 * epoch_seconds / max(steps, 1)
@@ -219,6 +225,8 @@ def _final_report(training: Training, report_on: str | None) -> dict:
         training.stop.check(str(run.last_path), "during the final evaluation")
 
     final, held = _final_checkpoint(setup, run, training.resumed_from)
+    if training.privacy is not None:  # the ε the whole run spent (every step counts)
+        held = {**held, "privacy": training.privacy.summary()}
     return report_on_split(
         setup,
         final,
@@ -248,11 +256,15 @@ def _start_training(
     train_batches = split_batches(setup, "train", shuffle=True)
     val_batches = split_batches(setup, "val", shuffle=False) if "val" in setup.data.splits else None
     optimizer = build_optimizer(recipe.optimizer, setup.model, setup.device.type)
-    schedule = build_schedule(recipe, optimizer, len(train_batches))
     ema = WeightAverage(setup.model, recipe.train.ema) if recipe.train.ema else None
+    privacy = None
+    if recipe.privacy is not None:  # after the average's copy: it needs no gradient hooks
+        privacy = make_private(recipe, setup.model, train_batches, optimizer)
+        train_batches, optimizer = privacy.batches, privacy.optimizer
+    schedule = build_schedule(recipe, optimizer, len(train_batches))
     # rank 0's files decide (nodes may not share a disk)
     resume = world.broadcast_object(resume, setup.device)
-    state = _restored_state(setup, resume, optimizer, schedule, ema)
+    state = _restored_state(setup, resume, optimizer, schedule, ema, privacy)
     if world.any(stop.requested, setup.device):  # Ctrl-C while the data and model were prepared
         raise Interrupted(
             stop.signum or signal.SIGTERM, str(resume) if resume else None, "while starting"
@@ -274,11 +286,14 @@ def _start_training(
     )
     _say_what_runs(progress, setup, train_batches, val_batches, resume, state)
     progress.note(threads.describe())
+    if privacy is not None:
+        progress.note(privacy.describe())
     modules = training_modules(setup, averaged=ema.module if ema else None)
     step = _optimizer_step(setup, modules, optimizer, schedule, resume)
     training = Training(setup, modules, step, optimizer, schedule, run, progress, log, stop, state)
     training.started, training.resumed_from, training.ema = started, resume, ema
     training.threads, training.thread_probe_ms = threads, threads.chosen_ms()
+    training.privacy = privacy
     return training, train_batches, val_batches
 
 
@@ -288,6 +303,7 @@ def _restored_state(
     optimizer: torch.optim.Optimizer,
     schedule: LrSchedule,
     ema: WeightAverage | None,
+    privacy: PrivateTraining | None,
 ) -> TrainState:
     """A new run's state, or a resumed one's with everything its checkpoint holds put back
     (rank 0 reads the file and sends it)."""
@@ -297,7 +313,7 @@ def _restored_state(
     checkpoint = world.broadcast_object(
         load_checkpoint(resume) if world.is_main else None, setup.device
     )
-    state = restore(checkpoint, resume, setup, optimizer, schedule, ema)
+    state = restore(checkpoint, resume, setup, optimizer, schedule, ema, privacy)
     state.keep_totals_on_main(world.is_main)
     return state
 
@@ -386,6 +402,7 @@ def _metrics_row(training: Training, epoch: int, train_loss: float, validation) 
         "lr": training.schedule.last_lr(),
         "seconds": state.epoch_seconds,
         "samples_per_s": state.epoch_seen / max(state.epoch_seconds, 1e-9),
+        **({"epsilon": training.privacy.epsilon()} if training.privacy else {}),
     }
 
 

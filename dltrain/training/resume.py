@@ -18,6 +18,7 @@ from dltrain.optim import LrSchedule
 from dltrain.runs.checkpoint import load_weights
 from dltrain.training.build import Setup
 from dltrain.training.ema import WeightAverage
+from dltrain.training.privacy import PrivateTraining
 from dltrain.training.state import TrainState, check_resumable
 
 
@@ -65,6 +66,7 @@ def checkpoint_state(
     schedule: LrSchedule,
     state: TrainState,
     ema: WeightAverage | None = None,
+    privacy: PrivateTraining | None = None,
 ) -> dict[str, Any]:
     """What last.pt/best.pt hold (save_checkpoint copies the tensors to the CPU: torch cannot
     serialise XLA's lazy tensors, and the copy makes the file load anywhere). With train.ema,
@@ -85,6 +87,8 @@ def checkpoint_state(
     }
     if ema is not None:
         checkpoint["ema"] = ema.state_dict()
+    if privacy is not None:  # the accountant's history: a resumed run's ε goes on from it
+        checkpoint["privacy"] = privacy.state_dict()
     return checkpoint
 
 
@@ -95,14 +99,17 @@ def restore(
     optimizer: torch.optim.Optimizer,
     schedule: LrSchedule,
     ema: WeightAverage | None = None,
+    privacy: PrivateTraining | None = None,
 ) -> TrainState:
     """Load a checkpoint's training state into freshly built objects (resume); a part that
     is missing or does not fit this run is a UserError naming it."""
     check_resumable(checkpoint["recipe"], setup.recipe.to_dict(), str(path))
     load_weights(setup.model, checkpoint, path, setup.recipe.model)
     averaged = (("ema", partial(ema.load_state_dict, checkpoint["model"])),) if ema else ()
+    private = (("privacy", privacy.load_state_dict),) if privacy else ()
     parts = (
         *averaged,
+        *private,
         ("optimizer", lambda state: _load_optimizer(optimizer, state)),
         ("scheduler", schedule.load_state_dict),
         ("scaler", setup.precision.scaler.load_state_dict),

@@ -115,9 +115,10 @@ def load_for_inference(
     try:
         section = MODELS.validate(section, "model")  # the checkpoint's section is data: check it
         offline = without_pretrained_weights(section)
-        model = _build_model(offline, meta)
+        fixed = bool((recipe.get("privacy") or {}).get("fix_model"))  # Opacus' layers
+        model = _build_model(offline, meta, fixed)
         if offline is not section and not _fits(model, checkpoint["model"]):
-            model = _build_model(section, meta)  # the pretrained form differs: build it as trained
+            model = _build_model(section, meta, fixed)  # the pretrained form differs
     except RecipeError as exc:
         raise UserError(f"checkpoint {path}: {exc}") from exc.__cause__
     load_weights(model, checkpoint, path)
@@ -166,11 +167,12 @@ def _prepared(meta: dict[str, Any]) -> PreparedData:
     )
 
 
-def _build_model(section: dict[str, Any], meta: dict[str, Any]) -> nn.Module:
-    """The model as build_setup builds it: the same run-time arguments."""
+def _build_model(section: dict[str, Any], meta: dict[str, Any], fixed: bool) -> nn.Module:
+    """The model as build_setup builds it: the same run-time arguments (and, for a private
+    run with privacy.fix_model, the same layers Opacus put in)."""
     from dltrain.training.build import build_model
 
-    return build_model(section, _prepared(meta))
+    return build_model(section, _prepared(meta), fix_for_privacy=fixed)
 
 
 def _fits(model: nn.Module, state: Any) -> bool:
