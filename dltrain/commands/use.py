@@ -13,7 +13,7 @@ from rich.markup import escape
 from dltrain.commands import choices, force_option, imports_option, threads_option
 
 ExportFormat = choices("ExportFormat", "onnx", "torchscript")
-ExplainMethod = choices("ExplainMethod", "gradxinput", "gradcam", "both")
+ExplainMethod = choices("ExplainMethod", "all", "integrated_gradients", "gradcam", "occlusion")
 
 
 def predict(
@@ -157,48 +157,63 @@ def export(
 
 def explain(
     checkpoint: Path = typer.Argument(
-        ..., help="A checkpoint of an image model.", show_default=False
+        ..., help="A checkpoint written by dltrain fit.", show_default=False
     ),
-    image: Path = typer.Argument(
-        ..., help="An image file (or a one-sample .npy array).", show_default=False
+    source: Path = typer.Argument(
+        None,
+        help="An image (or a one-sample .npy) for image models; a .csv of rows for table "
+        "models; a .txt (one text a line) or .csv for text models.",
+        show_default=False,
+    ),
+    texts: list[str] = typer.Option(
+        None,
+        "--text",
+        "-t",
+        metavar="TEXT",
+        help="A text to explain (text models; repeatable).",
+        show_default=False,
     ),
     output: Path = typer.Option(
-        None, "--output", "-o", help="PNG to write (default: ./explain-<image stem>.png)."
+        None,
+        "--output",
+        "-o",
+        help="File to write: a PNG for images and tables, an HTML page for texts (default: "
+        "./explain-<input stem>.png or .html).",
     ),
     method: ExplainMethod = typer.Option(
-        ExplainMethod("both"),
+        ExplainMethod("all"),
         "--method",
-        help="gradxinput: |gradient × input|; gradcam: Grad-CAM at the last conv layer.",
+        help="Images: integrated_gradients, gradcam (Grad-CAM at the last conv layer), "
+        "occlusion, or all. Tables and texts: integrated gradients.",
     ),
+    as_json: bool = typer.Option(False, "--json", help="Print the attributions as JSON."),
     imports: list[str] = imports_option(),
     force: bool = force_option(),
 ) -> None:
-    """Show which pixels drove the predicted class: saliency maps over the image (PNG).
-
-    Grad-CAM needs a convolutional model; with --method both, a model without a conv layer
-    gets gradient × input only.
+    """Show what drove a prediction, from the checkpoint alone (Captum): attribution maps
+    over an image, each column's attribution for table rows (their importance over many),
+    each token's for a text.
 
     [bold]Examples[/]
 
       dltrain explain runs/quickstart/checkpoints/best.pt digit.png
 
       dltrain explain best.pt cat.jpg --method gradcam --output cat-gradcam.png
+
+      dltrain explain runs/table/checkpoints/best.pt rows.csv --json
+
+      dltrain explain runs/sms/checkpoints/best.pt --text "WIN a free prize now"
     """
     from dltrain.runs.outputs import refuse_replacing_run_files
-    from dltrain.use.explain import default_output, explain_file, write_png
+    from dltrain.use.explain import default_output, read_samples
+    from dltrain.use.explain_show import show_explanation
     from dltrain.use.inference import load_for_inference
 
-    console = Console()
-    target = output or default_output(image)
-    refuse_replacing_run_files(target, force, source=checkpoint)
+    if output is not None:  # said before anything is read
+        refuse_replacing_run_files(output, force, source=checkpoint)
     predictor = load_for_inference(checkpoint, imports=imports or [])
-    result = explain_file(predictor, image, method.value)
-    write_png(result, image.name, target)
-    for note in result.notes:
-        console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
-    console.print(
-        f"predicted [bold]{escape(result.predicted)}[/] ({result.probability:.3f}) · "
-        f"saliency map written to {escape(str(target))}",
-        highlight=False,
-        soft_wrap=True,
-    )
+    samples, stem = read_samples(predictor, source, texts)
+    target = output or default_output(stem, predictor.kind)  # .png or .html: by the model
+    if output is None:
+        refuse_replacing_run_files(target, force, source=checkpoint)
+    show_explanation(predictor, samples, method.value, target, as_json, Console())

@@ -37,7 +37,14 @@ COLUMNS = (
     "epsilon",  # a private run's ε spent (privacy:)
     "modified",
 )
-ASCENDING = {"name", "model", "dataset", "best_val_loss", "test_mse", "epsilon"}  # the rest: largest first
+ASCENDING = {
+    "name",
+    "model",
+    "dataset",
+    "best_val_loss",
+    "test_mse",
+    "epsilon",
+}  # the rest: largest first
 # Each task's figures from report.json (on the test split, else the split `report_split` names)
 REPORT_FIGURES = {
     "test_accuracy": ("accuracy",),

@@ -218,6 +218,8 @@ def test_a_recipe_that_needs_no_torchvision_does_not_import_it(tmp_path):
         "print('TIMM_IMPORTED=' + str('timm' in sys.modules))\n"
         "print('TRANSFORMERS_IMPORTED=' + str('transformers' in sys.modules))\n"
         "print('PEFT_IMPORTED=' + str('peft' in sys.modules))\n"
+        "print('OPACUS_IMPORTED=' + str('opacus' in sys.modules))\n"
+        "print('CAPTUM_IMPORTED=' + str('captum' in sys.modules))\n"
     )
     (tmp_path / "t.yaml").write_text("data: {name: csv, path: t.csv, label: label}\nmodel: mlp\n")
     proc = subprocess.run(
@@ -228,6 +230,7 @@ def test_a_recipe_that_needs_no_torchvision_does_not_import_it(tmp_path):
     assert "TIMM_IMPORTED=False" in proc.stdout
     assert "TRANSFORMERS_IMPORTED=False" in proc.stdout
     assert "PEFT_IMPORTED=False" in proc.stdout
+    assert "OPACUS_IMPORTED=False" in proc.stdout and "CAPTUM_IMPORTED=False" in proc.stdout
 
 
 def test_python_m_dltrain_help_lists_every_command(tmp_path):

@@ -112,6 +112,12 @@ def test_a_local_bert_fine_tunes_resumes_bitwise_and_predicts_offline(tmp_path, 
     assert top == ["pos", "neg"]
     evaluated = invoke("eval", "runs/bert/checkpoints/best.pt", "--json")
     assert evaluated.exit_code == 0, evaluated.output
+    explained = invoke(
+        "explain", "runs/bert/checkpoints/best.pt", "--text", "a superb film", "--json"
+    )
+    assert explained.exit_code == 0, explained.output  # tokens by the saved tokenizer
+    (text,) = json.loads(explained.stdout)["texts"]
+    assert [token for token, _ in text["tokens"]] == ["[CLS]", "a", "superb", "film", "[SEP]"]
     for form in ("onnx", "torchscript"):  # as a user runs it: the exporters' own logging shows
         exported = dltrain(
             "export", "runs/bert/checkpoints/best.pt", "--format", form, "--output", f"m.{form}",

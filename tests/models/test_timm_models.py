@@ -65,6 +65,9 @@ def test_a_timm_model_learns_resumes_bitwise_and_predicts_offline(tmp_path, invo
     )
     assert predicted.exit_code == 0, predicted.output
     assert json.loads(predicted.stdout)[0]["predictions"][0]["class"] == "bright"
+    explained = invoke("explain", "runs/convnext/checkpoints/best.pt", "images/bright/0.png")
+    assert explained.exit_code == 0, explained.output  # Captum's maps, Grad-CAM included
+    assert "integrated_gradients, gradcam, occlusion written" in explained.output
     for form in ("onnx", "torchscript"):
         exported = invoke(
             "export", "runs/convnext/checkpoints/best.pt", "--format", form, "--output", f"m.{form}"

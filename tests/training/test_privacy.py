@@ -194,3 +194,14 @@ def test_poisson_batches_vary_in_size_and_repeat_for_the_same_epoch():
     assert [y.tolist() for _, y in poisson.epoch(3)] == first
     assert [y.tolist() for _, y in poisson.epoch(3, start=5)] == first[5:]  # a resumed epoch
     assert [y.tolist() for _, y in poisson.epoch(4)] != first
+
+
+def test_a_moving_average_of_private_weights_trains_and_reports(tmp_path, invoke):
+    """train.ema under privacy: the average of released weights costs no privacy; it is what
+    evaluates, and the run reports its ε as any private run."""
+    fitted = invoke("fit", write(tmp_path, train={"ema": {"decay": 0.9}}), "-q")
+    assert fitted.exit_code == 0, fitted.output
+    report = json.loads((tmp_path / "runs/private/report.json").read_text())
+    assert report["privacy"]["epsilon"] <= 3.0 and report["accuracy"] >= 0.6
+    state = torch.load(tmp_path / "runs/private/checkpoints/last.pt", weights_only=False)
+    assert "ema" in state and "privacy" in state

@@ -24,7 +24,7 @@ from PIL import Image
 from dltrain.data.digits import digits
 from dltrain.errors import UserError
 from dltrain.runs.checkpoint import save_checkpoint
-from dltrain.use.explain import explain, last_conv
+from dltrain.use.explain_images import METHODS, explain_image, last_conv
 from dltrain.use.inference import Predictor, load_for_inference
 
 from helpers.cli import HELP_PROBE, dltrain
@@ -346,8 +346,11 @@ def test_export_onnx_without_its_packages_says_what_to_install(
 # -- explain ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["gradxinput", "gradcam", "both"])
-def test_explain_writes_a_png(digits_checkpoint, invoke, tmp_path, method):
+@pytest.mark.parametrize(
+    ("method", "panels"),
+    [("integrated_gradients", 2), ("gradcam", 2), ("occlusion", 2), ("all", 4)],
+)
+def test_explain_writes_a_png(digits_checkpoint, invoke, tmp_path, method, panels):
     (png, _), *_ = _digit_pngs(tmp_path, 1)
     out = tmp_path / f"{method}.png"
     result = invoke("explain", str(digits_checkpoint), str(png), "--method", method, "-o", str(out))
@@ -356,7 +359,6 @@ def test_explain_writes_a_png(digits_checkpoint, invoke, tmp_path, method):
     assert out.read_bytes()[:8] == PNG_MAGIC
     with Image.open(out) as image:
         image.load()
-        panels = 3 if method == "both" else 2
         assert image.width > 300 * panels and image.height > 300
 
 
@@ -367,17 +369,21 @@ def test_explain_defaults_to_the_current_folder(digits_checkpoint, invoke, tmp_p
     assert (tmp_path / f"explain-{png.stem}.png").read_bytes()[:8] == PNG_MAGIC
 
 
-def test_saliency_maps_are_unit_scaled_and_ignore_a_black_background(digits_checkpoint):
+def test_attribution_maps_are_unit_scaled_and_complete(digits_checkpoint):
+    """Each map in [0, 1] with its maximum 1; integrated gradients give nothing to the black
+    pixels (they equal the black baseline) and add up to the score's rise from black."""
     predictor = load_for_inference(digits_checkpoint)
     x = digits().test.x[:1]
-    result = explain(predictor, x, "both")
+    result = explain_image(predictor, x, METHODS)
     probs = predictor.predict_proba(x)[0]
     assert result.predicted == predictor.classes[int(probs.argmax())]
     assert result.probability == pytest.approx(float(probs.max()))
+    assert list(result.maps) == list(METHODS)
     for saliency in result.maps.values():
         assert saliency.shape == (8, 8) and saliency.min() >= 0 and saliency.max() == 1
     black = x[0, 0].numpy() == 0
-    assert black.any() and (result.maps["gradxinput"][black] == 0).all()
+    assert black.any() and (result.maps["integrated_gradients"][black] == 0).all()
+    assert result.delta is not None and result.delta < 0.05
 
 
 def test_gradcam_needs_a_conv_layer(digits_checkpoint):
@@ -388,16 +394,18 @@ def test_gradcam_needs_a_conv_layer(digits_checkpoint):
     )
     assert last_conv(flat) is None and isinstance(last_conv(predictor.model), torch.nn.Conv2d)
     x = digits().test.x[:1]
-    fallback = explain(mlp, x, "both")
-    assert list(fallback.maps) == ["gradxinput"] and "Grad-CAM" in fallback.notes[0]
-    with pytest.raises(UserError, match="--method gradxinput"):
-        explain(mlp, x, "gradcam")
+    fallback = explain_image(mlp, x, METHODS)
+    assert "gradcam" not in fallback.maps and "Grad-CAM" in fallback.notes[0]
+    with pytest.raises(UserError, match="--method integrated_gradients"):
+        explain_image(mlp, x, ("gradcam",))
 
 
-def test_explain_refuses_tabular_models(tabular_checkpoint, invoke, tmp_path):
+def test_explain_attributes_a_table_row_to_its_columns(tabular_checkpoint, invoke, tmp_path):
     _write_csv(tmp_path / "row.csv", ["f0", "f1", "f2", "f3"], [[1, 2, 3, 4]])
-    result = invoke("explain", str(tabular_checkpoint), "row.csv")
-    assert result.exit_code == 2 and "explain supports image models" in result.stderr
+    result = invoke("explain", str(tabular_checkpoint), "row.csv", "--json")
+    assert result.exit_code == 0, result.stderr
+    (row,) = json.loads(result.stdout)["rows"]
+    assert set(row["attributions"]) == {"f0", "f1", "f2", "f3"}
 
 
 # -- without the training data ----------------------------------------------------------------

@@ -22,7 +22,7 @@ from dltrain.data.digits import digits
 from dltrain.data.text import encode_texts
 from dltrain.errors import UserError
 from dltrain.runs.checkpoint import save_checkpoint
-from dltrain.use.explain import explain
+from dltrain.use.explain_images import METHODS, explain_image
 from dltrain.use.export import export_checkpoint
 from dltrain.use.inference import load_for_inference
 
@@ -283,16 +283,24 @@ def test_text_lstm_onnx_export_is_refused_naming_the_model(text_checkpoint, invo
     assert list(tmp_path.iterdir()) == []
 
 
-def test_explain_refuses_text_and_sequence_models(
-    text_checkpoint, adding_checkpoint, invoke, tmp_path
+def test_explain_takes_texts_and_refuses_sequences_and_seq2seq(
+    text_checkpoint, adding_checkpoint, reverse_checkpoint, invoke, tmp_path
 ):
+    """A text model's tokens are attributed (coloured, and an HTML page); float steps have no
+    names and a generated sequence is not one score: each is refused with the reason."""
     (tmp_path / "a.txt").write_text("free prize\n")
+    explained = invoke("explain", text_checkpoint, "a.txt")
+    assert explained.exit_code == 0, explained.output
+    assert "free" in explained.stdout and (tmp_path / "explain-a.html").exists()
     np.save(tmp_path / "s.npy", np.zeros((10, 2), np.float32))
-    for checkpoint, given in ((text_checkpoint, "a.txt"), (adding_checkpoint, "s.npy")):
+    (tmp_path / "d.txt").write_text("123\n")
+    for checkpoint, given, reason in (
+        (adding_checkpoint, "s.npy", "float sequences"),
+        (reverse_checkpoint, "d.txt", "seq2seq model"),
+    ):
         result = invoke("explain", checkpoint, given)
         assert result.exit_code == 2
-        assert "explain supports image models" in result.stderr
-        assert "Use dltrain predict" in result.stderr
+        assert reason in result.stderr and "Use dltrain predict" in result.stderr
 
 
 # -- regression: the adding problem -------------------------------------------------------------
@@ -438,13 +446,15 @@ def test_rows_model_predicts_and_explains_image_files(rows_checkpoint, invoke, t
 
     explained = invoke("explain", rows_checkpoint, pngs[0][0], "-o", "e.png")
     assert explained.exit_code == 0, explained.stderr
-    assert "gradient × input only" in explained.stdout and (tmp_path / "e.png").is_file()
+    assert "Grad-CAM needs a convolutional model" in explained.stdout
+    assert (tmp_path / "e.png").is_file()
     gradcam = invoke("explain", rows_checkpoint, pngs[0][0], "--method", "gradcam")
-    assert gradcam.exit_code == 2 and "--method gradxinput" in gradcam.stderr
+    assert gradcam.exit_code == 2 and "--method integrated_gradients" in gradcam.stderr
 
     predictor = load_for_inference(rows_checkpoint)
-    result = explain(predictor, digits().test.x[:1], "gradxinput")
-    assert result.maps["gradxinput"].shape == (8, 8)
+    result = explain_image(predictor, digits().test.x[:1], METHODS)
+    assert list(result.maps) == ["integrated_gradients", "occlusion"]
+    assert result.maps["integrated_gradients"].shape == (8, 8)
 
 
 def test_rows_model_exports_taking_images(rows_checkpoint, tmp_path):
