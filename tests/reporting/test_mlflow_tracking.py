@@ -165,3 +165,21 @@ def test_any_store_url_is_used_or_refused_naming_it(
             _storage(url, folder)
     except UserError as exc:
         assert url in str(exc) or url.removeprefix("sqlite:///") in str(exc), str(exc)
+
+
+def test_a_private_runs_epsilon_is_tracked(tmp_path, invoke):
+    """privacy: each epoch's ε as the `epsilon` metric, the run's ε, δ and noise as privacy_*."""
+    pytest.importorskip("opacus")
+    recipe = yaml.safe_load(write_recipe(tmp_path).read_text())
+    recipe["privacy"] = {"epsilon": 5.0}
+    (tmp_path / "tracked.yaml").write_text(yaml.safe_dump(recipe))
+    fitted = invoke("fit", str(tmp_path / "tracked.yaml"), "-q")
+    assert fitted.exit_code == 0, fitted.output
+    tracking = client(tmp_path)
+    (run,) = tracking.search_runs([tracking.get_experiment_by_name("tracked").experiment_id])
+    history = tracking.get_metric_history(run.info.run_id, "epsilon")
+    spent = json.loads((tmp_path / "runs/tracked/report.json").read_text())["privacy"]
+    assert [m.step for m in history] == [1, 2, 3]
+    assert history[-1].value == pytest.approx(spent["epsilon"]) and spent["epsilon"] <= 5.0
+    assert run.data.metrics["privacy_delta"] == spent["delta"]
+    assert run.data.metrics["privacy_noise_multiplier"] == pytest.approx(spent["noise_multiplier"])
