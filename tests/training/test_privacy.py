@@ -205,3 +205,29 @@ def test_a_moving_average_of_private_weights_trains_and_reports(tmp_path, invoke
     assert report["privacy"]["epsilon"] <= 3.0 and report["accuracy"] >= 0.6
     state = torch.load(tmp_path / "runs/private/checkpoints/last.pt", weights_only=False)
     assert "ema" in state and "privacy" in state
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        {"name": "lstm", "hidden_size": 32},
+        {"name": "gru", "hidden_size": 32},
+        {"name": "transformer", "d_model": 32, "heads": 2, "layers": 1, "feedforward": 64,
+         "pooling": "mean"},
+    ],
+    ids=["lstm", "gru", "transformer"],
+)  # fmt: skip
+def test_recurrent_and_attention_models_train_privately_once_fixed(tmp_path, invoke, model):
+    """privacy.fix_model puts Opacus' DPLSTM / DPGRU / DPMultiheadAttention in; the digits read
+    row by row train, report their ε, and the checkpoint evaluates as trained."""
+    name = write(
+        tmp_path, data={"as_sequence": "rows"}, model=model, train={"epochs": 2},
+        privacy={"fix_model": True}, optimizer={"name": "adam", "lr": 0.01},
+    )  # fmt: skip
+    fitted = invoke("fit", name, "-q")
+    assert fitted.exit_code == 0, fitted.output
+    report = json.loads((tmp_path / "runs/private/report.json").read_text())
+    assert report["privacy"]["epsilon"] <= 3.0 and report["accuracy"] > 0.2  # 10 classes
+    evaluated = invoke("eval", "runs/private/checkpoints/best.pt", "--json")
+    assert evaluated.exit_code == 0, evaluated.output
+    assert json.loads(evaluated.stdout)["accuracy"] == pytest.approx(report["accuracy"])
