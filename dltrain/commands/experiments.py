@@ -83,8 +83,9 @@ def sweep(
         None,
         "--storage",
         metavar="URL",
-        help="An Optuna database URL (default: sqlite study.db in the sweep folder); "
-        "processes on several machines sharing one (PostgreSQL, MySQL) run one study.",
+        help="An Optuna database URL (default: sqlite study.db in the sweep folder), or "
+        "journal:PATH (Optuna's journal file, for a shared filesystem without a database); "
+        "processes on several machines sharing one (PostgreSQL, MySQL, a journal) run one study.",
     ),
     study: str = typer.Option(
         None, "--study", metavar="NAME", help="The study's name (default: the recipe's name)."

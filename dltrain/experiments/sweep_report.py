@@ -60,7 +60,13 @@ def _best_trial(sweep: Sweep) -> Any:
 
 
 def _without_password(storage: Any) -> str:
-    url = str(getattr(storage, "url", "") or getattr(getattr(storage, "_backend", None), "url", ""))
+    """The storage as --storage names it: a database URL without its password, or
+    journal:PATH for Optuna's journal file."""
+    backend = getattr(storage, "_backend", None)
+    journal = getattr(backend, "_file_path", None)
+    if journal is not None:
+        return f"journal:{journal}"
+    url = str(getattr(storage, "url", "") or getattr(backend, "url", ""))
     return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
 
 

@@ -4,6 +4,7 @@ trials left running by a killed process of this machine found again."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import socket
@@ -173,6 +174,8 @@ def _storage(url: str | None, root: Path) -> Any:
     import optuna
 
     given = url is not None
+    if given and url.startswith(JOURNAL):
+        return _journal_storage(url)
     url = url or f"sqlite:///{(root / STUDY_FILE).absolute()}"
     engine = {"connect_args": _connect_args(url)}
     try:
@@ -195,6 +198,54 @@ def _storage(url: str | None, root: Path) -> Any:
         raise UserError(
             f"--storage {url}: cannot open it as an Optuna storage ({why}). {fix}"
         ) from None
+
+
+# --storage journal:PATH — Optuna's JournalStorage in one append-only file: for clusters with
+# a shared filesystem and no database server
+JOURNAL = "journal:"
+
+
+def _journal_storage(url: str) -> Any:
+    """Optuna's JournalStorage on the file `url` names (created when missing; its folder must
+    exist). Processes on several machines append to it under Optuna's own file lock."""
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    path = Path(url[len(JOURNAL) :]).expanduser()
+    if not path.parent.is_dir():
+        raise UserError(
+            f"--storage {url}: the folder {path.parent} does not exist; give a file in a folder "
+            "every machine of the sweep can write (a shared filesystem)."
+        )
+    if path.is_dir():
+        raise UserError(f"--storage {url}: {path} is a folder; name a file, e.g. {path}/study.log.")
+    if not _starts_like_a_journal(path):  # Optuna would append to it, and fail reading it back
+        raise UserError(
+            f"--storage {url}: {path} is not an Optuna journal (its first line is not one of "
+            "Optuna's records). Name another file, or move this one aside."
+        )
+    try:
+        storage = optuna.storages.JournalStorage(JournalFileBackend(str(path.absolute())))
+        storage.get_all_studies()  # replays the file now: a damaged one is said here
+        return storage
+    except Exception as exc:  # a file that is not Optuna's journal
+        why = first_line(exc, with_type=True)
+        raise UserError(
+            f"--storage {url}: cannot open it as an Optuna journal ({why}). Name another file, "
+            "or move this one aside."
+        ) from None
+
+
+def _starts_like_a_journal(path: Path) -> bool:
+    """A missing or empty file, or one whose first line is an Optuna journal record."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return True
+    with open(path, "rb") as f:
+        first = f.readline()
+    try:
+        return "op_code" in json.loads(first)
+    except (ValueError, TypeError):
+        return False
 
 
 # How long a database server may take to accept a connection: a server that does not answer

@@ -325,25 +325,62 @@ def test_importances_that_cannot_tell_parameters_apart_are_left_out(tmp_path):
     assert (tmp_path / "lr/runs/search/importances.png").exists()
 
 
-def test_processes_share_one_study_on_a_postgresql_server(tmp_path, postgres_url):
+@pytest.fixture(params=["postgresql", "journal"])
+def shared_storage(request, tmp_path):
+    """A study's storage several machines could share: a real PostgreSQL server, or Optuna's
+    journal file (a shared filesystem without a database)."""
+    if request.param == "journal":
+        return f"journal:{tmp_path / 'shared' / 'study.log'}"
+    return request.getfixturevalue("postgres_url")
+
+
+def test_processes_share_one_study_on_a_shared_storage(tmp_path, shared_storage):
+    """Two sweep processes, one study: unique trial numbers, --trials in all (one more at most:
+    the last two may start together), a run folder each, and the report agrees with Optuna."""
+    (tmp_path / "shared").mkdir()
+    url = shared_storage
     recipe, space = write(tmp_path)
     command = [sys.executable, "-m", "dltrain", "sweep", str(recipe), str(space), "--trials", "3"]
-    command += ["--storage", postgres_url]
+    command += ["--storage", url]
     workers = [
         subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         for _ in range(2)
     ]
     outputs = [w.communicate(timeout=300)[0].decode() for w in workers]
     assert [w.returncode for w in workers] == [0, 0], outputs
-    study = optuna.load_study(study_name="search", storage=postgres_url)
+    storage = url
+    if url.startswith("journal:"):
+        backend = optuna.storages.journal.JournalFileBackend(url[len("journal:") :])
+        storage = optuna.storages.JournalStorage(backend)
+    study = optuna.load_study(study_name="search", storage=storage)
     numbers = [t.number for t in study.get_trials()]
     assert numbers == list(range(len(numbers))) and 3 <= len(numbers) <= 4
     summary = report(tmp_path)
-    assert summary["storage"] == postgres_url
+    assert summary["storage"] == url
     assert summary["best_test"]["trial"] == summary["best_trial"]  # once every trial ended
     folders = sorted(p.name for p in (tmp_path / "runs/search/trials").iterdir() if p.is_dir())
     assert folders == [f"{n:03d}" for n in numbers]  # a run folder each, none shared
     assert not (tmp_path / "runs/search/study.db").exists()  # the server holds the study
+    told = {t.number: t.value for t in study.get_trials()}  # Optuna's own view, as reported
+    assert {t["number"]: t["value"] for t in summary["trials"]} == told
+    assert summary["best_trial"] == study.best_trial.number
+
+
+@pytest.mark.parametrize(
+    ("where", "said"),
+    [
+        ("missing/study.log", "does not exist"),
+        (".", "is a folder"),
+        ("junk.log", "is not an Optuna journal"),
+    ],
+)
+def test_a_journal_that_cannot_be_used_is_refused_naming_it(tmp_path, where, said):
+    (tmp_path / "junk.log").write_text("not a journal\n")
+    recipe, space = write(tmp_path)
+    storage = f"journal:{tmp_path / where}"
+    refused = dltrain("sweep", recipe, space, "--trials", "1", "--storage", storage, cwd=tmp_path)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert f"--storage {storage}" in words(refused.stderr) and said in words(refused.stderr)
 
 
 def test_a_database_server_that_never_answers_is_reported_not_waited_for(tmp_path):

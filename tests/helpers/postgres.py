@@ -85,3 +85,18 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def new_database(url: str, name: str) -> str:
+    """Another empty database on the server of `url` (tests that must not share tables: MLflow
+    and Optuna both keep an `alembic_version`); returns its URL."""
+    import psycopg
+
+    server, _, _ = url.rpartition("/")
+    host_port = server.rpartition("@")[2]
+    host, _, port = host_port.partition(":")
+    with psycopg.connect(
+        host=host, port=int(port), user="postgres", dbname="postgres", autocommit=True
+    ) as db:
+        db.execute(f'CREATE DATABASE "{name}"')
+    return f"{server}/{name}"

@@ -183,3 +183,22 @@ def test_a_private_runs_epsilon_is_tracked(tmp_path, invoke):
     assert history[-1].value == pytest.approx(spent["epsilon"]) and spent["epsilon"] <= 5.0
     assert run.data.metrics["privacy_delta"] == spent["delta"]
     assert run.data.metrics["privacy_noise_multiplier"] == pytest.approx(spent["noise_multiplier"])
+
+
+def test_mlflow_on_a_postgresql_server_tracks_a_fit(tmp_path, postgres_url):
+    """logging.mlflow.tracking_uri: a PostgreSQL database as MLflow's backend store (what a team
+    shares), read back with MLflow's own client."""
+    from helpers.postgres import new_database
+
+    uri = new_database(postgres_url, f"mlflow_{tmp_path.name}".lower()[:60])
+    recipe = write_recipe(tmp_path, tracking_uri=uri)
+    result = dltrain("fit", recipe, "-q", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    said = result.stderr.lower()  # dltrain's last line alone: no MLflow or alembic INFO lines
+    assert said.startswith("run folder:") and " info " not in said and "alembic" not in said
+    tracking = mlflow.MlflowClient(uri)
+    (run,) = tracking.search_runs([tracking.get_experiment_by_name("tracked").experiment_id])
+    report = json.loads((tmp_path / "runs/tracked/report.json").read_text())
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["test_accuracy"] == pytest.approx(report["accuracy"])
+    assert [m.step for m in tracking.get_metric_history(run.info.run_id, "val_loss")] == [1, 2, 3]
