@@ -79,6 +79,28 @@ def fit(
         help="With --nproc and --resume auto: restart all processes up to K times when one "
         "fails, continuing from the last checkpoint.",
     ),
+    nnodes: int = typer.Option(
+        None,
+        "--nnodes",
+        metavar="M",
+        help="With --nproc: train on M machines, each running this same command (torchrun's "
+        "c10d rendezvous at --rdzv-endpoint).",
+        show_default=False,
+    ),
+    rdzv_endpoint: str = typer.Option(
+        None,
+        "--rdzv-endpoint",
+        metavar="HOST:PORT",
+        help="With --nnodes: where the machines meet (one of them, a free port).",
+        show_default=False,
+    ),
+    node_rank: int = typer.Option(
+        None,
+        "--node-rank",
+        metavar="R",
+        help="With --nnodes: this machine's rank (0..M-1).",
+        show_default=False,
+    ),
 ) -> None:
     """Train a model from a recipe, then evaluate its best checkpoint on the test split.
 
@@ -93,6 +115,8 @@ def fit(
       dltrain fit recipes/quickstart.yaml --folds 5
 
       dltrain fit recipes/cifar10_resnet18.yaml --nproc 4
+
+      dltrain fit recipes/cifar10_resnet18.yaml --nproc 8 --nnodes 2 --rdzv-endpoint node0:29500
 
       torchrun --nproc-per-node 8 -m dltrain fit recipes/cifar10_resnet18.yaml
     """
@@ -115,8 +139,9 @@ def fit(
             raise UserError("--smoke runs one process once: leave out --nproc, --folds, --resume.")
         _smoke(recipe, overrides, console, stop)
         return
-    if nproc is not None or max_restarts:
-        _launch(recipe, overrides, nproc, max_restarts, resume, force, quiet, folds)
+    nodes = _nodes(recipe, overrides, nnodes, rdzv_endpoint, node_rank)
+    if nproc is not None or max_restarts or nodes:
+        _launch(recipe, overrides, nproc, max_restarts, resume, force, quiet, folds, nodes)
     if folds is not None:
         if world.launched:
             raise UserError("--folds runs one process per fold; leave out torchrun/--nproc.")
@@ -221,16 +246,19 @@ def _launch(
     force: bool,
     quiet: bool,
     folds: int | None,
+    nodes=None,
 ) -> None:
     """`fit --nproc N`: check the recipe here (errors once, not N times), then run torchrun's
-    launcher on this machine with the same fit command; exits with the processes' code."""
+    launcher on this machine (one of `nodes`) with the same fit command; exits with the
+    processes' code."""
     from dltrain.errors import UserError
     from dltrain.runs.planning import RUN_DIR_VARIABLE, planned_run
     from dltrain.system.distributed import world_from_environment
     from dltrain.system.launch import launch_local
 
     if nproc is None:
-        raise UserError("--max-restarts needs --nproc N (or torchrun's own --max-restarts).")
+        needing = "--nnodes" if nodes else "--max-restarts"
+        raise UserError(f"{needing} needs --nproc N, the processes on each machine.")
     if nproc < 1:
         raise UserError(f"--nproc must be at least 1 (got {nproc}).")
     if world_from_environment().launched:
@@ -255,7 +283,30 @@ def _launch(
     args += ["--force"] if force else []
     args += ["--quiet"] if quiet else []
     os.environ[NPROC_VARIABLE] = str(nproc)
-    raise typer.Exit(launch_local(nproc, args, max_restarts))
+    raise typer.Exit(launch_local(nproc, args, max_restarts, nodes))
+
+
+def _nodes(recipe: Path, overrides: list[str], count, endpoint, rank):
+    """`--nnodes M --rdzv-endpoint HOST:PORT [--node-rank R]`, checked; None on one machine."""
+    from dltrain.config.loading import load_recipe
+    from dltrain.errors import UserError
+    from dltrain.system.launch import Nodes
+
+    if count is None:
+        if endpoint is not None or rank is not None:
+            raise UserError("--rdzv-endpoint and --node-rank go with --nnodes M (M machines).")
+        return None
+    if count < 1:
+        raise UserError(f"--nnodes must be at least 1 (got {count}).")
+    host, _, port = (endpoint or "").rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(
+            f"--nnodes {count} needs --rdzv-endpoint HOST:PORT, where the machines meet (one of "
+            f"them and a free port, e.g. node0:29500); got {endpoint!r}."
+        )
+    if rank is not None and not 0 <= rank < count:
+        raise UserError(f"--node-rank must be 0..{count - 1} for --nnodes {count} (got {rank}).")
+    return Nodes(count, endpoint, load_recipe(recipe, overrides).name, rank)
 
 
 def _cross_validate(

@@ -1,7 +1,10 @@
-"""`dltrain fit --nproc N`: torchrun's own launcher, started from dltrain on one machine.
+"""`dltrain fit --nproc N`: torchrun's own launcher, started from dltrain.
 
-It is torch.distributed.run (the code behind `torchrun`) with a standalone rendezvous, so the
-processes are exactly those `torchrun --standalone --nproc-per-node N -m dltrain fit ...` starts.
+It is torch.distributed.run (the code behind `torchrun`): on one machine with a standalone
+rendezvous, so the processes are exactly those `torchrun --standalone --nproc-per-node N -m
+dltrain fit ...` starts; on several (`--nnodes M --rdzv-endpoint HOST:PORT`, the same command
+on each machine) with torchrun's c10d rendezvous at that endpoint, as `torchrun --nnodes M
+--rdzv-backend c10d --rdzv-endpoint HOST:PORT` would.
 What it adds: a thread count per process that shares the CPU instead of oversubscribing it,
 quiet launcher logs (each process prints its own errors), and torchrun's failure summary
 turned into one line and the failed process's exit code.
@@ -13,14 +16,34 @@ import logging
 import os
 import signal
 import tempfile
+from dataclasses import dataclass
 
 from rich.console import Console
 
 from dltrain.system.threads import cores_per_process
 
 
-def launch_local(nproc: int, fit_args: list[str], max_restarts: int = 0) -> int:
-    """Run `dltrain <fit_args>` in `nproc` processes under torchrun's launcher; its exit code."""
+@dataclass(frozen=True)
+class Nodes:
+    """Several machines (`fit --nnodes`): each runs the same command, and they meet at the
+    c10d rendezvous on `endpoint` (HOST:PORT, one of the machines); `run_id` names the job."""
+
+    count: int
+    endpoint: str
+    run_id: str
+    rank: int | None = None  # --node-rank: passed on (c10d orders the nodes itself)
+
+    def torchrun_args(self) -> list[str]:
+        args = [f"--nnodes={self.count}", "--rdzv-backend=c10d", f"--rdzv-endpoint={self.endpoint}"]
+        args.append(f"--rdzv-id={self.run_id}")
+        return args + ([f"--node-rank={self.rank}"] if self.rank is not None else [])
+
+
+def launch_local(
+    nproc: int, fit_args: list[str], max_restarts: int = 0, nodes: Nodes | None = None
+) -> int:
+    """Run `dltrain <fit_args>` in `nproc` processes under torchrun's launcher (on this machine
+    alone, or as one of `nodes`); its exit code."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
@@ -33,7 +56,7 @@ def launch_local(nproc: int, fit_args: list[str], max_restarts: int = 0) -> int:
     with tempfile.TemporaryDirectory(prefix="dltrain-torchrun-") as logs:
         args = get_args_parser().parse_args(
             [
-                "--standalone",
+                *(["--standalone"] if nodes is None else nodes.torchrun_args()),
                 f"--nproc-per-node={nproc}",
                 f"--max-restarts={max_restarts}",
                 f"--log-dir={logs}",

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -263,6 +264,63 @@ def test_torchrun_restarts_continue_from_the_last_checkpoint(tmp_path, two_proce
     reference = weights(ddp_run / "checkpoints" / "last.pt")
     for key, value in reference.items():
         assert torch.equal(restarted[f"inner.{key}"], value), key
+
+
+@pytest.mark.slow
+def test_two_nodes_on_loopback_end_with_the_weights_of_one_process(tmp_path):
+    """`fit --nproc 2 --nnodes 2 --rdzv-endpoint 127.0.0.1:PORT` started twice, each launcher a
+    "machine" with its own folder (machines need not share a disk): torchrun's c10d rendezvous
+    joins them into 4 gloo processes, and they end with the weights one process ends with for
+    the same global batch. The node that got rank 0 writes the run; the other writes nothing."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR"):
+        env.pop(key, None)
+    launchers = []
+    for rank in (0, 1):
+        folder = tmp_path / f"node{rank}"
+        folder.mkdir()
+        command = ["dltrain", "fit", str(write_recipe(folder, "multi")), "--nproc", "2"]
+        command += [
+            "--nnodes",
+            "2",
+            "--rdzv-endpoint",
+            f"127.0.0.1:{port}",
+            "--node-rank",
+            str(rank),
+        ]
+        launchers.append(subprocess.Popen(
+            [sys.executable, "-m", *command], cwd=folder, env={**env, "TMPDIR": str(folder)},
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        ))  # fmt: skip
+    said = [launcher.communicate(timeout=300)[0] for launcher in launchers]
+    assert [launcher.returncode for launcher in launchers] == [0, 0], said
+    written = [p for p in tmp_path.glob("node*/runs/multi/checkpoints/last.pt")]
+    assert len(written) == 1, written
+    assert sum("data parallel: 4 processes × batch 16" in text for text in said) == 1
+    single, _ = train(tmp_path, PARITY, "single")
+    one, four = weights(single.last_path), weights(written[0])
+    assert one.keys() == four.keys()
+    for key in one:
+        torch.testing.assert_close(four[key], one[key], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--nnodes", "2", "--nproc", "2"], "needs --rdzv-endpoint HOST:PORT"),
+        (["--nnodes", "2", "--rdzv-endpoint", "h:1"], "--nnodes needs --nproc N"),
+        (["--rdzv-endpoint", "h:1", "--nproc", "2"], "go with --nnodes M"),
+        (["--nnodes", "2", "--nproc", "2", "--rdzv-endpoint", "h:1", "--node-rank", "2"], "0..1"),
+    ],
+)
+def test_node_options_are_checked_before_starting_anything(tmp_path, invoke, args, message):
+    recipe = write_recipe(tmp_path, "nodes")
+    refused = invoke("fit", str(recipe), *args)
+    assert refused.exit_code == 2 and message in refused.output, refused.output
+    assert not (tmp_path / "runs").exists()
 
 
 # -- the pieces, in one process -------------------------------------------------------------------
