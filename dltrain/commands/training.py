@@ -167,17 +167,20 @@ def _train_one(
     """Train the planned run with live progress; on a stop signal, say how to resume."""
     from dltrain.reporting.progress import Progress
     from dltrain.reporting.report import headline
+    from dltrain.system.distributed import world_from_environment
     from dltrain.system.interrupts import Interrupted
+    from dltrain.system.slurm import requeue
     from dltrain.training.loop import fit as run_fit
 
     progress = Progress(console, quiet=quiet)
+    writer = world_from_environment().is_main  # one process puts the job back in the queue
     try:
         stop.check(str(plan.checkpoint) if plan.checkpoint else None, "before training started")
         report = run_fit(plan.recipe, plan.run, progress, resume=plan.checkpoint, stop=stop)
     except Interrupted as stopped:
-        exit_stopped(
-            console, stopped, f"resume with: {resume_command}" if stopped.checkpoint else ""
-        )
+        then = f"resume with: {resume_command}" if stopped.checkpoint else ""
+        requeued = requeue(stopped.signum, saved=bool(stopped.checkpoint)) if writer else ""
+        exit_stopped(console, stopped, "\n".join(filter(None, [then, requeued])))
     finally:
         progress.close()
     label, value = headline(report)

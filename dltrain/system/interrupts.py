@@ -19,8 +19,15 @@ from types import FrameType
 
 from dltrain.errors import DltrainError
 
-SIGNAL_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+SIGNAL_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGUSR1: 138}
 LAUNCHER_ECHO_SECONDS = 2.0  # under torchrun: see GracefulStop.echo_seconds
+
+
+def stop_signals() -> list[int]:
+    """The signals that request a stop: SIGINT and SIGTERM; under SLURM also SIGUSR1, its
+    warning before the time limit (system/slurm.py). Elsewhere SIGUSR1 keeps its default."""
+    under_slurm = bool(os.environ.get("SLURM_JOB_ID"))
+    return [signal.SIGINT, signal.SIGTERM] + ([signal.SIGUSR1] if under_slurm else [])
 
 
 class Interrupted(DltrainError):
@@ -89,7 +96,7 @@ class GracefulStop:
         if self._depth > 1:
             return self
         if threading.current_thread() is threading.main_thread():  # signals only go there
-            for signum in SIGNAL_EXIT_CODES:
+            for signum in stop_signals():
                 if signal.getsignal(signum) is signal.SIG_IGN:
                     continue  # ignored on purpose (e.g. a background job's SIGINT): keep it so
                 self._previous[signum] = signal.signal(signum, self._handle)
@@ -126,7 +133,7 @@ def exit_at_once_on_signals() -> None:
     if not STARTUP.program or threading.current_thread() is not threading.main_thread():
         return  # a library call or a test: the caller's handlers stay
 
-    for signum in SIGNAL_EXIT_CODES:
+    for signum in stop_signals():
         if signal.getsignal(signum) is not signal.SIG_IGN:
             signal.signal(signum, _exit_at_once)
     # Python's own shutdown puts SIG_DFL back for the signals it handles, so a second signal
@@ -136,7 +143,7 @@ def exit_at_once_on_signals() -> None:
 
 
 def _ignore_stop_signals() -> None:
-    for signum in SIGNAL_EXIT_CODES:
+    for signum in stop_signals():
         signal.signal(signum, signal.SIG_IGN)
 
 
