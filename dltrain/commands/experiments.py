@@ -90,6 +90,14 @@ def sweep(
     study: str = typer.Option(
         None, "--study", metavar="NAME", help="The study's name (default: the recipe's name)."
     ),
+    nproc: int = typer.Option(
+        None,
+        "--nproc",
+        metavar="K",
+        help="Run each trial data-parallel in K processes (as fit --nproc); rank 0 reports to "
+        "the pruner and every rank stops with it.",
+        show_default=False,
+    ),
 ) -> None:
     """Search hyperparameters with Optuna: each trial is a run folder in OUTPUT/NAME/trials/.
 
@@ -102,6 +110,8 @@ def sweep(
       dltrain sweep recipes/quickstart.yaml space.yaml --trials 20
 
       dltrain sweep recipe.yaml space.yaml --trials 50 --storage postgresql+psycopg://host/db
+
+      dltrain sweep recipe.yaml space.yaml --trials 20 --nproc 4
     """
     from dltrain.experiments.sweep import run_sweep
     from dltrain.experiments.sweep_report import REPORT_JSON, write_sweep_report
@@ -113,6 +123,7 @@ def sweep(
     stop = GracefulStop()
     with stop:
         opened = open_sweep(recipe, space, overrides or [], trials, storage, study)
+        _check_trial_processes(nproc, opened)
         say = lambda text: console.print(text, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
         say(
             f"sweep {opened.study.study_name}: {trials} trials, {opened.metric} "
@@ -121,7 +132,7 @@ def sweep(
         )
         progress = Progress(Console(stderr=True), live_only=True)
         try:
-            summary = run_sweep(opened, progress, stop, say)
+            summary = run_sweep(opened, progress, stop, say, nproc)
         except Interrupted as stopped:
             write_sweep_report(opened, None)  # the trials so far
             ended, _ = opened.ended()
@@ -144,6 +155,17 @@ def sweep(
         highlight=False,
         soft_wrap=True,
     )
+
+
+def _check_trial_processes(nproc: int | None, sweep) -> None:
+    from dltrain.errors import UserError
+
+    if nproc is None:
+        return
+    if nproc < 1:
+        raise UserError(f"--nproc must be at least 1 (got {nproc}).")
+    if sweep.space.folds:
+        raise UserError("--nproc does not combine with a space's folds; leave one of them out.")
 
 
 def lr_find(

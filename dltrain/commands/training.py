@@ -101,6 +101,7 @@ def fit(
         help="With --nnodes: this machine's rank (0..M-1).",
         show_default=False,
     ),
+    report_on: str = typer.Option(None, "--report-on", hidden=True),  # a sweep's trial: val
 ) -> None:
     """Train a model from a recipe, then evaluate its best checkpoint on the test split.
 
@@ -141,7 +142,9 @@ def fit(
         return
     nodes = _nodes(recipe, overrides, nnodes, rdzv_endpoint, node_rank)
     if nproc is not None or max_restarts or nodes:
-        _launch(recipe, overrides, nproc, max_restarts, resume, force, quiet, folds, nodes)
+        _launch(
+            recipe, overrides, nproc, max_restarts, resume, force, quiet, folds, nodes, report_on
+        )
     if folds is not None:
         if world.launched:
             raise UserError("--folds runs one process per fold; leave out torchrun/--nproc.")
@@ -158,25 +161,36 @@ def fit(
             recipe, overrides, resume, force, console, again, check=writer, lock=writer
         ) as plan,
     ):
-        _train_one(plan, again, console, quiet, stop)
+        _train_one(plan, again, console, quiet, stop, report_on)
 
 
 def _train_one(
-    plan: RunPlan, resume_command: str, console: Console, quiet: bool, stop: GracefulStop
+    plan: RunPlan,
+    resume_command: str,
+    console: Console,
+    quiet: bool,
+    stop: GracefulStop,
+    report_on: str | None = None,
 ) -> None:
-    """Train the planned run with live progress; on a stop signal, say how to resume."""
+    """Train the planned run with live progress; on a stop signal, say how to resume. A
+    sweep's trial in several processes reports on `report_on` (val) and to its pruner."""
+    from dltrain.experiments.sweep_processes import trial_pruning
     from dltrain.reporting.progress import Progress
     from dltrain.reporting.report import headline
-    from dltrain.system.distributed import world_from_environment
+    from dltrain.system.distributed import process_device, world_from_environment
     from dltrain.system.interrupts import Interrupted
     from dltrain.system.slurm import requeue
     from dltrain.training.loop import fit as run_fit
 
     progress = Progress(console, quiet=quiet)
-    writer = world_from_environment().is_main  # one process puts the job back in the queue
+    world = world_from_environment()
+    writer = world.is_main  # one process puts the job back in the queue
     try:
         stop.check(str(plan.checkpoint) if plan.checkpoint else None, "before training started")
-        report = run_fit(plan.recipe, plan.run, progress, resume=plan.checkpoint, stop=stop)
+        pruning = trial_pruning(world, process_device(plan.recipe.device, world))
+        report = run_fit(
+            plan.recipe, plan.run, progress, plan.checkpoint, stop, report_on, after_epoch=pruning
+        )
     except Interrupted as stopped:
         then = f"resume with: {resume_command}" if stopped.checkpoint else ""
         requeued = requeue(stopped.signum, saved=bool(stopped.checkpoint)) if writer else ""
@@ -250,6 +264,7 @@ def _launch(
     quiet: bool,
     folds: int | None,
     nodes=None,
+    report_on: str | None = None,
 ) -> None:
     """`fit --nproc N`: check the recipe here (errors once, not N times), then run torchrun's
     launcher on this machine (one of `nodes`) with the same fit command; exits with the
@@ -285,6 +300,7 @@ def _launch(
     args += ["--resume", resume] if resume else []
     args += ["--force"] if force else []
     args += ["--quiet"] if quiet else []
+    args += ["--report-on", report_on] if report_on else []
     os.environ[NPROC_VARIABLE] = str(nproc)
     raise typer.Exit(launch_local(nproc, args, max_restarts, nodes))
 

@@ -38,6 +38,7 @@ from typing import Any
 from dltrain.config.schema import MlflowSettings, Recipe
 from dltrain.errors import DltrainError, UserError
 from dltrain.experiments.crossval import run_cross_validation
+from dltrain.experiments.sweep_processes import train_in_processes
 from dltrain.experiments.sweep_report import write_sweep_report
 from dltrain.experiments.sweep_space import (
     FloatParam,
@@ -146,34 +147,46 @@ def _drop_checkpoints(trial_folder: Path) -> None:
         shutil.rmtree(RunFolder(folder).checkpoints, ignore_errors=True)
 
 
-def _pruning(trial: Any, sweep: Sweep) -> Callable[[dict[str, Any]], None] | None:
-    """Each epoch's metric to the pruner, which may end the trial (not with folds)."""
-    if sweep.space.folds or sweep.space.pruner == "none":
-        return None
+class Pruning:
+    """Each epoch's metric to the pruner, which may end the trial (`trial`: whose)."""
 
-    def after_epoch(row: dict[str, Any]) -> None:
+    def __init__(self, trial: Any, metric: str):
+        self.trial, self.metric = trial, metric
+
+    def __call__(self, row: dict[str, Any]) -> None:
         import optuna
 
-        value = row.get(sweep.metric)
+        value = row.get(self.metric)
         if value is None or not math.isfinite(value):
             return
-        trial.report(float(value), int(row["epoch"]))
-        if trial.should_prune():
+        self.trial.report(float(value), int(row["epoch"]))
+        if self.trial.should_prune():
             raise optuna.TrialPruned()
 
-    return after_epoch
+
+def _pruning(trial: Any, sweep: Sweep) -> Pruning | None:
+    """The pruner's epoch callback for a trial (none with folds, or pruner: none)."""
+    if sweep.space.folds or sweep.space.pruner == "none":
+        return None
+    return Pruning(trial, sweep.metric)
 
 
 def _short(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else json.dumps(value)
 
 
-def run_sweep(sweep: Sweep, progress: Any, stop: Any, say: Callable[[str], None]) -> dict:
-    """Run the trials, then (once --trials have ended) evaluate the best trial on the test
-    split, and write the report; returns sweep_report.json's content."""
+def run_sweep(
+    sweep: Sweep, progress: Any, stop: Any, say: Callable[[str], None], nproc: int | None = None
+) -> dict:
+    """Run the trials (each in `nproc` processes, when given), then (once --trials have ended)
+    evaluate the best trial on the test split, and write the report; returns
+    sweep_report.json's content."""
 
-    def train(recipe: Recipe, after_epoch: Callable[[dict[str, Any]], None] | None):
-        return _train_trial(sweep, recipe, after_epoch, progress, stop)
+    def train(recipe: Recipe, after_epoch: Pruning | None):
+        if nproc is None:
+            return _train_trial(sweep, recipe, after_epoch, progress, stop)
+        trial_id = after_epoch.trial._trial_id if after_epoch else None  # its processes report
+        return train_in_processes(sweep, recipe, trial_id, nproc, stop)
 
     with _tracked(sweep):
         run_trials(sweep, train, say)

@@ -63,6 +63,7 @@ class Sweep:
     root: Path
     study: Any  # optuna.Study
     trials: int
+    storage: str | None = None  # --storage as given (None: study.db in the sweep folder)
 
     def trial_recipe(self, number: int, params: dict[str, Any]) -> Recipe:
         """The recipe of trial `number`: the sampled parameters as overrides, its own run
@@ -157,18 +158,18 @@ def open_sweep(
     # on one machine they take turns (a file lock in the sweep folder).
     with filelock.FileLock(root / ".study.lock"):
         study = optuna.create_study(
-            storage=_storage(storage, root),
+            storage=open_storage(storage, root),
             study_name=study_name or recipe.name,
             direction=direction_of(metric),
             sampler=_sampler(space, recipe.seed),
-            pruner=_pruner(space, recipe.train.epochs),
+            pruner=make_pruner(space, recipe.train.epochs),
             load_if_exists=True,
         )
         _check_same_search(study, space, metric, recipe_path)
-    return Sweep(recipe_path, list(overrides), space, recipe, metric, root, study, trials)
+    return Sweep(recipe_path, list(overrides), space, recipe, metric, root, study, trials, storage)
 
 
-def _storage(url: str | None, root: Path) -> Any:
+def open_storage(url: str | None, root: Path) -> Any:
     """An Optuna storage: the URL given, or SQLite in the sweep folder (which waits for a
     writer of another process instead of failing)."""
     import optuna
@@ -272,8 +273,20 @@ def _sampler(space: SearchSpace, seed: int) -> Any:
     if space.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seeded)
     if space.sampler == "grid":
-        return optuna.samplers.GridSampler(_grid(space), seed=seeded)
+        return _grid_sampler(optuna)(_grid(space), seed=seeded)
     return optuna.samplers.TPESampler(seed=seeded)
+
+
+def _grid_sampler(optuna) -> type:
+    """Optuna's GridSampler without its call to study.stop() once the grid is used up: that
+    call is for Study.optimize and raises outside it, where dltrain asks and tells its trials
+    (the last grid point's tell failed, leaving it running); --trials bounds the search."""
+
+    class GridSampler(optuna.samplers.GridSampler):
+        def after_trial(self, study: Any, trial: Any, state: Any, values: Any) -> None:
+            return None
+
+    return GridSampler
 
 
 # The most points a grid search may have: each is a trial (a training run), and Optuna holds
@@ -316,7 +329,7 @@ def _grid_values(param: Any, count: int) -> list[Any]:
     return [param.low + i * param.step for i in range(count)]
 
 
-def _pruner(space: SearchSpace, epochs: int) -> Any:
+def make_pruner(space: SearchSpace, epochs: int) -> Any:
     import optuna
 
     if space.pruner == "none" or space.folds:

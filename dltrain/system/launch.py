@@ -104,4 +104,5 @@ def _report_failure(failed) -> int:
     return code
 
 
-SPEAKING_EXIT_CODES = (1, 2, 130, 143)  # dltrain's own exits, which print their reason
+# dltrain's own exits, which print their reason (3: a sweep trial's processes, pruned together)
+SPEAKING_EXIT_CODES = (1, 2, 3, 130, 143)

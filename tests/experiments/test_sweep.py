@@ -18,6 +18,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -476,3 +477,67 @@ def test_any_search_space_opens_or_is_refused_naming_its_key(tmp_path, params, s
     if sampler == "grid":
         grid = sweep.study.sampler._search_space
         assert math.prod(len(values) for values in grid.values()) <= MAX_GRID_POINTS
+
+
+@pytest.mark.slow
+def test_trials_in_two_processes_report_what_one_process_trials_do(tmp_path):
+    """`sweep --nproc 2`: every trial a 2-process fit. With a global batch (2 processes = 1
+    process), each point of a grid gets the value a one-process sweep gives it (the grid's
+    order is each process's own), and each trial's run was data-parallel."""
+    space = {"sampler": "grid", "pruner": "none", "params": {
+        "optimizer.lr": {"type": "categorical", "choices": [0.001, 0.01, 0.05, 0.2]}}}  # fmt: skip
+    values = []
+    for name, launch in (("one", []), ("two", ["--nproc", "2"])):
+        folder = tmp_path / name
+        folder.mkdir()
+        recipe, space_file = write(folder, epochs=2, **space)
+        base = yaml.safe_load(recipe.read_text())
+        base["data"] = {**base["data"], "global_batch_size": 32}
+        base["data"].pop("batch_size", None)
+        recipe.write_text(yaml.safe_dump(base))
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        done = subprocess.run(
+            [sys.executable, "-m", "dltrain", "sweep", str(recipe), str(space_file), "--trials",
+             "4", *launch], cwd=folder, env=env, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        trials = report(folder)["trials"]
+        assert [t["state"] for t in trials] == ["complete"] * 4
+        values.append({t["params"]["optimizer.lr"]: t["value"] for t in trials})
+    assert values[1] == pytest.approx(values[0], abs=1e-6) and len(values[0]) == 4
+    started = (tmp_path / "two/runs/search/trials/000/events.jsonl").read_text()
+    assert '"processes": 2' in started  # the trial ran data-parallel
+
+
+def test_rank_0_asks_the_sweeps_pruner_and_every_rank_stops_with_it(tmp_path, monkeypatch):
+    """A trial's processes (TRIAL_VARIABLE set): rank 0 reports each epoch to the trial on the
+    sweep's study, with the sweep's pruner; when it says prune, the answer (broadcast) stops
+    the rank with TrialPrunedStop — the exit code the sweep tells as pruned."""
+    from dltrain.experiments.sweep_processes import (
+        PRUNED_EXIT,
+        TRIAL_VARIABLE,
+        TrialPrunedStop,
+        trial_pruning,
+    )  # fmt: skip
+    from dltrain.experiments.sweep_study import open_sweep
+    from dltrain.system.distributed import World
+
+    recipe, space = write(tmp_path, pruner="median")
+    sweep = open_sweep(recipe, space, [], 10, None, None)
+    for _ in range(5):  # the median pruner's startup trials, all good at epoch 1
+        done = sweep.study.ask()
+        done.report(0.9, 1)
+        sweep.study.tell(done, 0.9)
+    trial = sweep.study.ask()
+    monkeypatch.setenv(TRIAL_VARIABLE, json.dumps({
+        "storage": None, "root": str(sweep.root), "trial_id": trial._trial_id,
+        "study": sweep.study.study_name, "metric": "val_accuracy",
+        "space": sweep.space.model_dump(mode="json"), "epochs": 2}))  # fmt: skip
+    after_epoch = trial_pruning(World(), torch.device("cpu"))
+    with pytest.raises(TrialPrunedStop) as stopped:
+        after_epoch({"epoch": 1, "val_accuracy": 0.1})
+    assert stopped.value.exit_code == PRUNED_EXIT
+    reported = sweep.study.get_trials()[trial.number].intermediate_values
+    assert reported == {1: 0.1}  # what rank 0 told the trial
+    monkeypatch.delenv(TRIAL_VARIABLE)
+    assert trial_pruning(World(), torch.device("cpu")) is None  # an ordinary fit

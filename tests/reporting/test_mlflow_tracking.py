@@ -151,7 +151,7 @@ def test_any_store_url_is_used_or_refused_naming_it(
     --storage: opened, or one UserError that names the URL — never another exception."""
     monkeypatch.chdir(tmp_path)  # a relative SQLite path is a file in the working folder
     from dltrain.errors import UserError
-    from dltrain.experiments.sweep_study import _storage
+    from dltrain.experiments.sweep_study import open_storage
     from dltrain.reporting.mlflow_tracking import probe_store
 
     folder = Path(tempfile.mkdtemp(dir=tmp_path))
@@ -162,7 +162,7 @@ def test_any_store_url_is_used_or_refused_naming_it(
         if store == "mlflow":
             probe_store(url)
         else:
-            _storage(url, folder)
+            open_storage(url, folder)
     except UserError as exc:
         assert url in str(exc) or url.removeprefix("sqlite:///") in str(exc), str(exc)
 
