@@ -541,3 +541,22 @@ def test_rank_0_asks_the_sweeps_pruner_and_every_rank_stops_with_it(tmp_path, mo
     assert reported == {1: 0.1}  # what rank 0 told the trial
     monkeypatch.delenv(TRIAL_VARIABLE)
     assert trial_pruning(World(), torch.device("cpu")) is None  # an ordinary fit
+
+
+@pytest.mark.slow
+def test_a_trial_whose_processes_fail_fails_alone(tmp_path):
+    """`sweep --nproc 2` with a model too large for the machine's memory (refused in its
+    processes): that trial is told as failed, and the sweep goes on to the next."""
+    huge = [100_000_000, 100]  # 10^10 weights: refused before anything is allocated
+    space = {"sampler": "grid", "pruner": "none", "params": {
+        "model.hidden": {"type": "categorical", "choices": [huge, [16]]}}}  # fmt: skip
+    recipe, space_file = write(tmp_path, epochs=2, **space)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "dltrain", "sweep", str(recipe), str(space_file), "--trials", "2",
+         "--nproc", "2"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    states = {str(t["params"]["model.hidden"]): t["state"] for t in report(tmp_path)["trials"]}
+    assert states == {str(huge): "fail", "[16]": "complete"}, states
+    assert "processes failed" in done.stdout
