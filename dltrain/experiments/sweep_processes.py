@@ -30,7 +30,7 @@ from dltrain.runs.metrics_csv import read_metrics
 from dltrain.system.interrupts import SIGNAL_EXIT_CODES, Interrupted
 
 TRIAL_VARIABLE = "DLTRAIN_SWEEP_TRIAL"  # the trial's study, storage and id, for rank 0
-PRUNED_EXIT = 3  # a trial's processes ended by the pruner (between the sweep and its children)
+PRUNED_EXIT = 77  # a trial's processes ended by the pruner (between the sweep and its children)
 
 
 class TrialPrunedStop(DltrainError):

@@ -104,5 +104,6 @@ def _report_failure(failed) -> int:
     return code
 
 
-# dltrain's own exits, which print their reason (3: a sweep trial's processes, pruned together)
-SPEAKING_EXIT_CODES = (1, 2, 3, 130, 143)
+# dltrain's own exits, which print their reason (77: a sweep trial's processes, pruned together:
+# experiments/sweep_processes.py)
+SPEAKING_EXIT_CODES = (1, 2, 77, 130, 143)
