@@ -11,6 +11,9 @@ reason: a step's attribution to a generated sequence is not one score.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from dltrain.errors import UserError
 from dltrain.use.inference import Predictor
@@ -71,3 +74,16 @@ def read_samples(
 def default_output(stem: str, kind: str) -> Path:
     """explain-<input stem>.png (images, tables) or .html (texts), in the current folder."""
     return Path(f"explain-{stem}.{'html' if kind == 'tokens' else 'png'}")
+
+
+def explained_outputs(predictor: Predictor, x: torch.Tensor) -> tuple[Any, list[dict[str, Any]]]:
+    """What the attributions explain for a batch: Captum's target (each sample's predicted
+    class; the one output for regression) and each prediction as shown."""
+    if predictor.task == "regression":
+        return 0, [{"predicted": v} for v in predictor.predict_values(x).tolist()]
+    probs = predictor.predict_proba(x)
+    targets = probs.argmax(dim=1).tolist()
+    return targets, [
+        {"predicted": predictor.classes[t], "probability": float(p[t])}
+        for t, p in zip(targets, probs, strict=True)
+    ]

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from dltrain.data.table_encoding import TableEncoding
+from dltrain.use.explain import explained_outputs
 from dltrain.use.inference import Predictor
 from dltrain.use.predict import Samples
 
@@ -51,7 +52,7 @@ def explain_rows(predictor: Predictor, samples: Samples) -> TableExplanation:
     from captum.attr import IntegratedGradients
 
     x = samples.x.float().to(predictor.device)
-    targets, predictions = _predictions(predictor, samples.x)
+    targets, predictions = explained_outputs(predictor, samples.x)
     baseline = torch.tensor(predictor.meta["mean"], dtype=x.dtype, device=x.device)
     forward = lambda v: predictor.model(predictor.pipeline.eval(v))  # noqa: E731
     with torch.enable_grad():
@@ -68,19 +69,6 @@ def explain_rows(predictor: Predictor, samples: Samples) -> TableExplanation:
     mean_abs = per_column.abs().mean(dim=0).detach().cpu().tolist()
     importance = dict(sorted(zip(names, mean_abs, strict=True), key=lambda kv: -kv[1]))
     return TableExplanation(names, rows, importance, float(delta.abs().max()))
-
-
-def _predictions(predictor: Predictor, x: torch.Tensor) -> tuple[Any, list[dict[str, Any]]]:
-    """The outputs to explain (each row's predicted class; the one value for regression)."""
-    if predictor.task == "regression":
-        values = predictor.predict_values(x).tolist()
-        return 0, [{"predicted": v} for v in values]
-    probs = predictor.predict_proba(x)
-    targets = probs.argmax(dim=1)
-    return targets.tolist(), [
-        {"predicted": predictor.classes[t], "probability": float(p[t])}
-        for t, p in zip(targets.tolist(), probs, strict=True)
-    ]
 
 
 def column_spans(predictor: Predictor) -> tuple[list[str], list[slice]]:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from dltrain.errors import UserError
+from dltrain.use.explain import explained_outputs
 from dltrain.use.inference import Predictor
 from dltrain.use.predict import Samples
 
@@ -48,7 +49,7 @@ def explain_texts(predictor: Predictor, samples: Samples) -> TextExplanation:
 
     pad = pad_id(predictor.meta)
     ids = _cut_to_longest(samples.x, pad).to(predictor.device)
-    targets, predictions = _predictions(predictor, samples.x)
+    targets, predictions = explained_outputs(predictor, samples.x)
     forward = lambda v: predictor.model(predictor.pipeline.eval(v))  # noqa: E731
     explainer = LayerIntegratedGradients(forward, token_embedding(predictor))
     with torch.enable_grad():
@@ -74,17 +75,6 @@ def _cut_to_longest(ids: torch.Tensor, pad: int) -> torch.Tensor:
     the texts then have one length, whatever a model cuts itself (hf on the CPU)."""
     used = (ids != pad).any(0).nonzero()
     return ids[:, : int(used[-1]) + 1] if len(used) else ids
-
-
-def _predictions(predictor: Predictor, x: torch.Tensor) -> tuple[Any, list[dict[str, Any]]]:
-    if predictor.task == "regression":
-        return 0, [{"predicted": v} for v in predictor.predict_values(x).tolist()]
-    probs = predictor.predict_proba(x)
-    targets = probs.argmax(dim=1).tolist()
-    return targets, [
-        {"predicted": predictor.classes[t], "probability": float(p[t])}
-        for t, p in zip(targets, probs, strict=True)
-    ]
 
 
 def token_embedding(predictor: Predictor) -> nn.Module:
