@@ -8,6 +8,7 @@
 #      or ../shared/data/) to a scratch folder: train/<class>/*.jpg
 #   1. speedrun: python3 bench/speedrun.py recipes/cifar10_speedrun.yaml --seeds 5 on the
 #      unpacked images (a warm-up fit, then 5 timed seeds: time to accuracy on val)
+#   1b. speedrun_muon: the same with recipes/cifar10_speedrun_muon.yaml (Muon on the filters)
 #   2. resnet18: dltrain fit recipes/cifar10_resnet18.yaml on the same images (image_folder,
 #      val_split 0.1: 45,000 train / 5,000 val, the report on val): val accuracy, wall time
 #   3. bench: make bench's benchmark at BENCH_SCALE=full (dltrain against a hand-written loop,
@@ -16,7 +17,7 @@
 #      step, metrics on the device), then the 1-GPU DDP check (torchrun --nproc-per-node 1
 #      reaches the plain run's accuracy on the quickstart)
 # Everything goes under OUTDIR: machine.txt, pip.txt, <step>.txt (each step's output and exit
-# status), speedrun.json, resnet18/ (report.json, metrics.csv, events.jsonl), bench.json and
+# status), speedrun.json, speedrun_muon.json, resnet18/ (report.json, metrics.csv, events.jsonl), bench.json and
 # summary.txt (the key figures, written last, whatever failed).
 #
 # Usage, from the repository root on a CUDA machine whose python3 has torch and torchvision
@@ -24,8 +25,9 @@
 #   bash bench/gpu_check.sh [OUTDIR]        (default bench/results/gpu)
 # Knobs (environment), mostly for trying the script at tiny scale on a CPU:
 #   GPU_CHECK_SECONDS  the overall budget (550)      GPU_CHECK_STEPS  subset of
-#   SPEEDRUN_RECIPE    (recipes/cifar10_speedrun.yaml)  speedrun,resnet18,bench,tests,ddp
-#   SPEEDRUN_SEEDS     (5)                           SPEEDRUN_ARGS / RESNET_ARGS  more overrides
+#   SPEEDRUN_RECIPE    (recipes/cifar10_speedrun.yaml)  speedrun,speedrun_muon,resnet18,
+#   SPEEDRUN_SEEDS     (5)                              bench,tests,ddp
+#   SPEEDRUN_ARGS / MUON_ARGS / RESNET_ARGS  more overrides for those steps
 #   BENCH_SCALE        (full)                        CIFAR_JPEG  the archive to unpack
 set -uo pipefail
 out=${1:-bench/results/gpu}
@@ -34,19 +36,19 @@ repo=$(pwd)
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 began=$SECONDS
 budget=${GPU_CHECK_SECONDS:-550}
-steps=",${GPU_CHECK_STEPS:-speedrun,resnet18,bench,tests,ddp},"
+steps=",${GPU_CHECK_STEPS:-speedrun,speedrun_muon,resnet18,bench,tests,ddp},"
 scratch=$(mktemp -d "${TMPDIR:-/tmp}/dltrain-gpu-check.XXXXXX")
 trap 'rm -rf "$scratch"' EXIT
 export DLTRAIN_CACHE="$scratch/cache"  # decoded images: the speedrun decodes, resnet18 reuses
 # this run's files only: a step that does not run leaves no figures of an earlier run behind
-rm -rf "$out/resnet18" "$out"/{speedrun,bench}.json \
-    "$out"/{machine,pip,steps,speedrun,resnet18,bench,tests,ddp,summary}.txt
+rm -rf "$out/resnet18" "$out"/{speedrun,speedrun_muon,bench}.json \
+    "$out"/{machine,pip,steps,speedrun,speedrun_muon,resnet18,bench,tests,ddp,summary}.txt
 : > "$out/steps.txt"
 
 # The minimum each step needs to be worth starting, in order: a step's limit leaves the
 # minimums of the steps after it (see `limit`).
-declare -A floor=([speedrun]=90 [resnet18]=80 [bench]=90 [tests]=40 [ddp]=35)
-order=(speedrun resnet18 bench tests ddp)
+declare -A floor=([speedrun]=90 [speedrun_muon]=60 [resnet18]=80 [bench]=90 [tests]=40 [ddp]=35)
+order=(speedrun speedrun_muon resnet18 bench tests ddp)
 
 wanted() { [[ $steps == *",$1,"* ]]; }
 
@@ -136,6 +138,13 @@ run_step speedrun 240 "$out/speedrun.txt" \
     --seeds "${SPEEDRUN_SEEDS:-5}" --json "$out/speedrun.json" "data.path=$data" \
     ${SPEEDRUN_ARGS:-}
 
+# -- 1b. the speedrun with Muon ----------------------------------------------------------------
+# shellcheck disable=SC2086
+run_step speedrun_muon 150 "$out/speedrun_muon.txt" \
+    python3 bench/speedrun.py recipes/cifar10_speedrun_muon.yaml \
+    --seeds "${SPEEDRUN_SEEDS:-5}" --json "$out/speedrun_muon.json" "data.path=$data" \
+    ${MUON_ARGS:-}
+
 # -- 2. ResNet-18 on the real images ---------------------------------------------------------
 # data.name=image_folder drops the torchvision dataset's keys (root) that image_folder does not
 # take; a folder holding train/ only gives a train split, val_split carves val from it.
@@ -186,8 +195,8 @@ def machine():
     print("  " + (out / "machine.txt").read_text().strip().replace("\n", "\n  "))
 
 
-def speedrun():
-    d = json.loads((out / "speedrun.json").read_text())
+def speedrun(name="speedrun.json"):
+    d = json.loads((out / name).read_text())
     print(f"  recipe {d['recipe']} · timed: {d['timed']}")
     w = d.get("warmup")
     if w:
@@ -260,6 +269,7 @@ section("machine", machine)
 print("## steps")
 print("  " + (out / "steps.txt").read_text().strip().replace("\n", "\n  ") + "\n")
 section("speedrun (bench/speedrun.py)", speedrun)
+section("speedrun with Muon", lambda: speedrun("speedrun_muon.json"))
 section("ResNet-18 on the CIFAR-10 JPEGs (image_folder, 45,000/5,000)", resnet18)
 section("bench (bench/run.py)", bench)
 section("CUDA tests and 1-GPU DDP", tests)

@@ -232,26 +232,38 @@ class NormsAndBiases(BaseModel):
 OPTIMIZERS.add_common_argument("norms_and_biases", NormsAndBiases)
 
 
-def param_groups(model: torch.nn.Module, split: bool) -> list[dict[str, Any]]:
-    """The model's parameters in model.parameters() order: all in one group (frozen ones too,
-    as checkpoints written before norms_and_biases hold them), or with `split` the trainable
-    ones in two, those with >= 2 dims then those with fewer. The layout depends on the model
-    alone, so a resumed run's optimizer state loads into it."""
-    if not split:
-        return [{"params": list(model.parameters())}]
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    return [
-        {"params": [p for p in trainable if p.ndim >= 2]},
-        {"params": [p for p in trainable if p.ndim < 2]},  # may be empty: the layout stays
-    ]
-
-
 def build_optimizer(section: dict[str, Any], model: torch.nn.Module, device_type: str) -> Optimizer:
-    """The optimizer of a validated `optimizer:` section over the model's parameters, with
-    `norms_and_biases` as a second param group (frozen parameters left out then)."""
+    """The optimizer of a validated `optimizer:` section over the model's parameters, in
+    model.parameters() order (the layout depends on the model alone, so a resumed run's
+    optimizer state loads into it): all of them, or with `norms_and_biases` the trainable
+    ones in two groups (frozen ones too without it, as checkpoints written before
+    norms_and_biases hold them)."""
+    if section.get("norms_and_biases") is not None and section["name"] == "muon":
+        raise UserError(
+            "optimizer.norms_and_biases: muon trains biases and norms with its second "
+            "optimizer; give them their settings in optimizer.others (which takes "
+            "norms_and_biases for them, apart from the head)."
+        )
+    split = section.get("norms_and_biases") is not None
+    params = [p for p in model.parameters() if p.requires_grad or not split]
+    return optimizer_over(section, params, device_type, model=model)
+
+
+def optimizer_over(
+    section: dict[str, Any], params: list[torch.Tensor], device_type: str, **runtime: Any
+) -> Optimizer:
+    """The optimizer of a validated section over `params`: one param group, or with
+    `norms_and_biases` two — those with >= 2 dims, then those with fewer (may be empty: the
+    layout stays) — the second with its own lr scale and weight decay."""
     settings = section.get("norms_and_biases")
-    groups = param_groups(model, split=settings is not None)
-    optimizer = OPTIMIZERS.build(section, params=groups, device_type=device_type)
+    if settings is None:
+        groups = [{"params": params}]
+    else:
+        groups = [
+            {"params": [p for p in params if p.ndim >= 2]},
+            {"params": [p for p in params if p.ndim < 2]},
+        ]
+    optimizer = OPTIMIZERS.build(section, params=groups, device_type=device_type, **runtime)
     if settings is not None:
         _set_norms_and_biases(optimizer, NormsAndBiases.model_validate(settings), section)
     return optimizer

@@ -366,7 +366,9 @@ LOSSES = Registry(
     "losses", runtime_args=("num_classes", "class_counts", "task"), modules=("dltrain.losses",)
 )
 OPTIMIZERS = Registry(
-    "optimizers", runtime_args=("params", "device_type"), modules=("dltrain.optim",)
+    "optimizers",
+    runtime_args=("params", "device_type", "model"),
+    modules=("dltrain.optim", "dltrain.muon"),
 )
 SCHEDULERS = Registry(
     "schedulers",

@@ -40,13 +40,21 @@ class PatchWhitening(nn.Module):
     """A conv over `patch`×`patch` patches whose frozen filters whiten them (+ and − copies);
     only its bias learns. Call `fit_to_data` with training images before training."""
 
-    def __init__(self, channels: int, patch: int = _PATCH, eps: float = 5e-4):
+    def __init__(
+        self, channels: int, patch: int = _PATCH, eps: float = 5e-4, bias_epochs: int | None = None
+    ):
         super().__init__()
         dims = channels * patch * patch
         self.conv = nn.Conv2d(channels, 2 * dims, patch, bias=True)
         self.conv.weight.requires_grad_(False)
         nn.init.zeros_(self.conv.bias)
         self.eps = eps
+        self.bias_epochs = bias_epochs  # None: the bias trains every epoch
+
+    def frozen_at(self, epoch: int) -> list[nn.Parameter]:
+        """The bias stops training after `bias_epochs` epochs (training/epoch_freeze.py)."""
+        frozen = self.bias_epochs is not None and epoch > self.bias_epochs
+        return [self.conv.bias] if frozen else []
 
     @property
     def out_channels(self) -> int:
@@ -141,10 +149,12 @@ def speednet(
     bn_scale: Literal["fixed", "learn"] = "fixed",
     identity_init: bool = True,
     logit_scale: Annotated[float, Field(gt=0)] = 1 / 9,
+    whiten_bias_epochs: PositiveInt | None = None,
     input_kind: str = "image",
 ) -> nn.Module:
     """A fast CIFAR-sized conv-BN net (whitened 2×2 patches, 3 conv groups of `widths`); 2M
-    parameters at the default widths. Needs images of at least 9×9 pixels."""
+    parameters at the default widths. Needs images of at least 9×9 pixels.
+    whiten_bias_epochs: the whitening layer's bias trains for that many epochs, then stays."""
     require_image("speednet", input_shape, alternative="seed_cnn", input_kind=input_kind)
     channels, height, width = input_shape
     smallest = _PATCH - 1 + 2**_POOLS  # a 1×1 map left after the last pool
@@ -154,8 +164,13 @@ def speednet(
             f"2×2 pools after a 2×2 stem), but these are {height}×{width}; resize them "
             "(data.image_size) or use model: seed_cnn"
         )
+    if whiten_bias_epochs is not None and stem != "whiten":
+        raise UserError(
+            "model.whiten_bias_epochs: only the whitening stem has that bias; set "
+            "model.stem: whiten, or remove whiten_bias_epochs."
+        )
     first = (
-        PatchWhitening(channels)
+        PatchWhitening(channels, bias_epochs=whiten_bias_epochs)
         if stem == "whiten"
         else nn.Conv2d(channels, 2 * channels * _PATCH * _PATCH, _PATCH)
     )

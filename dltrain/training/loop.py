@@ -28,6 +28,7 @@ import torch
 from dltrain.config.schema import Recipe
 from dltrain.data.loaders import Batches
 from dltrain.errors import DltrainError
+from dltrain.muon import MuonWithOthers
 from dltrain.optim import LrSchedule, build_optimizer
 from dltrain.reporting.event_log import RunLog
 from dltrain.reporting.progress import Progress
@@ -47,6 +48,7 @@ from dltrain.system.threads import (
 )
 from dltrain.training.build import Setup, build_schedule, build_setup, split_batches
 from dltrain.training.ema import WeightAverage
+from dltrain.training.epoch_freeze import EpochFreeze
 from dltrain.training.evaluate import evaluate, report_on_split, report_split
 from dltrain.training.privacy import PrivateTraining, make_private
 from dltrain.training.resume import checkpoint_state, restore
@@ -79,6 +81,7 @@ class Training:
     thread_baseline_ms: float | None = None  # the first epoch's step time after a choice
     thread_probe_ms: float | None = None  # the start's measured step time, for the first epoch
     privacy: PrivateTraining | None = None  # `privacy:`: Opacus' parts and the ε spent
+    freeze: EpochFreeze | None = None  # parameters the model stops training after some epochs
 
     def checkpoint(self, epoch: int) -> dict[str, Any]:
         """What last.pt/best.pt hold now; refused when the weights became non-finite."""
@@ -165,6 +168,8 @@ def _train_epochs(
         if state.stopped_early:
             break
         # train
+        if training.freeze is not None:
+            training.freeze.start_epoch(epoch)
         train_loss = train_one_epoch(training, train_batches, epoch)
 
         # evaluate
@@ -288,12 +293,14 @@ def _start_training(
     progress.note(threads.describe())
     if privacy is not None:
         progress.note(privacy.describe())
+    if isinstance(optimizer, MuonWithOthers):  # which layers Muon takes, which the others
+        progress.note(optimizer.described)
     modules = training_modules(setup, averaged=ema.module if ema else None)
     step = _optimizer_step(setup, modules, optimizer, schedule, resume)
     training = Training(setup, modules, step, optimizer, schedule, run, progress, log, stop, state)
     training.started, training.resumed_from, training.ema = started, resume, ema
     training.threads, training.thread_probe_ms = threads, threads.chosen_ms()
-    training.privacy = privacy
+    training.privacy, training.freeze = privacy, EpochFreeze(setup.model, optimizer)
     return training, train_batches, val_batches
 
 

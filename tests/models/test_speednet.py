@@ -15,11 +15,12 @@ from dltrain.errors import UserError
 from dltrain.models.speednet import PatchWhitening, speednet
 from dltrain.runs.checkpoint import load_checkpoint
 
-from helpers.cli import REPO
+from helpers.cli import REPO, words
 from helpers.training import recipe, train
 
 ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-train-jpeg.tar.gz"
 RECIPE = REPO / "recipes" / "cifar10_speedrun.yaml"
+MUON_RECIPE = REPO / "recipes" / "cifar10_speedrun_muon.yaml"
 
 SYNTHETIC = recipe(
     {
@@ -76,6 +77,23 @@ def test_speednet_learns_and_its_whitening_travels_in_the_checkpoint(tmp_path):
     assert scales and all(torch.equal(v, torch.ones_like(v)) for v in scales)
 
 
+def test_the_whitening_bias_trains_for_its_epochs_then_stays_exactly(tmp_path):
+    def stem_bias(name: str, *overrides: str) -> tuple[torch.Tensor, torch.Tensor]:
+        run, _ = train(tmp_path, SYNTHETIC, name, *overrides)
+        saved = load_checkpoint(run.last_path)["model"]
+        return saved["0.conv.bias"], saved["2.0.weight"]
+
+    one_epoch, _ = stem_bias("one", "train.epochs=1", "model.whiten_bias_epochs=1")
+    frozen, frozen_conv = stem_bias("frozen", "model.whiten_bias_epochs=1")
+    trained, trained_conv = stem_bias("trained")
+    # SGD with momentum 0.9: a bias only given a zero gradient would still move
+    assert torch.equal(frozen, one_epoch)
+    assert not torch.equal(trained, one_epoch)  # without the option it trains on
+    assert not torch.equal(frozen_conv, trained_conv)  # and the rest trained in both
+    with pytest.raises(UserError, match="model.whiten_bias_epochs: only the whitening stem"):
+        speednet(input_shape=(3, 12, 12), num_classes=4, stem="conv", whiten_bias_epochs=2)
+
+
 def test_speednet_refuses_images_too_small_for_its_pools():
     with pytest.raises(UserError, match="at least 9×9 pixels.*8×8"):
         speednet(input_shape=(1, 8, 8), num_classes=10)
@@ -103,10 +121,11 @@ def few_cifar_jpegs(tmp_path_factory) -> Path:
     return root
 
 
-def test_the_speedrun_recipe_trains_on_cifar_jpegs(tmp_path, few_cifar_jpegs, invoke):
+@pytest.mark.parametrize("recipe", [RECIPE, MUON_RECIPE], ids=["sgd", "muon"])
+def test_the_speedrun_recipe_trains_on_cifar_jpegs(tmp_path, few_cifar_jpegs, invoke, recipe):
     result = invoke(
         "fit",
-        str(RECIPE),
+        str(recipe),
         f"data.path={few_cifar_jpegs}",
         "data.batch_size=100",
         "train.epochs=1",
@@ -114,10 +133,15 @@ def test_the_speedrun_recipe_trains_on_cifar_jpegs(tmp_path, few_cifar_jpegs, in
         f"output={tmp_path}",
     )
     assert result.exit_code == 0, result.output
-    run = tmp_path / "cifar10_speedrun"
+    run = tmp_path / recipe.stem
     report = json.loads((run / "report.json").read_text())
     assert report["split"] == "val" and report["num_samples"] == 30  # 10% of 300 carved
     saved = load_checkpoint(run / "checkpoints" / "best.pt")
     assert saved["recipe"]["eval"]["tta"] == ["hflip", "translate"]
-    assert saved["ema"]["updates"] >= 1  # the average is what `model` holds
     assert saved["recipe"]["model"]["name"] == "speednet"
+    if recipe == RECIPE:
+        assert saved["ema"]["updates"] >= 1  # the average is what `model` holds
+    else:  # both optimizers' states, Muon's momentum for each conv as a matrix
+        assert set(saved["optimizer"]) == {"muon", "others"}
+        assert len(saved["optimizer"]["muon"]["state"]) == 6
+        assert "muon: 6 weight matrices" in words(result.output)

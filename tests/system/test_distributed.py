@@ -440,3 +440,22 @@ def test_sync_batchnorm_is_refused_where_torch_cannot_run_it(tmp_path):
     s = dataclasses.replace(build_setup(recipe), world=World(0, 2, 0, 2, launched=True))
     with pytest.raises(UserError, match="sync_batchnorm needs CUDA"):
         training_modules(s)
+
+
+@pytest.mark.slow
+def test_muon_under_two_processes_ends_with_the_weights_of_one(tmp_path):
+    # Muon orthogonalises each step's momentum in bf16, where a gradient summed in another
+    # order rounds differently and 5 epochs make that 1e-2: the one process therefore adds its
+    # two halves' gradients as the two processes do (train.accumulate: 2, the same global
+    # batch), and then they agree to rounding
+    muon = {"name": "muon", "lr": 0.05, "others": {"name": "adam", "lr": 0.003}}
+    recipe = write_recipe(tmp_path, "ddp_muon", optimizer=muon)
+    done = dltrain("dltrain", "fit", str(recipe), "--nproc", "2", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr + done.stdout
+    base = {**PARITY, "optimizer": muon}
+    single, report = train(tmp_path, base, "single", "train.accumulate=2")
+    one = weights(single.last_path)
+    two = weights(tmp_path / "runs" / "ddp_muon" / "checkpoints" / "last.pt")
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=0, atol=1e-5)
+    assert report["accuracy"] > 0.9
