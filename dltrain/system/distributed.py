@@ -199,23 +199,23 @@ def process_group(world: World, device: torch.device, section) -> Iterator[None]
 
 
 def _attempt_store(world: World, timeout: timedelta) -> dist.Store | None:
-    """torchrun's key-value store, seen through a prefix of its own per restart attempt.
+    """torchrun's key-value store, seen through a prefix of its own per restart attempt, when
+    torchrun's agent hosts it; None otherwise (plain env://).
 
-    torchrun keeps one store (same MASTER_PORT) across restarts, so a restarted process can
-    read the address a dead process of the previous attempt left there and fail to connect;
-    a prefix per attempt keeps the attempts apart. None outside torchrun (plain env://).
+    The agent's store (TORCHELASTIC_USE_AGENT_STORE) outlives the attempts, so a restarted
+    process could read the address a dead process of the previous attempt left there and fail
+    to connect; a prefix per attempt keeps the attempts apart. The attempt count is each
+    node's own, though (pytorch#135712): on several nodes it may differ between them, so
+    `fit --nnodes` turns the shared store off (launch.py), and each attempt's rank 0 then
+    serves a new store on the port its agent chose for that round — nothing stale to avoid.
     """
     env = os.environ
     attempt = env.get("TORCHELASTIC_RESTART_COUNT")
-    if attempt is None or "MASTER_ADDR" not in env or "MASTER_PORT" not in env:
-        return None
     agent_hosts_it = env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    if attempt is None or not agent_hosts_it or "MASTER_PORT" not in env:
+        return None
     store = dist.TCPStore(
-        env["MASTER_ADDR"],
-        int(env["MASTER_PORT"]),
-        world.size,
-        is_master=world.rank == 0 and not agent_hosts_it,
-        timeout=timeout,
+        env["MASTER_ADDR"], int(env["MASTER_PORT"]), world.size, is_master=False, timeout=timeout
     )
     return dist.PrefixStore(f"dltrain/attempt_{attempt}", store)
 

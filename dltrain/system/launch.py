@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from rich.console import Console
 
+from dltrain.system.slurm import REQUEUE_SIGNAL, job_id
 from dltrain.system.threads import cores_per_process
 
 
@@ -50,6 +51,12 @@ def launch_local(
 
     # each process's share of the cores (the one rule: system/threads.py)
     os.environ.setdefault("OMP_NUM_THREADS", str(cores_per_process(nproc)))
+    if nodes is not None:
+        # torchrun's agents would share their rendezvous store with the processes, keyed by a
+        # restart count each node keeps for itself: after one node's restart the nodes' counts
+        # differ and the restarted group never meets (pytorch#135712). Unshared, each
+        # attempt's rank 0 serves a new store.
+        os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     _quiet_launcher_logs()
     # torchrun makes a log folder per run in the system temp folder and leaves it there; its
     # files hold nothing the processes do not print, so it goes when the launch ends
@@ -65,13 +72,26 @@ def launch_local(
                 *fit_args,
             ]
         )
+        if job_id() is not None:  # SLURM's warning before the time limit reaches the launcher
+            signal.signal(REQUEUE_SIGNAL, _pass_on_to_the_processes)
         try:
             run(args)
         except ChildFailedError as failed:
             return _report_failure(failed)
-        except SignalException as stopped:  # Ctrl-C / SIGTERM: forwarded; the processes save
+        except SignalException as stopped:  # Ctrl-C / SIGTERM / SLURM's SIGUSR1: forwarded,
+            # the processes save
             return 128 + int(stopped.sigval)
     return 0
+
+
+def _pass_on_to_the_processes(signum: int, frame) -> None:
+    """Raise what torchrun's own handlers raise for SIGTERM: its agent then sends the same
+    signal to every process of this machine (they run in sessions of their own, so a signal
+    to the launcher alone would not reach them) and waits for them: they save, rank 0
+    requeues the job (system/slurm.py), and the launcher exits 128 + signum."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    raise SignalException(f"launcher got {signal.Signals(signum).name}", signal.Signals(signum))
 
 
 def _quiet_launcher_logs() -> None:

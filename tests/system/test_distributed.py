@@ -270,45 +270,146 @@ def test_torchrun_restarts_continue_from_the_last_checkpoint(tmp_path, two_proce
         assert torch.equal(restarted[f"inner.{key}"], value), key
 
 
-@pytest.mark.slow
-def test_two_nodes_on_loopback_end_with_the_weights_of_one_process(tmp_path):
-    """`fit --nproc 2 --nnodes 2 --rdzv-endpoint 127.0.0.1:PORT` started twice, each launcher a
-    "machine" with its own folder (machines need not share a disk): torchrun's c10d rendezvous
-    joins them into 4 gloo processes, and they end with the weights one process ends with for
-    the same global batch. The node that got rank 0 writes the run; the other writes nothing."""
+def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        return probe.getsockname()[1]
+
+
+def start_node(tmp_path: Path, rank: int, port: int, recipe_in, *more: str) -> subprocess.Popen:
+    """`dltrain fit RECIPE --nproc 2 --nnodes 2 --rdzv-endpoint 127.0.0.1:PORT`: one "machine"
+    of two, with its own folder (machines need not share a disk); `recipe_in` writes the
+    node's recipe into its folder."""
+    folder = tmp_path / f"node{rank}"
+    folder.mkdir(exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TMPDIR": str(folder)}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR"):
         env.pop(key, None)
-    launchers = []
-    for rank in (0, 1):
-        folder = tmp_path / f"node{rank}"
-        folder.mkdir()
-        command = ["dltrain", "fit", str(write_recipe(folder, "multi")), "--nproc", "2"]
-        command += [
-            "--nnodes",
-            "2",
-            "--rdzv-endpoint",
-            f"127.0.0.1:{port}",
-            "--node-rank",
-            str(rank),
-        ]
-        launchers.append(subprocess.Popen(
-            [sys.executable, "-m", *command], cwd=folder, env={**env, "TMPDIR": str(folder)},
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        ))  # fmt: skip
-    said = [launcher.communicate(timeout=300)[0] for launcher in launchers]
+    command = ["dltrain", "fit", str(recipe_in(folder)), "--nproc", "2", *more]
+    command += ["--nnodes", "2", "--rdzv-endpoint", f"127.0.0.1:{port}", "--node-rank", str(rank)]
+    return subprocess.Popen(
+        [sys.executable, "-m", *command], cwd=folder, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
+def start_nodes(tmp_path: Path, recipe_in, *more: str) -> tuple[int, list[subprocess.Popen]]:
+    """Both nodes on a free port; the second once the first serves the rendezvous store there,
+    as on a cluster, where the endpoint is the first machine's (on loopback either launcher
+    could serve it, and a test that takes the second node away would take the store along)."""
+    port = free_port()
+    first = start_node(tmp_path, 0, port, recipe_in, *more)
+    deadline = time.monotonic() + 120
+    while True:
+        assert first.poll() is None, first.communicate()[0]
+        assert time.monotonic() < deadline, "the first node never served the rendezvous"
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    return port, [first, start_node(tmp_path, 1, port, recipe_in, *more)]
+
+
+def finish_nodes(tmp_path: Path, launchers: list[subprocess.Popen]) -> tuple[list[str], list[Path]]:
+    """What each launcher said (each must succeed) and the last.pt written, by the node that
+    got rank 0 (the other writes nothing)."""
+    try:
+        said = [launcher.communicate(timeout=300)[0] for launcher in launchers]
+    finally:  # a launcher that hangs: it, and the processes it started (in their own sessions)
+        subprocess.run(["pkill", "-9", "-f", str(tmp_path)], check=False)
     assert [launcher.returncode for launcher in launchers] == [0, 0], said
-    written = [p for p in tmp_path.glob("node*/runs/multi/checkpoints/last.pt")]
+    return said, list(tmp_path.glob("node*/runs/*/checkpoints/last.pt"))
+
+
+def assert_weights_of_one_process(tmp_path: Path, last: Path, prefix: str = "") -> None:
+    """`last` holds the weights 1 process ends with for the parity recipe (1e-5)."""
+    single, _ = train(tmp_path, PARITY, "single")
+    one, many = weights(single.last_path), weights(last)
+    assert {prefix + key for key in one} == many.keys()
+    for key in one:
+        torch.testing.assert_close(many[prefix + key], one[key], rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_two_nodes_on_loopback_end_with_the_weights_of_one_process(tmp_path):
+    """Two launchers on 127.0.0.1: torchrun's c10d rendezvous joins them into 4 gloo
+    processes, and they end with the weights one process ends with for the same global
+    batch."""
+    _, nodes = start_nodes(tmp_path, lambda folder: write_recipe(folder, "multi"))
+    said, written = finish_nodes(tmp_path, nodes)
     assert len(written) == 1, written
     assert sum("data parallel: 4 processes × batch 16" in text for text in said) == 1
-    single, _ = train(tmp_path, PARITY, "single")
-    one, four = weights(single.last_path), weights(written[0])
-    assert one.keys() == four.keys()
-    for key in one:
-        torch.testing.assert_close(four[key], one[key], rtol=0, atol=1e-5)
+    assert_weights_of_one_process(tmp_path, written[0])
+
+
+# A model whose processes on the second node stop answering at a chosen step, once (a marker
+# file says it happened): the node is lost, as a machine that froze.
+HANGING_NODE_MODEL = textwrap.dedent(
+    """
+    import os
+    import time
+    from pathlib import Path
+    import torch
+    from dltrain.models.mlp import mlp
+    from dltrain.config.registry import MODELS
+
+    class HangsOnce(torch.nn.Module):
+        def __init__(self, inner, at_step, marker):
+            super().__init__()
+            self.inner, self.at_step, self.marker, self.calls = inner, at_step, marker, 0
+
+        def forward(self, x):
+            if self.training:
+                self.calls += 1
+                second_node = os.environ["GROUP_RANK"] == "1"
+                if self.calls == self.at_step and second_node and not self.marker.exists():
+                    self.marker.touch()
+                    time.sleep(3600)
+            return self.inner(x)
+
+    @MODELS.register("hangs_once")
+    def hangs_once(input_shape, num_classes, at_step: int, marker: str, input_kind="tabular"):
+        return HangsOnce(mlp(input_shape, num_classes, hidden=(64,)), at_step, Path(marker))
+    """
+)
+
+
+@pytest.mark.slow
+def test_a_lost_node_replaced_by_a_new_one_resumes_and_ends_as_if_never_lost(tmp_path):
+    """The second machine freezes at step 30 (in epoch 2, after epoch 1's last.pt) and is
+    killed — launcher and processes — and a new launcher takes its place. With
+    --max-restarts 1 --resume auto the first node's processes fail, its launcher restarts
+    them, the new node joins the rendezvous, and the 4 processes resume from last.pt to the
+    uninterrupted weights. (The new launcher counts no restart where the first counts one:
+    with torchrun's store shared with the processes, keyed by those counts, the two never met
+    again — pytorch#135712; dltrain's launcher keeps the store apart.)"""
+    model, marker = tmp_path / "hangs.py", tmp_path / "hung"
+    model.write_text(HANGING_NODE_MODEL)  # one path for both nodes: the same recipe
+
+    def node_recipe(folder: Path) -> Path:
+        hangs = {"name": "hangs_once", "at_step": 30, "marker": str(marker)}
+        return write_recipe(
+            folder, "lost", imports=[str(model)], model=hangs, distributed={"timeout_s": 60}
+        )
+
+    restarts = ("--max-restarts", "1", "--resume", "auto")
+    port, (first, second) = start_nodes(tmp_path, node_recipe, *restarts)
+    deadline = time.monotonic() + 180
+    while not marker.exists():
+        assert first.poll() is None and second.poll() is None, "a launcher ended early"
+        assert time.monotonic() < deadline, "the second node never reached step 30"
+        time.sleep(0.1)
+    subprocess.run(["pkill", "-9", "-f", str(tmp_path / "node1")], check=False)
+    second.wait(timeout=30)
+    replacement = start_node(tmp_path, 1, port, node_recipe, *restarts)
+
+    _, written = finish_nodes(tmp_path, [first, replacement])
+    assert len(written) == 1, written
+    events = [json.loads(line) for line in (written[0].parents[1] / "events.jsonl").open()]
+    starts = [(e["epoch"], e["step"], e["processes"]) for e in events if e["event"] == "start"]
+    assert starts == [(0, 0, 4), (1, 20, 4)]  # 20 steps an epoch: resumed after epoch 1
+    assert_weights_of_one_process(tmp_path, written[0], prefix="inner.")
 
 
 @pytest.mark.parametrize(

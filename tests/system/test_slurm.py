@@ -5,6 +5,7 @@ never stopped. SIGTERM saves without requeueing; outside SLURM, SIGUSR1 is left 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -18,6 +19,7 @@ from helpers.cli import QUICKSTART
 from helpers.training import assert_same_tensors, weights
 
 SETTINGS = ["train.epochs=3", "train.checkpoint_every_steps=5"]
+RESUME = ["--resume", "auto"]
 
 
 def slurm_env(tmp_path: Path) -> dict[str, str]:
@@ -88,3 +90,29 @@ def test_outside_slurm_sigusr1_keeps_its_default(monkeypatch):
     assert signal.SIGUSR1 not in stop_signals()
     monkeypatch.setenv("SLURM_JOB_ID", "7")
     assert signal.SIGUSR1 in stop_signals()
+
+
+@pytest.mark.slow
+def test_sigusr1_to_the_launcher_of_fit_nproc_reaches_its_processes(tmp_path):
+    # the processes run in sessions of their own: only the launcher gets SLURM's signal (as
+    # srun's tasks are the launchers), and must pass it on for them to save and requeue
+    env = slurm_env(tmp_path)
+    proc = fit(tmp_path, env, f"output={tmp_path}", "name=job", "--nproc", "2")
+    last = tmp_path / "job" / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 120
+    while not last.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "timed out waiting for a checkpoint"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 138, out + err
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"  # rank 0, once
+    assert "SLURM job 4242 requeued" in out + err and "Traceback" not in out + err
+
+    requeued = fit(tmp_path, env, f"output={tmp_path}", "name=job", "--nproc", "2", *RESUME)
+    out, err = requeued.communicate(timeout=300)
+    assert requeued.returncode == 0, out + err
+    events = [json.loads(line) for line in (tmp_path / "job" / "events.jsonl").open()]
+    starts = [e for e in events if e["event"] == "start"]
+    assert len(starts) == 2 and starts[1]["step"] > 0 and starts[1]["processes"] == 2
