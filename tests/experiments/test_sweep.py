@@ -27,6 +27,7 @@ from dltrain.reporting.progress import LOG_EVERY_VARIABLE
 from dltrain.runs.metrics_csv import read_metrics
 
 from helpers.cli import REPO, dltrain, words
+from helpers.postgres import new_database
 from helpers.training import TABULAR
 
 SPACE = {
@@ -332,7 +333,8 @@ def shared_storage(request, tmp_path):
     journal file (a shared filesystem without a database)."""
     if request.param == "journal":
         return f"journal:{tmp_path / 'shared' / 'study.log'}"
-    return request.getfixturevalue("postgres_url")
+    server = request.getfixturevalue("postgres_url")  # one per session: a database per test
+    return new_database(server, f"sweep_{tmp_path.name}".lower()[:60])
 
 
 def test_processes_share_one_study_on_a_shared_storage(tmp_path, shared_storage):
@@ -349,11 +351,7 @@ def test_processes_share_one_study_on_a_shared_storage(tmp_path, shared_storage)
     ]
     outputs = [w.communicate(timeout=300)[0].decode() for w in workers]
     assert [w.returncode for w in workers] == [0, 0], outputs
-    storage = url
-    if url.startswith("journal:"):
-        backend = optuna.storages.journal.JournalFileBackend(url[len("journal:") :])
-        storage = optuna.storages.JournalStorage(backend)
-    study = optuna.load_study(study_name="search", storage=storage)
+    study = study_on(url)
     numbers = [t.number for t in study.get_trials()]
     assert numbers == list(range(len(numbers))) and 3 <= len(numbers) <= 4
     summary = report(tmp_path)
@@ -365,6 +363,45 @@ def test_processes_share_one_study_on_a_shared_storage(tmp_path, shared_storage)
     told = {t.number: t.value for t in study.get_trials()}  # Optuna's own view, as reported
     assert {t["number"]: t["value"] for t in summary["trials"]} == told
     assert summary["best_trial"] == study.best_trial.number
+
+
+def study_on(url: str) -> optuna.Study:
+    """The sweep's study, opened with Optuna itself: its own view of the trials."""
+    storage = url
+    if url.startswith("journal:"):
+        backend = optuna.storages.journal.JournalFileBackend(url[len("journal:") :])
+        storage = optuna.storages.JournalStorage(backend)
+    return optuna.load_study(study_name="search", storage=storage)
+
+
+def test_a_killed_sweeps_trial_is_retried_on_a_shared_storage(tmp_path, shared_storage):
+    """A sweep process killed mid-trial (SIGKILL: no goodbye) leaves its trial RUNNING in the
+    shared study; the next sweep on this machine sees its process gone, ends it as
+    interrupted and tries its parameters again first, and --trials counts only the others."""
+    (tmp_path / "shared").mkdir()
+    recipe, space = write(tmp_path, epochs=30, train_size=4096)  # trials long enough to kill
+    command = ["sweep", str(recipe), str(space), "--trials", "2", "--storage", shared_storage]
+    killed = subprocess.Popen(
+        [sys.executable, "-m", "dltrain", *command], cwd=tmp_path,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    metrics = tmp_path / "runs/search/trials/000/metrics.csv"
+    deadline = time.monotonic() + 120
+    while len(read_metrics(metrics) if metrics.exists() else []) < 1:
+        assert killed.poll() is None and time.monotonic() < deadline, "no epoch was trained"
+        time.sleep(0.1)
+    killed.kill()
+    killed.wait(timeout=30)
+    assert [t.state.name for t in study_on(shared_storage).get_trials()] == ["RUNNING"]
+
+    rerun = dltrain(*command, "train.epochs=2", cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    trials = study_on(shared_storage).get_trials()
+    assert trials[0].state.name == "FAIL" and trials[0].user_attrs.get("interrupted")
+    assert trials[1].params == trials[0].params  # tried again first
+    assert [t.state.name for t in trials[1:]] == ["COMPLETE", "COMPLETE"]
+    states = [(t["number"], t["state"], t.get("interrupted")) for t in report(tmp_path)["trials"]]
+    assert states == [(0, "fail", True), (1, "complete", None), (2, "complete", None)]
 
 
 @pytest.mark.parametrize(
