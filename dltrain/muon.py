@@ -68,6 +68,10 @@ class MuonWithOthers(Optimizer):
     """Muon over the weight matrices (filter banks stepped as matrices), `others` over the
     rest; both stepped by one `step()`, saved by one `state_dict()`."""
 
+    # fp16's GradScaler unscales and checks the gradients of param_groups, which for filter
+    # banks are set only inside step(): refused (training/step.py) rather than stepped unscaled
+    supports_gradient_scaling = False
+
     def __init__(
         self,
         muon: Optimizer,

@@ -263,6 +263,20 @@ def test_norms_and_biases_belong_in_others():
     assert small_group["lr"] == pytest.approx(0.05)
 
 
+def test_fp16_gradient_scaling_is_refused_before_a_step(tmp_path, invoke):
+    # the scaler would unscale and check param_groups' gradients, which a filter bank's
+    # matrix gets only inside step(): the conv's update would go unscaled and unchecked
+    refused = invoke(
+        "fit", QUICKSTART, "device=cpu", "optimizer=muon", "train.precision=fp16", "output=runs"
+    )
+    assert refused.exit_code == 2, refused.output
+    assert "fp16 needs gradient scaling, which optimizer muon cannot take" in words(refused.output)
+    assert "epoch 1/" not in refused.output
+    bf16 = invoke("fit", QUICKSTART, "device=cpu", "optimizer=muon", "train.precision=bf16",
+                  "train.epochs=1", "output=runs", "-q")  # fmt: skip
+    assert bf16.exit_code == 0, bf16.output
+
+
 def test_a_model_with_no_hidden_layer_is_refused():
     with pytest.raises(UserError, match="no hidden conv or linear weights.*'0'"):
         muon_for(nn.Sequential(nn.Linear(4, 3)))

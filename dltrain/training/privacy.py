@@ -60,6 +60,8 @@ def _conflicts(recipe: Recipe, world: World) -> list[tuple[str, str]]:
         (train.l1 > 0, "train.l1",
          "the L1 penalty's gradient would bypass per-sample clipping: remove train.l1 (the "
          "optimizer's weight_decay is fine)"),
+        (recipe.optimizer["name"] == "muon", "optimizer: muon",
+         "Opacus clips and noises the gradients of one plain optimizer: choose sgd or adamw"),
         (data.loader == "workers", "data.loader: workers",
          "Poisson batches are gathered from data held in memory: data.loader: auto or resident"),
     ]  # fmt: skip

@@ -89,6 +89,15 @@ class Step:
     data_parallel: torch.nn.parallel.DistributedDataParallel | None = field(init=False)
 
     def __post_init__(self) -> None:
+        if self.precision.scaler.is_enabled() and not getattr(
+            self.optimizer, "supports_gradient_scaling", True
+        ):
+            raise UserError(
+                "train.precision: fp16 needs gradient "
+                "scaling, which optimizer muon cannot take (its filters step through copies "
+                "the scaler does not see); set train.precision: bf16, or fp32 where the GPU "
+                "has no bf16."
+            )
         # looked up once: on steps of a millisecond, the per-step Python is what a step costs
         self.parameters = list(self.model.parameters())
         self.data_parallel = data_parallel_module(self.model)

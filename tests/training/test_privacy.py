@@ -153,6 +153,7 @@ def test_a_resumed_private_run_spends_and_learns_what_a_straight_one_does(tmp_pa
         ({"train": {"accumulate": 2}}, "raise data.batch_size instead"),
         ({"train": {"grad_clip": 1.0}}, "remove train.grad_clip"),
         ({"privacy": {"noise_multiplier": 1.0}}, "not both"),
+        ({"optimizer": {"name": "muon"}}, "optimizer: muon: Opacus clips"),
     ],
 )  # fmt: skip
 def test_what_opacus_cannot_train_is_refused_before_training(tmp_path, invoke, sections, message):
