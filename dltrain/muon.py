@@ -135,6 +135,10 @@ def _renormalize(muon: Optimizer) -> None:
             matrix.mul_(math.sqrt(matrix.shape[0]) / norm)
 
 
+def _shape(layer: nn.Linear) -> str:
+    return f"{type(layer).__name__} {layer.in_features}→{layer.out_features}"
+
+
 def split_for_muon(model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor], str | None]:
     """(Muon's weights, the others, the head's name): the trainable ≥2-D weights of linear and
     conv layers except the head — the last linear layer — for Muon; every other trainable
@@ -216,6 +220,6 @@ def muon(
     described = (
         f"muon: {len(matrices)} weight matrices ({sum(p.numel() for p in matrices):,} "
         f"parameters); {section['name']}: {len(rest)} other tensors"
-        + (f", the head {head!r} among them" if head else "")
+        + (f", the head {head!r} ({_shape(model.get_submodule(head))}) among them" if head else "")
     )
     return MuonWithOthers(inner, rest_optimizer, banks, renormalize, described)

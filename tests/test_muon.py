@@ -233,7 +233,8 @@ def test_the_run_says_which_layers_muon_takes(invoke):
     assert result.exit_code == 0, result.output
     # seed_cnn: 2 convs and 3 linear layers, the last of them (the Sequential's 14th) the head
     assert "muon: 4 weight matrices (20,310 parameters)" in words(result.output)
-    assert "adamw: 6 other tensors, the head '14' among them" in words(result.output)
+    said = "adamw: 6 other tensors, the head '14' (Linear 84→10) among them"
+    assert said in words(result.output)
 
 
 # -- refusals ------------------------------------------------------------------------------------
