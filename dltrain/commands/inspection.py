@@ -140,6 +140,7 @@ def _show_data(recipe, console: Console) -> None:
     """check --data: what the data is once read, as fit would read it (nothing trained)."""
     from dltrain.config.task_fit import loss_label
     from dltrain.data.prepare import prepare_data
+    from dltrain.data.repeated_rows import repeated_rows_note
     from dltrain.reporting.console_tables import columns_table
 
     prepared = prepare_data(recipe.data, recipe.seed, pretrained_on=recipe.model)
@@ -156,6 +157,9 @@ def _show_data(recipe, console: Console) -> None:
     )
     if "table_columns" in prepared.extra:
         console.print(columns_table(prepared.extra["table_columns"]))
+    repeated = repeated_rows_note(prepared.extra.get("repeated_rows", {}), always=True)
+    if repeated:
+        console.print(repeated, highlight=False, markup=False, soft_wrap=True)
 
 
 def list_components(

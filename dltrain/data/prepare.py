@@ -15,6 +15,7 @@ import torch
 from dltrain.config.registry import DATASETS
 from dltrain.config.schema import DataSection
 from dltrain.data.base import ArraySplit, DatasetSplits, Split
+from dltrain.data.repeated_rows import repeated_rows_by_split
 from dltrain.data.splits import (
     random_split,
     singleton_classes,
@@ -116,6 +117,8 @@ def prepare_data(
     layout = extra.pop("table_layout", None)
     if layout is not None:  # a table: features encoded as learned from the train split
         encoding = _table_encoding(layout, splits["train"], meta)
+        if meta is None:  # counted where a run reads its data (not by eval and predict)
+            extra["repeated_rows"] = repeated_rows_by_split(splits)
         extra["table_columns"] = _column_summary(layout, encoding, splits["train"])
         splits = {name: _encoded(split, encoding, layout) for name, split in splits.items()}
         extra["table"] = encoding.to_dict()

@@ -24,6 +24,7 @@ from rich.progress import (
 from rich.progress import Progress as RichProgress
 
 from dltrain.config.task_fit import loss_label
+from dltrain.data.repeated_rows import repeated_rows_note
 from dltrain.reporting.console_tables import columns_table, confusion_table, report_table
 from dltrain.reporting.report import privacy_line, report_scalars, weights_label
 
@@ -82,6 +83,9 @@ class Progress:
         columns = data.extra.get("table_columns")
         if columns and not self.quiet and not self.live_only:
             self.console.print(columns_table(columns))
+        repeated = repeated_rows_note(data.extra.get("repeated_rows", {}))
+        if repeated:
+            self.note(repeated)
 
     def data_parallel(self, processes: int, batch_size: int, accumulate: int) -> None:
         """Under torchrun: how one optimizer step's samples are shared out."""
