@@ -129,7 +129,7 @@ def slow_recipe(folder: Path, epochs: int, train_size: int = 4096) -> Path:
 def test_two_concurrent_fits_on_one_folder_the_second_is_refused_at_once(tmp_path):
     # the first trains until this test stops it: it is running whenever the second starts,
     # however slowly a busy machine starts the second
-    recipe = slow_recipe(tmp_path, epochs=1000, train_size=2048)
+    recipe = slow_recipe(tmp_path, epochs=100_000, train_size=2048)
     first = subprocess.Popen(
         [sys.executable, "-m", "dltrain", "fit", str(recipe), "-q"],
         cwd=tmp_path,
