@@ -2,12 +2,15 @@
 tables that ship with scikit-learn (no download), on the same train/test split.
 
 Each table is written as train.csv / test.csv (a stratified 80/20 split for classification,
-seed 0); every dltrain variant trains from those files with `dltrain fit` in a subprocess
-(what a user runs; the wall time includes Python's start and the import of torch) and reads
-report.json; HistGradientBoosting fits the same rows in-process. Figures: test accuracy and
-macro F1 (classification) or R² (regression), and wall seconds.
+split seed 0, or seeds 0..N-1 with --splits N); every dltrain variant trains from those files
+with `dltrain fit` in a subprocess (what a user runs; the wall time includes Python's start and
+the import of torch) and reads report.json; HistGradientBoosting fits the same rows
+in-process. Figures: test accuracy and macro F1 (classification) or R² (regression), and wall
+seconds; with several splits, each split's and their mean ± std. `randhie_by_person` is
+randhie split by person (its rows repeat each person's features over the years: a random
+split tests recall of training persons, this one people never seen).
 
-    .venv/bin/python bench/tables.py [VARIANT ...]     # JSON: bench/results/tables.json
+    .venv/bin/python bench/tables.py [--splits N] [VARIANT ...]   # JSON: bench/results/tables.json
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,7 +32,7 @@ import yaml
 from sklearn import datasets
 from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
 from sklearn.metrics import accuracy_score, f1_score, r2_score
-from sklearn.model_selection import train_test_split
+from sklearn.model_selection import GroupShuffleSplit, train_test_split
 
 
 def _sklearn(load) -> Callable[[], tuple[pd.DataFrame, pd.Series]]:
@@ -67,7 +71,10 @@ TABLES = {
     "diabetes": (_sklearn(datasets.load_diabetes), "regression"),
     "fair": (_statsmodels("fair", "affairs"), "regression"),  # 6,366 rows, a skewed target
     "randhie": (_statsmodels("randhie", "mdvis"), "regression"),  # 20,190 rows, visit counts
+    "randhie_by_person": (_statsmodels("randhie", "mdvis"), "regression"),  # see BY_PERSON
 }
+# Tables split by group: the rows of one person (one distinct feature row) on one side
+BY_PERSON = {"randhie_by_person"}
 # What a short table recipe gets (dltrain's defaults for a csv table: batch 256, 50 epochs,
 # early stopping), and the tuned table models
 VARIANTS = {
@@ -87,12 +94,18 @@ VARIANTS = {
 }
 
 
-def write_split(folder: Path, name: str) -> str:
-    """train.csv / test.csv of the table: 80/20, stratified for classification, seed 0."""
+def write_split(folder: Path, name: str, seed: int = 0) -> str:
+    """train.csv / test.csv of the table: 80/20, stratified for classification, or by person."""
     load, task = TABLES[name]
     x, y = load()
-    stratify = y if task == "classification" else None
-    parts = train_test_split(x, y, test_size=0.2, random_state=0, stratify=stratify)
+    if name in BY_PERSON:
+        persons = x.astype(str).agg("|".join, axis=1)
+        splitter = GroupShuffleSplit(n_splits=1, test_size=0.2, random_state=seed)
+        train, test = next(splitter.split(x, y, groups=persons))
+        parts = [x.iloc[train], x.iloc[test], y.iloc[train], y.iloc[test]]
+    else:
+        stratify = y if task == "classification" else None
+        parts = train_test_split(x, y, test_size=0.2, random_state=seed, stratify=stratify)
     for split, (xs, ys) in {"train": parts[0::2], "test": parts[1::2]}.items():
         xs.assign(target=ys.to_numpy()).to_csv(folder / f"{name}-{split}.csv", index=False)
     return task
@@ -171,23 +184,44 @@ def _figures(task: str, truth: np.ndarray, predicted: np.ndarray, seconds: float
     return {"r2": r2_score(truth, predicted), "seconds": seconds}
 
 
-def main(chosen: list[str]) -> None:
+def main(chosen: list[str], splits: int = 1) -> None:
     variants = {k: v for k, v in VARIANTS.items() if not chosen or k in chosen}
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         for name in TABLES:
-            task = write_split(folder, name)
-            results[name] = {"hist_gradient_boosting": gradient_boosting(folder, name, task)}
-            for label, variant in variants.items():
-                results[name][label] = dltrain_fit(folder, name, task, variant)
-                print(name, label, results[name][label], flush=True)
-            print(name, "hgb", results[name]["hist_gradient_boosting"], flush=True)
+            runs: dict[str, list[dict]] = {k: [] for k in ["hist_gradient_boosting", *variants]}
+            for seed in range(splits):
+                task = write_split(folder, name, seed)
+                runs["hist_gradient_boosting"].append(gradient_boosting(folder, name, task))
+                for label, variant in variants.items():
+                    runs[label].append(dltrain_fit(folder, name, task, variant))
+            results[name] = {label: _summary(each) for label, each in runs.items()}
+            for label, summary in results[name].items():
+                print(name, label, {k: v for k, v in summary.items() if k != "splits"}, flush=True)
     out = Path(os.environ.get("BENCH_JSON", "bench/results/tables.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"cpu_count": os.cpu_count(), "results": results}, indent=2))
     print(f"written {out}")
 
 
+def _summary(runs: list[dict]) -> dict:
+    """One split's figures as they are; several splits' as mean and sample std, and each."""
+    if len(runs) == 1 or any("error" in run for run in runs):
+        return runs[0] if len(runs) == 1 else {"splits": runs}
+    summary: dict = {"splits": runs}
+    for key in runs[0]:
+        values = [run[key] for run in runs]
+        summary[key] = round(statistics.mean(values), 4)
+        summary[f"{key}_std"] = round(statistics.stdev(values), 4)
+    return summary
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    arguments = sys.argv[1:]
+    count = 1
+    if "--splits" in arguments:
+        at = arguments.index("--splits")
+        count = int(arguments[at + 1])
+        del arguments[at : at + 2]
+    main(arguments, count)
