@@ -61,6 +61,7 @@ def test_a_run_on_repeated_rows_says_so_and_one_on_a_split_by_group_does_not(tmp
     said = words(result.output)
     assert "of 32 test rows (100%) repeat a training row's features exactly" in said
     assert "give data.train and data.test (and data.val) files split by group" in said
+    assert "model: {name: mlp_plr, frequency_scale: 1}" in said
 
     write_visits(tmp_path / "train.csv", people=30, years=4)
     with open(tmp_path / "train.csv") as f:  # people 30-39, whom training never saw
