@@ -26,7 +26,12 @@ from rich.progress import Progress as RichProgress
 from dltrain.config.task_fit import loss_label
 from dltrain.data.repeated_rows import repeated_rows_note
 from dltrain.reporting.console_tables import columns_table, confusion_table, report_table
-from dltrain.reporting.report import privacy_line, report_scalars, weights_label
+from dltrain.reporting.report import (
+    privacy_line,
+    report_scalars,
+    unpredicted_classes_line,
+    weights_label,
+)
 
 REFRESH_SECONDS = 0.25
 LOG_EVERY_VARIABLE = "DLTRAIN_LOG_EVERY"
@@ -187,6 +192,8 @@ class Progress:
         self._report_figures(report)
         if privacy_line(report):
             self._print(privacy_line(report))
+        if unpredicted_classes_line(report):
+            self._print(f"[yellow]{escape(unpredicted_classes_line(report))}[/]")
 
     def _report_figures(self, report: dict[str, Any]) -> None:
         if "confusion_matrix" not in report:  # regression, seq2seq: their few figures

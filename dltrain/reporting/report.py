@@ -164,6 +164,37 @@ def privacy_line(report: dict[str, Any]) -> str:
     )
 
 
+# names listed in the line on classes never predicted; the rest are counted
+LISTED_CLASSES = 5
+
+
+def unpredicted_classes_line(report: dict[str, Any]) -> str:
+    """The classes present in the split that the model predicted for no row, in one line
+    with what to do if they matter; '' when every present class was predicted at least once
+    (or the report is not a classification's). A model that never predicts the rare classes
+    scores well on accuracy and silently gives them recall 0 — on anes96 the three middle
+    party-id classes, 26 % of the rows (bench/RESULTS.md)."""
+    matrix = report.get("confusion_matrix")
+    if not matrix:
+        return ""
+    classes = report["classes"]
+    present = [sum(row) for row in matrix]
+    predicted = [sum(column) for column in zip(*matrix)]
+    never = [i for i, name in enumerate(classes) if present[i] and not predicted[i]]
+    if not never:
+        return ""
+    names = ", ".join(repr(classes[i]) for i in never[:LISTED_CLASSES])
+    more = f" and {len(never) - LISTED_CLASSES} more" if len(never) > LISTED_CLASSES else ""
+    rows = sum(present[i] for i in never)
+    return (
+        f"never predicted on the {report['split']} split: {names}{more} ({rows:,} of "
+        f"{report['num_samples']:,} rows, {rows / report['num_samples']:.0%}), so "
+        f"{'its' if len(never) == 1 else 'their'} recall and F1 are 0. If every class matters "
+        "(macro F1), loss: {name: cross_entropy, class_weights: balanced} weighs the rare ones "
+        "up, at some cost in accuracy."
+    )
+
+
 def _summary(
     report: dict[str, Any], task: str, figures: str, images: Sequence[tuple[str, str]]
 ) -> list[str]:
@@ -175,8 +206,9 @@ def _summary(
         f"{report['num_samples']:,} samples · {figures}",
         "",
     ]
-    if privacy_line(report):
-        lines += [privacy_line(report), ""]
+    for said in (privacy_line(report), unpredicted_classes_line(report)):
+        if said:
+            lines += [said, ""]
     for alt, file in images:
         lines += [f"![{alt}]({file})", ""]
     return lines
