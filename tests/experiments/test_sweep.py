@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from dltrain.reporting.progress import LOG_EVERY_VARIABLE
 from dltrain.runs.metrics_csv import read_metrics
 
-from helpers.cli import REPO, dltrain, words
+from helpers.cli import REPO, dltrain, interruptible, words
 from helpers.postgres import new_database
 from helpers.training import TABULAR
 
@@ -182,9 +182,9 @@ def test_a_sweep_judges_trials_on_validation_and_tests_only_the_best(tmp_path, i
 
 
 def test_ctrl_c_stops_after_the_running_trial_and_a_rerun_completes_the_count(tmp_path):
-    # trials that outlast any delay of a busy machine (30 epochs, a second each, once ended
-    # before the signal came); the test stops the first, and the rerun trains 2 epochs
-    recipe, space = write(tmp_path, epochs=3000, train_size=4096)
+    # trials that outlast any delay of a busy machine; the test stops the first, and the
+    # rerun trains 2 epochs
+    recipe, space = write(tmp_path, epochs=300, train_size=4096)
     sweep = subprocess.Popen(
         [sys.executable, "-m", "dltrain", "sweep", str(recipe), str(space), "--trials", "2"],
         cwd=tmp_path,
@@ -192,6 +192,7 @@ def test_ctrl_c_stops_after_the_running_trial_and_a_rerun_completes_the_count(tm
         stderr=subprocess.STDOUT,
         text=True,
         env={**os.environ, LOG_EVERY_VARIABLE: "0.001"},  # off a terminal: lines during a trial
+        preexec_fn=interruptible,  # the test stops it with SIGINT
     )
     metrics = tmp_path / "runs/search/trials/000/metrics.csv"
     deadline = time.monotonic() + 120
@@ -203,7 +204,7 @@ def test_ctrl_c_stops_after_the_running_trial_and_a_rerun_completes_the_count(tm
     output, _ = sweep.communicate(timeout=120)
     assert sweep.returncode == 130, output
     assert "0 of 2 trials ended" in words(output) and "the same command continues" in output
-    assert re.search(r"\d\d:\d\d:\d\d +epoch \d+/3000 +batch \d+/\d+", output), output
+    assert re.search(r"\d\d:\d\d:\d\d +epoch \d+/300 +batch \d+/\d+", output), output
     stopped = report(tmp_path)  # the report of the trials so far, written on the way out
     states = [(t["number"], t["state"], t.get("interrupted")) for t in stopped["trials"]]
     assert states == [(0, "fail", True), (1, "waiting", None)]  # its parameters queued again

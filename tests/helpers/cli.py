@@ -4,6 +4,7 @@ user brings (imported by the test modules; the in-process `invoke` fixture is in
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,15 @@ import numpy as np
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def interruptible() -> None:
+    """`preexec_fn` for a child a test stops with SIGINT: Ctrl-C's default, as from a terminal.
+    A suite started in the background (`cmd &` without job control) or by some CI runners
+    ignores SIGINT, children inherit that, and such a child would run on to its end."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 QUICKSTART = REPO / "recipes" / "quickstart.yaml"
 
 

@@ -20,7 +20,7 @@ from dltrain.errors import UserError
 from dltrain.runs.folder import RunFolder, choose_version
 from dltrain.runs.lock import holding, lock_path
 
-from helpers.cli import dltrain, words
+from helpers.cli import dltrain, interruptible, words
 from helpers.training import TABULAR, train
 
 HOLD = """
@@ -129,13 +129,14 @@ def slow_recipe(folder: Path, epochs: int, train_size: int = 4096) -> Path:
 def test_two_concurrent_fits_on_one_folder_the_second_is_refused_at_once(tmp_path):
     # the first trains until this test stops it: it is running whenever the second starts,
     # however slowly a busy machine starts the second
-    recipe = slow_recipe(tmp_path, epochs=100_000, train_size=2048)
+    recipe = slow_recipe(tmp_path, epochs=10_000, train_size=2048)
     first = subprocess.Popen(
         [sys.executable, "-m", "dltrain", "fit", str(recipe), "-q"],
         cwd=tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=interruptible,  # the test stops it with SIGINT
     )
     note = lock_path(tmp_path / "runs" / "slow").with_suffix(".lock.json")
     deadline = time.monotonic() + 120

@@ -19,7 +19,7 @@ from dltrain.runs.folder import RunFolder
 from dltrain.system.interrupts import Interrupted
 from dltrain.training.loop import fit
 
-from helpers.cli import QUICKSTART
+from helpers.cli import QUICKSTART, interruptible
 from helpers.training import DIGITS, make_recipe
 
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -34,8 +34,7 @@ def start_fit(tmp_path: Path, *overrides: str) -> subprocess.Popen:
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        # as from a terminal: CI may run the suite with SIGINT ignored, which children inherit
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        preexec_fn=interruptible,
         text=True,
     )
 

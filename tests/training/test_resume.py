@@ -21,7 +21,7 @@ from dltrain.runs.checkpoint import load_checkpoint, save_checkpoint
 from dltrain.runs.folder import RunFolder
 from dltrain.system.interrupts import GracefulStop, Interrupted
 
-from helpers.cli import QUICKSTART
+from helpers.cli import QUICKSTART, interruptible
 from helpers.training import (
     DIGITS,
     assert_same_tensors,
@@ -169,8 +169,7 @@ def _dltrain(*args: str, cwd: Path) -> subprocess.Popen:
         cwd=cwd,
         env=env,
         stdout=subprocess.PIPE,
-        # as from a terminal: CI may run the suite with SIGINT ignored, which children inherit
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        preexec_fn=interruptible,
         stderr=subprocess.PIPE,
         text=True,
     )
