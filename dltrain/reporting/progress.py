@@ -192,8 +192,9 @@ class Progress:
         self._report_figures(report)
         if privacy_line(report):
             self._print(privacy_line(report))
-        if unpredicted_classes_line(report):
-            self._print(f"[yellow]{escape(unpredicted_classes_line(report))}[/]")
+        unpredicted = unpredicted_classes_line(report)
+        if unpredicted:
+            self._print(f"[yellow]{escape(unpredicted)}[/]")
 
     def _report_figures(self, report: dict[str, Any]) -> None:
         if "confusion_matrix" not in report:  # regression, seq2seq: their few figures

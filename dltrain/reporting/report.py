@@ -172,15 +172,15 @@ def unpredicted_classes_line(report: dict[str, Any]) -> str:
     """The classes present in the split that the model predicted for no row, in one line
     with what to do if they matter; '' when every present class was predicted at least once
     (or the report is not a classification's). A model that never predicts the rare classes
-    scores well on accuracy and silently gives them recall 0 — on anes96 the three middle
-    party-id classes, 26 % of the rows (bench/RESULTS.md)."""
+    can score well on accuracy while giving them recall 0 — on anes96 `mlp_plr` never
+    predicted the three middle party-id classes, 26 % of the rows (bench/RESULTS.md)."""
     matrix = report.get("confusion_matrix")
     if not matrix:
         return ""
     classes = report["classes"]
     present = [sum(row) for row in matrix]
     predicted = [sum(column) for column in zip(*matrix)]
-    never = [i for i, name in enumerate(classes) if present[i] and not predicted[i]]
+    never = [i for i in range(len(classes)) if present[i] and not predicted[i]]
     if not never:
         return ""
     names = ", ".join(repr(classes[i]) for i in never[:LISTED_CLASSES])
