@@ -51,9 +51,8 @@ def repeated_rows_note(counts: dict[str, list[int]], always: bool = False) -> st
         return None
     return (
         f"{' and '.join(said)} repeat a training row's features exactly: their score measures "
-        "recall of training rows as much as generalisation. If rows come in groups (one "
-        "person's visits, one patient's years), keep each group on one side: give data.train "
-        "and data.test (and data.val) files split by group. To predict for the same groups "
-        "instead, a model that tells single rows apart recalls them: model: {name: mlp_plr, "
-        "frequency_scale: 1}."
+        "recall as much as generalisation. If rows come in groups (one person's visits over "
+        "years), then to measure new groups give data.train and data.test (and data.val) files "
+        "split by group; to predict for the same groups, a model that tells single rows apart "
+        "does better: model: {name: mlp_plr, frequency_scale: 1}."
     )

@@ -90,7 +90,7 @@ class Progress:
             self.console.print(columns_table(columns))
         repeated = repeated_rows_note(data.extra.get("repeated_rows", {}))
         if repeated:
-            self.note(repeated)
+            self._print(f"[dim]{escape(repeated)}[/]", wrap=True)
 
     def data_parallel(self, processes: int, batch_size: int, accumulate: int) -> None:
         """Under torchrun: how one optimizer step's samples are shared out."""
@@ -194,7 +194,7 @@ class Progress:
             self._print(privacy_line(report))
         unpredicted = unpredicted_classes_line(report)
         if unpredicted:
-            self._print(f"[yellow]{escape(unpredicted)}[/]")
+            self._print(f"[yellow]{escape(unpredicted)}[/]", wrap=True)
 
     def _report_figures(self, report: dict[str, Any]) -> None:
         if "confusion_matrix" not in report:  # regression, seq2seq: their few figures
@@ -224,9 +224,11 @@ class Progress:
             self._bar.stop()
             self._bar = None
 
-    def _print(self, text: str, live: bool = False) -> None:
+    def _print(self, text: str, live: bool = False, wrap: bool = False) -> None:
+        """A line as it is (a terminal folds it), or with `wrap` folded at words: a paragraph
+        of advice read in a terminal rather than grepped from a log."""
         if not self.quiet and (live or not self.live_only):
-            self.console.print(text, highlight=False, soft_wrap=True)
+            self.console.print(text, highlight=False, soft_wrap=not wrap)
 
 
 class _PlainLines:
