@@ -131,6 +131,10 @@ def check(
     said.print(split_sources(resolved.data), highlight=False, markup=False, soft_wrap=True)
     loss = planned_loss(resolved.loss, resolved.data.task, resolved.data.name)
     said.print(loss, highlight=False, markup=False, soft_wrap=True)
+    if resolved.data.batch_size == "auto":
+        from dltrain.training.build import auto_batch_plan
+
+        said.print(auto_batch_plan(), highlight=False, markup=False, soft_wrap=True)
     if data:
         _show_data(resolved, said)
     said.print(f"[green]✓[/] {recipe} is valid", highlight=False)
@@ -142,15 +146,21 @@ def _show_data(recipe, console: Console) -> None:
     from dltrain.data.prepare import prepare_data
     from dltrain.data.repeated_rows import repeated_rows_note
     from dltrain.reporting.console_tables import columns_table
+    from dltrain.training.build import with_batch_size_resolved
 
     prepared = prepare_data(recipe.data, recipe.seed, pretrained_on=recipe.model)
     sizes = ", ".join(f"{name} {len(split):,}" for name, split in prepared.splits.items())
     learned = (
         f"{prepared.num_classes} classes" if prepared.task == "classification" else prepared.task
     )
+    batch = ""
+    if recipe.data.batch_size == "auto":
+        rows = len(prepared.splits.get("train", ()))
+        size = with_batch_size_resolved(recipe, rows, processes=1).data.batch_size
+        batch = f" · batch auto → {size} (in one process)"
     console.print(
         f"data: {sizes} · {learned} · input {tuple(prepared.input_shape)} · loss "
-        f"{loss_label(recipe.loss, prepared.task)}",
+        f"{loss_label(recipe.loss, prepared.task)}{batch}",
         highlight=False,
         markup=False,
         soft_wrap=True,

@@ -60,7 +60,9 @@ class DataSection(BaseModel):
         extra="allow", allow_inf_nan=False
     )  # the extras are the dataset's own arguments
     name: str
-    batch_size: PositiveInt = 64  # per process (under torchrun: each process's share of a step)
+    # per process (under torchrun: each process's share of a step); auto: from the training
+    # rows each process reads, once they are known (training/build.py, auto_batch_size)
+    batch_size: PositiveInt | Literal["auto"] = 64
     # alternative to batch_size: samples per optimizer step over all processes and accumulated
     # micro-batches; batch_size = global_batch_size / (processes × train.accumulate)
     global_batch_size: PositiveInt | None = None

@@ -82,7 +82,8 @@ class Progress:
         sizes = ", ".join(f"{name} {len(split):,}" for name, split in data.splits.items())
         self._print(
             f"[bold]{recipe.name}[/]: {escape(recipe.model['name'])} ({counted}) "
-            f"on {recipe.data.name} ({sizes}; {_learned(data)}) · device {device} · "
+            f"on {recipe.data.name} ({sizes}; {_learned(data)}) · batch {_batch(recipe.data)} · "
+            f"device {device} · "
             f"{precision} · loss {escape(loss_label(recipe.loss, data.task))} · data path: {loader}"
         )
         columns = data.extra.get("table_columns")
@@ -271,6 +272,13 @@ def _duration(seconds: float) -> str:
     """3725 → '1:02:05'."""
     seconds = int(round(seconds))
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def _batch(data) -> str:
+    """The per-process batch size, or the global one when the recipe gave that."""
+    if data.global_batch_size is not None:
+        return f"{data.global_batch_size} (global)"
+    return str(data.batch_size)
 
 
 def _learned(data) -> str:

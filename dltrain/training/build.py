@@ -81,13 +81,8 @@ def build_setup(
     tune_for_training(dev, recipe.train.cudnn_benchmark, recipe.train.tf32)
     check_pretrained_available(recipe.model)  # said before any data is read
     check_privacy_fits(recipe, world)
-    if world.local_rank != 0:
-        world.barrier()
-    data = prepare_data(recipe.data, recipe.seed, meta, pretrained_on=recipe.model)
-    if sample_limit is not None:  # fit --smoke: the first samples of each split only
-        data.splits = {k: first_samples(v, sample_limit) for k, v in data.splits.items()}
-    if world.local_rank == 0:
-        world.barrier()
+    data = _prepared_once_per_node(recipe, meta, world, sample_limit)
+    recipe = with_batch_size_resolved(recipe, len(data.splits.get("train", ())), world.size)
     check_tta(recipe.eval.tta, data.model_kind)  # now, not after training
     check_model_fits(recipe.model, data, dev)
     model = _model_for(recipe, data)
@@ -122,6 +117,20 @@ def build_setup(
         world,
         step_marker(dev),
     )
+
+
+def _prepared_once_per_node(
+    recipe: Recipe, meta: dict | None, world: World, sample_limit: int | None
+) -> PreparedData:
+    """The recipe's data, prepared by each node's first process before the others read it."""
+    if world.local_rank != 0:
+        world.barrier()
+    data = prepare_data(recipe.data, recipe.seed, meta, pretrained_on=recipe.model)
+    if sample_limit is not None:  # fit --smoke: the first samples of each split only
+        data.splits = {k: first_samples(v, sample_limit) for k, v in data.splits.items()}
+    if world.local_rank == 0:
+        world.barrier()
+    return data
 
 
 def _model_for(recipe: Recipe, data: PreparedData) -> torch.nn.Module:
@@ -250,10 +259,43 @@ def split_batches(setup: Setup, split: str, shuffle: bool) -> Batches:
     )
 
 
+# data.batch_size: auto (the table default, data/csv_tables.py). Measured on the tables in
+# bench/RESULTS.md: up to ~5,000 training rows 256 was as good as or better than smaller
+# batches; on randhie's 14,500 a batch of 1,024 trained the same R² in half the time (a
+# small network's step costs about twice as much for four times the rows). So: about
+# AUTO_STEPS steps an epoch, in powers of two from AUTO_SMALLEST to AUTO_LARGEST (larger
+# batches were not measured).
+AUTO_STEPS, AUTO_SMALLEST, AUTO_LARGEST = 16, 256, 1024
+
+
+def auto_batch_size(rows: int) -> int:
+    """The power of two nearest `rows / AUTO_STEPS`, kept within AUTO_SMALLEST..AUTO_LARGEST."""
+    nearest = 2 ** round(math.log2(max(rows / AUTO_STEPS, 1)))
+    return min(max(nearest, AUTO_SMALLEST), AUTO_LARGEST)
+
+
+def auto_batch_plan() -> str:
+    """What `data.batch_size: auto` will become, for `dltrain check` (before the data is read)."""
+    grows_from = int(AUTO_SMALLEST * AUTO_STEPS * 2**0.5)  # where rows/16 rounds up to 512
+    return (
+        f"data.batch_size: auto → {AUTO_SMALLEST} up to ~{grows_from:,} training rows a process, "
+        f"then about {AUTO_STEPS} steps an epoch, at most {AUTO_LARGEST:,}"
+    )
+
+
+def with_batch_size_resolved(recipe: Recipe, train_rows: int, processes: int) -> Recipe:
+    """`recipe` with `data.batch_size: auto` made a number (what the checkpoint keeps)."""
+    if recipe.data.batch_size != "auto":
+        return recipe
+    size = auto_batch_size(train_rows // processes)
+    return recipe.model_copy(update={"data": recipe.data.model_copy(update={"batch_size": size})})
+
+
 def per_process_batch_size(data, processes: int, accumulate: int) -> int:
-    """data.batch_size, or data.global_batch_size shared out over processes and accumulation."""
+    """data.batch_size, or data.global_batch_size shared out over processes and accumulation
+    (an unresolved `auto`, before the data is read: the smallest it can become)."""
     if data.global_batch_size is None:
-        return data.batch_size
+        return AUTO_SMALLEST if data.batch_size == "auto" else data.batch_size
     share = processes * accumulate
     if data.global_batch_size % share:
         raise UserError(

@@ -274,7 +274,8 @@ def _start_training(
         raise Interrupted(
             stop.signum or signal.SIGTERM, str(resume) if resume else None, "while starting"
         )
-    log = RunLog(run.root, recipe, str(setup.device), enabled=world.is_main)
+    # what ran (batch_size auto as its number) goes to MLflow; recipe.yaml keeps the recipe given
+    log = RunLog(run.root, setup.recipe, str(setup.device), enabled=world.is_main)
     if world.is_main:
         run.start(recipe)
     log.event(

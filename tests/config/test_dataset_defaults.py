@@ -31,8 +31,8 @@ def test_a_table_recipe_resolves_with_the_table_defaults_and_other_data_without(
     table = resolve(
         {"name": "t", "data": {"name": "csv", "path": str(tmp_path / "t.csv")}, "model": "mlp"}
     )
-    assert (table.data.batch_size, table.train.epochs) == (256, 50)
-    assert table.train.early_stopping.patience == 8
+    assert (table.data.batch_size, table.train.epochs) == ("auto", 50)
+    assert table.train.early_stopping.patience == 4
     told = resolve(
         {
             "name": "t",
