@@ -83,8 +83,9 @@ class Progress:
         self._print(
             f"[bold]{recipe.name}[/]: {escape(recipe.model['name'])} ({counted}) "
             f"on {recipe.data.name} ({sizes}; {_learned(data)}) · batch {_batch(recipe.data)} · "
-            f"device {device} · "
-            f"{precision} · loss {escape(loss_label(recipe.loss, data.task))} · data path: {loader}"
+            f"device {device} · {precision} · loss {escape(loss_label(recipe.loss, data.task))} · "
+            f"data path: {loader}",
+            wrap=self.console.is_terminal,  # folded at words on screen, one line in a log
         )
         columns = data.extra.get("table_columns")
         if columns and not self.quiet and not self.live_only:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import re
 import time
+from types import SimpleNamespace
 
 import torch
 from rich.console import Console
@@ -49,3 +50,28 @@ def test_a_fit_logged_to_a_file_shows_life_between_epoch_lines(tmp_path):
     timestamped = [line for line in lines if re.match(r"\d{4}-\d\d-\d\d ", line)]
     assert len(timestamped) >= 20  # 16 steps an epoch, a line each at this interval
     assert any("epoch 2/2" in line and "run ends in ~" in line for line in timestamped)
+
+
+def _header(console: Console) -> list[str]:
+    recipe = SimpleNamespace(
+        name="table",
+        model={"name": "mlp"},
+        data=SimpleNamespace(name="csv", batch_size=1024, global_batch_size=None),
+        loss={"name": "auto"},
+    )
+    data = SimpleNamespace(
+        splits={"train": range(11_700), "val": range(1_300)},
+        task="classification",
+        num_classes=3,
+        extra={},
+    )
+    Progress(console).start(recipe, "cpu", "fp32", "resident", torch.nn.Linear(2, 3), data)
+    return re.sub(r"\x1b\[[0-9;]*m", "", console.file.getvalue()).splitlines()  # no styles
+
+
+def test_the_header_folds_at_words_on_a_terminal_and_stays_one_line_in_a_log():
+    screen = _header(Console(file=io.StringIO(), force_terminal=True, width=60))
+    logged = _header(Console(file=io.StringIO(), width=60))
+    assert len(logged) == 1 and "· batch 1024 · device cpu ·" in logged[0]  # grep finds it whole
+    assert len(screen) > 1 and all(len(line) <= 60 for line in screen)
+    assert " ".join(line.strip() for line in screen) == logged[0]  # no word cut in two
