@@ -269,9 +269,11 @@ AUTO_STEPS, AUTO_SMALLEST, AUTO_LARGEST = 16, 256, 1024
 
 
 def auto_batch_size(rows: int) -> int:
-    """The power of two nearest `rows / AUTO_STEPS`, kept within AUTO_SMALLEST..AUTO_LARGEST."""
+    """The power of two nearest `rows / AUTO_STEPS`, kept within AUTO_SMALLEST..AUTO_LARGEST,
+    and never more than the rows there are (under DDP a global batch must fit the split)."""
     nearest = 2 ** round(math.log2(max(rows / AUTO_STEPS, 1)))
-    return min(max(nearest, AUTO_SMALLEST), AUTO_LARGEST)
+    size = min(max(nearest, AUTO_SMALLEST), AUTO_LARGEST)
+    return min(size, rows) if rows > 0 else size
 
 
 def auto_batch_plan() -> str:

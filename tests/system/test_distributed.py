@@ -178,6 +178,26 @@ def crashing_recipe(folder: Path, name: str, at_step: int, hang: bool = False) -
 
 
 @pytest.mark.slow
+def test_batch_size_auto_on_a_small_table_fits_two_processes(tmp_path):
+    """auto never exceeds the rows a process reads: 270 training rows are 2 × 135, where 2 ×
+    256 would not fit one global batch in the split."""
+    rows = ["a,b,y", *(f"{i % 17 / 17:.3f},{i % 5},{'yes' if i % 3 else 'no'}" for i in range(300))]
+    (tmp_path / "t.csv").write_text("\n".join(rows) + "\n")
+    recipe = write_recipe(
+        tmp_path,
+        "auto",
+        base={"seed": 0, "device": "cpu", "model": {"name": "mlp", "hidden": [8]}},
+        data={"name": "csv", "train": "t.csv", "label": "y", "batch_size": "auto"},
+        train={"epochs": 2},
+    )
+    done = dltrain("dltrain", "fit", str(recipe), "--nproc", "2", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr + done.stdout
+    assert "2 processes × batch 135" in " ".join((done.stdout + done.stderr).split())
+    checkpoint = torch.load(tmp_path / "runs/auto/checkpoints/last.pt", weights_only=False)
+    assert checkpoint["recipe"]["data"]["batch_size"] == 135 and checkpoint["step"] == 2
+
+
+@pytest.mark.slow
 def test_a_dead_process_ends_the_run_with_a_message(tmp_path):
     # 20 steps an epoch (1293 samples / 64): the crash comes in epoch 2, after last.pt of epoch 1
     recipe = crashing_recipe(tmp_path, "crash", at_step=30)

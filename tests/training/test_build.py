@@ -74,7 +74,10 @@ def test_auto_is_resolved_per_process_and_a_given_size_is_kept(tmp_path):
         return resolve({"name": "t", "data": data, "model": "mlp"})
 
     auto = recipe("auto")
-    assert with_batch_size_resolved(auto, 0, 1).data.batch_size == 256  # never below 256
+    assert with_batch_size_resolved(auto, 0, 1).data.batch_size == 256  # rows not known
+    assert with_batch_size_resolved(auto, 300, 1).data.batch_size == 256  # 256 from the start
+    # but never past the rows: 150 a process, so two processes' global batch fits the split
+    assert with_batch_size_resolved(auto, 300, 2).data.batch_size == 150
     assert with_batch_size_resolved(auto, 5_000, 1).data.batch_size == 256  # 312 a sixteenth
     assert with_batch_size_resolved(auto, 6_000, 1).data.batch_size == 512
     assert with_batch_size_resolved(auto, 12_000, 2).data.batch_size == 512  # 6,000 a process
