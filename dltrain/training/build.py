@@ -260,7 +260,7 @@ def split_batches(setup: Setup, split: str, shuffle: bool) -> Batches:
 
 
 # data.batch_size: auto (the table default, data/csv_tables.py). Measured on the tables in
-# bench/RESULTS.md: up to ~5,000 training rows 256 was as good as or better than smaller
+# bench/RESULTS.md: up to fair's 4,600 training rows 256 was as good as or better than smaller
 # batches; on randhie's 14,500 a batch of 1,024 trained the same R² in half the time (a
 # small network's step costs about twice as much for four times the rows). So: about
 # AUTO_STEPS steps an epoch, in powers of two from AUTO_SMALLEST to AUTO_LARGEST (larger
