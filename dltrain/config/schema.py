@@ -38,9 +38,10 @@ class Normalize(BaseModel):
 
 
 class Fold(BaseModel):
-    """`data.fold: {index: i, of: k}`: validate on part i of k stratified folds of the train
-    split (1-based), train on the other k-1. Set by `dltrain fit --folds K` for each fold's run,
-    so its recipe.yaml and checkpoints rebuild the same split (eval, resume)."""
+    """`data.fold: {index: i, of: k}`: validate on part i of k folds of the train split
+    (1-based; stratified by class for classification), train on the other k-1. Set by
+    `dltrain fit --folds K` for each fold's run, so its recipe.yaml and checkpoints rebuild the
+    same split (eval, resume)."""
 
     model_config = ConfigDict(extra="forbid")
     index: PositiveInt

@@ -149,11 +149,8 @@ def _assign_splits(
     """train, val (the fold, the dataset's own, or carved from train) and test, in that order."""
     splits = {"train": loaded.train}
     if data.fold is not None:
-        if task != "classification":
-            raise UserError(
-                f"data.fold: cross-validation folds are stratified by class; this is a {task} task."
-            )
-        splits["train"], splits["val"] = _fold(loaded.train, data.fold.index, data.fold.of, seed)
+        fold, of = data.fold.index, data.fold.of
+        splits["train"], splits["val"] = _fold(loaded.train, fold, of, seed, task)
     elif loaded.val is not None:
         splits["val"] = loaded.val
     elif data.val_split > 0:
@@ -314,10 +311,12 @@ def _why_nothing_carved(split: Split, task: str) -> str:
     )
 
 
-def _fold(split: Split, index: int, of: int, seed: int) -> tuple[Split, Split]:
-    """Fold `index` (1-based) of `of` stratified folds as validation, the rest as training."""
+def _fold(split: Split, index: int, of: int, seed: int, task: str) -> tuple[Split, Split]:
+    """Fold `index` (1-based) of `of` folds as validation, the rest as training: stratified by
+    class for classification; for a regression or seq2seq target, one stratum — at random."""
+    strata = _targets(split).numpy() if task == "classification" else np.zeros(len(split))
     try:
-        folds = stratified_folds(_targets(split).numpy(), of, seed)
+        folds = stratified_folds(strata, of, seed)
     except ValueError as exc:
         raise UserError(
             f"data.fold: cannot make {of} folds of {len(split)} training samples ({exc}); "

@@ -1,7 +1,8 @@
 """k-fold cross-validation: one recipe trained K times, each time validating on another fold.
 
-`dltrain fit RECIPE --folds K` splits the dataset's train split into K stratified folds
-(`stratified_folds`, with the recipe's seed). Fold k's run validates on fold k and trains on the
+`dltrain fit RECIPE --folds K` splits the dataset's train split into K folds, stratified by
+class for classification and at random otherwise (`stratified_folds`, with the recipe's seed;
+a regression target is one stratum). Fold k's run validates on fold k and trains on the
 other K-1; its recipe says so in `data.fold: {index: k, of: K}`, so its recipe.yaml and its
 checkpoints rebuild the same split for `eval` and `--resume`. A validation split that the
 dataset itself provides is not used. Each fold's run is an ordinary run folder
@@ -31,7 +32,8 @@ from dltrain.system.atomic import atomic_write_text
 from dltrain.training.loop import fit
 
 CV_REPORT = "cv_report.json"
-FIRST = ("accuracy", "f1_macro", "precision_macro", "recall_macro", "loss")  # table order
+# table order: the headline metrics first (classification's, then regression's)
+FIRST = ("accuracy", "f1_macro", "precision_macro", "recall_macro", "r2", "mae", "loss")
 
 
 def fold_name(index: int) -> str:
