@@ -70,8 +70,8 @@ def check_file_choice(path: str | None, train: str | None, test: str | None) -> 
 
 # What a short table recipe gets (bench/RESULTS.md, "Tables against gradient boosting": over
 # dltrain's general defaults — batch 64, 10 epochs — these were as good or better on all eight
-# tables measured, and 2-3x faster to train on the larger ones; `auto` is 256 on tables of up
-# to ~5,800 training rows and grows to 1,024 on larger ones, training/build.py). One group:
+# tables measured, and 2-3x faster to train on the larger ones; `auto` makes about 16 steps an
+# epoch, 32 to 1,024 rows a step, training/build.py). One group:
 # measured together, and a recipe that sets its own epochs keeps the general batch size its
 # epochs were meant for.
 TABLE_DEFAULTS = (

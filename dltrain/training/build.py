@@ -259,13 +259,14 @@ def split_batches(setup: Setup, split: str, shuffle: bool) -> Batches:
     )
 
 
-# data.batch_size: auto (the table default, data/csv_tables.py). Measured on the tables in
-# bench/RESULTS.md: up to fair's 4,600 training rows 256 was as good as or better than smaller
-# batches; on randhie's 14,500 a batch of 1,024 trained the same R² in half the time (a
-# small network's step costs about twice as much for four times the rows). So: about
-# AUTO_STEPS steps an epoch, in powers of two from AUTO_SMALLEST to AUTO_LARGEST (larger
-# batches were not measured).
-AUTO_STEPS, AUTO_SMALLEST, AUTO_LARGEST = 16, 256, 1024
+# data.batch_size: auto (the table default, data/csv_tables.py), measured on the tables in
+# bench/RESULTS.md: about AUTO_STEPS steps an epoch, in powers of two from AUTO_SMALLEST to
+# AUTO_LARGEST. A fixed 256 made a small table's epoch one step, so 50 epochs were 50 steps and
+# early stopping's patience a handful (star98, 218 training rows: R² 0.10 on one split, 0.68
+# at 16 steps an epoch); on randhie's 14,500 rows a batch of 1,024 trained the same R² as 256
+# in half the time (a small network's step costs about twice as much for four times the rows).
+# Larger batches were not measured.
+AUTO_STEPS, AUTO_SMALLEST, AUTO_LARGEST = 16, 32, 1024
 
 
 def auto_batch_size(rows: int) -> int:
@@ -278,10 +279,9 @@ def auto_batch_size(rows: int) -> int:
 
 def auto_batch_plan() -> str:
     """What `data.batch_size: auto` will become, for `dltrain check` (before the data is read)."""
-    grows_from = int(AUTO_SMALLEST * AUTO_STEPS * 2**0.5)  # where rows/16 rounds up to 512
     return (
-        f"data.batch_size: auto → {AUTO_SMALLEST} up to ~{grows_from:,} training rows a process, "
-        f"then about {AUTO_STEPS} steps an epoch, at most {AUTO_LARGEST:,}"
+        f"data.batch_size: auto → about {AUTO_STEPS} steps an epoch once the training rows are "
+        f"known: a power of two from {AUTO_SMALLEST} to {AUTO_LARGEST:,} a process"
     )
 
 

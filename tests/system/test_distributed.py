@@ -179,9 +179,9 @@ def crashing_recipe(folder: Path, name: str, at_step: int, hang: bool = False) -
 
 @pytest.mark.slow
 def test_batch_size_auto_on_a_small_table_fits_two_processes(tmp_path):
-    """auto never exceeds the rows a process reads: 270 training rows are 2 × 135, where 2 ×
-    256 would not fit one global batch in the split."""
-    rows = ["a,b,y", *(f"{i % 17 / 17:.3f},{i % 5},{'yes' if i % 3 else 'no'}" for i in range(300))]
+    """auto never exceeds the rows a process reads: 45 training rows are 2 × 22, where 2 × 32
+    would not fit one global batch in the split."""
+    rows = ["a,b,y", *(f"{i % 17 / 17:.3f},{i % 5},{'yes' if i % 3 else 'no'}" for i in range(50))]
     (tmp_path / "t.csv").write_text("\n".join(rows) + "\n")
     recipe = write_recipe(
         tmp_path,
@@ -192,9 +192,9 @@ def test_batch_size_auto_on_a_small_table_fits_two_processes(tmp_path):
     )
     done = dltrain("dltrain", "fit", str(recipe), "--nproc", "2", cwd=tmp_path)
     assert done.returncode == 0, done.stderr + done.stdout
-    assert "2 processes × batch 135" in " ".join((done.stdout + done.stderr).split())
+    assert "2 processes × batch 22" in " ".join((done.stdout + done.stderr).split())
     checkpoint = torch.load(tmp_path / "runs/auto/checkpoints/last.pt", weights_only=False)
-    assert checkpoint["recipe"]["data"]["batch_size"] == 135 and checkpoint["step"] == 2
+    assert checkpoint["recipe"]["data"]["batch_size"] == 22 and checkpoint["step"] == 2
 
 
 @pytest.mark.slow

@@ -48,7 +48,7 @@ def _recipe(folder: Path, rows: int) -> Path:
 
 @pytest.mark.parametrize(
     ("rows", "batch"),
-    [(3_000, 256), (13_000, 1024)],  # 2,700 and 11,700 training rows after val_split 0.1
+    [(3_000, 128), (13_000, 1024)],  # 2,700 and 11,700 training rows after val_split 0.1
 )
 def test_auto_batch_size_follows_the_training_rows_and_is_what_the_run_used(
     tmp_path, invoke, rows, batch
@@ -74,25 +74,24 @@ def test_auto_is_resolved_per_process_and_a_given_size_is_kept(tmp_path):
         return resolve({"name": "t", "data": data, "model": "mlp"})
 
     auto = recipe("auto")
-    assert with_batch_size_resolved(auto, 0, 1).data.batch_size == 256  # rows not known
-    assert with_batch_size_resolved(auto, 300, 1).data.batch_size == 256  # 256 from the start
-    # but never past the rows: 150 a process, so two processes' global batch fits the split
-    assert with_batch_size_resolved(auto, 300, 2).data.batch_size == 150
-    assert with_batch_size_resolved(auto, 5_000, 1).data.batch_size == 256  # 312 a sixteenth
-    assert with_batch_size_resolved(auto, 6_000, 1).data.batch_size == 512
+    assert with_batch_size_resolved(auto, 0, 1).data.batch_size == 32  # rows not known
+    assert with_batch_size_resolved(auto, 300, 1).data.batch_size == 32  # never below 32
+    assert with_batch_size_resolved(auto, 20, 1).data.batch_size == 20  # nor past the rows
+    assert with_batch_size_resolved(auto, 2_700, 1).data.batch_size == 128  # 169 a sixteenth
+    assert with_batch_size_resolved(auto, 6_000, 1).data.batch_size == 512  # 375
     assert with_batch_size_resolved(auto, 12_000, 2).data.batch_size == 512  # 6,000 a process
     assert with_batch_size_resolved(auto, 12_000, 1).data.batch_size == 1024
     assert with_batch_size_resolved(auto, 10**7, 1).data.batch_size == 1024  # never above
     assert auto.data.batch_size == "auto"  # the recipe given is left as it was
-    assert with_batch_size_resolved(recipe(32), 10**6, 1).data.batch_size == 32
+    assert with_batch_size_resolved(recipe(48), 10**6, 1).data.batch_size == 48
     # before the data is read (fit --smoke's one batch): the smallest auto can become
-    assert per_process_batch_size(auto.data, 1, 1) == 256
+    assert per_process_batch_size(auto.data, 1, 1) == 32
 
 
 def test_check_says_what_auto_will_become_and_with_the_data_what_it_became(tmp_path, invoke):
     recipe = _recipe(tmp_path, 13_000)
     plan = words(invoke("check", recipe).output)
-    assert "data.batch_size: auto → 256 up to ~5,792 training rows a process" in plan
-    assert "at most 1,024" in plan
+    assert "data.batch_size: auto → about 16 steps an epoch" in plan
+    assert "a power of two from 32 to 1,024 a process" in plan
     read = invoke("check", recipe, "--data")
     assert "batch auto → 1024 (in one process)" in words(read.output)
